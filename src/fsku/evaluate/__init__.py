@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics now; answer metrics (official FSKU score) arrive with inference."""

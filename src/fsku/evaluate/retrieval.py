@@ -1,0 +1,116 @@
+"""Retrieval metrics on labelled queries. Pure functions over per-query relevance lists.
+
+A labelled query is ``{"qid", "question", "source" | "law", "evidence"}``: a hit is relevant
+when it comes from the gold document (file path, or file stem for ``law``) and contains the
+evidence string, ignoring whitespace.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ..ingest.clean import clean_text, compact
+
+
+@dataclass
+class LabelledQuery:
+    qid: str
+    question: str
+    gold_source: str  # file stem or relative path
+    evidence: str
+
+
+def load_labels(path: str | Path) -> list[LabelledQuery]:
+    """Read and validate a labels JSONL file (errors name the file and line)."""
+    path = Path(path)
+    out = []
+    with path.open(encoding="utf-8-sig") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+            missing = [k for k in ("qid", "question", "evidence") if not row.get(k)]
+            gold = row.get("source") or row.get("law")
+            if not gold:
+                missing.append("source|law")
+            if missing:
+                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; expected qid, question, source (or law), evidence")
+            out.append(LabelledQuery(str(row["qid"]), str(row["question"]), str(gold), str(row["evidence"])))
+    if not out:
+        raise ValueError(f"{path}: no labelled queries")
+    return out
+
+
+def _source_matches(hit_source: str, gold: str) -> bool:
+    hit = Path(hit_source)
+    g = Path(gold)
+    return hit.stem == g.stem if g.suffix == "" else hit.as_posix().endswith(g.as_posix())
+
+
+def is_relevant(hit_source: str, hit_text: str, query: LabelledQuery) -> bool:
+    # the corpus is cleaned at ingest, so the evidence string is cleaned the same way
+    return _source_matches(hit_source, query.gold_source) and (
+        compact(query.evidence) in compact(hit_text) or compact(clean_text(query.evidence)) in compact(hit_text))
+
+
+def hit_at_k(relevance: Sequence[Sequence[bool]], k: int) -> float:
+    """Share of queries with a relevant hit in the first k."""
+    if not relevance:
+        return 0.0
+    return sum(any(r[:k]) for r in relevance) / len(relevance)
+
+
+def recall_at_k(relevance: Sequence[Sequence[bool]], n_relevant: Sequence[int], k: int) -> float:
+    """Mean over queries of (relevant hits in the first k) / (relevant chunks that exist, capped at k)."""
+    vals = []
+    for r, n in zip(relevance, n_relevant):
+        denom = min(max(n, 1), k)
+        vals.append(min(sum(r[:k]), denom) / denom)
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+def mrr_at_k(relevance: Sequence[Sequence[bool]], k: int) -> float:
+    """Mean reciprocal rank of the first relevant hit within the first k (0 when none)."""
+    if not relevance:
+        return 0.0
+    total = 0.0
+    for r in relevance:
+        for rank, rel in enumerate(r[:k], start=1):
+            if rel:
+                total += 1.0 / rank
+                break
+    return total / len(relevance)
+
+
+def evaluate_hits(queries: Sequence[LabelledQuery], hits: Sequence[Sequence[dict]],
+                  n_relevant: Sequence[int] | None = None, ks: Sequence[int] = (1, 3, 5, 10)) -> dict:
+    """Metrics for ranked hits (each a dict with source, text) against labelled queries."""
+    relevance = [[is_relevant(h["source"], h["text"], q) for h in hs] for q, hs in zip(queries, hits)]
+    n_relevant = list(n_relevant) if n_relevant is not None else [max(1, sum(r)) for r in relevance]
+    metrics = {}
+    for k in ks:
+        metrics[f"hit_at_{k}"] = hit_at_k(relevance, k)
+        metrics[f"recall_at_{k}"] = recall_at_k(relevance, n_relevant, k)
+    kmax = max(ks)
+    metrics[f"mrr_at_{kmax}"] = mrr_at_k(relevance, kmax)
+    lengths = [len(h["text"]) for hs in hits for h in hs]
+    metrics["mean_hit_chars"] = sum(lengths) / len(lengths) if lengths else 0.0
+    metrics["n_queries"] = len(queries)
+    return {"metrics": metrics, "relevance": relevance}
+
+
+def count_relevant_chunks(queries: Sequence[LabelledQuery], chunks: Sequence[dict]) -> list[int]:
+    """How many KB chunks are relevant to each query (the recall denominator)."""
+    compacted = [(c["source"], compact(c["text"])) for c in chunks]
+    out = []
+    for q in queries:
+        ev = compact(clean_text(q.evidence))
+        ev_raw = compact(q.evidence)
+        out.append(sum(1 for src, txt in compacted if _source_matches(src, q.gold_source) and (ev in txt or ev_raw in txt)))
+    return out

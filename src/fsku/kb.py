@@ -1,0 +1,226 @@
+"""The knowledge base: one versioned folder holding chunks, a BM25 index and a FAISS index,
+described by manifest.json. ``build_knowledge_base`` makes it; ``KnowledgeBase.load`` reads
+it back (validating the schema) and ``search`` answers questions with ranked hits.
+
+Folder layout (schema version 1):
+    manifest.json     parameters, model id + fingerprint, corpus hashes, counts, timings
+    chunks.parquet    chunk_id, doc_id, source, title, path, article, text, n_tokens, n_chars, start_char, page
+    documents.parquet doc_id, source, title, doc_type, sha256, n_chars, pages (JSON), license, provenance
+    skipped.jsonl     {"source", "reason", "detail"} per unusable file
+    bm25/             bm25s index + fsku_bm25.json (tokenizer name)
+    dense.faiss       FAISS inner-product index over L2-normalised passage vectors (+ dense.json)
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .chunk import chunk_documents, make_length_fn
+from .config import BuildKBConfig, RetrieveConfig
+from .index.dense import build_faiss, embed_with_cache, get_embedder, load_faiss, resolve_model, save_faiss
+from .index.sparse import BM25Index, get_tokenizer
+from .ingest import ingest_corpus
+from .ingest.clean import clean_text
+from .retrieve import FUSIONS, Hit, rank_fused, top_candidates
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+CHUNK_COLUMNS = {"chunk_id": "object", "doc_id": "object", "source": "object", "title": "object", "path": "object",
+                 "article": "object", "text": "object", "n_tokens": "int", "n_chars": "int", "start_char": "int",
+                 "page": "int"}
+
+
+class KBFormatError(ValueError):
+    pass
+
+
+def validate_chunks(df: pd.DataFrame, where: str) -> None:
+    missing = [c for c in CHUNK_COLUMNS if c not in df.columns]
+    if missing:
+        raise KBFormatError(f"{where}: missing column(s) {missing}; expected {list(CHUNK_COLUMNS)}")
+    if df["chunk_id"].duplicated().any():
+        dup = df.loc[df["chunk_id"].duplicated(), "chunk_id"].iloc[0]
+        raise KBFormatError(f"{where}: duplicate chunk_id {dup!r}")
+    for col, kind in CHUNK_COLUMNS.items():
+        if kind == "int" and not pd.api.types.is_integer_dtype(df[col]):
+            raise KBFormatError(f"{where}: column {col!r} must be integer, got {df[col].dtype}")
+
+
+def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["KnowledgeBase", dict]:
+    """Run ingest -> chunk -> BM25 -> embeddings/FAISS and write the KB folder to cfg.out.
+    Returns the loaded KB and build statistics (counts, timings, skipped reasons)."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    docs, skipped = ingest_corpus(cfg.corpus, cfg.manifest, cfg.max_file_mb, progress, timings)
+
+    dense = cfg.embedding_model.lower() != "none"
+    length_tok = cfg.length_tokenizer or (resolve_model(cfg.embedding_model) if dense else None)
+    if cfg.length_unit == "tokens" and not length_tok:
+        raise ValueError("length_unit='tokens' needs length_tokenizer when embedding_model is 'none'")
+    t = time.perf_counter()
+    length = make_length_fn(cfg.length_unit, length_tok)
+    chunks, n_dupes = chunk_documents(docs, cfg.chunk_size, cfg.chunk_overlap, length, cfg.statute_mode, progress)
+    timings["chunk"] = time.perf_counter() - t
+    if not chunks:
+        raise ValueError(f"{cfg.corpus}: documents were read but produced no chunks")
+    texts = [c.text for c in chunks]
+
+    t = time.perf_counter()
+    tokenizer = get_tokenizer(cfg.bm25_tokenizer, user_dict=cfg.user_dict, workers=cfg.workers)
+    corpus_tokens = tokenizer(texts)
+    timings["tokenize"] = time.perf_counter() - t
+    t = time.perf_counter()
+    bm25 = BM25Index.build(corpus_tokens, cfg.bm25_tokenizer, cfg.bm25_k1, cfg.bm25_b)
+    timings["bm25_index"] = time.perf_counter() - t
+
+    out = Path(cfg.out)
+    staging = out.with_name(out.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    faiss_info: dict = {}
+    n_embedded = 0
+    fingerprint = ""
+    if dense:
+        t = time.perf_counter()
+        embedder = get_embedder(cfg.embedding_backend, cfg.embedding_model, max_tokens=cfg.embedding_max_tokens,
+                                batch_tokens=cfg.embedding_batch_tokens)
+        fingerprint = embedder.fingerprint()
+        timings["embed_model_load"] = time.perf_counter() - t
+        t = time.perf_counter()
+        vectors, n_embedded = embed_with_cache(embedder, texts, cfg.cache_dir, progress=progress)
+        timings["embed"] = time.perf_counter() - t
+        t = time.perf_counter()
+        index, faiss_info = build_faiss(vectors, cfg.faiss_ivf_threshold, cfg.faiss_nlist, cfg.faiss_nprobe)
+        save_faiss(index, staging / "dense.faiss", faiss_info)
+        timings["faiss_index"] = time.perf_counter() - t
+
+    bm25.save(staging / "bm25")
+    chunk_df = pd.DataFrame([c.to_row() for c in chunks])
+    validate_chunks(chunk_df, "chunks")
+    chunk_df.to_parquet(staging / "chunks.parquet", index=False)
+    pd.DataFrame([{k: v for k, v in d.to_row().items() if k != "text"} for d in docs]).to_parquet(
+        staging / "documents.parquet", index=False)
+    with (staging / "skipped.jsonl").open("w", encoding="utf-8") as fh:
+        for s in skipped:
+            fh.write(json.dumps(dataclasses.asdict(s), ensure_ascii=False) + "\n")
+    timings["total"] = time.perf_counter() - t0
+
+    reasons: dict[str, int] = {}
+    for s in skipped:
+        reasons[s.reason] = reasons.get(s.reason, 0) + 1
+    corpus_hash = hashlib.sha256("".join(sorted(d.sha256 for d in docs)).encode()).hexdigest()
+    stats = {
+        "documents": len(docs), "chunks": len(chunks), "duplicate_chunks": n_dupes,
+        "characters": int(sum(d.n_chars for d in docs)), "chunk_chars_mean": float(np.mean([c.n_chars for c in chunks])),
+        "chunk_tokens_mean": float(np.mean([c.n_tokens for c in chunks])), "skipped": len(skipped),
+        "skipped_by_reason": reasons, "embedded_new": n_embedded, "timings": timings,
+    }
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "params": dataclasses.asdict(cfg), "embedding": {
+            "model": cfg.embedding_model if dense else None, "backend": cfg.embedding_backend if dense else None,
+            "fingerprint": fingerprint, "max_tokens": cfg.embedding_max_tokens},
+        "faiss": faiss_info, "length_tokenizer": length_tok, "corpus_sha256": corpus_hash,
+        "documents": [{"source": d.source, "sha256": d.sha256, "title": d.title, "license": d.license} for d in docs],
+        "stats": stats,
+    }
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)  # the KB appears whole or not at all
+    return KnowledgeBase.load(out), stats
+
+
+class KnowledgeBase:
+    """A loaded knowledge base. The BM25 tokenizer and the embedder load on first use."""
+
+    def __init__(self, folder: Path, manifest: dict, chunks: pd.DataFrame, bm25: BM25Index, faiss_index=None):
+        self.folder, self.manifest, self.chunks = folder, manifest, chunks
+        self.bm25, self.faiss_index = bm25, faiss_index
+        self._tokenizer = None
+        self._embedder = None
+        self._texts = chunks["text"].tolist()
+        self._ids = chunks["chunk_id"].tolist()
+        self._sources = chunks["source"].tolist()
+        self._paths = chunks["path"].tolist()
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "KnowledgeBase":
+        folder = Path(folder)
+        mpath = folder / "manifest.json"
+        if not mpath.exists():
+            raise KBFormatError(f"{folder}: not a knowledge base (manifest.json missing); build one with `fsku build-kb`")
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise KBFormatError(f"{mpath}: schema_version {manifest.get('schema_version')} != {SCHEMA_VERSION}")
+        chunks = pd.read_parquet(folder / "chunks.parquet")
+        validate_chunks(chunks, str(folder / "chunks.parquet"))
+        bm25 = BM25Index.load(folder / "bm25")
+        faiss_index = load_faiss(folder / "dense.faiss") if (folder / "dense.faiss").exists() else None
+        return cls(folder, manifest, chunks, bm25, faiss_index)
+
+    @property
+    def params(self) -> dict:
+        return self.manifest["params"]
+
+    @property
+    def has_dense(self) -> bool:
+        return self.faiss_index is not None
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            p = self.params
+            self._tokenizer = get_tokenizer(p["bm25_tokenizer"], user_dict=p.get("user_dict"), workers=p.get("workers", 2))
+        return self._tokenizer
+
+    def embedder(self):
+        if self._embedder is None:
+            emb = self.manifest["embedding"]
+            self._embedder = get_embedder(emb["backend"], emb["model"], max_tokens=emb["max_tokens"],
+                                          batch_tokens=self.params["embedding_batch_tokens"])
+            if self._embedder.fingerprint() != emb["fingerprint"]:
+                log.warning("embedder fingerprint %s differs from the KB's %s: query vectors may not match",
+                            self._embedder.fingerprint(), emb["fingerprint"])
+        return self._embedder
+
+    def search(self, questions: Sequence[str], cfg: Optional[RetrieveConfig] = None, **overrides) -> list[list[Hit]]:
+        """Ranked hits per question. BM25-only when the KB has no dense index or w_bm25 == 1."""
+        cfg = dataclasses.replace(cfg or RetrieveConfig(kb=str(self.folder)), **overrides)
+        questions = [clean_text(q) for q in questions]
+        use_dense = self.has_dense and not (cfg.fusion == "minmax" and cfg.w_bm25 >= 1.0)
+        use_bm25 = not (cfg.fusion == "minmax" and cfg.w_bm25 <= 0.0)
+        q_tokens = self.tokenizer()(questions) if use_bm25 else [[] for _ in questions]
+        q_vecs = self.embedder().embed_queries(questions) if use_dense else None
+        n = len(self._ids)
+        k_cand = min(cfg.candidates, n)
+        results = []
+        for qi in range(len(questions)):
+            cands: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+            if use_bm25:
+                cands["bm25"] = top_candidates(self.bm25.scores(q_tokens[qi]), k_cand)
+            if use_dense:
+                sims, ids = self.faiss_index.search(q_vecs[qi:qi + 1], k_cand)
+                keep = ids[0] >= 0
+                cands["dense"] = (ids[0][keep], sims[0][keep])
+            if cfg.fusion == "rrf":
+                fused = FUSIONS["rrf"]({k: v[0] for k, v in cands.items()}, k=cfg.rrf_k)
+                method = "rrf" if len(cands) > 1 else next(iter(cands))
+            else:
+                fused = FUSIONS["minmax"](cands, {"bm25": cfg.w_bm25, "dense": 1.0 - cfg.w_bm25})
+                method = "hybrid" if len(cands) > 1 else next(iter(cands))
+            hits = []
+            for rank, (i, score) in enumerate(rank_fused(fused, cfg.top_k), start=1):
+                hits.append(Hit(self._ids[i], self._texts[i], float(score), self._sources[i], method, self._paths[i], rank))
+            results.append(hits)
+        return results

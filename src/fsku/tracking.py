@@ -1,0 +1,119 @@
+"""The one module that talks to MLflow: runs, params, metrics, plots, artifacts and the
+Model Registry (the knowledge base as a pyfunc model). Everything else logs with `logging`.
+
+Tracking defaults to MLflow's own default (a SQLite store ``mlflow.db`` in the working
+directory); set MLFLOW_TRACKING_URI to point elsewhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+import mlflow
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = os.environ.get("FSKU_EXPERIMENT", "fsku")
+
+
+@contextlib.contextmanager
+def run(step: str, params: dict, tags: Optional[dict] = None) -> Iterator[mlflow.ActiveRun]:
+    """Start (or, under `mlflow run`, attach to) a run for one pipeline step."""
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+    with mlflow.start_run(run_name=step if not os.environ.get("MLFLOW_RUN_ID") else None) as active:
+        mlflow.set_tags({"fsku.step": step, **(tags or {})})
+        # under `mlflow run` the entry point's parameters are already logged; add only the rest
+        logged = mlflow.get_run(active.info.run_id).data.params
+        mlflow.log_params({k: ("" if v is None else str(v))[:6000] for k, v in params.items() if k not in logged})
+        yield active
+
+
+def log_metrics(metrics: dict, step: Optional[int] = None) -> None:
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    mlflow.log_metrics(clean, step=step)
+
+
+def log_artifacts(folder: str | Path, artifact_path: Optional[str] = None) -> None:
+    mlflow.log_artifacts(str(folder), artifact_path)
+
+
+def log_artifact(path: str | Path, artifact_path: Optional[str] = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path)
+
+
+def log_table(df: pd.DataFrame, name: str) -> None:
+    mlflow.log_table(df, artifact_file=name)
+
+
+def log_figure(fig, name: str) -> None:
+    mlflow.log_figure(fig, name)
+
+
+def log_dict(data: dict, name: str) -> None:
+    mlflow.log_dict(data, name)
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def run_url(run_id: str) -> str:
+    return f"{tracking_uri()} (experiment {mlflow.get_run(run_id).info.experiment_id}, run {run_id})"
+
+
+# ----------------------------------------------------------------------------- registry
+class KnowledgeBaseModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: predict(DataFrame with a 'question' column) -> ranked hits, one row per hit
+    (question_index, rank, chunk_id, source, path, score, method, text)."""
+
+    def load_context(self, context):
+        from .kb import KnowledgeBase
+
+        self.kb = KnowledgeBase.load(context.artifacts["kb"])
+
+    def predict(self, context, model_input, params: Optional[dict] = None):
+        if isinstance(model_input, pd.DataFrame):
+            if "question" not in model_input.columns:
+                raise ValueError(f"expected a 'question' column, got {list(model_input.columns)}")
+            questions = model_input["question"].astype(str).tolist()
+        else:
+            questions = [str(q) for q in model_input]
+        params = params or {}
+        hits = self.kb.search(questions, top_k=int(params.get("top_k", 5)), fusion=str(params.get("fusion", "minmax")),
+                              w_bm25=float(params.get("w_bm25", 0.3)))
+        rows = [{"question_index": qi, **h.to_dict()} for qi, hs in enumerate(hits) for h in hs]
+        return pd.DataFrame(rows, columns=["question_index", "rank", "chunk_id", "source", "path", "score", "method", "text"])
+
+
+KB_SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "question")]),
+    outputs=Schema([ColSpec("long", "question_index"), ColSpec("long", "rank"), ColSpec("string", "chunk_id"),
+                    ColSpec("string", "source"), ColSpec("string", "path"), ColSpec("double", "score"),
+                    ColSpec("string", "method"), ColSpec("string", "text")]),
+    params=ParamSchema([ParamSpec("top_k", "long", 5), ParamSpec("fusion", "string", "minmax"),
+                        ParamSpec("w_bm25", "double", 0.3)]),
+)
+
+
+def register_knowledge_base(kb_folder: str | Path, name: str) -> str:
+    """Log the KB folder as a pyfunc model in the active run and register it; returns the version."""
+    info = mlflow.pyfunc.log_model(
+        name="kb", python_model=KnowledgeBaseModel(), artifacts={"kb": str(kb_folder)},
+        signature=KB_SIGNATURE, registered_model_name=name, pip_requirements=_pip_requirements())
+    version = str(info.registered_model_version)
+    mlflow.set_tag("fsku.kb_model", f"models:/{name}/{version}")
+    return version
+
+
+def _pip_requirements() -> list[str]:
+    req = Path(__file__).resolve().parents[2] / "requirements.txt"
+    if req.exists():
+        return [ln.strip() for ln in req.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    return ["fsku"]

