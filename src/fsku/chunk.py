@@ -265,28 +265,34 @@ def lines_length(lines: list[str], length: LengthFn) -> int:
 
 def pack_article(lines: list[str], size: int, overlap: int, length: LengthFn) -> list[str]:
     """Keep an article whole when it fits; otherwise split at 항, then 호, then 목 boundaries,
-    packing consecutive units; the recursive splitter handles any unit still too long."""
+    packing consecutive units; the recursive splitter handles any unit still too long.
+    When items (호/목) are split apart, each later piece repeats the clause that introduces
+    them ('② 다음 각 호의 … 과태료를 부과한다'), so a piece never loses what its list is about."""
     if lines_length(lines, length) <= size:
         return ["\n".join(lines)]
     for pattern in (PARAGRAPH_RE, ITEM_RE, SUBITEM_RE):
         units = split_units(lines, pattern)
-        if len(units) > 1:
-            groups: list[list[str]] = []  # each group: lines of one packed chunk
-            cur: list[str] = []
-            for unit in units:
-                if lines_length(unit, length) > size:
-                    if cur:
-                        groups.append(cur)
-                        cur = []
-                    groups.extend(piece.split("\n") for piece in pack_article(unit, size, overlap, length))
-                elif cur and lines_length(cur + unit, length) > size:
+        if len(units) <= 1:
+            continue
+        lead = units[0] if not pattern.match(units[0][0]) else []
+        carry = lead if pattern is not PARAGRAPH_RE and lines_length(lead, length) <= size // 3 else []
+        budget = size - lines_length(carry, length)
+        groups: list[list[str]] = []  # each group: lines of one packed chunk
+        cur: list[str] = []
+        for unit in units:
+            if lines_length(unit, length) > budget:
+                if cur:
                     groups.append(cur)
-                    cur = list(unit)
-                else:
-                    cur = cur + unit
-            if cur:
+                    cur = []
+                groups.extend(piece.split("\n") for piece in pack_article(unit, budget, overlap, length))
+            elif cur and lines_length(cur + unit, length) > budget:
                 groups.append(cur)
-            return ["\n".join(g) for g in groups]
+                cur = list(unit)
+            else:
+                cur = cur + unit
+        if cur:
+            groups.append(cur)
+        return ["\n".join((carry if i > 0 and carry else []) + g) for i, g in enumerate(groups)]
     return recursive_split("\n".join(lines), size, overlap, length)
 
 

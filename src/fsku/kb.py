@@ -30,7 +30,7 @@ from .index.dense import build_faiss, embed_with_cache, get_embedder, load_faiss
 from .index.sparse import BM25Index, get_tokenizer
 from .ingest import ingest_corpus
 from .ingest.clean import clean_text
-from .retrieve import FUSIONS, Hit, rank_fused, top_candidates
+from .retrieve import FUSIONS, Hit, rank_fused, reference_prior, top_candidates
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,8 @@ class KnowledgeBase:
         self._ids = chunks["chunk_id"].tolist()
         self._sources = chunks["source"].tolist()
         self._paths = chunks["path"].tolist()
+        self._titles = chunks["title"].tolist()
+        self._articles = chunks["article"].tolist()
 
     @classmethod
     def load(cls, folder: str | Path) -> "KnowledgeBase":
@@ -216,9 +218,17 @@ class KnowledgeBase:
             if cfg.fusion == "rrf":
                 fused = FUSIONS["rrf"]({k: v[0] for k, v in cands.items()}, k=cfg.rrf_k)
                 method = "rrf" if len(cands) > 1 else next(iter(cands))
+                prior_scale = 1.0 / (cfg.rrf_k + 1)  # the prior in units of a first-rank RRF vote
             else:
                 fused = FUSIONS["minmax"](cands, {"bm25": cfg.w_bm25, "dense": 1.0 - cfg.w_bm25})
                 method = "hybrid" if len(cands) > 1 else next(iter(cands))
+                prior_scale = 1.0
+            if cfg.w_law or cfg.w_article:
+                prior = reference_prior(questions[qi], self._titles, self._articles, cfg.w_law, cfg.w_article)
+                for i, p in prior.items():
+                    # the law prior re-ranks candidates; a cited article may also enter the candidates
+                    if i in fused or p > cfg.w_law:
+                        fused[i] = fused.get(i, 0.0) + prior_scale * p
             hits = []
             for rank, (i, score) in enumerate(rank_fused(fused, cfg.top_k), start=1):
                 hits.append(Hit(self._ids[i], self._texts[i], float(score), self._sources[i], method, self._paths[i], rank))

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -83,3 +84,56 @@ def rank_fused(fused: dict[int, float], top_k: int) -> list[tuple[int, float]]:
 
 
 FUSIONS: dict[str, Callable] = {"minmax": minmax_fusion, "rrf": rrf_fusion}
+
+
+# ----------------------------------------------------------------------------- statute-reference prior
+ARTICLE_REF = re.compile(r"제\s*(\d+)\s*조(?:\s*의\s*(\d+))?")
+SUBORDINATE_SUFFIXES = ("시행령", "시행규칙", "감독규정", "규정", "고시")
+
+
+def _compact(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+def law_base_name(title: str) -> str:
+    """'전자금융거래법 시행령' -> '전자금융거래법': the parent statute of a decree/rule."""
+    t = title.strip()
+    for suffix in SUBORDINATE_SUFFIXES[:2]:
+        if t.endswith(suffix) and len(t) > len(suffix) + 1:
+            return t[: -len(suffix)].strip()
+    return t
+
+
+def article_refs(question: str) -> set[str]:
+    """Article numbers cited in a question, normalised to the chunk form ('제21조의3')."""
+    return {f"제{m.group(1)}조" + (f"의{m.group(2)}" if m.group(2) else "") for m in ARTICLE_REF.finditer(question)}
+
+
+def law_match(question: str, title: str) -> float:
+    """1.0 when the question names this document's law exactly (spacing ignored), 0.5 when it
+    names its parent statute (a 시행령/시행규칙 of the named law), else 0."""
+    q = _compact(question)
+    if len(_compact(title)) >= 3 and _compact(title) in q:
+        return 1.0
+    base = _compact(law_base_name(title))
+    if base != _compact(title) and len(base) >= 3 and base in q:
+        return 0.5
+    return 0.0
+
+
+def reference_prior(question: str, titles: Sequence[str], articles: Sequence[str],
+                    w_law: float, w_article: float) -> dict[int, float]:
+    """Additive prior per chunk index: w_law * law_match + w_article * [cited article of a named
+    (or, when no law is named, any) law]. Zero everywhere when the question cites nothing."""
+    refs = article_refs(question)
+    title_score = {t: law_match(question, t) for t in set(titles)}
+    any_law = any(v > 0 for v in title_score.values())
+    prior: dict[int, float] = {}
+    for i, (title, art) in enumerate(zip(titles, articles)):
+        lm = title_score[title]
+        score = w_law * lm
+        if refs and art in refs and (lm > 0 or not any_law):
+            score += w_article * (lm if any_law else 1.0)
+        if score > 0:
+            prior[i] = score
+    return prior

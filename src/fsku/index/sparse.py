@@ -113,6 +113,17 @@ def char_bigram_tokenizer(**_) -> Tokenizer:
     return tokenize
 
 
+@register_tokenizer("bm25s_default")
+def bm25s_default_tokenizer(**_) -> Tokenizer:
+    """bm25s's own default splitting (lower-cased \\w\\w+ words, no stemming): the seed design's
+    baseline, kept for comparisons."""
+    word = re.compile(r"(?u)\b\w\w+\b")
+
+    def tokenize(texts: Sequence[str]) -> list[list[str]]:
+        return [word.findall(t.lower()) for t in texts]
+    return tokenize
+
+
 def _konlpy(cls_name: str, tags: tuple[str, ...]):
     def factory(**_) -> Tokenizer:
         try:
