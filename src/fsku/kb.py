@@ -24,9 +24,9 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from .chunk import chunk_documents, make_length_fn
+from .chunk import chunk_documents, dense_text, make_length_fn
 from .config import BuildKBConfig, RetrieveConfig
-from .index.dense import build_faiss, embed_with_cache, get_embedder, load_faiss, resolve_model, save_faiss
+from .index.dense import build_faiss, embed_with_cache, get_embedder, load_faiss, resolve_backend, resolve_model, save_faiss
 from .index.sparse import BM25Index, get_tokenizer
 from .ingest import ingest_corpus
 from .ingest.clean import clean_text
@@ -90,15 +90,17 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
     staging.mkdir(parents=True)
     faiss_info: dict = {}
     n_embedded = 0
+    backend = None
     fingerprint = ""
     if dense:
         t = time.perf_counter()
-        embedder = get_embedder(cfg.embedding_backend, cfg.embedding_model, max_tokens=cfg.embedding_max_tokens,
+        backend = resolve_backend(cfg.embedding_backend)
+        embedder = get_embedder(backend, cfg.embedding_model, max_tokens=cfg.embedding_max_tokens,
                                 batch_tokens=cfg.embedding_batch_tokens)
         fingerprint = embedder.fingerprint()
         timings["embed_model_load"] = time.perf_counter() - t
         t = time.perf_counter()
-        vectors, n_embedded = embed_with_cache(embedder, texts, cfg.cache_dir, progress=progress)
+        vectors, n_embedded = embed_with_cache(embedder, [dense_text(t) for t in texts], cfg.cache_dir, progress=progress)
         timings["embed"] = time.perf_counter() - t
         t = time.perf_counter()
         index, faiss_info = build_faiss(vectors, cfg.faiss_ivf_threshold, cfg.faiss_nlist, cfg.faiss_nprobe)
@@ -129,7 +131,7 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
     manifest = {
         "schema_version": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "params": dataclasses.asdict(cfg), "embedding": {
-            "model": cfg.embedding_model if dense else None, "backend": cfg.embedding_backend if dense else None,
+            "model": cfg.embedding_model if dense else None, "backend": backend if dense else None,
             "fingerprint": fingerprint, "max_tokens": cfg.embedding_max_tokens},
         "faiss": faiss_info, "length_tokenizer": length_tok, "corpus_sha256": corpus_hash,
         "documents": [{"source": d.source, "sha256": d.sha256, "title": d.title, "license": d.license} for d in docs],

@@ -2,7 +2,8 @@
 
 - ``minmax_fusion``: each retriever's candidate scores are min-max normalised to [0, 1]; the
   fused score is ``w_bm25 * bm25 + (1 - w_bm25) * dense`` (a candidate missing from one list
-  scores 0 there). The seed architecture's default is w_bm25 = 0.3.
+  scores 0 there). The seed architecture used w_bm25 = 0.3; on the FSKU statute labels 0.5 is
+  better with our chunks (see benchmarks/bench_retrieval.py), so 0.5 is the default.
 - ``rrf_fusion``: reciprocal-rank fusion, ``sum_r w_r / (k + rank_r)`` with 1-based ranks.
 """
 from __future__ import annotations

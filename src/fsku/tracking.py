@@ -17,6 +17,8 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
+from .config import RetrieveConfig
+
 log = logging.getLogger(__name__)
 
 EXPERIMENT = os.environ.get("FSKU_EXPERIMENT", "fsku")
@@ -85,9 +87,13 @@ class KnowledgeBaseModel(mlflow.pyfunc.PythonModel):
             questions = model_input["question"].astype(str).tolist()
         else:
             questions = [str(q) for q in model_input]
+        from .config import RetrieveConfig
+
         params = params or {}
-        hits = self.kb.search(questions, top_k=int(params.get("top_k", 5)), fusion=str(params.get("fusion", "minmax")),
-                              w_bm25=float(params.get("w_bm25", 0.3)))
+        defaults = RetrieveConfig()
+        hits = self.kb.search(questions, top_k=int(params.get("top_k", defaults.top_k)),
+                              fusion=str(params.get("fusion", defaults.fusion)),
+                              w_bm25=float(params.get("w_bm25", defaults.w_bm25)))
         rows = [{"question_index": qi, **h.to_dict()} for qi, hs in enumerate(hits) for h in hs]
         return pd.DataFrame(rows, columns=["question_index", "rank", "chunk_id", "source", "path", "score", "method", "text"])
 
@@ -97,8 +103,8 @@ KB_SIGNATURE = ModelSignature(
     outputs=Schema([ColSpec("long", "question_index"), ColSpec("long", "rank"), ColSpec("string", "chunk_id"),
                     ColSpec("string", "source"), ColSpec("string", "path"), ColSpec("double", "score"),
                     ColSpec("string", "method"), ColSpec("string", "text")]),
-    params=ParamSchema([ParamSpec("top_k", "long", 5), ParamSpec("fusion", "string", "minmax"),
-                        ParamSpec("w_bm25", "double", 0.3)]),
+    params=ParamSchema([ParamSpec("top_k", "long", RetrieveConfig.top_k), ParamSpec("fusion", "string", RetrieveConfig.fusion),
+                        ParamSpec("w_bm25", "double", RetrieveConfig.w_bm25)]),
 )
 
 

@@ -1,7 +1,7 @@
 """build_kb: corpus folder -> knowledge base (chunks, BM25, FAISS), tracked and registered.
 
 Usage:
-    mlflow run . -e build_kb --env-manager local -P corpus=data/sample_corpus [-P chunk_size=320 ...]
+    mlflow run . -e build_kb --env-manager local -P corpus=data/sample_corpus [-P chunk_size=480 ...]
     fsku build-kb --corpus DIR --out DIR [--chunk-size N] [--chunk-overlap N] [--embedding-model ID_OR_PATH] [--bm25-tokenizer NAME]
 
 Output artifact: the KB folder (see fsku.kb), logged under `kb/` and registered as the
