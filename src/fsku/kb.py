@@ -30,7 +30,7 @@ from .index.dense import build_faiss, embed_with_cache, get_embedder, load_faiss
 from .index.sparse import BM25Index, get_tokenizer
 from .ingest import ingest_corpus
 from .ingest.clean import clean_text
-from .retrieve import FUSIONS, Hit, rank_fused, reference_prior, top_candidates
+from .retrieve import FUSIONS, Hit, ReferenceIndex, rank_fused, top_candidates
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,7 @@ class KnowledgeBase:
         self._ids = chunks["chunk_id"].tolist()
         self._sources = chunks["source"].tolist()
         self._paths = chunks["path"].tolist()
-        self._titles = chunks["title"].tolist()
-        self._articles = chunks["article"].tolist()
+        self._references = ReferenceIndex(chunks["title"].tolist(), chunks["article"].tolist())
 
     @classmethod
     def load(cls, folder: str | Path) -> "KnowledgeBase":
@@ -226,7 +225,7 @@ class KnowledgeBase:
                 method = "hybrid" if len(cands) > 1 else next(iter(cands))
                 prior_scale = 1.0
             if cfg.w_law or cfg.w_article:
-                prior = reference_prior(questions[qi], self._titles, self._articles, cfg.w_law, cfg.w_article)
+                prior = self._references.prior(questions[qi], cfg.w_law, cfg.w_article)
                 for i, p in prior.items():
                     # the law prior re-ranks candidates; a cited article may also enter the candidates
                     if i in fused or p > cfg.w_law:

@@ -113,28 +113,51 @@ def article_refs(question: str) -> set[str]:
 def law_match(question: str, title: str) -> float:
     """1.0 when the question names this document's law exactly (spacing ignored), 0.5 when it
     names its parent statute (a 시행령/시행규칙 of the named law), else 0."""
-    q = _compact(question)
-    if len(_compact(title)) >= 3 and _compact(title) in q:
+    return _law_match_compact(_compact(question), _compact(title), _compact(law_base_name(title)))
+
+
+def _law_match_compact(q: str, title: str, base: str) -> float:
+    if len(title) >= 3 and title in q:
         return 1.0
-    base = _compact(law_base_name(title))
-    if base != _compact(title) and len(base) >= 3 and base in q:
+    if base != title and len(base) >= 3 and base in q:
         return 0.5
     return 0.0
 
 
+class ReferenceIndex:
+    """Chunk indices grouped by document title and by (title, article), so the prior for a
+    question touches only the chunks it favours (a query costs ~0.1 ms, not a pass over all chunks)."""
+
+    def __init__(self, titles: Sequence[str], articles: Sequence[str]):
+        self.by_title: dict[str, list[int]] = {}
+        self.compact_names: dict[str, tuple[str, str]] = {}
+        self.by_article: dict[tuple[str, str], list[int]] = {}
+        for i, (title, art) in enumerate(zip(titles, articles)):
+            self.by_title.setdefault(title, []).append(i)
+            if art:
+                self.by_article.setdefault((title, art), []).append(i)
+        self.compact_names = {t: (_compact(t), _compact(law_base_name(t))) for t in self.by_title}
+
+    def prior(self, question: str, w_law: float, w_article: float) -> dict[int, float]:
+        """w_law * law_match + w_article * [cited article of a named (or, when no law is named,
+        any) law]. Empty when the question names no law and cites no article."""
+        refs = article_refs(question)
+        q = _compact(question)
+        title_score = {t: _law_match_compact(q, *names) for t, names in self.compact_names.items()}
+        any_law = any(v > 0 for v in title_score.values())
+        prior: dict[int, float] = {}
+        for title, lm in title_score.items():
+            if lm > 0 and w_law > 0:
+                for i in self.by_title[title]:
+                    prior[i] = prior.get(i, 0.0) + w_law * lm
+            if refs and w_article > 0 and (lm > 0 or not any_law):
+                for ref in refs:
+                    for i in self.by_article.get((title, ref), ()):
+                        prior[i] = prior.get(i, 0.0) + w_article * (lm if any_law else 1.0)
+        return prior
+
+
 def reference_prior(question: str, titles: Sequence[str], articles: Sequence[str],
                     w_law: float, w_article: float) -> dict[int, float]:
-    """Additive prior per chunk index: w_law * law_match + w_article * [cited article of a named
-    (or, when no law is named, any) law]. Zero everywhere when the question cites nothing."""
-    refs = article_refs(question)
-    title_score = {t: law_match(question, t) for t in set(titles)}
-    any_law = any(v > 0 for v in title_score.values())
-    prior: dict[int, float] = {}
-    for i, (title, art) in enumerate(zip(titles, articles)):
-        lm = title_score[title]
-        score = w_law * lm
-        if refs and art in refs and (lm > 0 or not any_law):
-            score += w_article * (lm if any_law else 1.0)
-        if score > 0:
-            prior[i] = score
-    return prior
+    """Additive prior per chunk index (see ReferenceIndex.prior)."""
+    return ReferenceIndex(titles, articles).prior(question, w_law, w_article)

@@ -242,9 +242,8 @@ class OnnxInt8Embedder:
         cfg = self._path / "config.json"
         digest = hashlib.sha1((str(self._path.resolve()) + (cfg.read_text() if cfg.exists() else "")).encode()).hexdigest()[:12]
         self._onnx_file = export_onnx_int8(str(self._path), models_dir() / "onnx" / f"{self._path.name}-{digest}")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1  # parallelism comes from running texts on `workers` threads
-        self.session = ort.InferenceSession(str(self._onnx_file), opts, providers=["CPUExecutionProvider"])
+        self._ort = ort
+        self._sessions: dict[int, object] = {}  # intra-op threads -> session, created on first use
         self.workers = workers or min(os.cpu_count() or 1, 8)
         self.tokenizer = load_fast_tokenizer(str(self._path))
         self.max_tokens = max_tokens
@@ -265,9 +264,19 @@ class OnnxInt8Embedder:
                  str(self._onnx_file.stat().st_size)]
         return hashlib.sha1("\x00".join(parts).encode()).hexdigest()[:16]
 
-    def _embed_one(self, ids: list[int]) -> np.ndarray:
+    def _session(self, threads: int):
+        """Bulk encoding runs many single-thread calls in parallel; a lone query (latency) runs
+        on all threads. Sessions load lazily, so a rebuild served from the cache loads none."""
+        if threads not in self._sessions:
+            opts = self._ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            self._sessions[threads] = self._ort.InferenceSession(str(self._onnx_file), opts,
+                                                                 providers=["CPUExecutionProvider"])
+        return self._sessions[threads]
+
+    def _embed_one(self, ids: list[int], threads: int = 1) -> np.ndarray:
         arr = np.asarray([ids], dtype=np.int64)
-        hidden = self.session.run(None, {"input_ids": arr, "attention_mask": np.ones_like(arr)})[0][0]
+        hidden = self._session(threads).run(None, {"input_ids": arr, "attention_mask": np.ones_like(arr)})[0][0]
         vec = hidden[0] if self.pooling == "cls" else hidden.mean(axis=0)
         return vec / max(float(np.linalg.norm(vec)), 1e-12)
 
@@ -280,6 +289,9 @@ class OnnxInt8Embedder:
         if not texts:
             return out
         encs = self.tokenizer.encode_batch(list(texts))
+        if len(texts) == 1:
+            out[0] = self._embed_one(encs[0].ids, threads=self.workers)
+            return out
         order = sorted(range(len(texts)), key=lambda i: -len(encs[i].ids))  # longest first balances threads
         with ThreadPoolExecutor(self.workers) as pool, \
                 tqdm(total=len(texts), desc=desc, unit="text", disable=not progress) as bar:
