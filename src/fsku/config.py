@@ -42,7 +42,7 @@ class BuildKBConfig:
     faiss_ivf_threshold: int = field(default=20000, metadata={"help": "Use IVF instead of exact inner product above this many chunks."})
     faiss_nlist: Optional[int] = field(default=None, metadata={"help": "IVF lists (default ~4*sqrt(n))."})
     faiss_nprobe: Optional[int] = field(default=None, metadata={"help": "IVF lists probed per query (default nlist/8, at least 8)."})
-    cache_dir: str = field(default=".cache/embeddings", metadata={"help": "Embedding cache keyed by model and chunk text hash."})
+    cache_dir: str = field(default=".cache", metadata={"help": "Cache root: embeddings/ (by model + text hash) and tokens/ (BM25 word analyses); '' disables."})
     workers: int = field(default=2, metadata={"help": "Parallel workers for tokenisation."})
     labels: Optional[str] = field(default=None, metadata={"help": "Labelled retrieval queries (JSONL) evaluated after the build."})
     fusion: str = field(default="minmax", metadata={"help": "Fusion for the evaluation: minmax or rrf."})

@@ -76,8 +76,11 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
     texts = [c.text for c in chunks]
 
     t = time.perf_counter()
-    tokenizer = get_tokenizer(cfg.bm25_tokenizer, user_dict=cfg.user_dict, workers=cfg.workers)
+    tokenizer = get_tokenizer(cfg.bm25_tokenizer, user_dict=cfg.user_dict, workers=cfg.workers,
+                              cache_dir=str(Path(cfg.cache_dir) / "tokens") if cfg.cache_dir else None)
     corpus_tokens = tokenizer(texts)
+    if hasattr(tokenizer, "save"):
+        tokenizer.save()
     timings["tokenize"] = time.perf_counter() - t
     t = time.perf_counter()
     bm25 = BM25Index.build(corpus_tokens, cfg.bm25_tokenizer, cfg.bm25_k1, cfg.bm25_b)
@@ -100,7 +103,8 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
         fingerprint = embedder.fingerprint()
         timings["embed_model_load"] = time.perf_counter() - t
         t = time.perf_counter()
-        vectors, n_embedded = embed_with_cache(embedder, [dense_text(t) for t in texts], cfg.cache_dir, progress=progress)
+        emb_cache = str(Path(cfg.cache_dir) / "embeddings") if cfg.cache_dir else None
+        vectors, n_embedded = embed_with_cache(embedder, [dense_text(t) for t in texts], emb_cache, progress=progress)
         timings["embed"] = time.perf_counter() - t
         t = time.perf_counter()
         index, faiss_info = build_faiss(vectors, cfg.faiss_ivf_threshold, cfg.faiss_nlist, cfg.faiss_nprobe)

@@ -6,13 +6,13 @@ evidence string, ignoring whitespace.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from ..ingest.clean import clean_text, compact
+from ..jsonl import iter_jsonl
 
 
 @dataclass
@@ -27,21 +27,14 @@ def load_labels(path: str | Path) -> list[LabelledQuery]:
     """Read and validate a labels JSONL file (errors name the file and line)."""
     path = Path(path)
     out = []
-    with path.open(encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            missing = [k for k in ("qid", "question", "evidence") if not row.get(k)]
-            gold = row.get("source") or row.get("law")
-            if not gold:
-                missing.append("source|law")
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; expected qid, question, source (or law), evidence")
-            out.append(LabelledQuery(str(row["qid"]), str(row["question"]), str(gold), str(row["evidence"])))
+    for lineno, row in iter_jsonl(path):
+        missing = [k for k in ("qid", "question", "evidence") if not row.get(k)]
+        gold = row.get("source") or row.get("law")
+        if not gold:
+            missing.append("source|law")
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; expected qid, question, source (or law), evidence")
+        out.append(LabelledQuery(str(row["qid"]), str(row["question"]), str(gold), str(row["evidence"])))
     if not out:
         raise ValueError(f"{path}: no labelled queries")
     return out

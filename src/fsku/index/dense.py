@@ -247,8 +247,6 @@ class OnnxInt8Embedder:
         self.workers = workers or min(os.cpu_count() or 1, 8)
         self.tokenizer = load_fast_tokenizer(str(self._path))
         self.max_tokens = max_tokens
-        self.tokenizer.enable_truncation(max_tokens)
-        self.tokenizer.no_padding()
         prompts = {}
         st_cfg = self._path / "config_sentence_transformers.json"
         if st_cfg.exists():
@@ -288,14 +286,17 @@ class OnnxInt8Embedder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        encs = self.tokenizer.encode_batch(list(texts))
+        cap = self.max_tokens
+        # truncate by hand (keeping the closing special token): the tokenizer instance is shared
+        encs = [ids if len(ids) <= cap else ids[:cap - 1] + ids[-1:]
+                for ids in (e.ids for e in self.tokenizer.encode_batch(list(texts)))]
         if len(texts) == 1:
-            out[0] = self._embed_one(encs[0].ids, threads=self.workers)
+            out[0] = self._embed_one(encs[0], threads=self.workers)
             return out
-        order = sorted(range(len(texts)), key=lambda i: -len(encs[i].ids))  # longest first balances threads
+        order = sorted(range(len(texts)), key=lambda i: -len(encs[i]))  # longest first balances threads
         with ThreadPoolExecutor(self.workers) as pool, \
                 tqdm(total=len(texts), desc=desc, unit="text", disable=not progress) as bar:
-            for i, vec in zip(order, pool.map(lambda j: self._embed_one(encs[j].ids), order)):
+            for i, vec in zip(order, pool.map(lambda j: self._embed_one(encs[j]), order)):
                 out[i] = vec
                 bar.update(1)
         return out

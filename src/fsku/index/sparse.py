@@ -9,6 +9,7 @@ retrieval purposes, and queries go through the identical path.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -45,11 +46,20 @@ def _article_refs(text: str) -> list[str]:
 
 
 class WordCachedTokenizer:
-    """Analyse each distinct word once (batched through `analyse_words`) and concatenate."""
+    """Analyse each distinct word once (batched through `analyse_words`) and concatenate.
+    With `cache_file`, analyses persist across builds (JSON, keyed by the analyser's identity),
+    so a rebuild of an unchanged corpus never starts the analyser."""
 
-    def __init__(self, analyse_words: Callable[[list[str]], list[list[str]]]):
+    def __init__(self, analyse_words: Callable[[list[str]], list[list[str]]], cache_file: Optional[Path] = None):
         self.analyse_words = analyse_words
+        self.cache_file = cache_file
         self.cache: dict[str, list[str]] = {}
+        self._dirty = False
+        if cache_file is not None and cache_file.exists():
+            try:
+                self.cache = json.loads(cache_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:  # a cache cut short by a crash is rebuilt, not fatal
+                log.warning("ignoring unreadable token cache %s: %s", cache_file, exc)
 
     def __call__(self, texts: Sequence[str]) -> list[list[str]]:
         words_per_text = [_WORD.findall(t) for t in texts]
@@ -57,30 +67,53 @@ class WordCachedTokenizer:
         if new:
             for word, toks in zip(new, self.analyse_words(new)):
                 self.cache[word] = toks + _article_refs(word)
+            self._dirty = True
         return [[tok for w in words for tok in self.cache[w]] for words in words_per_text]
+
+    def save(self) -> None:
+        if self.cache_file is None or not self._dirty:
+            return
+        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_file.with_suffix(".partial")
+        tmp.write_text(json.dumps(self.cache, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(self.cache_file)
+        self._dirty = False
+
+
+def _cache_file(cache_dir: Optional[str], *identity: str) -> Optional[Path]:
+    if not cache_dir:
+        return None
+    digest = hashlib.sha1("\x00".join(identity).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{identity[0]}-{digest}.json"
 
 
 KIWI_CONTENT_TAGS = frozenset({"NNG", "NNP", "NR", "SL", "SN", "SH", "XR", "VV", "VA", "W_URL", "W_EMAIL", "W_HASHTAG"})
 
 
 @register_tokenizer("kiwi")
-def kiwi_tokenizer(user_dict: Optional[str] = None, workers: int = 2, **_) -> Tokenizer:
+def kiwi_tokenizer(user_dict: Optional[str] = None, workers: int = 2, cache_dir: Optional[str] = None, **_) -> Tokenizer:
     try:
+        import kiwipiepy
         from kiwipiepy import Kiwi
     except ImportError as exc:  # pragma: no cover
         raise ImportError("the 'kiwi' BM25 tokenizer needs `pip install kiwipiepy kiwipiepy_model`") from exc
-    kiwi = Kiwi(num_workers=workers, load_typo_dict=False, load_multi_dict=False)
-    if user_dict:
-        n = kiwi.load_user_dictionary(str(user_dict))
-        log.info("kiwi: %d user dictionary entries from %s", n, user_dict)
+    state: dict = {}
 
     def analyse(words: list[str]) -> list[list[str]]:
+        if "kiwi" not in state:  # built on first use (~1-2 s): a fully cached rebuild never pays it
+            kiwi = Kiwi(num_workers=workers, load_typo_dict=False, load_multi_dict=False)
+            if user_dict:
+                n = kiwi.load_user_dictionary(str(user_dict))
+                log.info("kiwi: %d user dictionary entries from %s", n, user_dict)
+            state["kiwi"] = kiwi
         out = []
-        for toks in kiwi.tokenize(words):
+        for toks in state["kiwi"].tokenize(words):
             out.append([t.form.lower() if t.tag == "SL" else t.form for t in toks if t.tag in KIWI_CONTENT_TAGS])
         return out
 
-    return WordCachedTokenizer(analyse)
+    dict_hash = hashlib.sha1(Path(user_dict).read_bytes()).hexdigest() if user_dict else ""
+    identity = ("kiwi", kiwipiepy.__version__, ",".join(sorted(KIWI_CONTENT_TAGS)), dict_hash)
+    return WordCachedTokenizer(analyse, _cache_file(cache_dir, *identity))
 
 
 @register_tokenizer("whitespace")
