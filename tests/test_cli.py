@@ -73,3 +73,15 @@ def test_mlflow_run_entry_point(tmp_path, e5_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "registered: models:/fsku-kb-e2e/1" in proc.stdout
     assert (out / "manifest.json").exists()
+
+
+def test_ingest_and_eval_retrieval_commands(sample_kb, tmp_path, capsys):
+    kb, _, _ = sample_kb
+    out = tmp_path / "docs.jsonl"
+    assert fsku_main(["ingest", "--corpus", str(SAMPLE_CORPUS), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 6 and {"doc_id", "source", "title", "sha256", "text", "pages", "license"} <= set(rows[0])
+    assert fsku_main(["eval-retrieval", "--kb", str(kb.folder), "--labels", str(SAMPLE_LABELS), "--top-k", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert '"hit_at_5": 1.0' in printed
+    assert fsku_main(["no-such-command"]) == 2
