@@ -56,6 +56,10 @@ def test_build_kb_cli_tracks_and_registers(tmp_path, e5_model_dir):
     assert run.info.status == "FINISHED" and run.data.params["chunk_size"] == "200"
     assert run.data.metrics["documents"] == 6 and run.data.metrics["retrieval_hit_at_5"] == 1.0
     assert "seconds_embed" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"retrieval_hit_at_k.png", "retrieval_per_query.json", "kb"} <= artifacts
+    curve = client.get_metric_history(run.info.run_id, "retrieval_hit_curve")
+    assert [m.step for m in curve] == list(range(1, 11)) and curve[-1].value == 1.0
     model = mlflow.pyfunc.load_model(f"models:/fsku-kb/{version}")
     hits = model.predict(pd.DataFrame({"question": ["보안책임자 겸직 금지"]}), params={"top_k": 2})
     assert len(hits) == 2 and hits.iloc[0]["source"].endswith("표본_전자금융보안법.pdf")
