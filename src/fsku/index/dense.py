@@ -209,8 +209,14 @@ def export_onnx_int8(model_path: str, out_dir: Path) -> Path:
         opt.save_model_to_file(str(fused))
         source = fused
     tmp = out_dir / ".model_int8.partial.onnx"
-    quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # the quantizer logs a line per tensor on the root logger
+    try:
+        quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        root.setLevel(level)
     tmp.replace(target)
     for leftover in (fp32, out_dir / "model_fused.onnx"):
         leftover.unlink(missing_ok=True)
