@@ -64,7 +64,7 @@ class TokenLength:
 
     def warm(self, texts: Sequence[str]) -> None:
         todo = [t for t in dict.fromkeys(texts) if t not in self.memo]
-        for text, enc in zip(todo, self.tok.encode_batch(todo, add_special_tokens=False)):
+        for text, enc in zip(todo, self.tok.encode_batch(todo, add_special_tokens=False), strict=False):
             self.memo[text] = len(enc.ids)
 
 

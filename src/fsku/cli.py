@@ -48,7 +48,7 @@ def cmd_retrieve(argv: list[str]) -> int:
     hits = kb.search([str(q["question"]) for q in queries], cfg)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     with a.out.open("w", encoding="utf-8") as fh:
-        for q, hs in zip(queries, hits):
+        for q, hs in zip(queries, hits, strict=False):
             fh.write(json.dumps({"qid": q["qid"], "hits": [
                 {"chunk_id": h.chunk_id, "source": h.source, "text": h.text, "score": h.score, "path": h.path,
                  "method": h.method} for h in hs]}, ensure_ascii=False) + "\n")

@@ -60,7 +60,7 @@ def minmax_fusion(candidates: dict[str, tuple[Sequence[int], Sequence[float]]],
     for name, (ids, scores) in candidates.items():
         w = weights.get(name, 0.0)
         norm = minmax_normalize(np.asarray(scores))
-        for i, s in zip(ids, norm):
+        for i, s in zip(ids, norm, strict=False):
             fused[int(i)] = fused.get(int(i), 0.0) + w * float(s)
         if w == 0.0:
             for i in ids:
@@ -132,7 +132,7 @@ class ReferenceIndex:
         self.by_title: dict[str, list[int]] = {}
         self.compact_names: dict[str, tuple[str, str]] = {}
         self.by_article: dict[tuple[str, str], list[int]] = {}
-        for i, (title, art) in enumerate(zip(titles, articles)):
+        for i, (title, art) in enumerate(zip(titles, articles, strict=False)):
             self.by_title.setdefault(title, []).append(i)
             if art:
                 self.by_article.setdefault((title, art), []).append(i)

@@ -61,7 +61,7 @@ def hit_at_k(relevance: Sequence[Sequence[bool]], k: int) -> float:
 def recall_at_k(relevance: Sequence[Sequence[bool]], n_relevant: Sequence[int], k: int) -> float:
     """Mean over queries of (relevant hits in the first k) / (relevant chunks that exist, capped at k)."""
     vals = []
-    for r, n in zip(relevance, n_relevant):
+    for r, n in zip(relevance, n_relevant, strict=False):
         denom = min(max(n, 1), k)
         vals.append(min(sum(r[:k]), denom) / denom)
     return sum(vals) / len(vals) if vals else 0.0
@@ -83,7 +83,7 @@ def mrr_at_k(relevance: Sequence[Sequence[bool]], k: int) -> float:
 def evaluate_hits(queries: Sequence[LabelledQuery], hits: Sequence[Sequence[dict]],
                   n_relevant: Sequence[int] | None = None, ks: Sequence[int] = (1, 3, 5, 10)) -> dict:
     """Metrics for ranked hits (each a dict with source, text) against labelled queries."""
-    relevance = [[is_relevant(h["source"], h["text"], q) for h in hs] for q, hs in zip(queries, hits)]
+    relevance = [[is_relevant(h["source"], h["text"], q) for h in hs] for q, hs in zip(queries, hits, strict=False)]
     n_relevant = list(n_relevant) if n_relevant is not None else [max(1, sum(r)) for r in relevance]
     metrics = {}
     for k in ks:

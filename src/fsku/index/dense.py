@@ -302,7 +302,7 @@ class OnnxInt8Embedder:
         order = sorted(range(len(texts)), key=lambda i: -len(encs[i]))  # longest first balances threads
         with ThreadPoolExecutor(self.workers) as pool, \
                 tqdm(total=len(texts), desc=desc, unit="text", disable=not progress) as bar:
-            for i, vec in zip(order, pool.map(lambda j: self._embed_one(encs[j]), order)):
+            for i, vec in zip(order, pool.map(lambda j: self._embed_one(encs[j]), order), strict=False):
                 out[i] = vec
                 bar.update(1)
         return out
@@ -358,7 +358,7 @@ class EmbeddingCache:
         for shard in sorted(self.folder.glob("shard-*.npz")):
             try:
                 with np.load(shard) as z:
-                    self.store.update(zip(z["keys"].tolist(), z["vecs"]))
+                    self.store.update(zip(z["keys"].tolist(), z["vecs"], strict=False))
             except Exception as exc:  # a shard cut short by a crash is ignored, not fatal
                 log.warning("ignoring unreadable embedding cache shard %s: %s", shard, exc)
 
@@ -373,7 +373,7 @@ class EmbeddingCache:
         tmp = self.folder / f".tmp-{os.getpid()}.npz"
         np.savez(tmp, keys=np.array(keys), vecs=vecs.astype(np.float32))
         tmp.replace(self.folder / f"shard-{n:05d}-{os.getpid()}.npz")
-        self.store.update(zip(keys, vecs))
+        self.store.update(zip(keys, vecs, strict=False))
 
 
 def embed_with_cache(embedder: Embedder, texts: list[str], cache_dir: Optional[str],

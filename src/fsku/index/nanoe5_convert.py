@@ -74,7 +74,7 @@ def read_image(path: str | Path) -> E5Image:
     header["eps"] = c.take("<f")
     header["qk"] = c.take("<i")
     n_pieces = c.take("<i")
-    special = dict(zip(["bos", "eos", "pad", "unk"], c.take("<4i")))
+    special = dict(zip(["bos", "eos", "pad", "unk"], c.take("<4i"), strict=False))
     blob_len = c.take("<Q")
     offs = np.frombuffer(c.bytes(4 * (n_pieces + 1)), dtype="<u4")
     scores = np.frombuffer(c.bytes(4 * n_pieces), dtype="<f4").copy()
@@ -149,7 +149,7 @@ def build_tokenizer_json(img: E5Image) -> str:
     from tokenizers.models import Unigram
 
     sp = img.special
-    vocab = [(p, float(s)) for p, s in zip(img.pieces, img.scores)]
+    vocab = [(p, float(s)) for p, s in zip(img.pieces, img.scores, strict=False)]
     tok = Tokenizer(Unigram(vocab, unk_id=sp["unk"], byte_fallback=False))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" {2,}", " ")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=META, prepend_scheme="always")

@@ -65,7 +65,7 @@ class WordCachedTokenizer:
         words_per_text = [_WORD.findall(t) for t in texts]
         new = sorted({w for words in words_per_text for w in words if w not in self.cache})
         if new:
-            for word, toks in zip(new, self.analyse_words(new)):
+            for word, toks in zip(new, self.analyse_words(new), strict=False):
                 self.cache[word] = toks + _article_refs(word)
             self._dirty = True
         return [[tok for w in words for tok in self.cache[w]] for words in words_per_text]

@@ -33,7 +33,7 @@ def evaluate_retrieval(kb: KnowledgeBase, labels_path: str, cfg: RetrieveConfig)
     n_rel = count_relevant_chunks(queries, kb.chunks[["source", "text"]].to_dict("records"))
     result = evaluate_hits(queries, hit_dicts, n_rel, ks=sorted({1, 3, 5, cfg.top_k}))
     rows = []
-    for q, rel, hs in zip(queries, result["relevance"], hits):
+    for q, rel, hs in zip(queries, result["relevance"], hits, strict=False):
         first = next((i + 1 for i, r in enumerate(rel) if r), None)
         rows.append({"qid": q.qid, "question": q.question, "gold": q.gold_source, "first_relevant_rank": first,
                      "top1_path": hs[0].path if hs else "", "relevant_chunks": n_rel[len(rows)]})
