@@ -5,6 +5,7 @@
     fsku ingest --corpus DIR --out FILE.jsonl
     fsku eval-retrieval --kb DIR --labels FILE.jsonl [--top-k K] [--fusion ...] [--w-bm25 F]
     fsku prepare-models [--models-dir DIR]
+    fsku classify --input test.csv --out FILE.jsonl
 """
 from __future__ import annotations
 
@@ -119,6 +120,26 @@ def cmd_prepare_models(argv: list[str]) -> int:
     return 0
 
 
+def cmd_classify(argv: list[str]) -> int:
+    from collections import Counter
+
+    from .infer.classify import classify_question, read_questions_csv
+
+    p = argparse.ArgumentParser(prog="fsku classify", description="Multiple choice vs descriptive, with stem and options.")
+    p.add_argument("--input", required=True, type=Path, help="CSV with ID,Question columns (test.csv format)")
+    p.add_argument("--out", required=True, type=Path)
+    a = p.parse_args(argv)
+    rows = [classify_question(qid, text) for qid, text in read_questions_csv(a.input)]
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    with a.out.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row.to_record(), ensure_ascii=False) + "\n")
+    counts = Counter(r.question_type for r in rows)
+    low = [r.question_id for r in rows if r.confidence < 0.8]
+    print(f"{len(rows)} questions -> {a.out}: {dict(counts)}" + (f"; low confidence: {low[:10]}" if low else ""))
+    return 0
+
+
 def cmd_build_kb(argv: list[str]) -> int:
     from .steps.build_kb import cli
 
@@ -131,6 +152,7 @@ COMMANDS = {
     "ingest": cmd_ingest,
     "eval-retrieval": cmd_eval_retrieval,
     "prepare-models": cmd_prepare_models,
+    "classify": cmd_classify,
 }
 
 

@@ -1,0 +1,88 @@
+import json
+
+import pytest
+
+from fsku.cli import main as fsku_main
+from fsku.infer.classify import classify_question, read_questions_csv
+
+from conftest import needs_shared
+
+
+def test_competition_format():
+    q = classify_question("T1", "전자금융거래법 제14조에 따라 철회 시기는?\n1 임의로 결정\n2 약정에 따라\n3 거래 후\n4 즉시\n5 없음")
+    assert q.question_type == "multiple_choice" and q.confidence == 1.0
+    assert q.parsed_question == "전자금융거래법 제14조에 따라 철회 시기는?"
+    assert q.choices == {"1": "임의로 결정", "2": "약정에 따라", "3": "거래 후", "4": "즉시", "5": "없음"}
+    assert q.to_record() == {"ID": "T1", "question_type": "multiple_choice", "stem": q.parsed_question, "choices": q.choices}
+
+
+@pytest.mark.parametrize("options", [
+    "1. 가\n2. 나\n3. 다\n4. 라",
+    "1) 가\n2) 나\n3) 다\n4) 라",
+    "(1) 가\n(2) 나\n(3) 다\n(4) 라",
+    "① 가\n② 나\n③ 다\n④ 라",
+    "① 가 ② 나 ③ 다 ④ 라",
+    "(1) 가 (2) 나 (3) 다 (4) 라",
+])
+def test_other_marker_styles(options):
+    q = classify_question("x", "다음 중 옳은 것은?\n" + options)
+    assert q.question_type == "multiple_choice"
+    assert q.choices == {"1": "가", "2": "나", "3": "다", "4": "라"}
+    assert q.parsed_question == "다음 중 옳은 것은?"
+
+
+def test_numbers_inside_the_stem_are_not_options():
+    stem = "다음 보기를 읽고 답하시오.\n1. 제14조에 따른 철회\n2. 1,000명 이상의 이용자\n3. 3억원 이하의 과태료\n다음 중 옳은 것을 모두 고른 것은?"
+    q = classify_question("x", stem + "\n1 1, 2\n2 2, 3\n3 1, 3\n4 1, 2, 3")
+    assert q.question_type == "multiple_choice"
+    assert q.parsed_question == stem
+    assert q.choices["4"] == "1, 2, 3"
+    for text in ("제14조의 취지를 설명하세요.", "1,000명 이상 이용자를 보유한 사업자의 의무를 서술하시오.",
+                 "3억원 이하 과태료 규정의 목적은?"):
+        assert classify_question("d", text).question_type == "descriptive"
+
+
+def test_a_descriptive_question_ending_in_a_numbered_list_stays_descriptive():
+    q = classify_question("d", "아래 두 가지 통제를 비교하여 서술하시오.\n1. 관리적 보호조치\n2. 기술적 보호조치")
+    assert q.question_type == "descriptive" and q.choices == {}
+
+
+def test_empty_question_is_an_error():
+    with pytest.raises(ValueError, match="empty question"):
+        classify_question("x", "  ")
+
+
+def test_classify_command_and_csv_errors(tmp_path):
+    csv_path = tmp_path / "test.csv"
+    csv_path.write_text('ID,Question\nTEST_000,"보안책임자는?\n1 임원\n2 직원\n3 외부인\n4 없음"\nTEST_001,망분리의 목적을 설명하세요.\n',
+                        encoding="utf-8-sig")
+    out = tmp_path / "c.jsonl"
+    assert fsku_main(["classify", "--input", str(csv_path), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["question_type"] for r in rows] == ["multiple_choice", "descriptive"]
+    assert rows[0]["choices"]["1"] == "임원" and rows[1]["choices"] == {}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,text\n1,x\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['ID', 'Question'\]"):
+        read_questions_csv(bad)
+    bad.write_text('ID,Question\nA,ok\nB,\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="row 3 has an empty ID or Question"):
+        read_questions_csv(bad)
+
+
+def test_fsku_dev_sets_classify_correctly():
+    import pandas as pd
+
+    mcq = pd.read_csv(needs_shared("fsku-benchmark", "mcq_dev.csv"))
+    desc = pd.read_csv(needs_shared("fsku-benchmark", "descriptive_dev.csv"))
+    parsed = [classify_question(str(i), q) for i, q in enumerate(mcq["Question"])]
+    assert all(p.question_type == "multiple_choice" and len(p.choices) in (4, 5) for p in parsed)
+    assert all(p.parsed_question and "\n1 " not in p.parsed_question for p in parsed)
+    assert all(classify_question(str(i), q).question_type == "descriptive" for i, q in enumerate(desc["Question"]))
+
+
+def test_retrieval_dev_questions_split_into_63_mcq_and_2_descriptive():
+    rows = [json.loads(line) for line in needs_shared("fsku-benchmark", "retrieval_dev.jsonl").read_text(encoding="utf-8").splitlines()]
+    kinds = [classify_question(r["qid"], r["question"]) for r in rows]
+    assert sum(k.question_type == "multiple_choice" for k in kinds) == 63
+    assert all((k.question_type == "multiple_choice") == str(r.get("answer", "")).isdigit() for k, r in zip(kinds, rows))
