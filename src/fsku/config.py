@@ -88,7 +88,92 @@ class RetrieveConfig:
         _check(self.w_law >= 0 and self.w_article >= 0, "w_law and w_article must be >= 0")
 
 
-STAGE_CONFIGS = {"build_kb": BuildKBConfig, "retrieve": RetrieveConfig}
+DEBIAS_METHODS = ("none", "rotate", "calibrate", "rotate+calibrate")
+CONTEXT_MODES = ("none", "always", "gated")
+
+
+@dataclass
+class InferConfig:
+    """predict / evaluate: answer test.csv with one LLM (+ optional gated retrieval) into submission.csv."""
+
+    model: str = field(default="offline:qwen2.5-coder-1.5b-instruct", metadata={"help": "LLM: hub id, local folder, .gguf file, or offline:<name> (the pinned GGUF packages; `make llm-models`)."})
+    backend: str = field(default="auto", metadata={"help": "LLM backend: auto (vLLM on CUDA when installed, else transformers), transformers, vllm."})
+    dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N] (transformers backend)."})
+    max_model_len: int = field(default=4096, metadata={"help": "Longest prompt + answer in tokens."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass (option orders, generation prompts)."})
+    kb: Optional[str] = field(default="outputs/kb", metadata={"help": "Knowledge-base folder; None or '' answers without retrieval."})
+    context: str = field(default="gated", metadata={"help": "none, always (top_k passages), or gated (only passages whose relevance passes gate_threshold)."})
+    top_k: int = field(default=3, metadata={"help": "Passages retrieved per question."})
+    gate_signal: str = field(default="dense", metadata={"help": "Relevance used by the gate: dense (embedding cosine, comparable across questions) or bm25 (BM25 score per distinct query term)."})
+    gate_threshold: float = field(default=0.90, metadata={"help": "A passage enters the prompt only when its gate signal is >= this (e5-small cosine scale for dense)."})
+    context_tokens: int = field(default=900, metadata={"help": "Token budget for all context passages (LLM tokens)."})
+    passage_tokens: int = field(default=450, metadata={"help": "Token cap per passage."})
+    debias: str = field(default="rotate", metadata={"help": "Multiple-choice debiasing: none, rotate (average over cyclic option orders), calibrate (divide by a content-free prompt's probabilities), rotate+calibrate."})
+    rotations: int = field(default=0, metadata={"help": "Cyclic option orders to average (0 = all n; 1 = original order only)."})
+    self_consistency: int = field(default=0, metadata={"help": "Multiple choice: k sampled reasoning paths voted by majority (0 = off; ties go to option scores)."})
+    sc_temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the self-consistency paths."})
+    sc_max_new_tokens: int = field(default=256, metadata={"help": "Token cap per reasoning path."})
+    max_new_tokens: int = field(default=160, metadata={"help": "Token cap of a descriptive answer."})
+    temperature: float = field(default=0.0, metadata={"help": "Descriptive sampling temperature (0 = greedy)."})
+    time_limit_s: float = field(default=120.0, metadata={"help": "Per-question time limit; past it the question gets the fallback (same model, no context, one option order)."})
+    breaker_failures: int = field(default=3, metadata={"help": "Consecutive failures that open the circuit breaker (primary path skipped)."})
+    breaker_cooldown: int = field(default=10, metadata={"help": "Questions answered by the fallback while the breaker is open before one half-open trial."})
+    time_budget_min: float = field(default=270.0, metadata={"help": "Whole-run budget; when the projected time exceeds it, remaining questions use the fast path."})
+    cache_dir: str = field(default=".cache/answers", metadata={"help": "diskcache folder for retrieval results and answers ('' disables caching)."})
+    seed: int = field(default=0, metadata={"help": "Random seed for sampling."})
+
+    def __post_init__(self):
+        _check(self.backend in ("auto", "transformers", "vllm"), f"backend must be auto|transformers|vllm, got {self.backend!r}")
+        _check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
+        _check(self.max_model_len >= 256, "max_model_len must be >= 256")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.context in CONTEXT_MODES, f"context must be one of {CONTEXT_MODES}, got {self.context!r}")
+        _check(self.top_k >= 1, "top_k must be >= 1")
+        _check(self.gate_signal in ("dense", "bm25"), f"gate_signal must be dense or bm25, got {self.gate_signal!r}")
+        _check(self.context_tokens >= 32 and self.passage_tokens >= 16, "context_tokens must be >= 32 and passage_tokens >= 16")
+        _check(self.debias in DEBIAS_METHODS, f"debias must be one of {DEBIAS_METHODS}, got {self.debias!r}")
+        _check(self.rotations >= 0, "rotations must be >= 0")
+        _check(self.self_consistency >= 0, "self_consistency must be >= 0")
+        _check(self.sc_temperature > 0, "sc_temperature must be > 0")
+        _check(self.sc_max_new_tokens >= 1 and self.max_new_tokens >= 1, "token caps must be >= 1")
+        _check(self.temperature >= 0, "temperature must be >= 0")
+        _check(self.time_limit_s > 0, "time_limit_s must be > 0")
+        _check(self.breaker_failures >= 1 and self.breaker_cooldown >= 1, "breaker_failures and breaker_cooldown must be >= 1")
+        _check(self.time_budget_min > 0, "time_budget_min must be > 0")
+
+    @property
+    def use_context(self) -> bool:
+        return bool(self.kb) and self.context != "none"
+
+
+@dataclass
+class PredictConfig(InferConfig):
+    """predict: test.csv -> submission.csv."""
+
+    input: str = field(default="evaluation/sample_test.csv", metadata={"help": "test.csv with ID,Question (UTF-8 with or without BOM; cp949 accepted with a warning)."})
+    out: str = field(default="outputs/submission.csv", metadata={"help": "submission.csv to write (ID,Answer; UTF-8 with BOM); partial results go to <out>.partial.jsonl."})
+    restart: bool = field(default=False, metadata={"help": "Discard partial results of an earlier run instead of resuming."})
+
+
+@dataclass
+class EvaluateConfig(InferConfig):
+    """evaluate: predict on labelled sets, then the official FSKU score, text and retrieval metrics."""
+
+    gold: str = field(default="evaluation/sample_qa.csv", metadata={"help": "Labelled set(s), comma-separated: CSV (ID?,Question,Answer,Keyword?,Domain?,Sub_domain?) or retrieval_dev-style JSONL."})
+    out_dir: str = field(default="outputs/evaluate", metadata={"help": "Folder for test.csv, submission.csv, partial results and per-question records."})
+    scorer_embedding: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Embedder of the metric's cosine part (organiser: paraphrase-multilingual-MiniLM-L12-v2)."})
+    retrieval_labels: Optional[str] = field(default=None, metadata={"help": "Retrieval labels JSONL (source/law + evidence) for hit@k on the KB; default: the gold JSONL files that carry them."})
+    projected_questions: int = field(default=515, metadata={"help": "Question count for the projected total time (the competition has 515)."})
+    restart: bool = field(default=False, metadata={"help": "Discard partial results of an earlier evaluate run in out_dir."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(bool(self.gold.strip()), "gold must name at least one labelled file")
+        _check(self.projected_questions >= 1, "projected_questions must be >= 1")
+
+
+STAGE_CONFIGS = {"build_kb": BuildKBConfig, "retrieve": RetrieveConfig, "predict": PredictConfig, "evaluate": EvaluateConfig}
 
 
 def config_from_dict(cls, values: dict[str, Any], source: str = "<dict>"):

@@ -214,8 +214,9 @@ class KnowledgeBase:
         results = []
         for qi in range(len(questions)):
             cands: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+            bm25_all = self.bm25.scores(q_tokens[qi]) if use_bm25 else None
             if use_bm25:
-                cands["bm25"] = top_candidates(self.bm25.scores(q_tokens[qi]), k_cand)
+                cands["bm25"] = top_candidates(bm25_all, k_cand)
             if use_dense:
                 sims, ids = self.faiss_index.search(q_vecs[qi:qi + 1], k_cand)
                 keep = ids[0] >= 0
@@ -234,8 +235,12 @@ class KnowledgeBase:
                     # the law prior re-ranks candidates; a cited article may also enter the candidates
                     if i in fused or p > cfg.w_law:
                         fused[i] = fused.get(i, 0.0) + prior_scale * p
+            raw = {name: dict(zip(ids.tolist(), scores.tolist(), strict=True)) for name, (ids, scores) in cands.items()}
+            dense_floor = float(cands["dense"][1].min()) if use_dense and len(cands["dense"][1]) else None
             hits = []
             for rank, (i, score) in enumerate(rank_fused(fused, cfg.top_k), start=1):
-                hits.append(Hit(self._ids[i], self._texts[i], float(score), self._sources[i], method, self._paths[i], rank))
+                hits.append(Hit(self._ids[i], self._texts[i], float(score), self._sources[i], method, self._paths[i], rank,
+                                dense=raw.get("dense", {}).get(i, dense_floor),
+                                bm25=float(bm25_all[i]) if bm25_all is not None else None))
             results.append(hits)
         return results

@@ -24,10 +24,14 @@ class Hit:
     method: str
     path: str = ""
     rank: int = 0
+    # raw retriever scores, comparable across questions (the fused score is not): the dense cosine
+    # (for a chunk outside the dense candidates, the lowest candidate cosine, an upper bound) and BM25
+    dense: Optional[float] = None
+    bm25: Optional[float] = None
 
     def to_dict(self) -> dict:
         return {"chunk_id": self.chunk_id, "source": self.source, "text": self.text, "score": self.score,
-                "path": self.path, "method": self.method, "rank": self.rank}
+                "path": self.path, "method": self.method, "rank": self.rank, "dense": self.dense, "bm25": self.bm25}
 
 
 def minmax_normalize(scores: np.ndarray) -> np.ndarray:

@@ -8,8 +8,11 @@ never taken for options.
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import asdict, dataclass, field
+
+log = logging.getLogger(__name__)
 
 CIRCLED = "①②③④⑤⑥⑦⑧⑨"
 
@@ -109,6 +112,8 @@ def classify_question(question_id: str, text: str) -> ClassifiedQuestion:
         raise ValueError(f"question {question_id!r}: empty question text")
     lines = text.strip().replace("\r\n", "\n").split("\n")
     block = _trailing_option_block(lines)
+    if block and block[0] == 0 and len(block[1]) >= 3:
+        raise ValueError(f"question {question_id!r}: options ({len(block[1])} lines '1 ...') but no question stem before them")
     if block and block[0] > 0:
         start, options, style = block
         stem = "\n".join(lines[:start]).strip()
@@ -135,7 +140,19 @@ def read_questions_csv(path) -> list[tuple[str, str]]:
     from pathlib import Path
 
     path = Path(path)
-    with path.open(encoding="utf-8-sig", newline="") as fh:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        # documented handling: Korean CSVs saved by Excel are often cp949; accept them, loudly
+        try:
+            text = raw.decode("cp949")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 (with or without BOM) nor cp949 text") from None
+        log.warning("%s: read as cp949 (not UTF-8)", path)
+    import io
+
+    with io.StringIO(text, newline="") as fh:
         reader = csv.DictReader(fh)
         missing = {"ID", "Question"} - set(reader.fieldnames or [])
         if missing:
@@ -145,6 +162,14 @@ def read_questions_csv(path) -> list[tuple[str, str]]:
             if not (row.get("ID") or "").strip() or not (row.get("Question") or "").strip():
                 raise ValueError(f"{path}: row {lineno} has an empty ID or Question")
             rows.append((row["ID"].strip(), row["Question"]))
+    ids = [r[0] for r in rows]
+    if len(set(ids)) != len(ids):
+        seen, dup = set(), []
+        for lineno, i in enumerate(ids, start=2):
+            if i in seen:
+                dup.append(f"{i!r} (row {lineno})")
+            seen.add(i)
+        raise ValueError(f"{path}: duplicate IDs {', '.join(dup[:5])}; every ID must appear once")
     if not rows:
         raise ValueError(f"{path}: no questions")
     return rows

@@ -1,0 +1,142 @@
+"""Multiple-choice accuracy and seconds per question of a real LLM on the FSKU dev sets, for every
+context mode (none / always / gated) and debiasing method, in one run.
+
+    python benchmarks/bench_answering.py --model offline:qwen2.5-coder-1.5b-instruct --kb outputs/lawkb
+
+Sets: mcq_dev.csv (48 questions from security guides: retrieval must not hurt) and the 63 statute
+MCQs of retrieval_dev.jsonl (retrieval should help). The label log-probs of every option order are
+computed once per (question, context) and every debiasing method is derived from them: raw = the
+original order alone; rotate = mean over the n cyclic orders; calibrate = contextual calibration of
+the original order; rotate+calibrate. Gated context reuses the always-on result when the gate keeps
+every passage (identical prompt). Seconds per question are measured per computed prompt.
+Writes per-question JSONL (resumable) and prints the table; --json writes the summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from fsku.config import InferConfig  # noqa: E402
+from fsku.infer import options as opt  # noqa: E402
+from fsku.infer.answer import Answerer  # noqa: E402
+from fsku.infer.classify import classify_question  # noqa: E402
+from fsku.kb import KnowledgeBase  # noqa: E402
+from fsku.llm import load_llm  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsku-benchmark"
+METHODS = ("raw", "rotate", "calibrate", "rotate+calibrate")
+
+
+def load_sets(data: Path) -> dict[str, list[tuple[str, str, int]]]:
+    mcq = pd.read_csv(data / "mcq_dev.csv")
+    sets = {"mcq_dev": [(f"mcq_dev-{i:03d}", q, int(str(a).strip()[0])) for i, (q, a) in enumerate(zip(mcq.Question, mcq.Answer))]}
+    law = [json.loads(line) for line in (data / "retrieval_dev.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    sets["statute63"] = [(r["qid"], r["question"], int(r["answer"])) for r in law if str(r.get("answer", "")).isdigit()]
+    return sets
+
+
+def derive(display: np.ndarray, orders, cf: np.ndarray) -> dict[str, int]:
+    """1-based choice per debiasing method from the per-order display log-probs."""
+    out = {"raw": int(np.argmax(display[0])) + 1,
+           "rotate": int(np.argmax(opt.aggregate_orders(display, orders))) + 1,
+           "calibrate": int(np.argmax(opt.calibrate(display[0], cf))) + 1}
+    cal = np.stack([opt.calibrate(row, cf) for row in display])
+    out["rotate+calibrate"] = int(np.argmax(opt.aggregate_orders(cal, orders))) + 1
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--kb", required=True, help="KB built from the statutes (fsku build-kb --corpus ../shared/data/law-pdf)")
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--sets", default="mcq_dev,statute63")
+    ap.add_argument("--limit", type=int, default=0, help="first N questions per set (0 = all)")
+    ap.add_argument("--out", type=Path, default=Path("outputs/bench_answering"))
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--dtype", default="auto")
+    for f in ("top_k", "gate_threshold", "context_tokens", "passage_tokens"):
+        ap.add_argument("--" + f.replace("_", "-"), type=type(getattr(InferConfig, f)), default=getattr(InferConfig, f))
+    a = ap.parse_args()
+    if not a.data.exists():
+        print(f"skipped: {a.data} not found (needs ../shared/data)")
+        return 0
+    cfg = InferConfig(model=a.model, kb=a.kb, top_k=a.top_k, gate_threshold=a.gate_threshold,
+                      context_tokens=a.context_tokens, passage_tokens=a.passage_tokens, dtype=a.dtype)
+    t0 = time.perf_counter()
+    llm = load_llm(a.model, backend="transformers", dtype=a.dtype)
+    load_s = time.perf_counter() - t0
+    kb = KnowledgeBase.load(a.kb)
+    answerer = Answerer(llm, cfg, kb)
+    sets = load_sets(a.data)
+    a.out.mkdir(parents=True, exist_ok=True)
+    tag = Path(a.model).name.replace(":", "_")
+    summary: dict = {"model": a.model, "load_s": load_s, "gate_threshold": a.gate_threshold, "sets": {}}
+    for set_name in a.sets.split(","):
+        rows = sets[set_name][: a.limit or None]
+        log_path = a.out / f"{tag}.{set_name}.jsonl"
+        done = {}
+        if log_path.exists():
+            for line in log_path.read_text(encoding="utf-8").splitlines():
+                rec = json.loads(line)
+                done[rec["ID"]] = rec
+        with log_path.open("a", encoding="utf-8") as fh:
+            for i, (qid, text, gold) in enumerate(rows):
+                if qid in done:
+                    continue
+                q = classify_question(qid, text)
+                n = len(q.choices)
+                orders = opt.cyclic_orders(n)
+                cf = answerer.content_free_logp(n)
+                (hits, terms), = answerer.retrieve([q.parsed_question])
+                rec = {"ID": qid, "gold": gold, "n_hits": len(hits),
+                       "gate_dense": [h.dense for h in hits], "choices": {}, "seconds": {}, "n_context": {}}
+                computed: dict[str, tuple] = {}
+                for mode in ("none", "always", "gated"):
+                    mcfg = InferConfig(**{**cfg.__dict__, "context": mode})
+                    answerer.cfg = mcfg
+                    context, n_ctx = answerer.context_text(hits, terms)
+                    if context in computed:
+                        display, secs = computed[context]
+                    else:
+                        t = time.perf_counter()
+                        display = answerer.display_logprobs(q, context, orders)
+                        secs = time.perf_counter() - t
+                        computed[context] = (display, secs)
+                    rec["choices"][mode] = derive(display, orders, cf)
+                    rec["seconds"][mode] = round(secs, 3)
+                    rec["n_context"][mode] = n_ctx
+                answerer.cfg = cfg
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                fh.flush()
+                done[qid] = rec
+                print(f"{set_name} {i + 1}/{len(rows)} {qid} gold {gold} "
+                      + " ".join(f"{m}:{rec['choices'][m]['rotate']}" for m in rec["choices"]), flush=True)
+        recs = [done[qid] for qid, _, _ in rows]
+        table = {}
+        for mode in ("none", "always", "gated"):
+            table[mode] = {m: float(np.mean([r["choices"][mode][m] == r["gold"] for r in recs])) for m in METHODS}
+            table[mode]["s_per_q_all_orders"] = float(np.mean([r["seconds"][mode] for r in recs]))
+            table[mode]["context_rate"] = float(np.mean([r["n_context"][mode] > 0 for r in recs]))
+        summary["sets"][set_name] = {"n": len(recs), "table": table}
+    print(f"\nmodel {a.model} (load {load_s:.1f} s); gate: dense cosine >= {a.gate_threshold}; top_k {a.top_k}")
+    for set_name, s in summary["sets"].items():
+        print(f"\n{set_name} (n={s['n']})   " + "  ".join(f"{m:>16}" for m in METHODS) + "   s/q(n orders)  ctx-rate")
+        for mode, row in s["table"].items():
+            print(f"  context={mode:<7}" + "  ".join(f"{row[m]:16.3f}" for m in METHODS)
+                  + f"   {row['s_per_q_all_orders']:12.2f}  {row['context_rate']:8.2f}")
+    if a.json:
+        a.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Korean prompts per question type. The version is part of every cache key: edit a template,
+bump PROMPT_VERSION. Multiple-choice prompts split into a shared prefix (system, context, stem)
+and a suffix (the options in one order, the instruction) so that option orders share one encoding."""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+PROMPT_VERSION = "2026-11-24.1"
+SPLIT = "\u2063FSKU_SPLIT\u2063"  # an invisible sentinel, removed before tokenisation
+
+SYSTEM = ("당신은 한국의 금융보안·정보보호 법령과 가이드라인에 정통한 전문가입니다. "
+          "질문에 정확하고 간결하게 답합니다.")
+MC_INSTRUCTION = "위 선택지 중 정답의 번호 하나만 숫자로 답하세요."
+MC_REASONING_INSTRUCTION = "단계적으로 간단히 생각한 뒤, 마지막 줄에 '정답: 번호' 형식으로 답하세요."
+DESC_INSTRUCTION = ("핵심 용어(법령·제도·기술 용어)를 정확히 사용하여 2~4문장의 한국어로 답하세요. "
+                    "질문을 반복하지 말고 답만 쓰세요.")
+CONTEXT_HEADER = "다음 참고 자료가 질문과 관련이 있으면 활용하세요."
+CONTENT_FREE = "N/A"
+
+
+def format_context(passages: Sequence[dict]) -> str:
+    """Passages as numbered blocks; each shows its source file and its heading path/article."""
+    blocks = []
+    for i, p in enumerate(passages, start=1):
+        source = str(p.get("source", "")).rsplit("/", 1)[-1]
+        blocks.append(f"[자료 {i}] (출처: {source})\n{p['text'].strip()}")
+    return CONTEXT_HEADER + "\n\n" + "\n\n".join(blocks)
+
+
+def _user_prefix(stem: str, context: str) -> str:
+    parts = [context] if context else []
+    parts.append(f"문제: {stem.strip()}")
+    return "\n\n".join(parts) + "\n\n"
+
+
+def mc_messages(stem: str, options: Sequence[str], context: str = "", reasoning: bool = False) -> list[dict]:
+    """Chat messages for a multiple-choice question; the user turn holds SPLIT before the options."""
+    lines = "\n".join(f"{j} {text}" for j, text in enumerate(options, start=1))
+    instruction = MC_REASONING_INSTRUCTION if reasoning else MC_INSTRUCTION
+    user = _user_prefix(stem, context) + SPLIT + f"선택지:\n{lines}\n\n{instruction}"
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+def split_rendered(rendered: str) -> tuple[str, str]:
+    if rendered.count(SPLIT) != 1:
+        raise ValueError("rendered chat must contain the split sentinel exactly once")
+    prefix, suffix = rendered.split(SPLIT)
+    return prefix, suffix
+
+
+def desc_messages(question: str, context: str = "") -> list[dict]:
+    user = (context + "\n\n" if context else "") + f"질문: {question.strip()}\n\n{DESC_INSTRUCTION}"
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+_LEADS = re.compile(r"^\s*(?:답변|답|정답|응답|A|Answer)\s*[:：]\s*", re.IGNORECASE)
+_CHAT_TOKENS = re.compile(r"<\|[^|>]{1,40}\|>|</?s>|\[/?INST\]|###\s*(?:assistant|user|system)", re.IGNORECASE)
+
+
+def clean_answer(text: str, question: str = "", truncated: bool = False) -> str:
+    """A descriptive answer without chat tokens, role labels, an echoed question or a cut-off tail."""
+    text = _CHAT_TOKENS.sub(" ", text or "")
+    # a model that starts a new turn: keep only the first
+    text = re.split(r"\n\s*(?:user|system|assistant|질문)\s*[:：\n]", text, maxsplit=1)[0]
+    text = _LEADS.sub("", text.strip())
+    q = question.strip()
+    if q and text.startswith(q):
+        text = _LEADS.sub("", text[len(q):].lstrip(" \n:?"))
+    text = re.sub(r"[ \t]+", " ", text)
+    text = re.sub(r"\n{2,}", "\n", text).strip()
+    if truncated:
+        # drop an unfinished last sentence when at least one finished sentence precedes it
+        ends = [m.end() for m in re.finditer(r"(?:다|요|음|함|임)?[.!?。](?=\s|$)", text)]
+        if ends and ends[-1] < len(text):
+            text = text[:ends[-1]].strip()
+    return text

