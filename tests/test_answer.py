@@ -1,0 +1,73 @@
+"""Answering: the relevance gate, the context budget, debiasing paths and self-consistency (tiny model);
+a real offline Qwen model when `make llm-models` has prepared it."""
+import dataclasses
+
+import pytest
+
+from fsku.config import InferConfig
+from fsku.infer.answer import Answerer, gate_passages
+from fsku.infer.classify import classify_question
+from fsku.retrieve import Hit
+
+from conftest import ROOT
+
+Q = classify_question("Q1", "보안사고를 알게 된 금융회사등은 언제까지 보고하여야 하는가?\n1 즉시\n2 24시간 이내\n3 7일 이내\n4 30일 이내")
+
+
+def _hit(i, dense, bm25=None, text="제5조(보안사고의 보고) 금융회사등은 24시간 이내에 보고하여야 한다. " * 3):
+    return Hit(f"c{i}", text, 1.0, "law.pdf", "hybrid", "법 › 제5조", i + 1, dense=dense, bm25=bm25)
+
+
+def test_gate_keeps_only_relevant_passages():
+    hits = [_hit(0, 0.93, 9.0), _hit(1, 0.89, 2.0), _hit(2, None, None)]
+    cfg = InferConfig(kb="x", context="gated", gate_threshold=0.9)
+    assert [h.chunk_id for h in gate_passages(hits, cfg)] == ["c0"]
+    assert gate_passages(hits, dataclasses.replace(cfg, context="always")) == hits
+    assert gate_passages(hits, dataclasses.replace(cfg, context="none")) == []
+    bm = dataclasses.replace(cfg, gate_signal="bm25", gate_threshold=1.5)
+    assert [h.chunk_id for h in gate_passages(hits, bm, query_terms=4)] == ["c0"]  # 9/4 >= 1.5 > 2/4
+    assert gate_passages(hits, dataclasses.replace(cfg, gate_threshold=0.99)) == []
+
+
+def test_context_respects_the_token_budget(tiny_llm):
+    cfg = InferConfig(kb="x", context="always", context_tokens=60, passage_tokens=40)
+    text, n = Answerer(tiny_llm, cfg).context_text([_hit(0, 0.95), _hit(1, 0.95), _hit(2, 0.95)])
+    assert n == 2  # 40 + the 20 left; a third passage does not fit
+    body = text.split("\n\n", 1)[1]
+    assert "[자료 1] (출처: law.pdf)" in body and "[자료 3]" not in body
+
+
+@pytest.mark.parametrize("debias", ["none", "rotate", "calibrate", "rotate+calibrate"])
+def test_every_debias_method_gives_a_valid_option(tiny_llm, debias):
+    cfg = InferConfig(kb=None, context="none", debias=debias, rotations=2)
+    a = Answerer(tiny_llm, cfg).answer(Q, [])
+    assert a.answer in {"1", "2", "3", "4"} and 0 < a.confidence <= 1 and len(a.scores) == 4
+    assert a.raw_choice in {1, 2, 3, 4} and not a.used_fallback
+
+
+def test_self_consistency_votes_over_sampled_paths(tiny_llm):
+    cfg = InferConfig(kb=None, context="none", self_consistency=3, sc_max_new_tokens=6)
+    a = Answerer(tiny_llm, cfg).answer(Q, [])
+    assert a.answer in {"1", "2", "3", "4"}
+    assert a.confidence in (0.0, 1 / 3, 2 / 3, 1.0)  # a vote share (0: no path named an option)
+
+
+def test_fallback_asks_the_same_model_without_context(tiny_llm):
+    cfg = InferConfig(kb="x", context="always", debias="rotate")
+    a = Answerer(tiny_llm, cfg).answer(Q, [_hit(0, 0.95)], fast=True)
+    assert a.used_fallback and a.n_context == 0 and a.answer in {"1", "2", "3", "4"}
+
+
+REAL = ROOT / "models" / "qwen2.5-coder-0.5b-instruct"
+
+
+@pytest.mark.skipif(not (REAL / "config.json").exists(), reason="real offline model absent (make llm-models)")
+def test_real_offline_qwen_answers_through_the_backend_layer():
+    from fsku.llm import load_llm
+
+    llm = load_llm(str(REAL), backend="transformers")
+    a = Answerer(llm, InferConfig(kb=None, context="none", max_new_tokens=24)).answer(Q, [])
+    assert a.answer in {"1", "2", "3", "4"}
+    d = Answerer(llm, InferConfig(kb=None, context="none", max_new_tokens=24)).answer(
+        classify_question("D1", "일회용 비밀번호(OTP)를 설명하세요."), [])
+    assert d.answer and "<|im_end|>" not in d.answer
