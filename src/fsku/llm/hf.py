@@ -57,6 +57,18 @@ class TransformersBackend(LLMBackend):
         log.info("loaded %s on %s (%s, %.2fB parameters)", model, self.device, self.dtype,
                  sum(p.numel() for p in self.model.parameters()) / 1e9)
 
+    def fingerprint(self) -> str:
+        """Backend, model, dtype and, for a local folder, its weights' identity (size and mtime), so
+        that caches notice a model rebuilt at the same path."""
+        from pathlib import Path
+
+        from ..infer.cache import digest
+
+        folder = Path(self.model_id)
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + [folder / "config.json"]
+        ident = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.exists()]
+        return f"{self.name}:{self.model_id}:{self.dtype}:{digest(ident, 12) if ident else 'hub'}"
+
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

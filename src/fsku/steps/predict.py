@@ -35,8 +35,15 @@ def predict_cli(argv: list[str]) -> int:
     from ..infer.predict import predict
 
     a = predict_parser().parse_args(argv)
+    import dataclasses
+
+    from .. import tracking
+
     cfg = config_from_namespace(a, PredictConfig, optional_str=("kb", "cache_dir"))
-    result = predict(cfg, cfg.input, cfg.out, restart=cfg.restart, progress=not a.no_progress)
+    with tracking.run("predict", dataclasses.asdict(cfg), tags={"fsku.model": cfg.model, "fsku.context": cfg.context}):
+        result = predict(cfg, cfg.input, cfg.out, restart=cfg.restart, progress=not a.no_progress)
+        tracking.log_metrics({k: v for k, v in result.stats.items() if isinstance(v, (int, float))})
+        tracking.log_artifact(result.submission, "submission")
     if a.records:
         a.records.parent.mkdir(parents=True, exist_ok=True)
         a.records.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records), encoding="utf-8")
