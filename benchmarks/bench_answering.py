@@ -103,7 +103,8 @@ def main() -> int:
                 for mode in ("none", "always", "gated"):
                     mcfg = InferConfig(**{**cfg.__dict__, "context": mode})
                     answerer.cfg = mcfg
-                    context, n_ctx = answerer.context_text(hits, terms)
+                    context, ctx_ids = answerer.context_text(hits, terms)
+                    n_ctx = len(ctx_ids)
                     if context in computed:
                         display, secs = computed[context]
                     else:

@@ -31,8 +31,8 @@ def test_gate_keeps_only_relevant_passages():
 
 def test_context_respects_the_token_budget(tiny_llm):
     cfg = InferConfig(kb="x", context="always", context_tokens=60, passage_tokens=40)
-    text, n = Answerer(tiny_llm, cfg).context_text([_hit(0, 0.95), _hit(1, 0.95), _hit(2, 0.95)])
-    assert n == 2  # 40 + the 20 left; a third passage does not fit
+    text, ids = Answerer(tiny_llm, cfg).context_text([_hit(0, 0.95), _hit(1, 0.95), _hit(2, 0.95)])
+    assert ids == ["c0", "c1"]  # 40 + the 20 left; a third passage does not fit
     body = text.split("\n\n", 1)[1]
     assert "[자료 1] (출처: law.pdf)" in body and "[자료 3]" not in body
 

@@ -16,7 +16,8 @@ SAMPLE_QA = ROOT / "evaluation" / "sample_qa.csv"
 def test_evaluate_logs_score_parts_plots_and_table(tiny_models, tiny_llm, sample_kb, tmp_path, e5_model_dir):
     kb, _, _ = sample_kb
     cfg = EvaluateConfig(model=str(tiny_models["teacher"]), kb=str(kb.folder), gold=str(SAMPLE_QA), out_dir=str(tmp_path / "ev"),
-                         max_new_tokens=8, cache_dir="", scorer_embedding=e5_model_dir, context="gated")
+                         max_new_tokens=8, cache_dir="", scorer_embedding=e5_model_dir, context="gated",
+                         judge_model="same", judge_rows=2)
     res = evaluate(cfg, progress=False, llm=tiny_llm, kb=kb)
     m = res["metrics"]
     assert m["n_multiple_choice"] == 8 and m["n_descriptive"] == 4
@@ -24,6 +25,8 @@ def test_evaluate_logs_score_parts_plots_and_table(tiny_models, tiny_llm, sample
     assert abs(m["fsku_score"] - (0.5 * m["mc_accuracy"] + 0.5 * m["descriptive_score"])) < 1e-9
     assert m["latency_p95_s"] >= m["latency_p50_s"] > 0 and m["projected_minutes"] > 0
     assert m["rouge_l"] is not None and "score_domain/금융보안법률" in m
+    assert m["rag_judge_rows"] == 2 and m["rag_context_precision_rows"] == 2  # the sample KB answers every query
+    assert 0 <= m["rag_context_recall"] <= 1 and 0 <= m["rag_answer_relevancy"] <= 1
     run = mlflow.get_run(res["run_id"])
     assert run.data.metrics["fsku_score"] == m["fsku_score"]
     assert run.data.params["context"] == "gated"

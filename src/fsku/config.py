@@ -166,10 +166,13 @@ class EvaluateConfig(InferConfig):
     retrieval_labels: Optional[str] = field(default=None, metadata={"help": "Retrieval labels JSONL (source/law + evidence) for hit@k on the KB; default: the gold JSONL files that carry them."})
     projected_questions: int = field(default=515, metadata={"help": "Question count for the projected total time (the competition has 515)."})
     restart: bool = field(default=False, metadata={"help": "Discard partial results of an earlier evaluate run in out_dir."})
+    judge_model: Optional[str] = field(default=None, metadata={"help": "Local judge LLM for the RAG metrics (faithfulness, answer relevancy, context precision/recall): hub id, folder, .gguf, offline:<name>, or 'same' (the answering model); None skips them."})
+    judge_rows: int = field(default=20, metadata={"help": "Descriptive rows judged for the RAG metrics (each costs several judge calls)."})
 
     def __post_init__(self):
         super().__post_init__()
         _check(bool(self.gold.strip()), "gold must name at least one labelled file")
+        _check(self.judge_rows >= 1, "judge_rows must be >= 1")
         _check(self.projected_questions >= 1, "projected_questions must be >= 1")
 
 

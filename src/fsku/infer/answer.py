@@ -33,6 +33,7 @@ class Answer:
     inference_time: float = 0.0
     used_fallback: bool = False
     n_context: int = 0
+    context_ids: list[str] = field(default_factory=list)  # chunk ids of the passages in the prompt
     scores: list[float] = field(default_factory=list)  # aggregated option scores (multiple choice)
     raw_choice: Optional[int] = None  # the argmax of the original order alone, before debiasing
     error: str = ""
@@ -76,8 +77,9 @@ class Answerer:
             terms = [1] * len(questions)
         return list(zip(hits, terms, strict=True))
 
-    def context_text(self, hits: list, query_terms: int = 1) -> tuple[str, int]:
-        passages = []
+    def context_text(self, hits: list, query_terms: int = 1) -> tuple[str, list[str]]:
+        """The context block for the prompt and the chunk ids it holds ('' and [] when the gate closes)."""
+        passages, ids = [], []
         budget = self.cfg.context_tokens
         for h in gate_passages(hits, self.cfg, query_terms):
             text = self.llm.truncate_tokens(h.text, min(self.cfg.passage_tokens, budget))
@@ -85,10 +87,11 @@ class Answerer:
             if used < 16:
                 break
             passages.append({"text": text, "source": h.source})
+            ids.append(h.chunk_id)
             budget -= used
             if budget < 16:
                 break
-        return (prompts.format_context(passages) if passages else ""), len(passages)
+        return (prompts.format_context(passages) if passages else ""), ids
 
     # -- multiple choice
     def content_free_logp(self, n: int) -> np.ndarray:
@@ -129,7 +132,7 @@ class Answerer:
     def answer_mc(self, q: ClassifiedQuestion, hits: list, fast: bool = False, deadline: Optional[float] = None,
                   query_terms: int = 1) -> Answer:
         cfg = self.cfg
-        context, n_ctx = ("", 0) if fast else self.context_text(hits, query_terms)
+        context, ctx_ids = ("", []) if fast else self.context_text(hits, query_terms)
         debias = cfg.debias if not fast else ("calibrate" if "calibrate" in cfg.debias else "none")
         scores, raw_choice = self.score_options(q, context, debias, 1 if fast else cfg.rotations, deadline)
         best, conf = opt.choice_confidence(scores)
@@ -145,14 +148,14 @@ class Answerer:
                                         seed=cfg.seed + i, max_time=_remaining(deadline))[0]
                 votes.append(opt.parse_choice(gen.text, len(texts)))
             choice, conf = opt.majority_vote(votes, scores)
-        return Answer(q.question_id, str(choice), q.question_type, round(conf, 4), n_context=n_ctx,
-                      scores=[round(float(s), 4) for s in scores], raw_choice=raw_choice, used_fallback=fast)
+        return Answer(q.question_id, str(choice), q.question_type, round(conf, 4), n_context=len(ctx_ids),
+                      context_ids=ctx_ids, scores=[round(float(s), 4) for s in scores], raw_choice=raw_choice, used_fallback=fast)
 
     # -- descriptive
     def answer_descriptive(self, q: ClassifiedQuestion, hits: list, fast: bool = False,
                            deadline: Optional[float] = None, query_terms: int = 1) -> Answer:
         cfg = self.cfg
-        context, n_ctx = ("", 0) if fast else self.context_text(hits, query_terms)
+        context, ctx_ids = ("", []) if fast else self.context_text(hits, query_terms)
         prompt = self.llm.render_chat(prompts.desc_messages(q.parsed_question, context))
         check_deadline(deadline)
         max_new = cfg.max_new_tokens if not fast else max(32, cfg.max_new_tokens // 2)
@@ -168,7 +171,7 @@ class Answerer:
             if text:
                 break
         return Answer(q.question_id, text, q.question_type, round(float(np.exp(gen.mean_logprob)), 4),
-                      n_context=n_ctx, used_fallback=fast)
+                      n_context=len(ctx_ids), context_ids=ctx_ids, used_fallback=fast)
 
     def answer(self, q: ClassifiedQuestion, hits: list, fast: bool = False, deadline: Optional[float] = None,
                query_terms: int = 1) -> Answer:

@@ -89,6 +89,38 @@ def _plots(table: pd.DataFrame):
     return figs
 
 
+def judge_rag(cfg: EvaluateConfig, gold, records: dict, llm, kb, cosine) -> dict:
+    """ragas-style RAG metrics on up to `judge_rows` descriptive rows, judged by a local LLM."""
+    from ..evaluate.rag_metrics import YesNoJudge, rag_scores
+    from ..infer import prompts
+    from ..llm import load_llm
+
+    judge_llm = llm if cfg.judge_model in ("same", cfg.model) else load_llm(cfg.judge_model, backend=cfg.backend,
+                                                                             dtype=cfg.dtype, device=cfg.device)
+    rows_gold = [g for g in gold if g.question_type == "descriptive"][: cfg.judge_rows]
+    if not rows_gold:
+        return {}
+    texts = dict(zip(kb.chunks["chunk_id"], kb.chunks["text"], strict=True)) if kb is not None else {}
+    retrieved = kb.search([g.question for g in rows_gold], top_k=cfg.top_k) if kb is not None and cfg.use_context \
+        else [[] for _ in rows_gold]
+    rows = []
+    for g, hits in zip(rows_gold, retrieved, strict=True):
+        rec = records[g.ID]
+        rows.append({"question": g.question, "answer": rec["answer"], "reference": g.answer,
+                     "used_context": "\n\n".join(texts[i] for i in rec.get("context_ids", []) if i in texts),
+                     "passages": [h.text for h in hits]})
+
+    def generate(prompt: str) -> str:
+        chat = judge_llm.render_chat([{"role": "user", "content": prompt}])
+        gen = judge_llm.generate([chat], max_new_tokens=48)[0]
+        return prompts.clean_answer(gen.text, truncated=gen.truncated)
+
+    log.info("judging %d descriptive rows with %s", len(rows), cfg.judge_model)
+    out = rag_scores(YesNoJudge(judge_llm), generate, cosine, rows)
+    out["rag_judge_rows"] = len(rows)
+    return out
+
+
 def evaluate(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> dict:
     from ..evaluate.fsku_metric import embedding_cosine, fsku_score
     from ..evaluate.text_metrics import text_scores
@@ -96,10 +128,26 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
 
     gold = load_gold_sets(cfg.gold)
     out = Path(cfg.out_dir)
+    load_s = None
+    if llm is None:
+        import time
+
+        from ..llm import load_llm
+
+        t0 = time.perf_counter()
+        llm = load_llm(cfg.model, backend=cfg.backend, dtype=cfg.dtype, device=cfg.device,
+                       max_model_len=cfg.max_model_len, batch_size=cfg.batch_size)
+        load_s = time.perf_counter() - t0
+    if kb is None and cfg.use_context:
+        from ..kb import KnowledgeBase
+
+        kb = KnowledgeBase.load(cfg.kb)
     test_csv = write_test_csv(gold, out / "test.csv")
     params = {k: v for k, v in dataclasses.asdict(cfg).items()}
     with tracking.run("evaluate", params, tags={"fsku.model": cfg.model, "fsku.context": cfg.context}) as active:
         result = predict(cfg, test_csv, out / "submission.csv", restart=cfg.restart, progress=progress, llm=llm, kb=kb)
+        if load_s is not None:
+            result.stats["load_s"] = load_s
         records = {r["ID"]: r for r in result.records}
         preds = {i: r["answer"] for i, r in records.items()}
         needs_cosine = any(g.question_type == "descriptive" for g in gold)
@@ -154,6 +202,8 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
                     continue
                 rmetrics.pop("curve", None)
                 metrics.update({f"retrieval_{k}": v for k, v in rmetrics.items() if isinstance(v, (int, float))})
+        if cfg.judge_model:
+            metrics.update(judge_rag(cfg, gold, records, llm, kb, cosine if needs_cosine else embedding_cosine(cfg.scorer_embedding)))
         tracking.log_metrics({k: v for k, v in metrics.items() if v is not None})
         tracking.log_table(table, "per_question.json")
         for name, fig in _plots(table).items():
@@ -177,8 +227,9 @@ def cli(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         cfg = config_from_namespace(a, EvaluateConfig, optional_str=("kb", "cache_dir"))
-        if cfg.retrieval_labels in ("", "none", "None"):
-            cfg = dataclasses.replace(cfg, retrieval_labels=None)
+        for key in ("retrieval_labels", "judge_model"):
+            if getattr(cfg, key) in ("", "none", "None"):
+                cfg = dataclasses.replace(cfg, **{key: None})
         res = evaluate(cfg, progress=not a.no_progress)
     except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
