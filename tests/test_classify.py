@@ -79,6 +79,14 @@ def test_fsku_dev_sets_classify_correctly():
     assert all(p.question_type == "multiple_choice" and len(p.choices) in (4, 5) for p in parsed)
     assert all(p.parsed_question and "\n1 " not in p.parsed_question for p in parsed)
     assert all(classify_question(str(i), q).question_type == "descriptive" for i, q in enumerate(desc["Question"]))
+    # option splits checked against an independent source: the gold "N text" names option N's text
+    checked = 0
+    for p, answer in zip(parsed, mcq["Answer"]):
+        num, text = str(answer).split(" ", 1)
+        if text.strip() in {t.strip() for t in p.choices.values()}:  # one label quotes a text no option has
+            assert p.choices[num].strip() == text.strip()
+            checked += 1
+    assert checked >= 47
 
 
 def test_retrieval_dev_questions_split_into_63_mcq_and_2_descriptive():
