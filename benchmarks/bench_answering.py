@@ -1,5 +1,6 @@
 """Multiple-choice accuracy and seconds per question of a real LLM on the FSKU dev sets, for every
-context mode (none / always / gated) and debiasing method, in one run.
+context mode (none / always / gated with question scope / gated with passage scope) and debiasing
+method, in one run.
 
     python benchmarks/bench_answering.py --model offline:qwen2.5-coder-1.5b-instruct --kb outputs/lawkb
 
@@ -7,8 +8,8 @@ Sets: mcq_dev.csv (48 questions from security guides: retrieval must not hurt) a
 MCQs of retrieval_dev.jsonl (retrieval should help). The label log-probs of every option order are
 computed once per (question, context) and every debiasing method is derived from them: raw = the
 original order alone; rotate = mean over the n cyclic orders; calibrate = contextual calibration of
-the original order; rotate+calibrate. Gated context reuses the always-on result when the gate keeps
-every passage (identical prompt). Seconds per question are measured per computed prompt.
+the original order; rotate+calibrate. A gated prompt identical to the always-on or no-context one
+reuses that result (a question-scope gate is always one of the two). Seconds per question are measured per computed prompt.
 Writes per-question JSONL (resumable) and prints the table; --json writes the summary.
 """
 from __future__ import annotations
@@ -33,6 +34,21 @@ from fsku.llm import load_llm  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsku-benchmark"
 METHODS = ("raw", "rotate", "calibrate", "rotate+calibrate")
+MODES = {"none": {"context": "none"}, "always": {"context": "always"},
+         "gated": {"context": "gated", "gate_scope": "question"},
+         "gated-passage": {"context": "gated", "gate_scope": "passage"}}
+
+
+def upgrade_record(rec: dict, gate_threshold: float) -> dict:
+    """Records written before the question-scope gate existed hold 'gated' = passage scope; the
+    question-scope result is exactly the always-on one when any passage passes, else no-context."""
+    if "gated-passage" in rec["choices"]:
+        return rec
+    opened = any(d is not None and d >= gate_threshold for d in rec["gate_dense"])
+    for key in ("choices", "seconds", "n_context"):
+        rec[key]["gated-passage"] = rec[key]["gated"]
+        rec[key]["gated"] = rec[key]["always" if opened else "none"]
+    return rec
 
 
 def load_sets(data: Path) -> dict[str, list[tuple[str, str, int]]]:
@@ -86,7 +102,7 @@ def main() -> int:
         done = {}
         if log_path.exists():
             for line in log_path.read_text(encoding="utf-8").splitlines():
-                rec = json.loads(line)
+                rec = upgrade_record(json.loads(line), a.gate_threshold)
                 done[rec["ID"]] = rec
         with log_path.open("a", encoding="utf-8") as fh:
             for i, (qid, text, gold) in enumerate(rows):
@@ -100,8 +116,8 @@ def main() -> int:
                 rec = {"ID": qid, "gold": gold, "n_hits": len(hits),
                        "gate_dense": [h.dense for h in hits], "choices": {}, "seconds": {}, "n_context": {}}
                 computed: dict[str, tuple] = {}
-                for mode in ("none", "always", "gated"):
-                    mcfg = InferConfig(**{**cfg.__dict__, "context": mode})
+                for mode, overrides in MODES.items():
+                    mcfg = InferConfig(**{**cfg.__dict__, **overrides})
                     answerer.cfg = mcfg
                     context, ctx_ids = answerer.context_text(hits, terms)
                     n_ctx = len(ctx_ids)
@@ -123,16 +139,17 @@ def main() -> int:
                       + " ".join(f"{m}:{rec['choices'][m]['rotate']}" for m in rec["choices"]), flush=True)
         recs = [done[qid] for qid, _, _ in rows]
         table = {}
-        for mode in ("none", "always", "gated"):
+        for mode in MODES:
             table[mode] = {m: float(np.mean([r["choices"][mode][m] == r["gold"] for r in recs])) for m in METHODS}
             table[mode]["s_per_q_all_orders"] = float(np.mean([r["seconds"][mode] for r in recs]))
             table[mode]["context_rate"] = float(np.mean([r["n_context"][mode] > 0 for r in recs]))
         summary["sets"][set_name] = {"n": len(recs), "table": table}
-    print(f"\nmodel {a.model} (load {load_s:.1f} s); gate: dense cosine >= {a.gate_threshold}; top_k {a.top_k}")
+    print(f"\nmodel {a.model} (load {load_s:.1f} s); gate: dense cosine >= {a.gate_threshold}; top_k {a.top_k}"
+          "\n(gated = question scope, the default: all top_k passages once one passes; gated-passage = each passage must pass)")
     for set_name, s in summary["sets"].items():
         print(f"\n{set_name} (n={s['n']})   " + "  ".join(f"{m:>16}" for m in METHODS) + "   s/q(n orders)  ctx-rate")
         for mode, row in s["table"].items():
-            print(f"  context={mode:<7}" + "  ".join(f"{row[m]:16.3f}" for m in METHODS)
+            print(f"  context={mode:<13}" + "  ".join(f"{row[m]:16.3f}" for m in METHODS)
                   + f"   {row['s_per_q_all_orders']:12.2f}  {row['context_rate']:8.2f}")
     if a.json:
         a.json.write_text(json.dumps(summary, indent=2))

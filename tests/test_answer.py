@@ -20,13 +20,23 @@ def _hit(i, dense, bm25=None, text="제5조(보안사고의 보고) 금융회사
 
 def test_gate_keeps_only_relevant_passages():
     hits = [_hit(0, 0.93, 9.0), _hit(1, 0.89, 2.0), _hit(2, None, None)]
-    cfg = InferConfig(kb="x", context="gated", gate_threshold=0.9)
+    cfg = InferConfig(kb="x", context="gated", gate_threshold=0.9, gate_scope="passage")
     assert [h.chunk_id for h in gate_passages(hits, cfg)] == ["c0"]
     assert gate_passages(hits, dataclasses.replace(cfg, context="always")) == hits
     assert gate_passages(hits, dataclasses.replace(cfg, context="none")) == []
     bm = dataclasses.replace(cfg, gate_signal="bm25", gate_threshold=1.5)
     assert [h.chunk_id for h in gate_passages(hits, bm, query_terms=4)] == ["c0"]  # 9/4 >= 1.5 > 2/4
     assert gate_passages(hits, dataclasses.replace(cfg, gate_threshold=0.99)) == []
+
+
+def test_question_scope_gate_opens_for_all_passages_or_none():
+    cfg = InferConfig(kb="x", context="gated", gate_threshold=0.9, gate_scope="question")
+    ranked = [_hit(0, 0.89), _hit(1, 0.93), _hit(2, None)]  # fused rank order, not dense order
+    assert gate_passages(ranked, cfg) == ranked  # one passage at 0.93 opens the gate, rank order kept
+    assert gate_passages(ranked, dataclasses.replace(cfg, gate_threshold=0.931)) == []
+    assert gate_passages(ranked, dataclasses.replace(cfg, gate_threshold=0.93)) == ranked  # >= is inclusive
+    with pytest.raises(ValueError, match="gate_scope"):
+        InferConfig(gate_scope="document")
 
 
 def test_context_respects_the_token_budget(tiny_llm):

@@ -54,6 +54,16 @@ def test_generate_returns_clean_text_and_confidence(tiny_llm):
     assert again[0].text == out[0].text  # greedy is deterministic
 
 
+def test_repetition_penalty_reaches_generation(tiny_llm):
+    prompt = tiny_llm.render_chat(prompts.desc_messages("망분리란?"))
+    plain = tiny_llm.generate([prompt], max_new_tokens=24)[0]
+    penalised = tiny_llm.generate([prompt], max_new_tokens=24, repetition_penalty=2.0)[0]
+    ids = [tiny_llm.tokenizer(g.text, add_special_tokens=False)["input_ids"] for g in (plain, penalised)]
+    # the untrained tiny model loops under greedy decoding; the penalty breaks the loop
+    assert len(set(ids[0])) < len(ids[0])
+    assert len(set(ids[1])) > len(set(ids[0]))
+
+
 def test_chat_template_comes_from_the_tokenizer(tiny_llm):
     text = tiny_llm.render_chat([{"role": "user", "content": "안녕"}])
     assert text == "<|im_start|>user\n안녕<|im_end|>\n<|im_start|>assistant\n"
@@ -66,6 +76,18 @@ def test_clean_answer():
     assert prompts.clean_answer("첫 문장이다. 둘째 문장은 끊", q, truncated=True) == "첫 문장이다."
     assert prompts.clean_answer("내용이다.\nuser: 다음 질문", q) == "내용이다."
     assert prompts.clean_answer("", q) == ""
+    loop = "1. **인사**: CISO는 독립적이어야 합니다. 이를 위해 보고 체계를 둡니다. 이를 위해  보고체계를 둡니다! 2. 끝."
+    assert prompts.clean_answer(loop, q) == "1. **인사**: CISO는 독립적이어야 합니다. 이를 위해 보고 체계를 둡니다. 2. 끝."
+
+
+def test_drop_repeated_sentences_limits():
+    assert prompts.drop_repeated_sentences("") == ""
+    assert prompts.drop_repeated_sentences("1. 가. 1. 가.") == "1. 가. 1. 가."  # fragments under 8 chars stay
+    # "3.5" does not end a sentence; the repeated line goes, its line break stays (clean_answer squeezes)
+    assert prompts.drop_repeated_sentences("기준 금리는 3.5%로 정한다.\n기준 금리는 3.5%로 정한다.\n끝") \
+        == "기준 금리는 3.5%로 정한다.\n\n끝"
+    text = "서로 다른 첫 문장입니다. 서로 다른 둘째 문장입니다."
+    assert prompts.drop_repeated_sentences(text) == text
 
 
 def test_unknown_backend_and_missing_models(tmp_path):
@@ -171,3 +193,5 @@ def test_vllm_backend_logic_with_a_stand_in_engine(monkeypatch, tiny_models):
     assert got.tolist() == [[-0.2, -1.9, -1.9]] * 2
     gen = b.generate(["x"], max_new_tokens=8)[0]
     assert (gen.text, gen.n_tokens, gen.mean_logprob, gen.truncated) == ("답", 2, -0.5, False)
+    b.generate(["x"], max_new_tokens=8, repetition_penalty=1.2)
+    assert calls[-1][2]["repetition_penalty"] == 1.2

@@ -42,19 +42,25 @@ class Answer:
         return dict(self.__dict__)
 
 
+def gate_signal(hit, cfg: InferConfig, query_terms: int = 1) -> Optional[float]:
+    """A hit's relevance on the gate's scale: dense cosine, or BM25 per distinct query term."""
+    if cfg.gate_signal == "dense":
+        return hit.dense
+    return None if hit.bm25 is None else hit.bm25 / max(1, query_terms)
+
+
 def gate_passages(hits: list, cfg: InferConfig, query_terms: int = 1) -> list:
-    """The hits allowed into the prompt: all of them for context='always'; for 'gated' those whose
-    relevance (dense cosine, or BM25 per distinct query term) reaches the threshold."""
+    """The hits allowed into the prompt: all of them for context='always'; for 'gated', with
+    gate_scope='question' all hits once the most relevant one reaches the threshold, with
+    'passage' only the hits that reach it themselves."""
     if cfg.context == "none":
         return []
     if cfg.context == "always":
         return list(hits)
-    kept = []
-    for h in hits:
-        signal = h.dense if cfg.gate_signal == "dense" else (None if h.bm25 is None else h.bm25 / max(1, query_terms))
-        if signal is not None and signal >= cfg.gate_threshold:
-            kept.append(h)
-    return kept
+    passing = [h for h in hits if (v := gate_signal(h, cfg, query_terms)) is not None and v >= cfg.gate_threshold]
+    if cfg.gate_scope == "question":
+        return list(hits) if passing else []
+    return passing
 
 
 class Answerer:
@@ -160,13 +166,15 @@ class Answerer:
         check_deadline(deadline)
         max_new = cfg.max_new_tokens if not fast else max(32, cfg.max_new_tokens // 2)
         gen = self.llm.generate([prompt], max_new, temperature=cfg.temperature, seed=cfg.seed,
-                                max_time=None if fast else _remaining(deadline))[0]
+                                max_time=None if fast else _remaining(deadline),
+                                repetition_penalty=cfg.repetition_penalty)[0]
         text = prompts.clean_answer(gen.text, q.parsed_question, truncated=gen.truncated)
         if not text and not fast:
             raise ValueError("the model produced an empty descriptive answer")
         for retry in range(FALLBACK_SAMPLES if fast and not text else 0):
             # still the same model: sample instead of greedy decoding
-            gen = self.llm.generate([prompt], max_new, temperature=0.7, seed=cfg.seed + 1 + retry)[0]
+            gen = self.llm.generate([prompt], max_new, temperature=0.7, seed=cfg.seed + 1 + retry,
+                                    repetition_penalty=cfg.repetition_penalty)[0]
             text = prompts.clean_answer(gen.text, q.parsed_question, truncated=gen.truncated)
             if text:
                 break

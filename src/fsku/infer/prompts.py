@@ -58,8 +58,30 @@ _LEADS = re.compile(r"^\s*(?:답변|답|정답|응답|A|Answer)\s*[:：]\s*", re
 _CHAT_TOKENS = re.compile(r"<\|[^|>]{1,40}\|>|</?s>|\[/?INST\]|###\s*(?:assistant|user|system)", re.IGNORECASE)
 
 
+_SENTENCE = re.compile(r"(?:[^.!?。\n]|\.(?=\d))*(?:[.!?。]+|\n|$)")  # "3.5" is not a sentence end
+
+
+def drop_repeated_sentences(text: str, min_chars: int = 8) -> str:
+    """Remove sentences that repeat an earlier one (same letters and digits; spacing, punctuation and
+    markdown ignored): greedy decoding of small models falls into loops. Short fragments such as
+    list numbers are never dropped."""
+    out, seen = [], set()
+    for m in _SENTENCE.finditer(text):
+        segment = m.group(0)
+        if not segment:
+            continue
+        key = re.sub(r"[\W_]+", "", segment)
+        if len(key) >= min_chars:
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(segment)
+    return "".join(out)
+
+
 def clean_answer(text: str, question: str = "", truncated: bool = False) -> str:
-    """A descriptive answer without chat tokens, role labels, an echoed question or a cut-off tail."""
+    """A descriptive answer without chat tokens, role labels, an echoed question, repeated sentences
+    or a cut-off tail."""
     text = _CHAT_TOKENS.sub(" ", text or "")
     # a model that starts a new turn: keep only the first
     text = re.split(r"\n\s*(?:user|system|assistant|질문)\s*[:：\n]", text, maxsplit=1)[0]
@@ -67,6 +89,7 @@ def clean_answer(text: str, question: str = "", truncated: bool = False) -> str:
     q = question.strip()
     if q and text.startswith(q):
         text = _LEADS.sub("", text[len(q):].lstrip(" \n:?"))
+    text = drop_repeated_sentences(text)
     text = re.sub(r"[ \t]+", " ", text)
     text = re.sub(r"\n{2,}", "\n", text).strip()
     if truncated:

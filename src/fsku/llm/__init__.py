@@ -94,7 +94,8 @@ class LLMBackend:
         raise NotImplementedError
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: Optional[int] = None, max_time: Optional[float] = None) -> list[Generation]:
+                 top_p: float = 1.0, seed: Optional[int] = None, max_time: Optional[float] = None,
+                 repetition_penalty: float = 1.0) -> list[Generation]:
         raise NotImplementedError
 
 

@@ -112,7 +112,8 @@ class TransformersBackend(LLMBackend):
         return out
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: Optional[int] = None, max_time: Optional[float] = None) -> list[Generation]:
+                 top_p: float = 1.0, seed: Optional[int] = None, max_time: Optional[float] = None,
+                 repetition_penalty: float = 1.0) -> list[Generation]:
         torch = self.torch
         if seed is not None:
             torch.manual_seed(seed)
@@ -132,6 +133,8 @@ class TransformersBackend(LLMBackend):
                 kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             if max_time is not None:
                 kw["max_time"] = max_time
+            if repetition_penalty != 1.0:
+                kw["repetition_penalty"] = repetition_penalty
             with torch.inference_mode():
                 out = self.model.generate(**enc, **kw)
                 logp = self.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)

@@ -40,10 +40,12 @@ class VLLMBackend(LLMBackend):
         return np.stack([first_token_label_logprobs(o.outputs[0].logprobs[0], label_ids) for o in outs])
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: Optional[int] = None, max_time: Optional[float] = None) -> list[Generation]:
+                 top_p: float = 1.0, seed: Optional[int] = None, max_time: Optional[float] = None,
+                 repetition_penalty: float = 1.0) -> list[Generation]:
         # vLLM has no wall-clock stop; the orchestrator's deadline is checked between calls
         params = self._vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
-                                           top_p=top_p if temperature > 0 else 1.0, seed=seed, logprobs=0)
+                                           top_p=top_p if temperature > 0 else 1.0, seed=seed, logprobs=0,
+                                           repetition_penalty=repetition_penalty)
         outs = self.engine.generate(list(prompts), params, use_tqdm=False)
         results = []
         for o in outs:
