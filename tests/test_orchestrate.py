@@ -113,3 +113,17 @@ def test_cache_keys_reject_separators():
 def test_answer_record_round_trip():
     a = Answer("Q1", "2", "multiple_choice", 0.7, scores=[-1.0, -0.5])
     assert Answer(**a.to_record()) == a
+
+
+def test_every_answer_affecting_field_is_in_the_cache_key():
+    import dataclasses
+
+    from fsku.config import InferConfig
+    from fsku.infer.orchestrate import ANSWER_FIELDS, NON_ANSWER_FIELDS, answer_config_hash
+
+    names = {f.name for f in dataclasses.fields(InferConfig)}
+    assert set(NON_ANSWER_FIELDS) <= names and set(ANSWER_FIELDS) == names - set(NON_ANSWER_FIELDS)
+    base = InferConfig()
+    for change in ({"gate_scope": "passage"}, {"repetition_penalty": 1.1}, {"gate_threshold": 0.8}, {"debias": "none"}):
+        assert answer_config_hash(dataclasses.replace(base, **change)) != answer_config_hash(base), change
+    assert answer_config_hash(dataclasses.replace(base, time_limit_s=5.0, batch_size=2)) == answer_config_hash(base)

@@ -13,6 +13,7 @@
     fsku prepare-llm --name qwen2.5-coder-1.5b-instruct|qwen2.5-coder-0.5b-instruct|all
     fsku make-tiny-models --out DIR
     fsku cache-invalidate --cache-dir DIR --pattern 'answer|*'
+    fsku synth-qa --kb DIR --teacher ID_OR_PATH --n-chunks N --out DIR   (tracked in MLflow)
 """
 from __future__ import annotations
 
@@ -207,6 +208,12 @@ def cmd_cache_invalidate(argv: list[str]) -> int:
     return 0
 
 
+def cmd_synth_qa(argv: list[str]) -> int:
+    from .steps.synth_qa import main as synth_main
+
+    return synth_main(argv)
+
+
 def cmd_build_kb(argv: list[str]) -> int:
     from .steps.build_kb import cli
 
@@ -227,6 +234,7 @@ COMMANDS = {
     "prepare-llm": cmd_prepare_llm,
     "make-tiny-models": cmd_make_tiny_models,
     "cache-invalidate": cmd_cache_invalidate,
+    "synth-qa": cmd_synth_qa,
 }
 
 

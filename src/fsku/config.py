@@ -180,7 +180,91 @@ class EvaluateConfig(InferConfig):
         _check(self.projected_questions >= 1, "projected_questions must be >= 1")
 
 
-STAGE_CONFIGS = {"build_kb": BuildKBConfig, "retrieve": RetrieveConfig, "predict": PredictConfig, "evaluate": EvaluateConfig}
+def parse_weights(text: str, allowed: tuple[str, ...], what: str) -> dict[str, float]:
+    """'lookup:0.5,procedural:0.3,negative:0.2' -> {name: weight}; names from `allowed`, weights >= 0."""
+    out: dict[str, float] = {}
+    for part in [p.strip() for p in text.split(",") if p.strip()]:
+        name, sep, value = part.partition(":")
+        name = name.strip()
+        _check(bool(sep) and name in allowed, f"{what}: expected name:weight with names from {allowed}, got {part!r}")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"{what}: weight of {name!r} is not a number: {value!r}") from None
+        _check(weight >= 0, f"{what}: weight of {name!r} must be >= 0")
+        out[name] = weight
+    _check(sum(out.values()) > 0, f"{what}: at least one weight must be positive")
+    return out
+
+
+@dataclass
+class SynthQAConfig:
+    """synth_qa: a teacher LLM writes FSKU-style questions from KB chunks; filters keep the good ones."""
+
+    kb: str = field(default="outputs/kb", metadata={"help": "Knowledge-base folder whose chunks are the sources."})
+    teacher: str = field(default="offline:qwen2.5-coder-1.5b-instruct", metadata={"help": "Teacher LLM: hub id, local folder, .gguf file or offline:<name>."})
+    backend: str = field(default="auto", metadata={"help": "LLM backend: auto (vLLM on CUDA when installed, else transformers), transformers, vllm."})
+    dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N] (transformers backend)."})
+    max_model_len: int = field(default=4096, metadata={"help": "Longest prompt + answer in tokens."})
+    batch_size: int = field(default=4, metadata={"help": "Prompts per generate call."})
+    n_chunks: int = field(default=40, metadata={"help": "Source chunks sampled (documents take turns; one chunk per article before a second)."})
+    questions_per_chunk: int = field(default=2, metadata={"help": "Generation tasks per chunk."})
+    mc_share: float = field(default=0.6, metadata={"help": "Share of multiple-choice tasks (the rest descriptive)."})
+    qtype_mix: str = field(default="lookup:0.5,procedural:0.3,negative:0.2", metadata={"help": "Question-type weights (seed 003: 150 lookup / 100 procedural / 50 negative)."})
+    n_options: int = field(default=0, metadata={"help": "Options per multiple-choice item: 4, 5, or 0 for 4 or 5 at random."})
+    min_chunk_chars: int = field(default=120, metadata={"help": "Chunks with less body text are not used as sources."})
+    max_chunk_tokens: int = field(default=700, metadata={"help": "Source text shown to the teacher is cut to this many tokens."})
+    max_new_tokens: int = field(default=384, metadata={"help": "Token cap of one teacher response."})
+    temperature: float = field(default=0.7, metadata={"help": "Teacher sampling temperature (0 = greedy)."})
+    top_p: float = field(default=0.9, metadata={"help": "Teacher nucleus sampling."})
+    min_hangul: float = field(default=0.5, metadata={"help": "Minimum share of Hangul among the letters of question (and descriptive answer)."})
+    min_grounding: float = field(default=0.5, metadata={"help": "Minimum share of the answer's content morphemes found in the source chunk."})
+    judge_model: Optional[str] = field(default=None, metadata={"help": "LLM judge (hub id, folder, .gguf, offline:<name>, or 'teacher'); None skips the judge."})
+    judge_threshold: float = field(default=7.0, metadata={"help": "Minimum judge score (0-10) to keep an item."})
+    dedup_threshold: float = field(default=0.7, metadata={"help": "Character 5-gram Jaccard at which a later question is a near duplicate."})
+    decontam_files: str = field(default="", metadata={"help": "Extra evaluation files (CSV with Question, or JSONL with question), comma-separated; the project's evaluation/ sets are always used."})
+    decontam_ngram: int = field(default=8, metadata={"help": "Character n-gram length of the decontamination check."})
+    decontam_threshold: float = field(default=0.5, metadata={"help": "Share of a question's n-grams found in one evaluation question that marks it contaminated."})
+    split_ratios: str = field(default="0.8,0.1,0.1", metadata={"help": "train,validation,test shares; split by source article."})
+    out: str = field(default="outputs/synth_qa", metadata={"help": "Output folder (raw log, accepted/rejected JSONL, split parquet files)."})
+    cache_dir: str = field(default=".cache/synth", metadata={"help": "diskcache of teacher responses ('' disables)."})
+    restart: bool = field(default=False, metadata={"help": "Discard the raw log of an earlier run instead of resuming."})
+    seed: int = field(default=0, metadata={"help": "Seed of chunk sampling, task planning, sampling and the split."})
+
+    def __post_init__(self):
+        _check(self.backend in ("auto", "transformers", "vllm"), f"backend must be auto|transformers|vllm, got {self.backend!r}")
+        _check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
+        _check(self.max_model_len >= 256 and self.batch_size >= 1, "max_model_len must be >= 256 and batch_size >= 1")
+        _check(self.n_chunks >= 1 and self.questions_per_chunk >= 1, "n_chunks and questions_per_chunk must be >= 1")
+        _check(0.0 <= self.mc_share <= 1.0, f"mc_share must be in [0, 1], got {self.mc_share}")
+        parse_weights(self.qtype_mix, ("lookup", "procedural", "negative"), "qtype_mix")
+        _check(self.n_options in (0, 4, 5), f"n_options must be 0, 4 or 5, got {self.n_options}")
+        _check(self.min_chunk_chars >= 0 and self.max_chunk_tokens >= 32, "min_chunk_chars must be >= 0 and max_chunk_tokens >= 32")
+        _check(self.max_new_tokens >= 32, "max_new_tokens must be >= 32")
+        _check(self.temperature >= 0 and 0 < self.top_p <= 1, "temperature must be >= 0 and top_p in (0, 1]")
+        _check(0 <= self.min_hangul <= 1 and 0 <= self.min_grounding <= 1, "min_hangul and min_grounding must be in [0, 1]")
+        _check(0 <= self.judge_threshold <= 10, "judge_threshold must be in [0, 10]")
+        _check(0 < self.dedup_threshold <= 1 and 0 < self.decontam_threshold <= 1, "dedup/decontam thresholds must be in (0, 1]")
+        _check(self.decontam_ngram >= 3, "decontam_ngram must be >= 3")
+        ratios = self.ratios
+        _check(len(ratios) == 3 and all(r >= 0 for r in ratios) and sum(ratios) > 0,
+               f"split_ratios must be three non-negative numbers, got {self.split_ratios!r}")
+
+    @property
+    def ratios(self) -> tuple[float, ...]:
+        try:
+            return tuple(float(x) for x in self.split_ratios.split(","))
+        except ValueError:
+            raise ValueError(f"split_ratios must be numbers like 0.8,0.1,0.1, got {self.split_ratios!r}") from None
+
+    @property
+    def qtype_weights(self) -> dict[str, float]:
+        return parse_weights(self.qtype_mix, ("lookup", "procedural", "negative"), "qtype_mix")
+
+
+STAGE_CONFIGS = {"build_kb": BuildKBConfig, "retrieve": RetrieveConfig, "predict": PredictConfig, "evaluate": EvaluateConfig,
+                 "synth_qa": SynthQAConfig}
 
 
 def config_from_dict(cls, values: dict[str, Any], source: str = "<dict>"):

@@ -62,6 +62,22 @@ def log_dict(data: dict, name: str) -> None:
     mlflow.log_dict(data, name)
 
 
+def log_dataset(df: pd.DataFrame, name: str, source: str, context: str, targets: Optional[str] = None,
+                tags: Optional[dict] = None) -> None:
+    """Record a dataset as a run input (mlflow.data): name, digest, schema and source lineage.
+    Nested values (lists, dicts) are stored as JSON strings so the schema can be inferred."""
+    import json
+
+    import mlflow.data
+
+    flat = df.copy()
+    for col in flat.columns:
+        if flat[col].map(lambda v: isinstance(v, (list, dict))).any():
+            flat[col] = flat[col].map(lambda v: json.dumps(v, ensure_ascii=False))
+    dataset = mlflow.data.from_pandas(flat, source=source, name=name, targets=targets)
+    mlflow.log_input(dataset, context=context, tags=tags)
+
+
 def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 

@@ -6,6 +6,7 @@ answers must come from the LLM, so there is no fixed fallback string.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import logging
@@ -23,9 +24,11 @@ from .prompts import PROMPT_VERSION
 log = logging.getLogger(__name__)
 
 # the config fields that change an answer (others, e.g. cache_dir or time limits, do not)
-ANSWER_FIELDS = ("model", "dtype", "context", "top_k", "gate_signal", "gate_threshold", "context_tokens", "passage_tokens",
-                 "debias", "rotations", "self_consistency", "sc_temperature", "sc_max_new_tokens", "max_new_tokens",
-                 "temperature", "seed")
+# every InferConfig field changes the answer cache key except these (runtime, limits, places);
+# a new field is part of the key by default, so it can never serve stale answers
+NON_ANSWER_FIELDS = ("backend", "device", "max_model_len", "batch_size", "kb", "time_limit_s", "breaker_failures",
+                     "breaker_cooldown", "time_budget_min", "cache_dir")
+ANSWER_FIELDS = tuple(f.name for f in dataclasses.fields(InferConfig) if f.name not in NON_ANSWER_FIELDS)
 RETRIEVAL_FIELDS = ("top_k",)
 
 

@@ -1,0 +1,127 @@
+"""synth_qa: a teacher LLM writes FSKU-style questions from KB chunks; filters keep the good ones.
+
+Usage:
+    fsku synth-qa --kb outputs/kb --teacher offline:qwen2.5-coder-1.5b-instruct --n-chunks 40 --out outputs/synth_qa
+    fsku synth-qa --recipe experiments/default/synth_qa.yaml --n-chunks 10
+    mlflow run . -e synth_qa --env-manager local -P kb=outputs/kb -P teacher=... -P n_chunks=40
+
+Teacher responses are appended to <out>/raw.jsonl as they arrive and cached in .cache/synth; a
+killed run started again continues where it stopped (--restart starts over).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import SynthQAConfig
+from .args import add_config_args, config_from_namespace
+
+log = logging.getLogger(__name__)
+
+
+def _plots(stats: dict, accepted: pd.DataFrame) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = {}
+
+    def bars(counts: dict, title: str, name: str, horizontal: bool = False):
+        fig, ax = plt.subplots(figsize=(5.5, 3.2 if not horizontal else max(2.5, 0.35 * len(counts) + 1)))
+        keys = list(counts)
+        if horizontal:
+            ax.barh(keys, [counts[k] for k in keys], color="#c44e52")
+            ax.invert_yaxis()
+        else:
+            ax.bar(keys, [counts[k] for k in keys], color="#4c72b0")
+        ax.set_title(title)
+        fig.tight_layout()
+        figs[f"plots/{name}.png"] = fig
+
+    mix = Counter()
+    if not accepted.empty:
+        mix = Counter(f"{k}/{t}" for k, t in zip(accepted["kind"].str.replace("multiple_choice", "mc")
+                                                 .str.replace("descriptive", "desc"), accepted["qtype"], strict=True))
+    bars(dict(sorted(mix.items())), "accepted by kind/type", "accepted_by_kind_type")
+    bars(stats["accepted_by_difficulty"], "accepted by difficulty (1-5)", "accepted_by_difficulty")
+    reasons = dict(sorted(stats["rejected_by_reason"].items(), key=lambda kv: -kv[1]))
+    bars(reasons or {"(none)": 0}, "rejections by reason", "rejections_by_reason", horizontal=True)
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    if not accepted.empty:
+        for kind, color in (("multiple_choice", "#4c72b0"), ("descriptive", "#dd8452")):
+            lengths = accepted.loc[accepted["kind"] == kind, "question"].str.len()
+            if len(lengths):
+                ax.hist(lengths, bins=20, alpha=0.6, label=kind, color=color)
+        ax.legend()
+    ax.set_xlabel("question characters")
+    ax.set_title("question length")
+    fig.tight_layout()
+    figs["plots/question_length_hist.png"] = fig
+    return figs
+
+
+def synth_qa(cfg: SynthQAConfig, progress: bool = True):
+    from .. import tracking
+    from ..synth.pipeline import synthesize
+
+    params = dataclasses.asdict(cfg)
+    with tracking.run("synth_qa", params, tags={"fsku.teacher": cfg.teacher}) as active:
+        result = synthesize(cfg, progress=progress)
+        s = result.stats
+        tracking.log_metrics({k: v for k, v in s.items() if isinstance(v, (int, float)) and v is not None})
+        tracking.log_metrics({f"rejected_{k}": v for k, v in s["rejected_by_reason"].items()})
+        tracking.log_metrics({f"accepted_{k}": v for k, v in {**s["accepted_by_kind"], **s["accepted_by_qtype"],
+                                                               **s["accepted_by_split"]}.items()})
+        accepted = pd.DataFrame([r.to_dict() for r in result.outcome.accepted])
+        kb_manifest = Path(cfg.kb) / "manifest.json"
+        kb_version = json.loads(kb_manifest.read_text(encoding="utf-8")).get("corpus_sha256", "")[:12] \
+            if kb_manifest.exists() else ""
+        if not accepted.empty:
+            for split in ("train", "validation", "test"):
+                part = accepted[accepted["split"] == split]
+                if not part.empty:
+                    tracking.log_dataset(part, name=f"fsku-synth-{split}", source=str(Path(cfg.out) / f"{split}.parquet"),
+                                         context="training" if split == "train" else split, targets="answer",
+                                         tags={"kb": str(cfg.kb), "kb_version": kb_version, "teacher": cfg.teacher})
+            sample = accepted.groupby(["kind", "qtype"], group_keys=False).head(5)
+            tracking.log_table(sample[["qa_id", "kind", "qtype", "question", "answer", "keywords", "difficulty_level",
+                                       "overall_quality_score", "split"]].astype(str), "tables/sample_items.json")
+        rejected = pd.DataFrame(result.outcome.rejected)
+        if not rejected.empty:
+            tracking.log_table(rejected.head(200).astype(str), "tables/rejections.json")
+        for name, fig in _plots(s, accepted).items():
+            tracking.log_figure(fig, name)
+        tracking.log_dict(s, "stats.json")
+        for name in ("accepted.jsonl", "rejected.jsonl", "train.parquet", "validation.parquet", "test.parquet"):
+            tracking.log_artifact(Path(cfg.out) / name, "synth_qa")
+        run_id = active.info.run_id
+    return result, run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="fsku synth-qa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--no-progress", action="store_true")
+    add_config_args(p, SynthQAConfig)
+    a = p.parse_args(argv)
+    cfg = config_from_namespace(a, SynthQAConfig, optional_str=("judge_model",))
+    from .. import tracking
+
+    result, run_id = synth_qa(cfg, progress=not a.no_progress)
+    s = result.stats
+    print(f"synth_qa: {s['accepted']} accepted of {s['generated']} generated ({s['acceptance_rate']:.0%}); "
+          f"by split {s['accepted_by_split']}; rejections {s['rejected_by_reason']}")
+    print(f"outputs: {result.out}  mlflow run: {run_id}  tracking: {tracking.tracking_uri()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
