@@ -36,7 +36,10 @@ llm-models: setup
 demo: models
 	$(BIN)/mlflow run . -e build_kb --env-manager local \
 		-P corpus=data/sample_corpus -P labels=evaluation/sample_retrieval.jsonl
-	test -e models/tiny/teacher/config.json || $(BIN)/fsku make-tiny-models --out models/tiny
+	# the tiny teacher learns the synth_qa JSON format on templated QA from the sample KB (a few minutes)
+	test -e models/tiny/teacher/sft.json || $(BIN)/fsku make-tiny-models --out models/tiny --kb outputs/kb
+	$(BIN)/mlflow run . -e synth_qa --env-manager local -P kb=outputs/kb -P teacher=models/tiny/teacher \
+		-P n_chunks=16 -P min_chunk_chars=40 -P questions_per_chunk=2 -P max_new_tokens=256 -P temperature=0.3 -P out=outputs/synth_qa -P restart=true
 	$(BIN)/mlflow run . -e evaluate --env-manager local -P model=$(DEMO_MODEL) -P kb=outputs/kb \
 		-P gold=evaluation/sample_qa.csv -P out_dir=outputs/evaluate -P max_new_tokens=48
 	$(BIN)/mlflow run . -e predict --env-manager local -P model=$(DEMO_MODEL) -P kb=outputs/kb \
@@ -45,6 +48,7 @@ demo: models
 	@echo "MLflow runs: $(CURDIR)/mlflow.db (browse with: make ui)"
 	@echo "Knowledge base: $(CURDIR)/outputs/kb ; registered model: models:/fsku-kb/<latest>"
 	@echo "Submission: $(CURDIR)/outputs/submission.csv ; evaluation: $(CURDIR)/outputs/evaluate (model $(DEMO_MODEL))"
+	@echo "Synthetic QA (tiny teacher): $(CURDIR)/outputs/synth_qa (stats.json: acceptance and rejection reasons)"
 
 test: models
 	$(BIN)/python -m pytest -q -x; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc

@@ -79,6 +79,9 @@ def test_from_teacher_json_builds_competition_format():
     d = from_teacher_json({"질문": "설명하세요.", "정답": "답이다.", "키워드": "보존, 5년"}, kind="descriptive", qtype="lookup",
                           chunk_id="c", source_article="a", teacher_model="t", prompt_version="v")
     assert d.keywords == ["보존", "5년"] and d.difficulty_level == 3
+    with pytest.raises(ValueError, match="malformed_keywords"):
+        from_teacher_json({"question": "q", "answer": "a", "keywords": 3}, kind="descriptive", qtype="lookup",
+                          chunk_id="c", source_article="a", teacher_model="t", prompt_version="v")
 
 
 def test_jsonl_roundtrip_and_validation(tmp_path):
@@ -195,3 +198,30 @@ def test_render_mc_question_matches_competition_lines():
 def test_record_validation_errors_name_the_problem():
     with pytest.raises(ValueError, match="kind must be"):
         SyntheticQA(qa_id="x", kind="essay", qtype="lookup", question="q", answer="a")
+
+
+# -- templated items (format lessons for the tiny teacher) ----------------------------------------
+
+def test_templated_items_pass_the_filters():
+    import random
+
+    from fsku.synth.templated import sentences, templated_item
+
+    path = "전자금융거래법 › 제21조의2(전자금융거래기록의 보존)"
+    text = path + "\n" + CHUNK.split(" ", 2)[2] + "\n② 금융회사등은 보존 기록을 안전한 장소에 두어야 한다."
+    own = sentences(text, path)
+    assert own[0].startswith("금융회사등은 전자금융거래의 내용을") and all(len(s) <= 81 for s in own)
+    others = ["이용자는 접근매체를 제3자에게 대여하여서는 아니 된다.", "금융회사등은 보안사고를 24시간 이내에 보고하여야 한다.",
+              "전자금융업자는 자본금 요건을 갖추어야 한다.", "정보보호최고책임자는 임원으로 지정하여야 한다."]
+    rng = random.Random(0)
+    for kind, qtype, n in (("multiple_choice", "lookup", 4), ("multiple_choice", "procedural", 5),
+                           ("multiple_choice", "negative", 4), ("descriptive", "lookup", 0), ("descriptive", "negative", 0)):
+        obj = templated_item(text, path, "전자금융거래법", "제21조의2", kind, qtype, n, others, rng)
+        if obj is None:
+            assert kind == "multiple_choice" and qtype == "negative"  # needs n-1 own sentences
+            continue
+        item = from_teacher_json(obj, kind=kind, qtype=qtype, chunk_id="c", source_article="a", teacher_model="t",
+                                 prompt_version="v")
+        assert F.check_format(item) is None and F.check_language(item) is None and F.check_length(item) is None
+        assert F.grounding_score(item, text, ws) >= 0.5, obj
+    assert templated_item("짧다", "", "법", "제1조", "descriptive", "lookup", 0, others, rng) is None

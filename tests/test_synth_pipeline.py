@@ -270,3 +270,24 @@ def test_real_tiny_teacher_runs_the_whole_path(sample_kb, tiny_models, tmp_path,
     result = pipeline.synthesize(cfg, progress=False)
     assert result.stats["generated"] == 2
     assert result.stats["accepted"] + result.stats["rejected"] == 2
+
+
+def test_tiny_teacher_learns_the_format_from_templated_qa(sample_kb, tmp_path):
+    """The format lesson behind the demo: templated QA from the KB lowers the response loss, and
+    `fsku make-tiny-models --kb` records the fine-tuning next to the teacher."""
+    from fsku.cli import main as cli_main
+    from fsku.llm.tiny import make_tiny_pair, train_on_examples
+    from fsku.synth.templated import teacher_sft_examples
+    from fsku.synth.templates import load_templates
+
+    kb, _, _ = sample_kb
+    examples = teacher_sft_examples(pd.read_parquet(kb.folder / "chunks.parquet"), load_templates())
+    kinds = {json.loads(t).get("choices") is not None for _, t in examples}
+    assert len(examples) >= 60 and kinds == {True, False}
+    for _, target in examples:
+        assert set(json.loads(target)) >= {"question", "answer", "difficulty"}
+    pair = make_tiny_pair(tmp_path / "tiny")
+    info = train_on_examples(pair["teacher"], examples[:4], steps=12, lr=3e-3, batch_size=2)
+    assert info["examples"] == 4 and info["final_loss"] < info["first_loss"]
+    assert cli_main(["make-tiny-models", "--out", str(tmp_path / "cli"), "--kb", str(kb.folder), "--teacher-steps", "1"]) == 0
+    assert json.loads((tmp_path / "cli" / "teacher" / "sft.json").read_text())["steps"] == 1

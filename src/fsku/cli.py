@@ -11,7 +11,7 @@
     fsku score --pred submission.csv --gold FILE
     fsku evaluate --gold FILE[,FILE] --kb DIR --model ID_OR_PATH ...   (tracked in MLflow)
     fsku prepare-llm --name qwen2.5-coder-1.5b-instruct|qwen2.5-coder-0.5b-instruct|all
-    fsku make-tiny-models --out DIR
+    fsku make-tiny-models --out DIR [--kb DIR --teacher-steps N]
     fsku cache-invalidate --cache-dir DIR --pattern 'answer|*'
     fsku synth-qa --kb DIR --teacher ID_OR_PATH --n-chunks N --out DIR   (tracked in MLflow)
 """
@@ -185,12 +185,27 @@ def cmd_prepare_llm(argv: list[str]) -> int:
 
 
 def cmd_make_tiny_models(argv: list[str]) -> int:
-    from .llm.tiny import make_tiny_pair
+    from .llm.tiny import make_tiny_pair, train_on_examples
 
     p = argparse.ArgumentParser(prog="fsku make-tiny-models", description="A tiny teacher/student pair sharing one tokenizer.")
     p.add_argument("--out", default="models/tiny", type=Path)
+    p.add_argument("--kb", type=Path, help="teach the tiny teacher the synth_qa output format on templated QA from this KB's chunks")
+    p.add_argument("--teacher-steps", type=int, default=150, help="fine-tuning steps of the tiny teacher (with --kb)")
     a = p.parse_args(argv)
     paths = make_tiny_pair(a.out)
+    if a.kb:
+        import pandas as pd
+
+        from .synth.templated import teacher_sft_examples
+        from .synth.templates import load_templates
+
+        chunks_path = a.kb / "chunks.parquet"
+        if not chunks_path.exists():
+            raise FileNotFoundError(f"{chunks_path} not found: build the knowledge base first (fsku build-kb)")
+        examples = teacher_sft_examples(pd.read_parquet(chunks_path), load_templates())
+        info = train_on_examples(paths["teacher"], examples, steps=a.teacher_steps, progress=True)
+        (paths["teacher"] / "sft.json").write_text(json.dumps({"kb": str(a.kb), **info}, indent=2), encoding="utf-8")
+        print(f"tiny teacher fine-tuned on {info['examples']} templated QA examples: loss {info['first_loss']:.2f} -> {info['final_loss']:.2f}")
     print("tiny models: " + ", ".join(f"{k}={v}" for k, v in paths.items()))
     return 0
 

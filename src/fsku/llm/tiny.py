@@ -73,11 +73,13 @@ def make_tiny_pair(out_dir: str | Path, texts: Optional[Iterable[str]] = None, v
 
 
 def _default_texts() -> list[str]:
-    """Tokenizer training text: the project's own sample corpus and questions (Korean and English)."""
+    """Tokenizer training text: the project's own sample corpus and questions (Korean and English)
+    and the synth_qa prompt templates, so the prompts the tiny teacher reads stay short."""
     root = Path(__file__).resolve().parents[3] / "data"
     texts = []
-    for path in sorted(root.rglob("*")):
-        if path.suffix in {".md", ".txt", ".csv", ".jsonl"} and path.is_file():
+    templates = Path(__file__).resolve().parents[1] / "synth" / "templates"
+    for path in sorted(list(root.rglob("*")) + list(templates.glob("*.yaml"))):
+        if path.suffix in {".md", ".txt", ".csv", ".jsonl", ".yaml"} and path.is_file():
             try:
                 texts.append(path.read_text(encoding="utf-8"))
             except UnicodeDecodeError:
@@ -85,3 +87,65 @@ def _default_texts() -> list[str]:
     if not texts:
         texts = ["전자금융거래 정보보호 1 2 3 4 5 정답 question answer"]
     return texts
+
+
+def train_on_examples(model_dir: str | Path, examples: list[tuple[list[dict], str]], steps: int = 300, lr: float = 3e-3,
+                      batch_size: int = 8, max_len: int = 1024, seed: int = 0, progress: bool = False) -> dict:
+    """Supervised fine-tuning of a (tiny) chat model in place: loss on the response tokens only.
+
+    `examples` are (chat messages, response text). Used to teach the tiny offline teacher the
+    synth_qa output format; examples longer than max_len tokens are skipped."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    encoded = []
+    for messages, response in examples:
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        r_ids = tok(response + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        if len(p_ids) + len(r_ids) <= max_len:
+            encoded.append((p_ids + r_ids, [-100] * len(p_ids) + r_ids))
+    if not encoded:
+        raise ValueError(f"no training example fits in {max_len} tokens")
+    torch.manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
+    model.train()
+    losses = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="tiny teacher SFT", unit="step")
+    for step in range(steps):
+        idx = torch.randint(len(encoded), (min(batch_size, len(encoded)),), generator=rng).tolist()
+        width = max(len(encoded[i][0]) for i in idx)
+        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(idx), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            x, y = encoded[i]
+            ids[row, :len(x)] = torch.tensor(x)
+            labels[row, :len(y)] = torch.tensor(y)
+            mask[row, :len(x)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if bar:
+        bar.close()
+    model.eval()
+    model.save_pretrained(model_dir)
+    info = {"steps": steps, "examples": len(encoded), "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:])}
+    log.info("trained %s on %d examples: loss %.3f -> %.3f", model_dir, len(encoded), info["first_loss"], info["final_loss"])
+    return info

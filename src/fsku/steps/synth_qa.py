@@ -51,7 +51,8 @@ def _plots(stats: dict, accepted: pd.DataFrame) -> dict:
         mix = Counter(f"{k}/{t}" for k, t in zip(accepted["kind"].str.replace("multiple_choice", "mc")
                                                  .str.replace("descriptive", "desc"), accepted["qtype"], strict=True))
     bars(dict(sorted(mix.items())), "accepted by kind/type", "accepted_by_kind_type")
-    bars(stats["accepted_by_difficulty"], "accepted by difficulty (1-5)", "accepted_by_difficulty")
+    bars({f"level {k}": v for k, v in stats["accepted_by_difficulty"].items()}, "accepted by difficulty (1-5)",
+         "accepted_by_difficulty")
     reasons = dict(sorted(stats["rejected_by_reason"].items(), key=lambda kv: -kv[1]))
     bars(reasons or {"(none)": 0}, "rejections by reason", "rejections_by_reason", horizontal=True)
     fig, ax = plt.subplots(figsize=(5.5, 3.2))

@@ -4,7 +4,7 @@ Output folder (schemas in README 'synth_qa'):
     raw.jsonl            header + one line per generation task (the teacher's text), append-only
     accepted.jsonl       SyntheticQA records that passed every check (with their split)
     rejected.jsonl       {"ID", "stage", "reason", ...} per dropped generation
-    {train,validation,test}.jsonl / .parquet   the accepted records by split
+    {train,validation,test}.jsonl / .parquet   the accepted records by split (parquet: choices as JSON text)
     stats.json           counts by kind/type/difficulty/split, rejections by reason, timings
 """
 from __future__ import annotations
@@ -62,6 +62,16 @@ def read_eval_questions(paths: list[Path]) -> list[str]:
         else:
             raise ValueError(f"{path}: decontamination files must be .csv or .jsonl")
     return out
+
+
+def records_frame(items) -> pd.DataFrame:
+    """Records as a DataFrame for parquet: `choices` as a JSON object string (option sets differ in
+    size and are empty for descriptive items, which parquet structs cannot hold)."""
+    from .records import SyntheticQA
+
+    columns = [f.name for f in dataclasses.fields(SyntheticQA)]
+    rows = [{**r.to_dict(), "choices": json.dumps(r.choices, ensure_ascii=False)} for r in items]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def eval_files_for(cfg: SynthQAConfig) -> list[Path]:
@@ -129,8 +139,7 @@ def synthesize(cfg: SynthQAConfig, progress: bool = True) -> SynthResult:
     for split in SPLIT_NAMES:
         items = [r for r in outcome.accepted if r.split == split]
         write_jsonl(items, out / f"{split}.jsonl")
-        pd.DataFrame([r.to_dict() for r in items], columns=[f.name for f in dataclasses.fields(outcome.accepted[0])]
-                     if outcome.accepted else None).to_parquet(out / f"{split}.parquet", index=False)
+        records_frame(items).to_parquet(out / f"{split}.parquet", index=False)
     acc = outcome.accepted
     generated_now = len(raw_log.done) - new_before
     teacher_s = sum(r.get("seconds", 0.0) for r in raw)

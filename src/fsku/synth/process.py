@@ -68,12 +68,10 @@ def process(raw: Sequence[dict], chunks: pd.DataFrame, tokenize: F.Tokenizer, se
             item = from_teacher_json(parsed.value, kind=rec["kind"], qtype=rec["qtype"], chunk_id=rec["chunk_id"],
                                      source_article=source_article(row.to_dict() | {"chunk_id": rec["chunk_id"]}),
                                      teacher_model=rec.get("teacher", ""), prompt_version=rec.get("template_version", ""))
-        except ValueError as exc:
-            reason = re.split(r"[:;]", str(exc), maxsplit=1)[0].strip().replace(" ", "_")
+        except (ValueError, TypeError) as exc:  # TypeError: a field of an unexpected JSON type
+            reason = re.split(r"[:;]", str(exc), maxsplit=1)[0].strip().replace(" ", "_") \
+                if isinstance(exc, ValueError) else "malformed_fields"
             out.rejected.append({"ID": rid, "stage": "record", "reason": reason, "text": rec.get("text", "")[:500]})
-            continue
-        if rec.get("kind") == "multiple_choice" and rec.get("n_options") and len(item.choices) != rec["n_options"]:
-            out.rejected.append({"ID": rid, "stage": "format", "reason": "option_count", "question": item.question})
             continue
         reason = F.check_format(item) or F.check_language(item, settings.min_hangul) or F.check_length(item)
         if reason:

@@ -133,6 +133,8 @@ def from_teacher_json(obj: dict[str, Any], *, kind: str, qtype: str, chunk_id: s
     keywords = first_present(obj, "keywords", "키워드") or []
     if isinstance(keywords, str):
         keywords = [k for k in re.split(r"[,，、]", keywords)]
+    if not isinstance(keywords, list) or not all(isinstance(k, (str, int, float)) for k in keywords):
+        raise ValueError("malformed_keywords")
     keywords = [str(k).strip() for k in keywords if str(k).strip()]
     q = question.strip()
     return SyntheticQA(qa_id=qa_id_for(chunk_id, kind, q), question=q, answer=answer.strip(),
