@@ -31,15 +31,10 @@ class Parsed:
     repairs: tuple[str, ...]  # which repairs were needed ('' when the text was clean JSON)
 
 
-def _outer_object(text: str) -> tuple[str, bool]:
-    """The first top-level {...} in text (string-aware); (fragment, complete). An object cut off
-    by the token cap comes back incomplete, from its '{' to the end."""
-    start = text.find("{")
-    if start < 0:
-        raise ParseError("no_json_object", "no '{' in the output")
-    depth, in_str, esc = 0, False, False
-    for i in range(start, len(text)):
-        c = text[i]
+def _structure(text: str) -> list[tuple[int, str]]:
+    """(index, char) of every bracket and comma outside JSON strings."""
+    out, in_str, esc = [], False, False
+    for i, c in enumerate(text):
         if in_str:
             if esc:
                 esc = False
@@ -49,55 +44,38 @@ def _outer_object(text: str) -> tuple[str, bool]:
                 in_str = False
         elif c == '"':
             in_str = True
-        elif c in "{[":
+        elif c in "{}[],":
+            out.append((i, c))
+    return out
+
+
+def _outer_object(text: str) -> tuple[str, bool]:
+    """The first top-level {...} in text (string-aware); (fragment, complete). An object cut off
+    by the token cap comes back incomplete, from its '{' to the end."""
+    start = text.find("{")
+    if start < 0:
+        raise ParseError("no_json_object", "no '{' in the output")
+    depth = 0
+    for i, c in _structure(text[start:]):
+        if c in "{[":
             depth += 1
         elif c in "}]":
             depth -= 1
             if depth == 0:
-                return text[start:i + 1], True
+                return text[start:start + i + 1], True
     return text[start:], False
 
 
 def _close_truncated(fragment: str) -> str:
     """Close an object cut off mid-way: drop the dangling key or partial value after the last
     complete one, then close the open brackets in reverse order."""
-    stack, in_str, esc = [], False, False
-    last_safe = 0  # index after the last complete value separator / opener
-    for i, c in enumerate(fragment):
-        if in_str:
-            if esc:
-                esc = False
-            elif c == "\\":
-                esc = True
-            elif c == '"':
-                in_str = False
-            continue
-        if c == '"':
-            in_str = True
-        elif c in "{[":
-            stack.append("}" if c == "{" else "]")
-            last_safe = i + 1
-        elif c in "}]":
-            if stack:
-                stack.pop()
-            last_safe = i + 1
-        elif c == ",":
-            last_safe = i
+    last_safe = 0  # end of the last complete value: after a bracket, or before a comma
+    for i, c in _structure(fragment):
+        last_safe = i if c == "," else i + 1
     body = fragment[:last_safe]  # a value cut mid-way is dropped, never kept half-written
-    # recompute what is still open in the kept body
-    stack, in_str, esc = [], False, False
-    for c in body:
-        if in_str:
-            if esc:
-                esc = False
-            elif c == "\\":
-                esc = True
-            elif c == '"':
-                in_str = False
-            continue
-        if c == '"':
-            in_str = True
-        elif c in "{[":
+    stack: list[str] = []
+    for _, c in _structure(body):
+        if c in "{[":
             stack.append("}" if c == "{" else "]")
         elif c in "}]" and stack:
             stack.pop()
