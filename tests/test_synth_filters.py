@@ -70,6 +70,7 @@ def test_from_teacher_json_builds_competition_format():
     assert item.choices == {"1": "5년", "2": "3년", "3": "1년", "4": "10년"} and item.answer_text == "5년"
     # only an option's own number is a prefix: a leading quantity stays
     assert mc(options=("3 영업일", "2 5영업일", "7일", "4 10일")).choices == {"1": "3 영업일", "2": "5영업일", "3": "7일", "4": "10일"}
+    assert mc(options=("1년", "(2) 2년", "3.5%", "4)4년")).choices == {"1": "1년", "2": "2년", "3": "3.5%", "4": "4년"}
     assert item.difficulty_level == 2 and item.context_chunk_ids == ["c1"]
     with pytest.raises(ValueError, match="answer_out_of_range"):
         mc(answer="7")
@@ -225,3 +226,45 @@ def test_templated_items_pass_the_filters():
         assert F.check_format(item) is None and F.check_language(item) is None and F.check_length(item) is None
         assert F.grounding_score(item, text, ws) >= 0.5, obj
     assert templated_item("짧다", "", "법", "제1조", "descriptive", "lookup", 0, others, rng) is None
+
+
+# -- templates -----------------------------------------------------------------------------------
+
+def test_templates_cover_every_kind_and_type_and_render_completely(tmp_path):
+    from fsku.synth.records import KINDS, QTYPES
+    from fsku.synth.templates import _load, load_templates
+
+    templates = load_templates()
+    assert set(templates) == {(k, q) for k in KINDS for q in QTYPES}
+    for (kind, qtype), t in templates.items():
+        assert t.version.startswith(t.name) and t.kind == kind and t.qtype == qtype
+        msgs = t.render(title="전자금융거래법", article="제21조의2", chunk=CHUNK, n_options=5)
+        assert [m["role"] for m in msgs] == ["system", "user"]
+        user = msgs[1]["content"]
+        assert "$" not in user and CHUNK in user and "전자금융거래법 제21조의2" in user and "JSON" in user
+        if kind == "multiple_choice":
+            assert "정확히 5개" in user
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: x\nkind: descriptive\nqtype: lookup\nsystem: s\nuser: $chunk $secret\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"unknown placeholders \['secret'\]"):
+        _load(bad)
+    bad.write_text("version: x\nkind: essay\nqtype: lookup\nsystem: s\nuser: u\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        _load(bad)
+
+
+def test_judge_threshold_keeps_and_drops():
+    import pandas as pd
+
+    from fsku.synth.process import FilterSettings, process
+
+    chunks = pd.DataFrame([{"chunk_id": "c1", "doc_id": "d", "title": "전자금융거래법", "path": "", "article": "제21조의2",
+                            "text": CHUNK}])
+    good = {"question": "전자금융거래기록의 보존기간으로 옳은 것은?", "choices": ["5년", "3년", "1년", "10년"], "answer": 1}
+    other = {"question": "1만원 이하 거래기록의 보존기간으로 옳은 것은?", "choices": ["1년", "3년", "7년", "10년"], "answer": 1}
+    raw = [{"ID": f"t{i}", "chunk_id": "c1", "kind": "multiple_choice", "qtype": "lookup", "text": json.dumps(o, ensure_ascii=False)}
+           for i, o in enumerate((good, other))]
+    scores = {"전자금융거래기록의 보존기간으로 옳은 것은?": 8.5}
+    out = process(raw, chunks, ws, FilterSettings(), judge=lambda item, chunk: scores.get(item.stem, 3.0))
+    assert [a.stem for a in out.accepted] == [good["question"]] and out.accepted[0].overall_quality_score == 8.5
+    assert [(r["ID"], r["reason"], r["score"]) for r in out.rejected] == [("t1", "judge_below_threshold", 3.0)]

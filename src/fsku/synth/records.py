@@ -80,12 +80,12 @@ def qa_id_for(chunk_id: str, kind: str, question: str) -> str:
     return hashlib.sha1(f"{chunk_id}|{kind}|{question}".encode("utf-8")).hexdigest()[:16]
 
 
-_OPTION_PREFIX = re.compile(r"^\s*(?:\(?([1-9])\)|([1-9])[.)]?|([①-⑨]))\s*")
+_OPTION_PREFIX = re.compile(r"^\s*(?:\(([1-9])\)\s*|([1-9])(?:[.)]\s+|\)|\s+)|([①-⑨])\s*)")
 
 
 def strip_option_number(option: str, position: int) -> str:
-    """'2) 3년' at position 2 -> '3년'. Only the option's own number is removed, so an option that
-    starts with a quantity ('3 영업일' at position 1) stays whole."""
+    """'2) 3년' at position 2 -> '3년'. Only the option's own number followed by a separator is
+    removed, so an option that starts with a quantity ('1년', '1.5%', '3 영업일' at position 1) stays whole."""
     m = _OPTION_PREFIX.match(option)
     if m:
         number = m.group(1) or m.group(2) or str("①②③④⑤⑥⑦⑧⑨".index(m.group(3)) + 1)
