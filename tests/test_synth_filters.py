@@ -128,6 +128,14 @@ def test_check_format_uses_the_inference_classifier():
     assert F.check_format(item) in ("classifier_disagrees", "option_count")
 
 
+def test_select_keywords_keeps_supported_ones():
+    answer = "금융회사등은 전자금융거래기록을 5년 동안 보존하여야 한다."
+    assert F.select_keywords(["보존", "5 년", "보 존", "클라우드", "금융회사등", "기록"], answer, CHUNK) == ["보존", "5 년", "금융회사등"]
+    assert F.select_keywords(["클라우드"], answer, CHUNK) == []
+    assert F.select_keywords(["다만"], answer, CHUNK) == ["다만"]  # in the source, not the answer
+    assert F.select_keywords([], answer, CHUNK) == []
+
+
 def test_check_language_and_length():
     assert F.hangul_ratio("CISO는 독립적") == pytest.approx(4 / 8)
     assert F.hangul_ratio("123 !!") == 0.0

@@ -69,6 +69,19 @@ def check_format(item: SyntheticQA, min_options: int = 4, max_options: int = 5,
     return None
 
 
+def select_keywords(keywords: Sequence[str], answer: str, source: str, max_k: int = 3) -> list[str]:
+    """The teacher's keywords that the reference answer or the source actually contains (the metric
+    rewards an answer for containing them), without duplicates, at most max_k, in the teacher's order."""
+    haystacks = (normalize(answer), normalize(source))
+    out, seen = [], set()
+    for k in keywords:
+        key = normalize(k)
+        if key and key not in seen and any(key in h for h in haystacks):
+            out.append(k.strip())
+            seen.add(key)
+    return out[:max_k]
+
+
 def hangul_ratio(text: str) -> float:
     """Share of Hangul among the letters of text (digits, punctuation and spaces ignored)."""
     letters = [c for c in text if c.isalpha()]

@@ -73,6 +73,11 @@ def process(raw: Sequence[dict], chunks: pd.DataFrame, tokenize: F.Tokenizer, se
                 if isinstance(exc, ValueError) else "malformed_fields"
             out.rejected.append({"ID": rid, "stage": "record", "reason": reason, "text": rec.get("text", "")[:500]})
             continue
+        if item.kind == "descriptive" and item.keywords:
+            kept = F.select_keywords(item.keywords, item.answer, row["text"])
+            if kept != item.keywords:
+                out.repairs["keywords_selected"] += 1
+                item.keywords = kept
         reason = F.check_format(item) or F.check_language(item, settings.min_hangul) or F.check_length(item)
         if reason:
             out.rejected.append({"ID": rid, "stage": "format", "reason": reason, "question": item.question})
