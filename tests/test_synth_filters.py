@@ -225,7 +225,7 @@ def test_templated_items_pass_the_filters():
     rng = random.Random(0)
     for kind, qtype, n in (("multiple_choice", "lookup", 4), ("multiple_choice", "procedural", 5),
                            ("multiple_choice", "negative", 4), ("descriptive", "lookup", 0), ("descriptive", "negative", 0)):
-        obj = templated_item(text, path, "전자금융거래법", "제21조의2", kind, qtype, n, others, rng)
+        obj = templated_item(own, "전자금융거래법", "제21조의2", kind, qtype, n, others, rng)
         if obj is None:
             assert kind == "multiple_choice" and qtype == "negative"  # needs n-1 own sentences
             continue
@@ -233,7 +233,7 @@ def test_templated_items_pass_the_filters():
                                  prompt_version="v")
         assert F.check_format(item) is None and F.check_language(item) is None and F.check_length(item) is None
         assert F.grounding_score(item, text, ws) >= 0.5, obj
-    assert templated_item("짧다", "", "법", "제1조", "descriptive", "lookup", 0, others, rng) is None
+    assert templated_item(sentences("짧다"), "법", "제1조", "descriptive", "lookup", 0, others, rng) is None
 
 
 # -- templates -----------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from collections import Counter
@@ -72,6 +71,7 @@ def _plots(stats: dict, accepted: pd.DataFrame) -> dict:
 def synth_qa(cfg: SynthQAConfig, progress: bool = True):
     from .. import tracking
     from ..synth.pipeline import synthesize
+    from ..synth.split import SPLIT_NAMES
 
     params = dataclasses.asdict(cfg)
     with tracking.run("synth_qa", params, tags={"fsku.teacher": cfg.teacher}) as active:
@@ -82,16 +82,13 @@ def synth_qa(cfg: SynthQAConfig, progress: bool = True):
         tracking.log_metrics({f"accepted_{k}": v for k, v in {**s["accepted_by_kind"], **s["accepted_by_qtype"],
                                                                **s["accepted_by_split"]}.items()})
         accepted = pd.DataFrame([r.to_dict() for r in result.outcome.accepted])
-        kb_manifest = Path(cfg.kb) / "manifest.json"
-        kb_version = json.loads(kb_manifest.read_text(encoding="utf-8")).get("corpus_sha256", "")[:12] \
-            if kb_manifest.exists() else ""
         if not accepted.empty:
-            for split in ("train", "validation", "test"):
+            for split in SPLIT_NAMES:
                 part = accepted[accepted["split"] == split]
                 if not part.empty:
                     tracking.log_dataset(part, name=f"fsku-synth-{split}", source=str(Path(cfg.out) / f"{split}.parquet"),
                                          context="training" if split == "train" else split, targets="answer",
-                                         tags={"kb": str(cfg.kb), "kb_version": kb_version, "teacher": cfg.teacher})
+                                         tags={"kb": str(cfg.kb), "kb_version": s["kb_version"], "teacher": cfg.teacher})
             sample = accepted.groupby(["kind", "qtype"], group_keys=False).head(5)
             tracking.log_table(sample[["qa_id", "kind", "qtype", "question", "answer", "keywords", "difficulty_level",
                                        "overall_quality_score", "split"]].astype(str), "tables/sample_items.json")
@@ -101,7 +98,7 @@ def synth_qa(cfg: SynthQAConfig, progress: bool = True):
         for name, fig in _plots(s, accepted).items():
             tracking.log_figure(fig, name)
         tracking.log_dict(s, "stats.json")
-        for name in ("accepted.jsonl", "rejected.jsonl", "train.parquet", "validation.parquet", "test.parquet"):
+        for name in ["accepted.jsonl", "rejected.jsonl"] + [f"{split}.parquet" for split in SPLIT_NAMES]:
             tracking.log_artifact(Path(cfg.out) / name, "synth_qa")
         run_id = active.info.run_id
     return result, run_id

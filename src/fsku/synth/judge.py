@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..infer.options import normalize_logprobs
 from .records import SyntheticQA
 
 _SPLIT = "\u2063JUDGE_SPLIT\u2063"
@@ -18,9 +19,7 @@ RUBRIC = ("다음 기준으로 이 문항을 0~9점으로 평가하세요: 정�
 
 def digit_score(digit_logprobs: np.ndarray) -> float:
     """Expected digit under the normalised label distribution, scaled from 0-9 to 0-10."""
-    logp = np.asarray(digit_logprobs, dtype=np.float64)
-    p = np.exp(logp - logp.max())
-    p /= p.sum()
+    p = np.exp(normalize_logprobs(digit_logprobs))
     return float((p * np.arange(len(p))).sum() * 10.0 / (len(p) - 1))
 
 

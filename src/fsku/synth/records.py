@@ -16,10 +16,11 @@ from typing import Any, Iterable
 
 from ..jsonl import iter_jsonl
 from .parse import first_present
+from .split import SPLIT_NAMES
 
 KINDS = ("multiple_choice", "descriptive")
 QTYPES = ("lookup", "procedural", "negative")
-SPLITS = ("", "train", "validation", "test")
+SPLITS = ("",) + SPLIT_NAMES  # "" until split_by_group assigns one
 
 
 @dataclass

@@ -34,10 +34,11 @@ def keywords_of(text: str, k: int = 2) -> list[str]:
     return [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], -len(kv[0]), kv[0]))[:k]]
 
 
-def templated_item(chunk_text: str, path: str, title: str, article: str, kind: str, qtype: str, n_options: int,
+def templated_item(own: Sequence[str], title: str, article: str, kind: str, qtype: str, n_options: int,
                    other_sentences: Sequence[str], rng: random.Random) -> Optional[dict]:
-    """One item as the teacher should write it, or None when the chunk has too little material."""
-    own = sentences(chunk_text, path)
+    """One item as the teacher should write it from the chunk's own `sentences()`, or None when the
+    chunk has too little material."""
+    own = list(own)
     others = [s for s in other_sentences if s not in own]
     name = f"{title} {article}".strip()
     if not own:
@@ -74,19 +75,18 @@ def teacher_sft_examples(chunks, templates: dict, seed: int = 0, min_chars: int 
 
     rng = random.Random(seed)
     rows = [r for r in chunks.to_dict("records") if len(r["text"]) - len(r.get("path") or "") >= min_chars]
+    own_by_row = [sentences(r["text"], r.get("path") or "") for r in rows]
     by_doc: dict[str, list[str]] = {}
-    for r in rows:
-        by_doc.setdefault(r["doc_id"], []).extend(sentences(r["text"], r.get("path") or ""))
+    for r, own in zip(rows, own_by_row, strict=True):
+        by_doc.setdefault(r["doc_id"], []).extend(own)
     everything = [s for ss in by_doc.values() for s in ss]
     out = []
-    for r in rows:
-        own = set(sentences(r["text"], r.get("path") or ""))
+    for r, own in zip(rows, own_by_row, strict=True):
         same_doc = [s for s in by_doc[r["doc_id"]] if s not in own]
         pool = same_doc if len(same_doc) >= 4 else [s for s in everything if s not in own]
         for (kind, qtype), template in sorted(templates.items()):
             for n in ((4, 5) if kind == "multiple_choice" else (0,)):
-                item = templated_item(r["text"], r.get("path") or "", r.get("title") or "", r.get("article") or "",
-                                      kind, qtype, n, pool, rng)
+                item = templated_item(own, r.get("title") or "", r.get("article") or "", kind, qtype, n, pool, rng)
                 if item is None:
                     continue
                 messages = template.render(title=r.get("title") or "", article=r.get("article") or "",
