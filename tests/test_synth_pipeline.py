@@ -291,3 +291,19 @@ def test_tiny_teacher_learns_the_format_from_templated_qa(sample_kb, tmp_path):
     assert info["examples"] == 4 and info["final_loss"] < info["first_loss"]
     assert cli_main(["make-tiny-models", "--out", str(tmp_path / "cli"), "--kb", str(kb.folder), "--teacher-steps", "1"]) == 0
     assert json.loads((tmp_path / "cli" / "teacher" / "sft.json").read_text())["steps"] == 1
+
+
+def test_bad_synth_inputs_get_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"qtype_mix: expected name:weight .* got 'essay:1'"):
+        SynthQAConfig(qtype_mix="lookup:1,essay:1")
+    with pytest.raises(ValueError, match="qtype_mix: weight of 'lookup' is not a number"):
+        SynthQAConfig(qtype_mix="lookup:x")
+    with pytest.raises(ValueError, match="split_ratios must be numbers"):
+        SynthQAConfig(split_ratios="0.8,a,0.1")
+    with pytest.raises(ValueError, match="n_options must be 0, 4 or 5"):
+        SynthQAConfig(n_options=3)
+    with pytest.raises(FileNotFoundError, match="chunks.parquet not found: build the knowledge base first"):
+        G.load_chunks(tmp_path)
+    pd.DataFrame({"chunk_id": ["c"], "text": ["t"]}).to_parquet(tmp_path / "chunks.parquet")
+    with pytest.raises(ValueError, match=r"chunks.parquet: missing columns \['article', 'doc_id', 'path', 'title'\]"):
+        G.load_chunks(tmp_path)
