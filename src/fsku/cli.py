@@ -14,6 +14,7 @@
     fsku make-tiny-models --out DIR [--kb DIR --teacher-steps N]
     fsku cache-invalidate --cache-dir DIR --pattern 'answer|*'
     fsku synth-qa --kb DIR --teacher ID_OR_PATH --n-chunks N --out DIR   (tracked in MLflow)
+    fsku distill --data DIR --teacher ID_OR_PATH --student ID_OR_PATH --loss-type distillm_v2 ...   (tracked in MLflow)
 """
 from __future__ import annotations
 
@@ -229,6 +230,12 @@ def cmd_synth_qa(argv: list[str]) -> int:
     return synth_main(argv)
 
 
+def cmd_distill(argv: list[str]) -> int:
+    from .steps.distill import main as distill_main
+
+    return distill_main(argv)
+
+
 def cmd_build_kb(argv: list[str]) -> int:
     from .steps.build_kb import cli
 
@@ -250,6 +257,7 @@ COMMANDS = {
     "make-tiny-models": cmd_make_tiny_models,
     "cache-invalidate": cmd_cache_invalidate,
     "synth-qa": cmd_synth_qa,
+    "distill": cmd_distill,
 }
 
 

@@ -263,8 +263,82 @@ class SynthQAConfig:
         return parse_weights(self.qtype_mix, ("lookup", "procedural", "negative"), "qtype_mix")
 
 
+@dataclass
+class DistillConfig:
+    """distill: teacher and student answer the synth_qa prompts; a LoRA student learns from both (DistiLLM-2)."""
+
+    data: str = field(default="outputs/synth_qa", metadata={"help": "synth_qa output folder (train.jsonl; validation.jsonl for the held-out KL)."})
+    teacher: str = field(default="offline:qwen2.5-coder-1.5b-instruct", metadata={"help": "Teacher LLM: hub id, local folder, .gguf file or offline:<name>."})
+    student: str = field(default="offline:qwen2.5-coder-0.5b-instruct", metadata={"help": "Student LLM (same tokenizer as the teacher)."})
+    backend: str = field(default="auto", metadata={"help": "Generation backend: auto (vLLM on CUDA when installed, else transformers), transformers, vllm."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on a GPU that supports it, else float32), bfloat16, float16 or float32."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]."})
+    out: str = field(default="outputs/distill", metadata={"help": "Output folder: prompts, responses, pairs, checkpoints, merged model."})
+    max_prompts: int = field(default=0, metadata={"help": "Use at most this many training prompts (0 = all)."})
+    context: str = field(default="none", metadata={"help": "Retrieved context in the prompts, as at inference: none, gated or always (needs kb)."})
+    kb: Optional[str] = field(default=None, metadata={"help": "Knowledge-base folder for context != none."})
+    loss_type: str = field(default="distillm_v2", metadata={"help": "distillm_v2, sft, kd (forward KL), rkl (reverse KL on student responses) or gkd (generalised JSD)."})
+    alpha: float = field(default=0.1, metadata={"help": "Skew of SKL/SRKL (DistiLLM-2 base alpha), in (0, 1)."})
+    adaptive_alpha: bool = field(default=False, metadata={"help": "Per-sequence alpha from the teacher-student probability gap (DistiLLM-2), capped at alpha."})
+    beta: float = field(default=1.0, metadata={"help": "Weight of the student-response term: (2-beta)*chosen + beta*rejected, in [0, 2]."})
+    beta_warmup_ratio: float = field(default=0.0, metadata={"help": "Gradual beta: ramp beta from 0 over this share of the steps (0 = fixed)."})
+    jsd_weight: float = field(default=0.5, metadata={"help": "Mixture weight of the generalised JSD (gkd), in (0, 1)."})
+    teacher_logits: str = field(default="online", metadata={"help": "online (teacher stays loaded, logits per batch) or topk (precomputed top-k log-probs; the teacher is freed before training)."})
+    topk: int = field(default=64, metadata={"help": "Teacher log-probabilities kept per token for teacher_logits=topk."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={"help": "Comma-separated module names, or all-linear."})
+    qlora: bool = field(default=False, metadata={"help": "Load the student base in 4-bit NF4 (CUDA + bitsandbytes)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (cosine schedule)."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Linear warm-up share of the steps."})
+    max_steps: int = field(default=50, metadata={"help": "Optimizer steps per round (0: use epochs)."})
+    epochs: float = field(default=1.0, metadata={"help": "Epochs per round when max_steps is 0."})
+    batch_size: int = field(default=2, metadata={"help": "Pairs per device batch."})
+    grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
+    max_length: int = field(default=1024, metadata={"help": "Longest prompt + response in tokens."})
+    max_prompt_length: int = field(default=768, metadata={"help": "Prompts longer than this are cut from the left."})
+    rounds: int = field(default=1, metadata={"help": "Rounds; each regenerates the student responses with the student of the round before."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Token cap of a descriptive response."})
+    mc_max_new_tokens: int = field(default=8, metadata={"help": "Token cap of a multiple-choice response (an option number)."})
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of both models' responses (0 = greedy)."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling of the responses."})
+    gen_batch_size: int = field(default=4, metadata={"help": "Prompts per generate call."})
+    logging_steps: int = field(default=1, metadata={"help": "Log loss terms, alpha, lr and grad norm every this many steps."})
+    save_steps: int = field(default=25, metadata={"help": "Checkpoint every this many steps (a killed run resumes from the last one)."})
+    register_as: Optional[str] = field(default="fsku-student", metadata={"help": "Registered model name of the merged student ('' or None: do not register)."})
+    cache_dir: str = field(default=".cache/distill", metadata={"help": "diskcache of responses ('' disables)."})
+    restart: bool = field(default=False, metadata={"help": "Discard earlier responses and checkpoints in `out`."})
+    seed: int = field(default=0, metadata={"help": "Seed of sampling, data order and LoRA init."})
+
+    def __post_init__(self):
+        from .distill.losses import LOSS_TYPES
+
+        _check(self.backend in ("auto", "transformers", "vllm"), f"backend must be auto|transformers|vllm, got {self.backend!r}")
+        _check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
+        _check(self.loss_type in LOSS_TYPES, f"loss_type must be one of {sorted(LOSS_TYPES)}, got {self.loss_type!r}")
+        _check(0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}")
+        _check(0 <= self.beta <= 2, f"beta must be in [0, 2], got {self.beta}")
+        _check(0 <= self.beta_warmup_ratio <= 1 and 0 <= self.warmup_ratio <= 1, "beta_warmup_ratio and warmup_ratio must be in [0, 1]")
+        _check(0 < self.jsd_weight < 1, f"jsd_weight must be in (0, 1), got {self.jsd_weight}")
+        _check(self.context in ("none", "gated", "always"), f"context must be none|gated|always, got {self.context!r}")
+        _check(self.context == "none" or bool(self.kb), "context gated/always needs kb")
+        _check(self.teacher_logits in ("online", "topk"), f"teacher_logits must be online|topk, got {self.teacher_logits!r}")
+        _check(self.topk >= 1, "topk must be >= 1")
+        _check(self.lora_r >= 1 and self.lora_alpha >= 1 and 0 <= self.lora_dropout < 1, "lora_r, lora_alpha must be >= 1 and lora_dropout in [0, 1)")
+        _check(self.learning_rate > 0, "learning_rate must be > 0")
+        _check(self.max_steps >= 0 and (self.max_steps > 0 or self.epochs > 0), "max_steps must be >= 0 (and epochs > 0 when it is 0)")
+        _check(self.batch_size >= 1 and self.grad_accum >= 1 and self.gen_batch_size >= 1, "batch sizes must be >= 1")
+        _check(64 <= self.max_prompt_length < self.max_length, "max_prompt_length must be >= 64 and < max_length")
+        _check(self.rounds >= 1 and self.max_prompts >= 0, "rounds must be >= 1 and max_prompts >= 0")
+        _check(self.max_new_tokens >= 1 and self.mc_max_new_tokens >= 1, "max_new_tokens must be >= 1")
+        _check(self.temperature >= 0 and 0 < self.top_p <= 1, "temperature must be >= 0 and top_p in (0, 1]")
+        _check(self.logging_steps >= 1 and self.save_steps >= 1, "logging_steps and save_steps must be >= 1")
+
+
 STAGE_CONFIGS = {"build_kb": BuildKBConfig, "retrieve": RetrieveConfig, "predict": PredictConfig, "evaluate": EvaluateConfig,
-                 "synth_qa": SynthQAConfig}
+                 "synth_qa": SynthQAConfig, "distill": DistillConfig}
 
 
 def config_from_dict(cls, values: dict[str, Any], source: str = "<dict>"):

@@ -134,6 +134,47 @@ def register_knowledge_base(kb_folder: str | Path, name: str) -> str:
     return version
 
 
+class StudentModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper of a merged student: predict(DataFrame with a 'prompt' column: the user turn)
+    -> DataFrame with 'answer' (greedy chat completion with the model's own template)."""
+
+    def load_context(self, context):
+        from .llm import load_llm
+
+        self.llm = load_llm(context.artifacts["model"], backend="transformers")
+
+    def predict(self, context, model_input, params: Optional[dict] = None):
+        if isinstance(model_input, pd.DataFrame):
+            if "prompt" not in model_input.columns:
+                raise ValueError(f"expected a 'prompt' column, got {list(model_input.columns)}")
+            prompts = model_input["prompt"].astype(str).tolist()
+        else:
+            prompts = [str(p) for p in model_input]
+        params = params or {}
+        rendered = [self.llm.render_chat([{"role": "user", "content": p}]) for p in prompts]
+        gens = self.llm.generate(rendered, max_new_tokens=int(params.get("max_new_tokens", 256)))
+        return pd.DataFrame({"answer": [g.text for g in gens]})
+
+
+STUDENT_SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "prompt")]),
+                                   outputs=Schema([ColSpec("string", "answer")]),
+                                   params=ParamSchema([ParamSpec("max_new_tokens", "long", 256)]))
+
+
+def register_student(model_folder: str | Path, name: str, tags: dict[str, str]) -> str:
+    """Log the merged student folder as a pyfunc model in the active run, register it as a new
+    version of `name` and tag that version (base model, teacher, loss, alpha, beta, data version)."""
+    info = mlflow.pyfunc.log_model(
+        name="student", python_model=StudentModel(), artifacts={"model": str(model_folder)},
+        signature=STUDENT_SIGNATURE, registered_model_name=name, pip_requirements=_pip_requirements())
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    mlflow.set_tag("fsku.student_model", f"models:/{name}/{version}")
+    return version
+
+
 def _pip_requirements() -> list[str]:
     req = Path(__file__).resolve().parents[2] / "requirements.txt"
     if req.exists():

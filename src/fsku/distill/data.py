@@ -1,0 +1,184 @@
+"""Distillation data: training prompts from synth_qa records, teacher and student responses
+(resumable, keyed by prompt id), and {prompt, chosen, rejected} pairs.
+
+Prompts are the inference prompts (`fsku.infer.prompts`), so the student learns exactly the task it
+is scored on: for a multiple-choice item the response is the option number, for a descriptive item
+a short answer. A prompt may carry retrieved context the way inference adds it.
+
+Files (JSONL, one object per line, validated on read by `read_pairs`):
+    prompts.jsonl                 {"prompt_id", "kind", "messages": [{"role", "content"}], "reference"}
+    responses_r<R>_<role>.jsonl   header line, then {"ID": prompt_id, "text", "n_tokens", "truncated", "seconds"}
+    pairs_r<R>.jsonl              {"prompt_id", "kind", "prompt": messages,
+                                   "chosen": [{"role": "assistant", "content": teacher text}],
+                                   "rejected": [{"role": "assistant", "content": student text}]}
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from ..infer import prompts as P
+from ..infer.cache import AnswerCache, digest
+from ..infer.orchestrate import ResultLog
+from ..jsonl import iter_jsonl
+from ..synth.records import SyntheticQA
+
+log = logging.getLogger(__name__)
+
+ROLES = ("teacher", "student")
+
+
+def prompt_messages(record: SyntheticQA, context: str = "") -> list[dict]:
+    """The inference prompt for a synth_qa record (the option-order split sentinel removed)."""
+    if record.kind == "multiple_choice":
+        options = [record.choices[k] for k in sorted(record.choices, key=int)]
+        msgs = P.mc_messages(record.stem, options, context=context)
+        return [{**m, "content": m["content"].replace(P.SPLIT, "")} for m in msgs]
+    return P.desc_messages(record.question, context=context)
+
+
+def build_prompts(records: Sequence[SyntheticQA], contexts: Optional[Sequence[str]] = None) -> list[dict]:
+    """One prompt per record, keyed by its qa_id (duplicates are an error: ids key every later file)."""
+    seen: set[str] = set()
+    out = []
+    for i, r in enumerate(records):
+        if r.qa_id in seen:
+            raise ValueError(f"duplicate qa_id {r.qa_id!r} in the training records")
+        seen.add(r.qa_id)
+        ctx = contexts[i] if contexts is not None else ""
+        out.append({"prompt_id": r.qa_id, "kind": r.kind, "messages": prompt_messages(r, ctx),
+                    "reference": r.answer})
+    return out
+
+
+@dataclass
+class ResponseSettings:
+    max_new_tokens: int = 256
+    mc_max_new_tokens: int = 8
+    temperature: float = 0.8
+    top_p: float = 0.95
+    batch_size: int = 4
+    seed: int = 0
+
+
+def generate_responses(prompt_rows: Sequence[dict], llm, settings: ResponseSettings, out_path: Path,
+                       cache: Optional[AnswerCache] = None, restart: bool = False,
+                       progress: Optional[Callable[[int], None]] = None) -> dict[str, dict]:
+    """Responses of one model to every prompt, appended to `out_path` as they arrive.
+
+    A run started again with the same model and settings skips prompt ids already there; a changed
+    model or setting is refused (delete the file or restart). Multiple-choice prompts get
+    `mc_max_new_tokens` (the answer is a number)."""
+    fingerprint = {"model": llm.fingerprint(), "settings": asdict(settings)}
+    results = ResultLog(out_path, fingerprint, restart=restart)
+    if cache is not None and not cache.enabled:
+        cache = None
+    todo = [r for r in prompt_rows if r["prompt_id"] not in results.done]
+    if len(todo) < len(prompt_rows):
+        log.info("resuming: %d of %d responses already in %s", len(prompt_rows) - len(todo), len(prompt_rows), out_path)
+    if progress:
+        progress(len(prompt_rows) - len(todo))
+    # multiple-choice and descriptive prompts in separate batches: they differ in max_new_tokens
+    for kind in ("multiple_choice", "descriptive"):
+        rows = [r for r in todo if r["kind"] == kind]
+        max_new = settings.mc_max_new_tokens if kind == "multiple_choice" else settings.max_new_tokens
+        for start in range(0, len(rows), settings.batch_size):
+            batch = rows[start:start + settings.batch_size]
+            rendered = [llm.render_chat(r["messages"]) for r in batch]
+            keys = ["distill|" + digest({"prompt": p, "model": fingerprint["model"], "settings": fingerprint["settings"],
+                                         "max_new": max_new}, 24) for p in rendered]
+            got = [cache.get(k) if cache is not None else None for k in keys]
+            missing = [i for i, g in enumerate(got) if g is None]
+            if missing:
+                t0 = time.perf_counter()
+                gens = llm.generate([rendered[i] for i in missing], max_new, temperature=settings.temperature,
+                                    top_p=settings.top_p, seed=settings.seed + start)
+                secs = (time.perf_counter() - t0) / len(missing)
+                for i, g in zip(missing, gens, strict=True):
+                    got[i] = {"text": g.text, "n_tokens": g.n_tokens, "truncated": g.truncated, "seconds": round(secs, 3)}
+                    if cache is not None:
+                        cache.set(keys[i], got[i])
+            for row, res in zip(batch, got, strict=True):
+                results.append({"ID": row["prompt_id"], **res})
+            if progress:
+                progress(len(batch))
+    return {r["prompt_id"]: results.done[r["prompt_id"]] for r in prompt_rows}
+
+
+@dataclass
+class PairCounts:
+    prompts: int
+    pairs: int
+    missing_teacher: int
+    missing_student: int
+    empty_teacher: int
+    empty_student: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_pairs(prompt_rows: Sequence[dict], teacher: dict[str, dict], student: dict[str, dict]
+               ) -> tuple[list[dict], PairCounts]:
+    """{prompt, chosen: teacher response, rejected: student response} per prompt that has both
+    (non-empty) sides; the counts say how many prompts lacked which side."""
+    pairs = []
+    counts = PairCounts(len(prompt_rows), 0, 0, 0, 0, 0)
+    for row in prompt_rows:
+        pid = row["prompt_id"]
+        t, s = teacher.get(pid), student.get(pid)
+        if t is None:
+            counts.missing_teacher += 1
+        elif not t["text"].strip():
+            counts.empty_teacher += 1
+        if s is None:
+            counts.missing_student += 1
+        elif not s["text"].strip():
+            counts.empty_student += 1
+        if t is None or s is None or not t["text"].strip() or not s["text"].strip():
+            continue
+        pairs.append({"prompt_id": pid, "kind": row["kind"], "prompt": row["messages"],
+                      "chosen": [{"role": "assistant", "content": t["text"].strip()}],
+                      "rejected": [{"role": "assistant", "content": s["text"].strip()}]})
+    counts.pairs = len(pairs)
+    return pairs, counts
+
+
+def _check_messages(value, path, lineno, key) -> None:
+    if not isinstance(value, list) or not value or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+        raise ValueError(f"{path}:{lineno}: '{key}' must be a non-empty list of {{'role', 'content'}} messages")
+
+
+def read_pairs(path: str | Path) -> list[dict]:
+    """Pairs from a JSONL file, each line checked (fields present, chat-format messages, unique ids)."""
+    out, seen = [], set()
+    for lineno, row in iter_jsonl(path):
+        missing = {"prompt_id", "prompt", "chosen", "rejected"} - set(row)
+        if missing:
+            raise ValueError(f"{path}:{lineno}: pair lacks {sorted(missing)}")
+        for key in ("prompt", "chosen", "rejected"):
+            _check_messages(row[key], path, lineno, key)
+        if row["chosen"][-1]["role"] != "assistant" or row["rejected"][-1]["role"] != "assistant":
+            raise ValueError(f"{path}:{lineno}: chosen/rejected must end with an assistant message")
+        if row["prompt_id"] in seen:
+            raise ValueError(f"{path}:{lineno}: duplicate prompt_id {row['prompt_id']!r}")
+        seen.add(row["prompt_id"])
+        out.append(row)
+    if not out:
+        raise ValueError(f"{path}: no pairs")
+    return out
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    out = []
+    for lineno, row in iter_jsonl(path):
+        missing = {"prompt_id", "kind", "messages"} - set(row)
+        if missing:
+            raise ValueError(f"{path}:{lineno}: prompt row lacks {sorted(missing)}")
+        _check_messages(row["messages"], path, lineno, "messages")
+        out.append(row)
+    return out

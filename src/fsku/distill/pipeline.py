@@ -1,0 +1,234 @@
+"""distill end to end: synth_qa records -> prompts -> teacher and student responses (resumable) ->
+pairs -> LoRA training with the chosen loss (resumable from checkpoints) -> merged student, for
+one or more rounds. MLflow stays in the steps layer: progress and metrics leave through `log_fn`.
+
+Output folder:
+    prompts.jsonl, responses_r<R>_{teacher,student}.jsonl, pairs_r<R>.jsonl   (schemas in data.py)
+    round_<R>/checkpoints/   Trainer checkpoints (adapter + optimizer), resumed when present
+    round_<R>/merged/        the student with that round's LoRA merged in
+    merged/                  the final student (= last round's merged), tokenizer, generation config
+    stats.json               counts, timings, final metrics
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..config import DistillConfig, InferConfig
+from ..infer.cache import AnswerCache
+from ..synth.records import read_jsonl
+from .data import ResponseSettings, build_prompts, generate_responses, make_pairs
+from .trainer import (DistillTrainer, LoraSettings, LossSettings, MetricsCallback, PairCollator, PairDataset,
+                      check_shared_vocab, encode_pairs, last_checkpoint, load_student, merge_and_save, precompute_topk)
+
+log = logging.getLogger(__name__)
+LogFn = Callable[[dict, int], None]
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    merged: Path
+    stats: dict
+    history: list[dict] = field(default_factory=list)
+
+
+def _bar(progress: bool, total: int, desc: str):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="prompt")
+
+
+def _update(bar) -> Optional[Callable[[int], None]]:
+    return (lambda n: bar.update(n)) if bar is not None else None
+
+
+def pick_device_dtype(device: str, dtype: str):
+    import torch
+
+    from ..llm.hf import pick_device
+
+    dev = pick_device(device)
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    return dev, torch_dtype
+
+
+def load_records(data: str | Path, split: str, max_rows: int = 0) -> list:
+    path = Path(data) / f"{split}.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run synth_qa first (its output folder holds train/validation/test.jsonl)")
+    records = read_jsonl(path)
+    return records[:max_rows] if max_rows else records
+
+
+def retrieve_contexts(records, cfg: DistillConfig, llm) -> list[str]:
+    """Context blocks exactly as inference builds them (same retrieval, gate and token budget)."""
+    from ..infer.answer import Answerer
+    from ..kb import KnowledgeBase
+
+    kb = KnowledgeBase.load(cfg.kb)
+    answerer = Answerer(llm, InferConfig(context=cfg.context), kb)
+    hits = answerer.retrieve([r.question for r in records])
+    return [answerer.context_text(h, terms)[0] for h, terms in hits]
+
+
+def _free(*objs) -> None:
+    import torch
+
+    for o in objs:
+        del o
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool = True) -> DistillResult:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from ..llm import load_llm
+    from ..llm.resolve import resolve_model
+
+    out = Path(cfg.out)
+    if cfg.restart and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    device, torch_dtype = pick_device_dtype(cfg.device, cfg.dtype)
+    teacher_path, student_path = resolve_model(cfg.teacher), resolve_model(cfg.student)
+    teacher_tok, student_tok = AutoTokenizer.from_pretrained(teacher_path), AutoTokenizer.from_pretrained(student_path)
+    vocab_size = check_shared_vocab(student_tok, teacher_tok)
+    if student_tok.pad_token_id is None:
+        student_tok.pad_token = student_tok.eos_token
+
+    records = load_records(cfg.data, "train", cfg.max_prompts)
+    if not records:
+        raise ValueError(f"{cfg.data}/train.jsonl holds no records")
+    settings = ResponseSettings(cfg.max_new_tokens, cfg.mc_max_new_tokens, cfg.temperature, cfg.top_p,
+                                cfg.gen_batch_size, cfg.seed)
+    cache = AnswerCache(cfg.cache_dir)
+    gen_kw = dict(backend=cfg.backend, dtype=cfg.dtype, device=cfg.device, max_model_len=cfg.max_length + cfg.max_new_tokens)
+    stats: dict = {"train_records": len(records), "vocab_size": vocab_size, "device": device,
+                   "dtype": str(torch_dtype).replace("torch.", ""), "rounds": []}
+
+    # teacher responses (once: the teacher does not change between rounds)
+    teacher_llm = load_llm(cfg.teacher, **gen_kw)
+    contexts = retrieve_contexts(records, cfg, teacher_llm) if cfg.context != "none" else None
+    prompt_rows = build_prompts(records, contexts)
+    with (out / "prompts.jsonl").open("w", encoding="utf-8") as fh:
+        for row in prompt_rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    t0 = time.perf_counter()
+    bar = _bar(progress, len(prompt_rows), "teacher responses")
+    teacher_resp = generate_responses(prompt_rows, teacher_llm, settings, out / "responses_r1_teacher.jsonl", cache,
+                                      progress=_update(bar))
+    if bar is not None:
+        bar.close()
+    stats["teacher_response_s"] = round(time.perf_counter() - t0, 1)
+    # the backend's own HF model serves the online teacher logits when it has one
+    teacher_model = getattr(teacher_llm, "model", None)
+    if cfg.teacher_logits == "online" and not hasattr(teacher_model, "forward"):
+        teacher_model = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch_dtype).to(device).eval()
+
+    history: list[dict] = []
+    current_student = student_path
+    merged = out / "merged"
+    for rnd in range(1, cfg.rounds + 1):
+        rstats: dict = {"round": rnd}
+        rdir = out / f"round_{rnd}"
+        # student responses from the student as it stands at the start of the round
+        t0 = time.perf_counter()
+        student_llm = load_llm(str(current_student), **gen_kw)
+        bar = _bar(progress, len(prompt_rows), f"student responses (round {rnd})")
+        student_resp = generate_responses(prompt_rows, student_llm, settings, out / f"responses_r{rnd}_student.jsonl",
+                                          cache, progress=_update(bar))
+        if bar is not None:
+            bar.close()
+        _free(student_llm)
+        rstats["student_response_s"] = round(time.perf_counter() - t0, 1)
+        pairs, counts = make_pairs(prompt_rows, teacher_resp, student_resp)
+        rstats["pairs"] = counts.to_dict()
+        log.info("round %d: %d pairs (%s)", rnd, len(pairs), counts.to_dict())
+        if not pairs:
+            raise ValueError(f"round {rnd}: no prompt has both a teacher and a student response ({counts.to_dict()})")
+        with (out / f"pairs_r{rnd}.jsonl").open("w", encoding="utf-8") as fh:
+            for p in pairs:
+                fh.write(json.dumps(p, ensure_ascii=False) + "\n")
+        features, cut = encode_pairs(student_tok, pairs, cfg.max_length, cfg.max_prompt_length)
+        rstats["prompts_cut"] = cut
+
+        teacher_for_training = None
+        if cfg.loss_type != "sft":
+            if cfg.teacher_logits == "topk":
+                model = teacher_model if hasattr(teacher_model, "forward") else \
+                    AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch_dtype).to(device).eval()
+                bar = _bar(progress, len(features), f"teacher top-{cfg.topk}")
+                precompute_topk(model, features, cfg.topk, vocab_size, batch_size=cfg.batch_size, progress=_update(bar))
+                if bar is not None:
+                    bar.close()
+            else:
+                teacher_for_training = teacher_model
+
+        torch.manual_seed(cfg.seed)
+        lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, cfg.qlora,
+                            cfg.gradient_checkpointing)
+        student = load_student(str(current_student), lora, torch_dtype, device)
+        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        rstats["trainable_parameters"] = trainable
+        steps = cfg.max_steps
+        args = TrainingArguments(
+            output_dir=str(rdir / "checkpoints"), max_steps=steps if steps > 0 else -1, num_train_epochs=cfg.epochs,
+            per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+            learning_rate=cfg.learning_rate, lr_scheduler_type="cosine",
+            warmup_steps=int(round(cfg.warmup_ratio * steps)) if steps > 0 else 0, logging_steps=cfg.logging_steps,
+            save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, report_to="none",
+            remove_unused_columns=False, seed=cfg.seed, data_seed=cfg.seed, use_cpu=device == "cpu",
+            bf16=torch_dtype == torch.bfloat16, gradient_checkpointing=cfg.gradient_checkpointing,
+            disable_tqdm=not progress, dataloader_num_workers=0, max_grad_norm=1.0)
+        callback = MetricsCallback(log_fn, prefix=f"r{rnd}/" if cfg.rounds > 1 else "")
+        trainer = DistillTrainer(
+            model=student, args=args, train_dataset=PairDataset(features), data_collator=PairCollator(student_tok.pad_token_id),
+            teacher=teacher_for_training, callbacks=[callback],
+            loss=LossSettings(cfg.loss_type, cfg.alpha, cfg.adaptive_alpha, cfg.beta, cfg.beta_warmup_ratio, cfg.jsd_weight),
+            vocab_size=vocab_size)
+        resume = last_checkpoint(rdir / "checkpoints")
+        if resume:
+            log.info("round %d: resuming from %s", rnd, resume)
+        t0 = time.perf_counter()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        result = trainer.train(resume_from_checkpoint=resume)
+        rstats["train_s"] = round(time.perf_counter() - t0, 1)
+        rstats["steps"] = trainer.state.global_step
+        done = trainer.state.global_step - (int(resume.rsplit("-", 1)[-1]) if resume else 0)
+        rstats["s_per_step"] = round(rstats["train_s"] / max(1, done), 3)
+        rstats["train_loss"] = float(result.training_loss)
+        rstats["resumed_from"] = resume or ""
+        if device.startswith("cuda"):
+            rstats["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        history.extend({"round": rnd, **h} for h in callback.history)
+        merge_and_save(trainer.model, student_tok, rdir / "merged")
+        current_student = rdir / "merged"
+        stats["rounds"].append(rstats)
+        _free(trainer, student)
+
+    if merged.exists():
+        shutil.rmtree(merged)
+    shutil.copytree(current_student, merged)
+    _free(teacher_model, teacher_llm)
+    stats["total_s"] = round(time.perf_counter() - t_start, 1)
+    stats["config"] = dataclasses.asdict(cfg)
+    (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
+    return DistillResult(out, merged, stats, history)

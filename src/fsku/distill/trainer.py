@@ -1,0 +1,332 @@
+"""The distillation trainer: a transformers `Trainer` whose loss is one of `losses.LOSS_TYPES`,
+a PEFT LoRA student, and the teacher either resident (logits computed on the fly) or replaced by
+its precomputed top-k log-probabilities (the teacher need not fit in memory during training).
+
+Batches hold both sides of each pair: ``chosen_*`` (teacher response) and ``rejected_*`` (student
+response), each as input_ids / attention_mask / labels (-100 on prompt tokens and padding).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from . import losses as L
+
+log = logging.getLogger(__name__)
+
+SIDES = ("chosen", "rejected")
+IGNORE = -100
+
+
+# ---------------------------------------------------------------- vocabulary
+
+def check_shared_vocab(student_tokenizer, teacher_tokenizer) -> int:
+    """The shared vocabulary size; raises when the tokenizers map any token to different ids
+    (token-level distillation compares distributions id by id)."""
+    sv, tv = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if sv != tv:
+        only_s, only_t = set(sv) - set(tv), set(tv) - set(sv)
+        moved = sum(1 for k in set(sv) & set(tv) if sv[k] != tv[k])
+        raise ValueError(f"teacher and student tokenizers differ ({len(sv)} vs {len(tv)} tokens; {len(only_s)} only in the "
+                         f"student, {len(only_t)} only in the teacher, {moved} with different ids): token-level "
+                         "distillation needs one shared vocabulary (use models of one family, e.g. Qwen2.5 1.5B -> 0.5B)")
+    return len(sv)
+
+
+# ---------------------------------------------------------------- features
+
+def encode_side(tokenizer, prompt_ids: list[int], response: str, max_length: int) -> dict[str, list[int]]:
+    """prompt + response + end-of-turn as input_ids, with labels only on the response."""
+    eos = tokenizer.eos_token or ""
+    resp_ids = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
+    resp_ids = resp_ids[:max(1, max_length - len(prompt_ids))]
+    return {"input_ids": prompt_ids + resp_ids, "labels": [IGNORE] * len(prompt_ids) + resp_ids}
+
+
+def encode_pairs(tokenizer, pairs: Sequence[dict], max_length: int = 1024, max_prompt_length: int = 768
+                 ) -> tuple[list[dict], int]:
+    """Token features per pair and how many prompts were cut from the left to fit max_prompt_length."""
+    feats, cut = [], 0
+    for pair in pairs:
+        text = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) > max_prompt_length:
+            prompt_ids = prompt_ids[-max_prompt_length:]
+            cut += 1
+        feat = {"prompt_id": pair["prompt_id"]}
+        for side in SIDES:
+            enc = encode_side(tokenizer, prompt_ids, pair[side][-1]["content"], max_length)
+            feat[f"{side}_input_ids"], feat[f"{side}_labels"] = enc["input_ids"], enc["labels"]
+        feats.append(feat)
+    return feats, cut
+
+
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, features: list[dict]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.features[i]
+
+
+@dataclass
+class PairCollator:
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch: dict[str, torch.Tensor] = {}
+        for side in SIDES:
+            ids = [r[f"{side}_input_ids"] for r in rows]
+            width = max(len(x) for x in ids)
+            batch[f"{side}_input_ids"] = torch.tensor([x + [self.pad_token_id] * (width - len(x)) for x in ids])
+            batch[f"{side}_attention_mask"] = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+            batch[f"{side}_labels"] = torch.tensor([r[f"{side}_labels"] + [IGNORE] * (width - len(r[f"{side}_labels"]))
+                                                    for r in rows])
+            if f"{side}_topk_idx" in rows[0]:
+                # top-k rows cover the response positions in order; pad to the longest
+                n = max(len(r[f"{side}_topk_idx"]) for r in rows)
+                k = len(rows[0][f"{side}_topk_idx"][0]) if rows[0][f"{side}_topk_idx"] else 1
+                idx = torch.zeros(len(rows), n, k, dtype=torch.long)
+                lp = torch.full((len(rows), n, k), -math.inf)
+                for b, r in enumerate(rows):
+                    m = len(r[f"{side}_topk_idx"])
+                    if m:
+                        idx[b, :m] = torch.as_tensor(r[f"{side}_topk_idx"], dtype=torch.long)
+                        lp[b, :m] = torch.as_tensor(r[f"{side}_topk_logp"], dtype=torch.float32)
+                batch[f"{side}_topk_idx"], batch[f"{side}_topk_logp"] = idx, lp
+        return batch
+
+
+# ---------------------------------------------------------------- teacher top-k
+
+def dense_from_topk(topk_idx: torch.Tensor, topk_logp: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Full log-distributions from top-k (log-prob, id) pairs: the top-k keep their probabilities and
+    the remaining mass is spread evenly over the other ids (every divergence stays finite)."""
+    k = topk_idx.shape[-1]
+    kept = topk_logp.exp().sum(-1, keepdim=True).clamp(max=1.0)
+    rest = ((1.0 - kept).clamp(min=1e-12) / max(1, vocab_size - k)).log()
+    dense = rest.expand(*topk_idx.shape[:-1], vocab_size).clone()
+    return dense.scatter(-1, topk_idx, topk_logp)
+
+
+@torch.no_grad()
+def precompute_topk(teacher, features: list[dict], k: int, vocab_size: int, batch_size: int = 2,
+                    progress: Optional[Callable[[int], None]] = None) -> None:
+    """Adds ``<side>_topk_idx`` / ``<side>_topk_logp`` (one row per response token) to each feature."""
+    device = next(teacher.parameters()).device
+    collate = PairCollator(0)
+    for start in range(0, len(features), batch_size):
+        rows = features[start:start + batch_size]
+        batch = collate([{key: r[key] for key in r if not key.endswith(("topk_idx", "topk_logp"))} for r in rows])
+        for side in SIDES:
+            ids, attn = batch[f"{side}_input_ids"].to(device), batch[f"{side}_attention_mask"].to(device)
+            logits = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1, :vocab_size].float()
+            logp = torch.log_softmax(logits, -1)
+            top = logp.topk(min(k, vocab_size), dim=-1)
+            mask = batch[f"{side}_labels"][:, 1:] != IGNORE
+            for b, r in enumerate(rows):
+                m = mask[b].to(device)
+                r[f"{side}_topk_idx"] = top.indices[b][m].cpu().tolist()
+                r[f"{side}_topk_logp"] = top.values[b][m].cpu().tolist()
+        if progress:
+            progress(len(rows))
+
+
+# ---------------------------------------------------------------- trainer
+
+@dataclass
+class LossSettings:
+    loss_type: str = "distillm_v2"
+    alpha: float = 0.1
+    adaptive_alpha: bool = False
+    beta: float = 1.0
+    beta_warmup_ratio: float = 0.0
+    jsd_weight: float = 0.5
+    alpha_reference_steps: int = 5
+
+
+class DistillTrainer(Trainer):
+    """`Trainer` with a distillation loss. `teacher` is a model (on-the-fly logits) or None when the
+    batches carry precomputed top-k teacher log-probabilities (or the loss needs no teacher)."""
+
+    def __init__(self, *args, teacher=None, loss: LossSettings, vocab_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        if loss.loss_type not in L.LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {loss.loss_type!r}; choose one of {sorted(L.LOSS_TYPES)}")
+        self.teacher, self.loss_settings, self.vocab_size = teacher, loss, vocab_size
+        if self.teacher is not None:
+            self.teacher.eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        self._stored: dict[str, list[float]] = defaultdict(list)
+        self._gap_history: dict[str, list[float]] = defaultdict(list)
+        self.reference_gap: dict[str, Optional[float]] = {s: None for s in SIDES}
+
+    # -- pieces
+    def _teacher_logp(self, inputs: dict, side: str, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if f"{side}_topk_idx" in inputs:
+            dense = dense_from_topk(inputs[f"{side}_topk_idx"], inputs[f"{side}_topk_logp"], self.vocab_size)
+            log_p = torch.full_like(like, -math.log(self.vocab_size))
+            counts = mask.sum(-1).tolist()
+            for b, n in enumerate(counts):
+                log_p[b][mask[b]] = dense[b, :n].to(like.device)
+            return log_p
+        if self.teacher is None:
+            raise ValueError("this loss needs the teacher: pass a teacher model or precomputed top-k log-probabilities")
+        with torch.no_grad():
+            logits = self.teacher(input_ids=inputs[f"{side}_input_ids"],
+                                  attention_mask=inputs[f"{side}_attention_mask"]).logits[:, :-1]
+        return torch.log_softmax(logits[..., :self.vocab_size].float(), dim=-1)
+
+    def _alpha(self, side: str, log_p, log_q, labels, mask):
+        s = self.loss_settings
+        if not s.adaptive_alpha or log_p is None:
+            return s.alpha
+        # chosen: how much likelier the teacher finds its own response; rejected: the student its own
+        gap = (L.sequence_prob_gap(log_p, log_q, labels, mask) if side == "chosen"
+               else L.sequence_prob_gap(log_q, log_p, labels, mask)).detach()
+        self._store(f"gap/{side}", gap.mean().item())
+        ref = self.reference_gap[side]
+        if ref is None:
+            self._gap_history[side].append(gap.mean().item())
+            if len(self._gap_history[side]) >= s.alpha_reference_steps:
+                self.reference_gap[side] = sum(self._gap_history[side]) / len(self._gap_history[side])
+            return s.alpha
+        return L.adaptive_alpha(gap, ref, s.alpha)
+
+    def _store(self, key: str, value: float) -> None:
+        self._stored[key].append(float(value))
+
+    def current_beta(self) -> float:
+        s = self.loss_settings
+        return L.scheduled_beta(s.beta, self.state.global_step, self.state.max_steps or 0, s.beta_warmup_ratio)
+
+    # -- Trainer hooks
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        s = self.loss_settings
+        spec = L.LOSS_TYPES[s.loss_type]
+        beta = self.current_beta()
+        w_chosen, w_rejected = L.side_weights(s.loss_type, beta)
+        sides: dict[str, Optional[L.Side]] = {"chosen": None, "rejected": None}
+        alphas: dict[str, object] = {"chosen": s.alpha, "rejected": s.alpha}
+        for side, divergence, weight in (("chosen", spec.chosen, w_chosen), ("rejected", spec.rejected, w_rejected)):
+            if divergence is None or weight == 0.0:
+                continue
+            logits = model(input_ids=inputs[f"{side}_input_ids"], attention_mask=inputs[f"{side}_attention_mask"]).logits
+            logits = logits[:, :-1]
+            labels = inputs[f"{side}_labels"][:, 1:]
+            mask = labels != IGNORE
+            log_q = torch.log_softmax(logits[..., :self.vocab_size].float(), dim=-1)
+            log_p = self._teacher_logp(inputs, side, mask, log_q) if spec.needs_teacher else None
+            sides[side] = L.Side(log_q, log_p, labels, mask)
+            alphas[side] = self._alpha(side, log_p, log_q, labels, mask)
+        loss, terms = L.distillation_loss(s.loss_type, sides["chosen"], sides["rejected"], alphas["chosen"],
+                                          alphas["rejected"], beta=beta, jsd_weight=s.jsd_weight)
+        for name, value in terms.items():
+            self._store(f"loss/{name}", value.item())
+        for side in SIDES:
+            if sides[side] is not None and s.loss_type == "distillm_v2":
+                a = alphas[side]
+                self._store(f"alpha/{side}", a.mean().item() if isinstance(a, torch.Tensor) else float(a))
+        self._store("beta", beta)
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        for key, values in self._stored.items():
+            if values:
+                logs[key] = sum(values) / len(values)
+        self._stored = defaultdict(list)
+        super().log(logs, start_time)
+
+
+class MetricsCallback(TrainerCallback):
+    """Forwards every numeric log entry to `log_fn(metrics, step)` (MLflow in the steps layer) and
+    keeps the history for plots."""
+
+    def __init__(self, log_fn: Optional[Callable[[dict, int], None]] = None, prefix: str = ""):
+        self.log_fn, self.prefix = log_fn, prefix
+        self.history: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        metrics = {f"{self.prefix}{k}": float(v) for k, v in (logs or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+        if not metrics:
+            return
+        self.history.append({"step": state.global_step, **metrics})
+        if self.log_fn is not None:
+            self.log_fn(metrics, state.global_step)
+
+
+# ---------------------------------------------------------------- student model
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    qlora: bool = False
+    gradient_checkpointing: bool = False
+
+
+def load_student(model_id: str, lora: LoraSettings, dtype: torch.dtype, device: str):
+    """The student with a fresh LoRA adapter (QLoRA: the base in 4-bit NF4, CUDA only)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype}
+    if lora.qlora:
+        if device != "cuda":
+            raise ValueError("qlora needs a CUDA GPU (bitsandbytes 4-bit); use plain LoRA on CPU")
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise ImportError("qlora needs bitsandbytes: pip install bitsandbytes") from exc
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
+    if lora.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=lora.gradient_checkpointing)
+    else:
+        model = model.to(device)
+    targets = [t.strip() for t in lora.target_modules.split(",") if t.strip()]
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if targets != ["all-linear"] and not set(targets) & present:
+        raise ValueError(f"none of the LoRA target modules {targets} exist in {model_id}")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+                        target_modules=targets[0] if targets == ["all-linear"] else [t for t in targets if t in present])
+    model = get_peft_model(model, config)
+    if lora.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def merge_and_save(peft_model, tokenizer, out_dir: str | Path) -> Path:
+    """LoRA merged into the base weights, saved with tokenizer and generation config."""
+    out_dir = Path(out_dir)
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if getattr(merged, "generation_config", None) is not None:
+        merged.generation_config.save_pretrained(out_dir)
+    return out_dir
+
+
+def last_checkpoint(folder: Path) -> Optional[str]:
+    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    return str(found[-1]) if found else None

@@ -1,0 +1,128 @@
+"""distill: teacher and student answer the synth_qa prompts; a LoRA student learns from both
+(DistiLLM-2 contrastive loss, or a baseline), is merged and registered.
+
+Usage:
+    fsku distill --data outputs/synth_qa --teacher offline:qwen2.5-coder-1.5b-instruct \\
+        --student offline:qwen2.5-coder-0.5b-instruct --loss-type distillm_v2 --alpha 0.1 --beta 1.0 --max-steps 50
+    fsku distill --recipe experiments/default/distill.yaml --max-steps 10
+    mlflow run . -e distill --env-manager local -P loss_type=distillm_v2 -P alpha=0.1 -P beta=1.0
+
+Responses are appended to <out>/responses_*.jsonl and training checkpoints to
+<out>/round_<R>/checkpoints: a killed run started again continues (--restart starts over).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import DistillConfig
+from .args import add_config_args, config_from_namespace
+
+log = logging.getLogger(__name__)
+
+
+def loss_curve_figures(history: list[dict]) -> dict:
+    """Loss terms, alpha/beta and learning rate / grad norm against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = {}
+    df = pd.DataFrame([h for h in history if "loss" in h or any(k.endswith("/loss") for k in h)])
+    if df.empty:
+        return figs
+    df["x"] = range(1, len(df) + 1)
+    groups = {
+        "loss_terms": [c for c in df.columns if c.endswith("loss") or "/loss" in c or c.split("/")[-2:-1] == ["loss"]],
+        "alpha_beta": [c for c in df.columns if "alpha/" in c or c.endswith("beta")],
+        "lr_grad_norm": [c for c in df.columns if c.endswith(("learning_rate", "grad_norm"))],
+        "prob_gap": [c for c in df.columns if "gap/" in c],
+    }
+    for name, cols in groups.items():
+        cols = [c for c in cols if c != "x" and pd.api.types.is_numeric_dtype(df[c])]
+        if not cols:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        for c in cols:
+            ax.plot(df["x"], df[c], label=c, marker="." if len(df) < 30 else None)
+        ax.set_xlabel("logging step")
+        ax.set_title(name.replace("_", " "))
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        figs[f"plots/{name}.png"] = fig
+    return figs
+
+
+def data_version(data: str | Path) -> str:
+    path = Path(data) / "train.jsonl"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.exists() else ""
+
+
+def distill_step(cfg: DistillConfig, progress: bool = True):
+    from .. import tracking
+    from ..distill.pipeline import distill
+
+    params = dataclasses.asdict(cfg)
+    version = data_version(cfg.data)
+    tags = {"fsku.teacher": cfg.teacher, "fsku.student": cfg.student, "fsku.loss_type": cfg.loss_type,
+            "fsku.data_version": version}
+    with tracking.run("distill", params, tags=tags) as active:
+        result = distill(cfg, log_fn=lambda metrics, step: tracking.log_metrics(metrics, step=step), progress=progress)
+        s = result.stats
+        final = s["rounds"][-1]
+        summary = {"train_records": s["train_records"], "total_s": s["total_s"], "teacher_response_s": s["teacher_response_s"],
+                   "final_train_loss": final["train_loss"], "s_per_step": final["s_per_step"],
+                   "trainable_parameters": final["trainable_parameters"], "pairs": final["pairs"]["pairs"]}
+        if "peak_gpu_mb" in final:
+            summary["peak_gpu_mb"] = final["peak_gpu_mb"]
+        for key, value in final["pairs"].items():
+            summary[f"pairs_{key}"] = value
+        tracking.log_metrics(summary)
+        for name, fig in loss_curve_figures(result.history).items():
+            tracking.log_figure(fig, name)
+        pairs = pd.read_json(Path(cfg.out) / f"pairs_r{cfg.rounds}.jsonl", lines=True)
+        if not pairs.empty:
+            sample = pd.DataFrame({"prompt_id": pairs["prompt_id"], "kind": pairs["kind"],
+                                   "prompt": [m[-1]["content"] for m in pairs["prompt"]],
+                                   "teacher (chosen)": [m[-1]["content"] for m in pairs["chosen"]],
+                                   "student (rejected)": [m[-1]["content"] for m in pairs["rejected"]]})
+            tracking.log_table(sample.head(50), "tables/pairs_sample.json")
+        tracking.log_dict(s, "stats.json")
+        tracking.log_artifact(Path(cfg.out) / f"pairs_r{cfg.rounds}.jsonl", "distill")
+        model_version = ""
+        if cfg.register_as:
+            model_version = tracking.register_student(result.merged, cfg.register_as, {
+                "base_model": cfg.student, "teacher": cfg.teacher, "loss_type": cfg.loss_type, "alpha": cfg.alpha,
+                "adaptive_alpha": cfg.adaptive_alpha, "beta": cfg.beta, "data": cfg.data, "data_version": version,
+                "rounds": cfg.rounds, "steps": final["steps"]})
+        run_id = active.info.run_id
+    return result, run_id, model_version
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="fsku distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--no-progress", action="store_true")
+    add_config_args(p, DistillConfig)
+    a = p.parse_args(argv)
+    cfg = config_from_namespace(a, DistillConfig, optional_str=("kb", "register_as"))
+    from .. import tracking
+
+    result, run_id, version = distill_step(cfg, progress=not a.no_progress)
+    final = result.stats["rounds"][-1]
+    print(f"distill ({cfg.loss_type}): {final['pairs']['pairs']} pairs, {final['steps']} steps, "
+          f"{final['s_per_step']} s/step, final train loss {final['train_loss']:.4f}")
+    where = f"models:/{cfg.register_as}/{version}" if version else "(not registered)"
+    print(f"merged student: {result.merged}  registered: {where}  mlflow run: {run_id}  tracking: {tracking.tracking_uri()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

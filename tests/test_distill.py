@@ -1,0 +1,307 @@
+"""distill: prompts, resumable responses, pairs, the trainer on tiny models, merge, resume."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsku.config import DistillConfig
+from fsku.distill import data as D
+from fsku.distill import trainer as T
+from fsku.synth.records import SyntheticQA, write_jsonl
+
+
+def _records(n=6):
+    out = []
+    for i in range(n):
+        if i % 2 == 0:
+            out.append(SyntheticQA(qa_id=f"mc{i}", kind="multiple_choice", qtype="lookup",
+                                   question=f"전자금융거래의 보존 기간은 몇 년인가?\n1 {i + 1}년\n2 5년\n3 10년\n4 영구",
+                                   answer="2", choices={"1": f"{i + 1}년", "2": "5년", "3": "10년", "4": "영구"},
+                                   source_article=f"법 제{i}조"))
+        else:
+            out.append(SyntheticQA(qa_id=f"d{i}", kind="descriptive", qtype="procedural",
+                                   question=f"접근매체 분실 신고 절차 {i}를 설명하세요.", answer="금융회사에 즉시 신고한다.",
+                                   keywords=["신고"], source_article=f"법 제{i}조"))
+    return out
+
+
+@pytest.fixture
+def synth_dir(tmp_path):
+    folder = tmp_path / "synth"
+    folder.mkdir()
+    recs = _records()
+    for r in recs:
+        r.split = "train"
+    write_jsonl(recs, folder / "train.jsonl")
+    return folder
+
+
+class CountingLLM:
+    """A fake backend answering with a fixed text per prompt; fails after `fail_after` prompts."""
+
+    model_id = "fake"
+
+    def __init__(self, fail_after=None):
+        self.calls, self.fail_after = 0, fail_after
+
+    def fingerprint(self):
+        return "fake:1"
+
+    def render_chat(self, messages):
+        return json.dumps(messages, ensure_ascii=False)
+
+    def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=None):
+        from fsku.llm import Generation
+
+        out = []
+        for p in prompts:
+            if self.fail_after is not None and self.calls >= self.fail_after:
+                raise KeyboardInterrupt("killed")
+            self.calls += 1
+            out.append(Generation("2" if "선택지" in p else "즉시 신고합니다.", 3, -0.1, False))
+        return out
+
+
+def test_prompts_are_the_inference_prompts_without_the_split_sentinel():
+    from fsku.infer import prompts as P
+
+    rows = D.build_prompts(_records(2))
+    mc, desc = rows
+    assert mc["kind"] == "multiple_choice" and P.SPLIT not in mc["messages"][1]["content"]
+    assert "선택지:\n1 1년\n2 5년" in mc["messages"][1]["content"] and P.MC_INSTRUCTION in mc["messages"][1]["content"]
+    assert desc["messages"] == P.desc_messages(_records(2)[1].question)
+    with pytest.raises(ValueError, match="duplicate qa_id"):
+        D.build_prompts(_records(2) + _records(1))
+    with_ctx = D.build_prompts(_records(1), contexts=["[자료 1] 참고"])
+    assert with_ctx[0]["messages"][1]["content"].startswith("[자료 1] 참고")
+
+
+def test_responses_resume_after_a_kill_without_duplicates(tmp_path):
+    rows = D.build_prompts(_records(6))
+    settings = D.ResponseSettings(batch_size=2)
+    path = tmp_path / "resp.jsonl"
+    killed = CountingLLM(fail_after=3)
+    with pytest.raises(KeyboardInterrupt):
+        D.generate_responses(rows, killed, settings, path)
+    kept = [json.loads(x) for x in path.read_text().splitlines()[1:]]
+    # MC prompts run first (batches [mc0, mc2], [mc4]); the kill hits the first descriptive batch
+    assert [k["ID"] for k in kept] == ["mc0", "mc2", "mc4"]
+    again = CountingLLM()
+    got = D.generate_responses(rows, again, settings, path)
+    assert again.calls == 3 and set(got) == {r["prompt_id"] for r in rows}
+    ids = [json.loads(x)["ID"] for x in path.read_text().splitlines()[1:]]
+    assert len(ids) == len(set(ids)) == 6
+    # multiple choice got the short cap, descriptive the long one: MC answers are numbers
+    assert got["mc0"]["text"] == "2"
+    # a different model refuses to mix into the file
+    other = CountingLLM()
+    other.fingerprint = lambda: "fake:2"
+    with pytest.raises(ValueError, match="different run"):
+        D.generate_responses(rows, other, settings, path)
+
+
+def test_pairs_count_missing_and_empty_sides(tmp_path):
+    rows = D.build_prompts(_records(4))
+    teacher = {"mc0": {"text": "2"}, "d1": {"text": "신고"}, "mc2": {"text": "  "}}
+    student = {"mc0": {"text": "1"}, "d1": {"text": ""}, "d3": {"text": "x"}}
+    pairs, counts = D.make_pairs(rows, teacher, student)
+    assert [p["prompt_id"] for p in pairs] == ["mc0"]
+    assert counts.to_dict() == {"prompts": 4, "pairs": 1, "missing_teacher": 1, "missing_student": 1,
+                                "empty_teacher": 1, "empty_student": 1}
+    assert pairs[0]["chosen"] == [{"role": "assistant", "content": "2"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(pairs[0], ensure_ascii=False) + "\n" + json.dumps({"prompt_id": "x", "prompt": [],
+                                                                                  "chosen": [], "rejected": []}) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: 'prompt' must be"):
+        D.read_pairs(path)
+
+
+def test_vocab_check_fails_clearly(tiny_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    from fsku.llm.tiny import train_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["tokenizer"])
+    assert T.check_shared_vocab(tok, tok) == len(tok)
+    other = train_tokenizer(["completely different text only"], tmp_path / "tok", vocab_size=300)
+    with pytest.raises(ValueError, match="one shared vocabulary"):
+        T.check_shared_vocab(tok, other)
+
+
+def test_dense_from_topk():
+    logp = torch.log_softmax(torch.randn(2, 3, 10), -1)
+    full = logp.topk(10, -1)
+    assert torch.allclose(T.dense_from_topk(full.indices, full.values, 10), logp, atol=1e-6)
+    part = logp.topk(4, -1)
+    dense = T.dense_from_topk(part.indices, part.values, 10)
+    assert torch.allclose(dense.exp().sum(-1), torch.ones(2, 3), atol=1e-5)
+    assert torch.allclose(dense.gather(-1, part.indices), part.values)
+    rest = (1 - part.values.exp().sum(-1)) / 6
+    others = torch.ones(2, 3, 10, dtype=torch.bool).scatter(-1, part.indices, False)
+    assert torch.allclose(dense.exp()[others].view(2, 3, 6), rest.unsqueeze(-1).expand(2, 3, 6), atol=1e-6)
+
+
+def _features(tiny_models, n=4):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    rows = D.build_prompts(_records(n))
+    pairs, _ = D.make_pairs(rows, {r["prompt_id"]: {"text": "정답은 2번이며 5년간 보존합니다."} for r in rows},
+                            {r["prompt_id"]: {"text": "1"} for r in rows})
+    feats, cut = T.encode_pairs(tok, pairs, max_length=512, max_prompt_length=400)
+    return tok, feats, cut
+
+
+def test_encoding_masks_the_prompt(tiny_models):
+    tok, feats, cut = _features(tiny_models, 2)
+    f = feats[0]
+    n_prompt = sum(1 for x in f["chosen_labels"] if x == T.IGNORE)
+    assert n_prompt > 0 and f["chosen_labels"][n_prompt:] == f["chosen_input_ids"][n_prompt:]
+    assert f["chosen_input_ids"][:n_prompt] == f["rejected_input_ids"][:n_prompt]  # same prompt on both sides
+    assert tok.decode(f["chosen_input_ids"][n_prompt:]).endswith(tok.eos_token)
+    batch = T.PairCollator(tok.pad_token_id)(feats)
+    assert batch["chosen_input_ids"].shape == batch["chosen_labels"].shape == batch["chosen_attention_mask"].shape
+
+
+def _trainer(tiny_models, tmp_path, loss_type="distillm_v2", teacher_logits="online", steps=1, topk=16, **loss_kw):
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    tok, feats, _ = _features(tiny_models)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"], dtype=torch.float32)
+    if teacher_logits == "topk":
+        T.precompute_topk(teacher, feats, k=topk, vocab_size=len(tok))
+        teacher = None
+    student = T.load_student(str(tiny_models["student"]), T.LoraSettings(r=4, alpha=8, dropout=0.0), torch.float32, "cpu")
+    args = TrainingArguments(output_dir=str(tmp_path / "ckpt"), max_steps=steps, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to="none", remove_unused_columns=False, use_cpu=True,
+                             logging_steps=1, save_strategy="no", disable_tqdm=True)
+    cb = T.MetricsCallback()
+    trainer = T.DistillTrainer(model=student, args=args, train_dataset=T.PairDataset(feats),
+                               data_collator=T.PairCollator(tok.pad_token_id), teacher=teacher, callbacks=[cb],
+                               loss=T.LossSettings(loss_type=loss_type, **loss_kw), vocab_size=len(tok))
+    return trainer, cb
+
+
+def test_one_step_changes_lora_weights_only(tiny_models, tmp_path):
+    trainer, cb = _trainer(tiny_models, tmp_path)
+    model = trainer.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    lora_changed = [n for n, p in model.named_parameters() if "lora_" in n and not torch.equal(before[n], p)]
+    base_changed = [n for n, p in model.named_parameters() if "lora_" not in n and not torch.equal(before[n], p)]
+    assert lora_changed and not base_changed
+    assert all(not p.requires_grad for p in trainer.teacher.parameters())
+    logged = cb.history[0]
+    for key in ("loss", "grad_norm", "learning_rate", "loss/chosen_skew_forward_kl", "loss/rejected_skew_reverse_kl",
+                "alpha/chosen", "alpha/rejected", "beta"):
+        assert key in logged, (key, logged)
+
+
+@pytest.mark.parametrize("loss_type", ["sft", "kd", "rkl", "gkd"])
+def test_baselines_train(tiny_models, tmp_path, loss_type):
+    trainer, cb = _trainer(tiny_models, tmp_path, loss_type=loss_type)
+    trainer.train()
+    assert torch.isfinite(torch.tensor(cb.history[0]["loss"]))
+
+
+def test_topk_teacher_matches_online_when_k_covers_the_mass(tiny_models, tmp_path):
+    online, _ = _trainer(tiny_models, tmp_path / "a", loss_type="kd")
+    topk, _ = _trainer(tiny_models, tmp_path / "b", loss_type="distillm_v2", teacher_logits="topk", topk=10**6)
+    online.loss_settings = topk.loss_settings
+    batch_online = T.PairCollator(0)([online.train_dataset[i] for i in range(2)])
+    batch_topk = T.PairCollator(0)([topk.train_dataset[i] for i in range(2)])
+    with torch.no_grad():
+        a = online.compute_loss(online.model, batch_online).item()
+        b = topk.compute_loss(topk.model, batch_topk).item()
+    # top-16 of a random tiny teacher holds most but not all of the mass: close, not equal
+    assert b == pytest.approx(a, rel=0.25)
+
+
+def test_adaptive_alpha_sets_a_reference_then_adapts(tiny_models, tmp_path):
+    trainer, cb = _trainer(tiny_models, tmp_path, steps=3, adaptive_alpha=True, alpha_reference_steps=1)
+    trainer.train()
+    assert trainer.reference_gap["chosen"] is not None
+    assert all(0.01 - 1e-6 <= h["alpha/chosen"] <= 0.1 + 1e-6 for h in cb.history if "alpha/chosen" in h)
+    assert "gap/chosen" in cb.history[-2]  # the last entry is the end-of-training summary
+
+
+def test_distill_pipeline_end_to_end_and_resume(tiny_models, synth_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fsku.distill.pipeline import distill
+
+    cfg = DistillConfig(data=str(synth_dir), teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]),
+                        backend="transformers", device="cpu", dtype="float32", out=str(tmp_path / "out"),
+                        max_steps=2, batch_size=2, save_steps=1, max_new_tokens=12, mc_max_new_tokens=3,
+                        max_length=512, max_prompt_length=400, lora_r=4, lora_alpha=8, register_as=None,
+                        cache_dir=str(tmp_path / "cache"), rounds=2, temperature=1.0)
+    logged = []
+    res = distill(cfg, log_fn=lambda m, s: logged.append((s, m)), progress=False)
+    out = Path(cfg.out)
+    for name in ("prompts.jsonl", "responses_r1_teacher.jsonl", "responses_r1_student.jsonl",
+                 "responses_r2_student.jsonl", "pairs_r1.jsonl", "pairs_r2.jsonl", "stats.json"):
+        assert (out / name).exists(), name
+    assert res.stats["rounds"][0]["pairs"]["prompts"] == 6 and len(res.stats["rounds"]) == 2
+    assert res.stats["rounds"][1]["steps"] == 2
+    assert any("r2/loss" in m for _, m in logged)
+    merged = AutoModelForCausalLM.from_pretrained(res.merged)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert (res.merged / "tokenizer_config.json").exists() and (res.merged / "generation_config.json").exists()
+    # a second call continues: responses come from the files, training resumes from the last checkpoint
+    cfg2 = DistillConfig(**{**cfg.__dict__, "max_steps": 3, "rounds": 1})
+    res2 = distill(cfg2, progress=False)
+    r = res2.stats["rounds"][0]
+    assert r["resumed_from"].endswith("checkpoint-2") and r["steps"] == 3
+
+
+def test_distill_step_logs_to_mlflow_and_registers_the_student(tiny_models, synth_dir, tmp_path):
+    import mlflow
+
+    from fsku.steps.distill import distill_step
+
+    cfg = DistillConfig(data=str(synth_dir), teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]),
+                        backend="transformers", device="cpu", dtype="float32", out=str(tmp_path / "out"),
+                        max_steps=2, batch_size=2, max_new_tokens=8, mc_max_new_tokens=3, max_length=512,
+                        max_prompt_length=400, lora_r=4, lora_alpha=8, cache_dir="", temperature=1.0,
+                        register_as="fsku-student-test", loss_type="distillm_v2", alpha=0.2, beta=0.5)
+    result, run_id, version = distill_step(cfg, progress=False)
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    assert run.data.tags["fsku.loss_type"] == "distillm_v2"
+    for key in ("loss", "grad_norm", "learning_rate", "loss/chosen_skew_forward_kl", "loss/rejected_skew_reverse_kl",
+                "alpha/chosen", "s_per_step", "pairs_pairs"):
+        assert key in run.data.metrics, key
+    assert len(client.get_metric_history(run_id, "loss")) == 2
+    artifacts = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {"plots/loss_terms.png", "plots/alpha_beta.png", "plots/lr_grad_norm.png"} <= artifacts
+    mv = client.get_model_version("fsku-student-test", version)
+    assert mv.tags["loss_type"] == "distillm_v2" and mv.tags["alpha"] == "0.2" and mv.tags["beta"] == "0.5"
+    assert mv.tags["teacher"] == cfg.teacher and len(mv.tags["data_version"]) == 12
+    # the registered pyfunc answers prompts
+    model = mlflow.pyfunc.load_model(f"models:/fsku-student-test/{version}")
+    import pandas as pd
+
+    out = model.predict(pd.DataFrame({"prompt": ["전자금융거래란?"]}), params={"max_new_tokens": 4})
+    assert list(out.columns) == ["answer"] and len(out) == 1
+
+
+def test_distill_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="loss_type"):
+        DistillConfig(loss_type="dpo")
+    with pytest.raises(ValueError, match="alpha"):
+        DistillConfig(alpha=1.0)
+    with pytest.raises(ValueError, match="beta"):
+        DistillConfig(beta=3.0)
+    with pytest.raises(ValueError, match="needs kb"):
+        DistillConfig(context="gated")
+
+
+def test_missing_training_data_is_a_clear_error(tmp_path):
+    from fsku.distill.pipeline import load_records
+
+    with pytest.raises(FileNotFoundError, match="run synth_qa first"):
+        load_records(tmp_path, "train")
+    (tmp_path / "train.jsonl").write_text('{"qa_id": "x"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:1: not a synth_qa record"):
+        load_records(tmp_path, "train")
