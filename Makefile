@@ -40,6 +40,9 @@ demo: models
 	test -e models/tiny/teacher/sft.json || $(BIN)/fsku make-tiny-models --out models/tiny --kb outputs/kb
 	$(BIN)/mlflow run . -e synth_qa --env-manager local -P kb=outputs/kb -P teacher=models/tiny/teacher \
 		-P n_chunks=16 -P min_chunk_chars=40 -P questions_per_chunk=2 -P max_new_tokens=256 -P temperature=0.3 -P out=outputs/synth_qa -P restart=true
+	# the tiny student learns from the tiny teacher (DistiLLM-2 loss, LoRA) and is registered as fsku-student
+	$(BIN)/mlflow run . -e distill --env-manager local -P data=outputs/synth_qa -P teacher=models/tiny/teacher \
+		-P student=models/tiny/student -P loss_type=distillm_v2 -P max_steps=10 -P max_new_tokens=64 -P out=outputs/distill -P restart=true
 	$(BIN)/mlflow run . -e evaluate --env-manager local -P model=$(DEMO_MODEL) -P kb=outputs/kb \
 		-P gold=evaluation/sample_qa.csv -P out_dir=outputs/evaluate -P max_new_tokens=48
 	$(BIN)/mlflow run . -e predict --env-manager local -P model=$(DEMO_MODEL) -P kb=outputs/kb \
@@ -49,6 +52,7 @@ demo: models
 	@echo "Knowledge base: $(CURDIR)/outputs/kb ; registered model: models:/fsku-kb/<latest>"
 	@echo "Submission: $(CURDIR)/outputs/submission.csv ; evaluation: $(CURDIR)/outputs/evaluate (model $(DEMO_MODEL))"
 	@echo "Synthetic QA (tiny teacher): $(CURDIR)/outputs/synth_qa (stats.json: acceptance and rejection reasons)"
+	@echo "Distilled tiny student: $(CURDIR)/outputs/distill/merged ; registered model: models:/fsku-student/<latest>"
 
 test: models
 	$(BIN)/python -m pytest -q -x; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc

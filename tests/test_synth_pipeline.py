@@ -307,3 +307,11 @@ def test_bad_synth_inputs_get_clear_errors(tmp_path):
     pd.DataFrame({"chunk_id": ["c"], "text": ["t"]}).to_parquet(tmp_path / "chunks.parquet")
     with pytest.raises(ValueError, match=r"chunks.parquet: missing columns \['article', 'doc_id', 'path', 'title'\]"):
         G.load_chunks(tmp_path)
+
+
+def test_n_questions_sets_the_total_number_of_tasks(synth_env):
+    cfg, teacher = synth_env
+    cfg = dataclasses.replace(cfg, n_questions=5, questions_per_chunk=2, restart=True)
+    assert cfg.chunks_needed == 3
+    result = pipeline.synthesize(cfg, progress=False)
+    assert result.stats["tasks"] == 5 and teacher.calls == 5

@@ -210,6 +210,7 @@ class SynthQAConfig:
     batch_size: int = field(default=4, metadata={"help": "Prompts per generate call."})
     n_chunks: int = field(default=40, metadata={"help": "Source chunks sampled (documents take turns; one chunk per article before a second)."})
     questions_per_chunk: int = field(default=2, metadata={"help": "Generation tasks per chunk."})
+    n_questions: int = field(default=0, metadata={"help": "Total generation tasks; > 0 replaces n_chunks by ceil(n_questions / questions_per_chunk) (the last chunk may get fewer)."})
     mc_share: float = field(default=0.6, metadata={"help": "Share of multiple-choice tasks (the rest descriptive)."})
     qtype_mix: str = field(default="lookup:0.5,procedural:0.3,negative:0.2", metadata={"help": "Question-type weights (seed 003: 150 lookup / 100 procedural / 50 negative)."})
     n_options: int = field(default=0, metadata={"help": "Options per multiple-choice item: 4, 5, or 0 for 4 or 5 at random."})
@@ -237,6 +238,7 @@ class SynthQAConfig:
         _check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
         _check(self.max_model_len >= 256 and self.batch_size >= 1, "max_model_len must be >= 256 and batch_size >= 1")
         _check(self.n_chunks >= 1 and self.questions_per_chunk >= 1, "n_chunks and questions_per_chunk must be >= 1")
+        _check(self.n_questions >= 0, f"n_questions must be >= 0, got {self.n_questions}")
         _check(0.0 <= self.mc_share <= 1.0, f"mc_share must be in [0, 1], got {self.mc_share}")
         parse_weights(self.qtype_mix, ("lookup", "procedural", "negative"), "qtype_mix")
         _check(self.n_options in (0, 4, 5), f"n_options must be 0, 4 or 5, got {self.n_options}")
@@ -257,6 +259,12 @@ class SynthQAConfig:
             return tuple(float(x) for x in self.split_ratios.split(","))
         except ValueError:
             raise ValueError(f"split_ratios must be numbers like 0.8,0.1,0.1, got {self.split_ratios!r}") from None
+
+    @property
+    def chunks_needed(self) -> int:
+        if self.n_questions > 0:
+            return -(-self.n_questions // self.questions_per_chunk)
+        return self.n_chunks
 
     @property
     def qtype_weights(self) -> dict[str, float]:

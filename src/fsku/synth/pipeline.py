@@ -90,11 +90,13 @@ def synthesize(cfg: SynthQAConfig, progress: bool = True) -> SynthResult:
     chunks = load_chunks(cfg.kb)
     manifest = json.loads((Path(cfg.kb) / "manifest.json").read_text(encoding="utf-8")) \
         if (Path(cfg.kb) / "manifest.json").exists() else {}
-    sources = sample_chunks(chunks, cfg.n_chunks, cfg.seed, cfg.min_chunk_chars)
-    if len(sources) < cfg.n_chunks:
-        log.warning("only %d usable chunks (asked for %d)", len(sources), cfg.n_chunks)
+    sources = sample_chunks(chunks, cfg.chunks_needed, cfg.seed, cfg.min_chunk_chars)
+    if len(sources) < cfg.chunks_needed:
+        log.warning("only %d usable chunks (asked for %d)", len(sources), cfg.chunks_needed)
     tasks = plan_tasks(list(sources["chunk_id"]), cfg.questions_per_chunk, cfg.mc_share, cfg.qtype_weights,
                        cfg.n_options, cfg.seed)
+    if cfg.n_questions > 0:
+        tasks = tasks[:cfg.n_questions]
     templates = load_templates()
     t0 = time.perf_counter()
     llm = load_llm(cfg.teacher, backend=cfg.backend, dtype=cfg.dtype, device=cfg.device,

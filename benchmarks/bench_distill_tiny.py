@@ -1,0 +1,179 @@
+"""Miniature distillation experiment: a tiny teacher (~4 M parameters) -> a tiny student (~0.5 M),
+same step budget, 3 seeds, for the loss types sft, kd, gkd and distillm_v2 (and rkl with --all).
+
+    python benchmarks/bench_distill_tiny.py [--steps 150] [--seeds 0,1,2] [--json results.json]
+
+Task (synthetic multiple-choice QA in the competition's prompt format, built from words of the
+project's own sample corpus): the stem names a term, four options list terms, exactly one option
+is the named term; the answer is its number. The rule generalises, so held-out items (new word
+combinations) measure what the student learned, not what it memorised.
+
+1. The teacher is trained by SFT on the training items until it answers held-out items well.
+2. For every seed and loss type, `fsku.distill.pipeline.distill` trains a LoRA on the same base
+   student with the same number of steps (teacher responses, then student responses, then pairs).
+3. Held-out metrics of each merged student: answer accuracy (argmax over the option-number
+   logits, as inference scores options) and the token-level forward KL(teacher || student) on the
+   teacher's held-out responses. The base student is reported as the reference.
+Prints a table; ratios are against the sft baseline in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+from fsku.config import DistillConfig  # noqa: E402
+from fsku.distill import losses as L  # noqa: E402
+from fsku.distill.data import build_prompts  # noqa: E402
+from fsku.distill.pipeline import distill  # noqa: E402
+from fsku.llm.tiny import _default_texts, build_tiny_model, train_on_examples, train_tokenizer  # noqa: E402
+from fsku.synth.records import SyntheticQA, write_jsonl  # noqa: E402
+
+
+def corpus_words(limit: int = 400) -> list[str]:
+    text = "\n".join(_default_texts())
+    words = sorted(set(re.findall(r"[가-힣]{2,5}", text)))
+    random.Random(0).shuffle(words)
+    return words[:limit]
+
+
+def make_items(words: list[str], n: int, seed: int, prefix: str) -> list[SyntheticQA]:
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        opts = rng.sample(words, 4)
+        gold = rng.randrange(4)
+        stem = f"다음 중 '{opts[gold]}'와 같은 용어는 무엇인가?"
+        choices = {str(k + 1): o for k, o in enumerate(opts)}
+        question = "\n".join([stem] + [f"{k} {o}" for k, o in choices.items()])
+        items.append(SyntheticQA(qa_id=f"{prefix}{i}", kind="multiple_choice", qtype="lookup", question=question,
+                                 answer=str(gold + 1), choices=choices, source_article=f"{prefix}{i}", split="train"))
+    return items
+
+
+@torch.no_grad()
+def heldout_metrics(model_dir: Path, teacher, tok, prompts: list[dict], gold: list[str]) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    digit_ids = [tok.convert_tokens_to_ids(str(k)) for k in range(1, 5)]
+    correct, kls = 0, []
+    for row, g in zip(prompts, gold, strict=True):
+        text = tok.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        t_logits = teacher(input_ids=torch.tensor([ids])).logits[0, -1]
+        # the teacher's greedy response (its answer token, then end of turn) is the KL target
+        answer = int(t_logits[digit_ids].argmax())
+        full = ids + [digit_ids[answer], tok.eos_token_id]
+        s_all = model(input_ids=torch.tensor([full])).logits[0, len(ids) - 1:-1]
+        t_all = teacher(input_ids=torch.tensor([full])).logits[0, len(ids) - 1:-1]
+        log_q, log_p = L.shared_log_softmax(s_all, t_all, vocab_size=len(tok))
+        kls.append(L.forward_kl(log_p, log_q).mean().item())
+        correct += int(int(s_all[0][digit_ids].argmax()) + 1 == int(g))
+    return {"accuracy": correct / len(gold), "kl": statistics.mean(kls)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=150, help="distillation steps per run (the same for every loss)")
+    ap.add_argument("--teacher-steps", type=int, default=1000)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--losses", default="sft,kd,gkd,distillm_v2")
+    ap.add_argument("--n-train", type=int, default=400, help="distillation prompts")
+    ap.add_argument("--n-teacher", type=int, default=4000, help="items the teacher is trained on")
+    ap.add_argument("--n-heldout", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work or tempfile.mkdtemp(prefix="fsku-distill-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    words = corpus_words()
+    train_items = make_items(words, args.n_train, seed=1, prefix="tr")
+    held_items = make_items(words, args.n_heldout, seed=2, prefix="ho")
+    held_prompts = build_prompts(held_items)
+    gold = [r.answer for r in held_items]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok_dir = work / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        train_tokenizer(_default_texts(), tok_dir, vocab_size=2000)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    teacher_dir, student_dir = work / "teacher", work / "student"
+    if not (teacher_dir / "sft_done.json").exists():
+        build_tiny_model(teacher_dir, tok_dir, hidden=256, layers=4, heads=8, seed=1)
+        t0 = time.perf_counter()
+        # the teacher learns the rule from its own, larger item set (too many to memorise)
+        teacher_items = make_items(words, args.n_teacher, seed=3, prefix="te")
+        examples = [(p["messages"], r.answer) for p, r in zip(build_prompts(teacher_items), teacher_items, strict=True)]
+        info = train_on_examples(teacher_dir, examples, steps=args.teacher_steps, lr=2e-3, batch_size=16)
+        info["seconds"] = round(time.perf_counter() - t0, 1)
+        (teacher_dir / "sft_done.json").write_text(json.dumps(info))
+        print(f"teacher SFT: {info}", flush=True)
+    if not (student_dir / "config.json").exists():
+        build_tiny_model(student_dir, tok_dir, hidden=96, layers=2, heads=4, seed=2)
+    count = lambda d: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(d).parameters())  # noqa: E731
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    sizes = {"teacher_params": count(teacher_dir), "student_params": count(student_dir)}
+    ref = {"teacher": heldout_metrics(teacher_dir, teacher, tok, held_prompts, gold),
+           "base_student": heldout_metrics(student_dir, teacher, tok, held_prompts, gold)}
+    print(f"teacher {sizes['teacher_params'] / 1e6:.2f} M params: held-out accuracy {ref['teacher']['accuracy']:.3f}; "
+          f"student {sizes['student_params'] / 1e6:.2f} M params, base: accuracy {ref['base_student']['accuracy']:.3f}, "
+          f"KL {ref['base_student']['kl']:.3f}", flush=True)
+
+    synth = work / "synth"
+    write_jsonl(train_items, synth / "train.jsonl")
+    results: dict[str, list[dict]] = {}
+    for loss in args.losses.split(","):
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            out = work / f"{loss}_s{seed}"
+            cfg = DistillConfig(data=str(synth), teacher=str(teacher_dir), student=str(student_dir), backend="transformers",
+                                device="cpu", dtype="float32", out=str(out), loss_type=loss, max_steps=args.steps,
+                                batch_size=8, learning_rate=3e-3, lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                                max_length=512, max_prompt_length=448, mc_max_new_tokens=3, temperature=1.0,
+                                gen_batch_size=32, seed=seed, register_as=None, cache_dir=str(work / "cache"),
+                                logging_steps=10, save_steps=10**6, restart=True)
+            t0 = time.perf_counter()
+            res = distill(cfg, progress=False)
+            m = heldout_metrics(res.merged, teacher, tok, held_prompts, gold)
+            m.update(seconds=round(time.perf_counter() - t0, 1), s_per_step=res.stats["rounds"][-1]["s_per_step"])
+            results.setdefault(loss, []).append(m)
+            print(f"{loss:12s} seed {seed}: accuracy {m['accuracy']:.3f}  KL {m['kl']:.4f}  ({m['seconds']} s)", flush=True)
+
+    summary = {}
+    for loss, runs in results.items():
+        acc = [r["accuracy"] for r in runs]
+        kl = [r["kl"] for r in runs]
+        summary[loss] = {"accuracy_mean": statistics.mean(acc), "accuracy_sd": statistics.pstdev(acc),
+                         "kl_mean": statistics.mean(kl), "kl_sd": statistics.pstdev(kl)}
+    base = summary.get("sft")
+    print(f"\nheld-out ({args.n_heldout} items), {args.steps} steps, seeds {args.seeds}; "
+          f"teacher accuracy {ref['teacher']['accuracy']:.3f}; base student accuracy {ref['base_student']['accuracy']:.3f}, "
+          f"KL {ref['base_student']['kl']:.4f}")
+    print(f"{'loss':12s} {'accuracy':>16s} {'KL(teacher||student)':>24s} {'KL / sft KL':>12s}")
+    for loss, s in summary.items():
+        ratio = s["kl_mean"] / base["kl_mean"] if base else float("nan")
+        print(f"{loss:12s} {s['accuracy_mean']:.3f} ± {s['accuracy_sd']:.3f}    {s['kl_mean']:.4f} ± {s['kl_sd']:.4f}"
+              f"        {ratio:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sizes": sizes, "reference": ref, "runs": results, "summary": summary,
+                                               "args": vars(args)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
