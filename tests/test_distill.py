@@ -305,3 +305,15 @@ def test_missing_training_data_is_a_clear_error(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"qa_id": "x"}\n')
     with pytest.raises(ValueError, match=r"train.jsonl:1: not a synth_qa record"):
         load_records(tmp_path, "train")
+
+
+def test_topk_teacher_pipeline_frees_and_reloads_the_teacher_between_rounds(tiny_models, synth_dir, tmp_path):
+    from fsku.distill.pipeline import distill
+
+    cfg = DistillConfig(data=str(synth_dir), teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]),
+                        backend="transformers", device="cpu", dtype="float32", out=str(tmp_path / "out"),
+                        max_steps=1, batch_size=2, max_new_tokens=8, mc_max_new_tokens=3, max_length=512,
+                        max_prompt_length=400, lora_r=4, lora_alpha=8, cache_dir="", temperature=1.0, rounds=2,
+                        register_as=None, teacher_logits="topk", topk=8, loss_type="kd")
+    res = distill(cfg, progress=False)
+    assert [r["steps"] for r in res.stats["rounds"]] == [1, 1]

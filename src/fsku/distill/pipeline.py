@@ -84,11 +84,10 @@ def retrieve_contexts(records, cfg: DistillConfig, llm) -> list[str]:
     return [answerer.context_text(h, terms)[0] for h, terms in hits]
 
 
-def _free(*objs) -> None:
+def _release_memory() -> None:
+    """Collect what the caller just dropped (and return cached CUDA blocks)."""
     import torch
 
-    for o in objs:
-        del o
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -156,7 +155,8 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
                                           cache, progress=_update(bar))
         if bar is not None:
             bar.close()
-        _free(student_llm)
+        del student_llm
+        _release_memory()
         rstats["student_response_s"] = round(time.perf_counter() - t0, 1)
         pairs, counts = make_pairs(prompt_rows, teacher_resp, student_resp)
         rstats["pairs"] = counts.to_dict()
@@ -172,12 +172,16 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
         teacher_for_training = None
         if cfg.loss_type != "sft":
             if cfg.teacher_logits == "topk":
-                model = teacher_model if hasattr(teacher_model, "forward") else \
-                    AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch_dtype).to(device).eval()
+                if not hasattr(teacher_model, "forward"):
+                    teacher_model = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch_dtype).to(device).eval()
                 bar = _bar(progress, len(features), f"teacher top-{cfg.topk}")
-                precompute_topk(model, features, cfg.topk, vocab_size, batch_size=cfg.batch_size, progress=_update(bar))
+                precompute_topk(teacher_model, features, cfg.topk, vocab_size, batch_size=cfg.batch_size,
+                                progress=_update(bar))
                 if bar is not None:
                     bar.close()
+                # the point of top-k: the teacher leaves memory before the student trains (reloaded next round)
+                teacher_model = teacher_llm = None
+                _release_memory()
             else:
                 teacher_for_training = teacher_model
 
@@ -222,12 +226,14 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
         merge_and_save(trainer.model, student_tok, rdir / "merged")
         current_student = rdir / "merged"
         stats["rounds"].append(rstats)
-        _free(trainer, student)
+        del trainer, student, teacher_for_training
+        _release_memory()
 
     if merged.exists():
         shutil.rmtree(merged)
     shutil.copytree(current_student, merged)
-    _free(teacher_model, teacher_llm)
+    del teacher_model, teacher_llm
+    _release_memory()
     stats["total_s"] = round(time.perf_counter() - t_start, 1)
     stats["config"] = dataclasses.asdict(cfg)
     (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
