@@ -84,6 +84,13 @@ def retrieve_contexts(records, cfg: DistillConfig, llm) -> list[str]:
     return [answerer.context_text(h, terms)[0] for h, terms in hits]
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB; Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _release_memory() -> None:
     """Collect what the caller just dropped (and return cached CUDA blocks)."""
     import torch
@@ -138,8 +145,12 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
     stats["teacher_response_s"] = round(time.perf_counter() - t0, 1)
     # the backend's own HF model serves the online teacher logits when it has one
     teacher_model = getattr(teacher_llm, "model", None)
-    if cfg.teacher_logits == "online" and not hasattr(teacher_model, "forward"):
-        teacher_model = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch_dtype).to(device).eval()
+    if not hasattr(teacher_model, "forward"):
+        # a vLLM engine: release its memory; training reads logits from a transformers copy
+        teacher_model = teacher_llm = None
+        _release_memory()
+        if cfg.teacher_logits == "online":
+            teacher_model = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch_dtype).to(device).eval()
 
     history: list[dict] = []
     current_student = student_path
@@ -222,6 +233,7 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
         rstats["resumed_from"] = resume or ""
         if device.startswith("cuda"):
             rstats["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        rstats["peak_rss_mb"] = peak_rss_mb()
         history.extend({"round": rnd, **h} for h in callback.history)
         merge_and_save(trainer.model, student_tok, rdir / "merged")
         current_student = rdir / "merged"

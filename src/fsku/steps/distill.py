@@ -80,6 +80,7 @@ def distill_step(cfg: DistillConfig, progress: bool = True):
         summary = {"train_records": s["train_records"], "total_s": s["total_s"], "teacher_response_s": s["teacher_response_s"],
                    "final_train_loss": final["train_loss"], "s_per_step": final["s_per_step"],
                    "trainable_parameters": final["trainable_parameters"], "pairs": final["pairs"]["pairs"]}
+        summary["peak_rss_mb"] = final["peak_rss_mb"]
         if "peak_gpu_mb" in final:
             summary["peak_gpu_mb"] = final["peak_gpu_mb"]
         for key, value in final["pairs"].items():
