@@ -317,3 +317,20 @@ def test_topk_teacher_pipeline_frees_and_reloads_the_teacher_between_rounds(tiny
                         register_as=None, teacher_logits="topk", topk=8, loss_type="kd")
     res = distill(cfg, progress=False)
     assert [r["steps"] for r in res.stats["rounds"]] == [1, 1]
+
+
+def test_qlora_needs_cuda_and_gradient_checkpointing_trains(tiny_models, tmp_path):
+    with pytest.raises(ValueError, match="qlora needs a CUDA GPU"):
+        T.load_student(str(tiny_models["student"]), T.LoraSettings(qlora=True), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="none of the LoRA target modules"):
+        T.load_student(str(tiny_models["student"]), T.LoraSettings(target_modules="c_attn"), torch.float32, "cpu")
+    student = T.load_student(str(tiny_models["student"]), T.LoraSettings(r=4, alpha=8, gradient_checkpointing=True),
+                             torch.float32, "cpu")
+    assert student.base_model.model.model.gradient_checkpointing
+    tok, feats, _ = _features(tiny_models, 2)
+    batch = T.PairCollator(tok.pad_token_id)(feats)
+    student.train()
+    out = student(input_ids=batch["chosen_input_ids"], attention_mask=batch["chosen_attention_mask"],
+                  labels=batch["chosen_labels"])
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in student.named_parameters() if "lora_" in n)
