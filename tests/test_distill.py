@@ -334,3 +334,25 @@ def test_qlora_needs_cuda_and_gradient_checkpointing_trains(tiny_models, tmp_pat
                   labels=batch["chosen_labels"])
     out.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in student.named_parameters() if "lora_" in n)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tiny_models, tmp_path):
+    from transformers import TrainingArguments
+
+    norms = []
+    for bs, ga in ((2, 1), (1, 2)):
+        tok, feats, _ = _features(tiny_models, 2)
+        torch.manual_seed(0)
+        student = T.load_student(str(tiny_models["student"]), T.LoraSettings(r=4, alpha=8, dropout=0.0), torch.float32, "cpu")
+        args = TrainingArguments(output_dir=str(tmp_path / f"ga{ga}"), max_steps=1, per_device_train_batch_size=bs,
+                                 gradient_accumulation_steps=ga, learning_rate=1e-3, report_to="none",
+                                 remove_unused_columns=False, use_cpu=True, logging_steps=1, save_strategy="no",
+                                 disable_tqdm=True, seed=0, data_seed=0)
+        cb = T.MetricsCallback()
+        trainer = T.DistillTrainer(model=student, args=args, train_dataset=T.PairDataset(feats),
+                                   data_collator=T.PairCollator(tok.pad_token_id), callbacks=[cb],
+                                   loss=T.LossSettings(loss_type="sft"), vocab_size=len(tok))
+        trainer.train()
+        norms.append((cb.history[0]["loss"], cb.history[0]["grad_norm"]))
+    assert norms[0][0] == pytest.approx(norms[1][0], rel=1e-4)
+    assert norms[0][1] == pytest.approx(norms[1][1], rel=1e-3)

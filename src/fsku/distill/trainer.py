@@ -164,6 +164,9 @@ class DistillTrainer(Trainer):
         if loss.loss_type not in L.LOSS_TYPES:
             raise ValueError(f"unknown loss_type {loss.loss_type!r}; choose one of {sorted(L.LOSS_TYPES)}")
         self.teacher, self.loss_settings, self.vocab_size = teacher, loss, vocab_size
+        # our loss is a per-batch mean that ignores num_items_in_batch: let Trainer divide it by the
+        # gradient-accumulation steps
+        self.model_accepts_loss_kwargs = False
         if self.teacher is not None:
             self.teacher.eval()
             for p in self.teacher.parameters():
