@@ -1,19 +1,24 @@
 """Miniature distillation experiment: a tiny teacher (~4 M parameters) -> a tiny student (~0.5 M),
 same step budget, 3 seeds, for the loss types sft, kd, gkd and distillm_v2 (and rkl with --all).
 
-    python benchmarks/bench_distill_tiny.py [--steps 150] [--seeds 0,1,2] [--json results.json]
+    python benchmarks/bench_distill_tiny.py [--steps 300] [--seeds 0,1,2] [--json results.json]
 
 Task (synthetic multiple-choice QA in the competition's prompt format, built from words of the
-project's own sample corpus): the stem names a term, four options list terms, exactly one option
-is the named term; the answer is its number. The rule generalises, so held-out items (new word
-combinations) measure what the student learned, not what it memorised.
+project's own sample corpus): "which category does term X belong to?", the four categories are the
+options. Every term has a hidden answer distribution (its true category 0.7, a confusable one 0.2,
+the other two 0.05 each), so the teacher's soft labels carry knowledge that a single sampled
+answer does not. Held-out items ask about the same terms with stem phrasings never used in
+training, so they measure what the student learned about the terms, not the wording.
 
-1. The teacher is trained by SFT on the training items until it answers held-out items well.
-2. For every seed and loss type, `fsku.distill.pipeline.distill` trains a LoRA on the same base
+1. The teacher is trained by SFT on labels sampled from those distributions. The base student is
+   trained on the answer format only (uniformly random labels): it answers with a digit but knows
+   nothing about the terms, like a small general model before domain distillation.
+2. For every seed and loss type, `fsku.distill.pipeline.distill` trains a LoRA on that base
    student with the same number of steps (teacher responses, then student responses, then pairs).
-3. Held-out metrics of each merged student: answer accuracy (argmax over the option-number
-   logits, as inference scores options) and the token-level forward KL(teacher || student) on the
-   teacher's held-out responses. The base student is reported as the reference.
+3. Held-out metrics of each merged student: answer accuracy against the true category (argmax over
+   the option-number logits, as inference scores options) and the token-level forward
+   KL(teacher || student) on the teacher's greedy held-out responses. The base student is the
+   reference.
 Prints a table; ratios are against the sft baseline in the same run.
 """
 from __future__ import annotations
@@ -41,25 +46,51 @@ from fsku.llm.tiny import _default_texts, build_tiny_model, train_on_examples, t
 from fsku.synth.records import SyntheticQA, write_jsonl  # noqa: E402
 
 
-def corpus_words(limit: int = 400) -> list[str]:
+CATEGORIES = ["전자금융", "개인정보", "신용정보", "정보보호"]
+TRAIN_STEMS = ["다음 중 '{t}'이(가) 속하는 분류는 무엇인가?", "'{t}'은(는) 어느 분야의 용어인가?",
+               "'{t}'에 관한 규정은 어느 분야에 해당하는가?", "다음 중 '{t}'와 가장 관련이 깊은 분야는?"]
+HELDOUT_STEMS = ["'{t}'을(를) 다루는 분야로 옳은 것은?", "다음 중 '{t}'의 소관 분야를 고르시오."]
+
+
+def corpus_words(limit: int = 48) -> list[str]:
     text = "\n".join(_default_texts())
-    words = sorted(set(re.findall(r"[가-힣]{2,5}", text)))
+    words = sorted(set(re.findall(r"[가-힣]{2,5}", text)) - set(CATEGORIES))
     random.Random(0).shuffle(words)
     return words[:limit]
 
 
-def make_items(words: list[str], n: int, seed: int, prefix: str) -> list[SyntheticQA]:
+def answer_distributions(terms: list[str]) -> dict[str, list[float]]:
+    """Each term: its true category 0.7, a confusable one 0.2, the other two 0.05 each."""
+    rng = random.Random(7)
+    dists = {}
+    for term in terms:
+        true, confusable = rng.sample(range(len(CATEGORIES)), 2)
+        probs = [0.05] * len(CATEGORIES)
+        probs[true], probs[confusable] = 0.7, 0.2
+        dists[term] = probs
+    return dists
+
+
+def make_items(terms: list[str], dists: dict[str, list[float]] | None, stems: list[str], n: int, seed: int,
+               prefix: str) -> list[SyntheticQA]:
+    """n items over `terms` and `stems`; the answer is sampled from the term's distribution, or
+    uniformly when `dists` is None (format-only training). Held-out accuracy uses `true_answer`."""
     rng = random.Random(seed)
+    choices = {str(k + 1): c for k, c in enumerate(CATEGORIES)}
     items = []
     for i in range(n):
-        opts = rng.sample(words, 4)
-        gold = rng.randrange(4)
-        stem = f"다음 중 '{opts[gold]}'와 같은 용어는 무엇인가?"
-        choices = {str(k + 1): o for k, o in enumerate(opts)}
-        question = "\n".join([stem] + [f"{k} {o}" for k, o in choices.items()])
+        term, stem = rng.choice(terms), rng.choice(stems)
+        weights = dists[term] if dists else [1.0] * len(CATEGORIES)
+        answer = rng.choices(range(len(CATEGORIES)), weights=weights)[0] + 1
+        question = "\n".join([stem.format(t=term)] + [f"{k} {o}" for k, o in choices.items()])
         items.append(SyntheticQA(qa_id=f"{prefix}{i}", kind="multiple_choice", qtype="lookup", question=question,
-                                 answer=str(gold + 1), choices=choices, source_article=f"{prefix}{i}", split="train"))
+                                 answer=str(answer), choices=choices, source_article=term, split="train"))
     return items
+
+
+def true_answer(dists: dict[str, list[float]], term: str) -> str:
+    probs = dists[term]
+    return str(probs.index(max(probs)) + 1)
 
 
 @torch.no_grad()
@@ -86,12 +117,18 @@ def heldout_metrics(model_dir: Path, teacher, tok, prompts: list[dict], gold: li
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=150, help="distillation steps per run (the same for every loss)")
-    ap.add_argument("--teacher-steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=300, help="distillation steps per run (the same for every loss)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate of every distillation run")
+    ap.add_argument("--teacher-steps", type=int, default=500)
+    # measured: at 2e-3 the 4-layer teacher stays on the answer marginal (loss 0.69 after 400
+    # steps); at 1e-3 it learns the terms (loss 0.50 after 300 steps; optimum ~0.43)
+    ap.add_argument("--teacher-lr", type=float, default=1e-3)
+    ap.add_argument("--student-steps", type=int, default=200, help="format-only training of the base student")
+    ap.add_argument("--n-terms", type=int, default=16)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--losses", default="sft,kd,gkd,distillm_v2")
     ap.add_argument("--n-train", type=int, default=400, help="distillation prompts")
-    ap.add_argument("--n-teacher", type=int, default=4000, help="items the teacher is trained on")
+    ap.add_argument("--n-teacher", type=int, default=4000, help="items the teacher (and the base student's format training) see")
     ap.add_argument("--n-heldout", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
@@ -101,11 +138,12 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="fsku-distill-bench-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    words = corpus_words()
-    train_items = make_items(words, args.n_train, seed=1, prefix="tr")
-    held_items = make_items(words, args.n_heldout, seed=2, prefix="ho")
+    terms = corpus_words(args.n_terms)
+    dists = answer_distributions(terms)
+    train_items = make_items(terms, dists, TRAIN_STEMS, args.n_train, seed=1, prefix="tr")
+    held_items = make_items(terms, dists, HELDOUT_STEMS, args.n_heldout, seed=2, prefix="ho")
     held_prompts = build_prompts(held_items)
-    gold = [r.answer for r in held_items]
+    gold = [true_answer(dists, r.source_article) for r in held_items]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,18 +152,24 @@ def main() -> int:
         train_tokenizer(_default_texts(), tok_dir, vocab_size=2000)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     teacher_dir, student_dir = work / "teacher", work / "student"
-    if not (teacher_dir / "sft_done.json").exists():
-        build_tiny_model(teacher_dir, tok_dir, hidden=256, layers=4, heads=8, seed=1)
+
+    def pretrain(model_dir: Path, items: list[SyntheticQA], steps: int, lr: float, **arch) -> None:
+        if (model_dir / "sft_done.json").exists():
+            return
+        build_tiny_model(model_dir, tok_dir, **arch)
         t0 = time.perf_counter()
-        # the teacher learns the rule from its own, larger item set (too many to memorise)
-        teacher_items = make_items(words, args.n_teacher, seed=3, prefix="te")
-        examples = [(p["messages"], r.answer) for p, r in zip(build_prompts(teacher_items), teacher_items, strict=True)]
-        info = train_on_examples(teacher_dir, examples, steps=args.teacher_steps, lr=2e-3, batch_size=16)
+        examples = [(p["messages"], r.answer) for p, r in zip(build_prompts(items), items, strict=True)]
+        info = train_on_examples(model_dir, examples, steps=steps, lr=lr, batch_size=16)
         info["seconds"] = round(time.perf_counter() - t0, 1)
-        (teacher_dir / "sft_done.json").write_text(json.dumps(info))
-        print(f"teacher SFT: {info}", flush=True)
-    if not (student_dir / "config.json").exists():
-        build_tiny_model(student_dir, tok_dir, hidden=96, layers=2, heads=4, seed=2)
+        (model_dir / "sft_done.json").write_text(json.dumps(info))
+        print(f"{model_dir.name} SFT: {info}", flush=True)
+
+    # the teacher learns the terms from its own, larger sample of noisy labels
+    pretrain(teacher_dir, make_items(terms, dists, TRAIN_STEMS, args.n_teacher, seed=3, prefix="te"),
+             args.teacher_steps, args.teacher_lr, hidden=256, layers=4, heads=8, seed=1)
+    # the base student learns the answer format only (labels uniform, independent of the term)
+    pretrain(student_dir, make_items(terms, None, TRAIN_STEMS, args.n_teacher, seed=4, prefix="fm"),
+             args.student_steps, 2e-3, hidden=96, layers=2, heads=4, seed=2)
     count = lambda d: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(d).parameters())  # noqa: E731
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     sizes = {"teacher_params": count(teacher_dir), "student_params": count(student_dir)}
@@ -143,7 +187,7 @@ def main() -> int:
             out = work / f"{loss}_s{seed}"
             cfg = DistillConfig(data=str(synth), teacher=str(teacher_dir), student=str(student_dir), backend="transformers",
                                 device="cpu", dtype="float32", out=str(out), loss_type=loss, max_steps=args.steps,
-                                batch_size=8, learning_rate=3e-3, lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                                batch_size=8, learning_rate=args.lr, lora_r=16, lora_alpha=32, lora_dropout=0.0,
                                 max_length=512, max_prompt_length=448, mc_max_new_tokens=3, temperature=1.0,
                                 gen_batch_size=32, seed=seed, register_as=None, cache_dir=str(work / "cache"),
                                 logging_steps=10, save_steps=10**6, restart=True)

@@ -250,6 +250,13 @@ def test_digit_score_hand_computed():
         two_point = np.log([0.5] + [0.0] * 8 + [0.5])  # digits 0 and 9 only
     assert digit_score(two_point) == pytest.approx(5.0)
     assert digit_score(np.log([1.0] * 10) + 3.0) == pytest.approx(5.0)  # shift-invariant
+    # mode: the digit a greedy judge writes; a diffuse distribution whose mean is 5.7 still reads 8
+    diffuse = np.log([0.02, 0.05, 0.05, 0.08, 0.1, 0.1, 0.1, 0.15, 0.3, 0.05])
+    assert digit_score(diffuse, "mean") == pytest.approx(sum(d * q for d, q in enumerate(np.exp(diffuse))) * 10 / 9)
+    assert digit_score(diffuse, "mode") == pytest.approx(80 / 9)
+    assert digit_score(np.zeros(10), "mode") == 0.0  # ties: the lowest digit, never a lucky high one
+    with pytest.raises(ValueError, match="mode"):
+        digit_score(np.zeros(10), "median")
 
 
 def test_llm_judge_scores_with_one_forward_pass(tiny_llm):

@@ -223,6 +223,7 @@ class SynthQAConfig:
     min_grounding: float = field(default=0.5, metadata={"help": "Minimum share of the answer's content morphemes found in the source chunk."})
     judge_model: Optional[str] = field(default=None, metadata={"help": "LLM judge (hub id, folder, .gguf, offline:<name>, or 'teacher'); None skips the judge."})
     judge_threshold: float = field(default=7.0, metadata={"help": "Minimum judge score (0-10) to keep an item."})
+    judge_reading: str = field(default="mode", metadata={"help": "How the judge's digit distribution becomes a score: mode (the digit a greedy judge writes, as in the seed) or mean (expected digit; a small judge's means cluster mid-scale)."})
     dedup_threshold: float = field(default=0.7, metadata={"help": "Character 5-gram Jaccard at which a later question is a near duplicate."})
     decontam_files: str = field(default="", metadata={"help": "Extra evaluation files (CSV with Question, or JSONL with question), comma-separated; the project's evaluation/ sets are always used."})
     decontam_ngram: int = field(default=8, metadata={"help": "Character n-gram length of the decontamination check."})
@@ -247,6 +248,7 @@ class SynthQAConfig:
         _check(self.temperature >= 0 and 0 < self.top_p <= 1, "temperature must be >= 0 and top_p in (0, 1]")
         _check(0 <= self.min_hangul <= 1 and 0 <= self.min_grounding <= 1, "min_hangul and min_grounding must be in [0, 1]")
         _check(0 <= self.judge_threshold <= 10, "judge_threshold must be in [0, 10]")
+        _check(self.judge_reading in ("mode", "mean"), f"judge_reading must be mode|mean, got {self.judge_reading!r}")
         _check(0 < self.dedup_threshold <= 1 and 0 < self.decontam_threshold <= 1, "dedup/decontam thresholds must be in (0, 1]")
         _check(self.decontam_ngram >= 3, "decontam_ngram must be >= 3")
         ratios = self.ratios

@@ -125,7 +125,7 @@ def synthesize(cfg: SynthQAConfig, progress: bool = True) -> SynthResult:
 
         judge_llm = llm if cfg.judge_model == "teacher" else load_llm(cfg.judge_model, backend=cfg.backend, dtype=cfg.dtype,
                                                                       device=cfg.device, max_model_len=cfg.max_model_len)
-        judge = LLMJudge(judge_llm, cfg.max_chunk_tokens)
+        judge = LLMJudge(judge_llm, cfg.max_chunk_tokens, cfg.judge_reading)
     eval_files = eval_files_for(cfg)
     eval_questions = read_eval_questions(eval_files)
     filt = FilterSettings(cfg.min_hangul, cfg.min_grounding, cfg.judge_threshold, cfg.dedup_threshold,
