@@ -87,6 +87,15 @@ def run_url(run_id: str) -> str:
 
 
 # ----------------------------------------------------------------------------- registry
+def _text_column(model_input, column: str) -> list[str]:
+    """pyfunc input as strings: the named column of a DataFrame, or any sequence of texts."""
+    if isinstance(model_input, pd.DataFrame):
+        if column not in model_input.columns:
+            raise ValueError(f"expected a {column!r} column, got {list(model_input.columns)}")
+        return model_input[column].astype(str).tolist()
+    return [str(x) for x in model_input]
+
+
 class KnowledgeBaseModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: predict(DataFrame with a 'question' column) -> ranked hits, one row per hit
     (question_index, rank, chunk_id, source, path, score, method, text)."""
@@ -97,12 +106,7 @@ class KnowledgeBaseModel(mlflow.pyfunc.PythonModel):
         self.kb = KnowledgeBase.load(context.artifacts["kb"])
 
     def predict(self, context, model_input, params: Optional[dict] = None):
-        if isinstance(model_input, pd.DataFrame):
-            if "question" not in model_input.columns:
-                raise ValueError(f"expected a 'question' column, got {list(model_input.columns)}")
-            questions = model_input["question"].astype(str).tolist()
-        else:
-            questions = [str(q) for q in model_input]
+        questions = _text_column(model_input, "question")
         from .config import RetrieveConfig
 
         params = params or {}
@@ -144,12 +148,7 @@ class StudentModel(mlflow.pyfunc.PythonModel):
         self.llm = load_llm(context.artifacts["model"], backend="transformers")
 
     def predict(self, context, model_input, params: Optional[dict] = None):
-        if isinstance(model_input, pd.DataFrame):
-            if "prompt" not in model_input.columns:
-                raise ValueError(f"expected a 'prompt' column, got {list(model_input.columns)}")
-            prompts = model_input["prompt"].astype(str).tolist()
-        else:
-            prompts = [str(p) for p in model_input]
+        prompts = _text_column(model_input, "prompt")
         params = params or {}
         rendered = [self.llm.render_chat([{"role": "user", "content": p}]) for p in prompts]
         gens = self.llm.generate(rendered, max_new_tokens=int(params.get("max_new_tokens", 256)))

@@ -42,9 +42,12 @@ def shared_log_softmax(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     if vocab_size > min(student_logits.shape[-1], teacher_logits.shape[-1]):
         raise ValueError(f"vocab_size {vocab_size} exceeds a model's output width "
                          f"({student_logits.shape[-1]}, {teacher_logits.shape[-1]})")
-    log_q = torch.log_softmax(student_logits[..., :vocab_size].float(), dim=-1)
-    log_p = torch.log_softmax(teacher_logits[..., :vocab_size].float(), dim=-1)
-    return log_q, log_p
+    return log_probs(student_logits, vocab_size), log_probs(teacher_logits, vocab_size)
+
+
+def log_probs(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """float32 log-softmax over the first `vocab_size` entries (padded output rows dropped)."""
+    return torch.log_softmax(logits[..., :vocab_size].float(), dim=-1)
 
 
 def _as_alpha(alpha: Alpha, like: torch.Tensor) -> torch.Tensor:
@@ -185,22 +188,21 @@ def side_weights(loss_type: str, beta: float) -> tuple[float, float]:
     return (1.0, 0.0) if spec.chosen else (0.0, 1.0)
 
 
+# name -> divergence(side, alpha, jsd_weight) over the side's response positions ([batch, time])
+DIVERGENCES = {
+    "cross_entropy": lambda side, alpha, w: -token_logprobs(side.log_q, side.labels),
+    "forward_kl": lambda side, alpha, w: forward_kl(side.log_p, side.log_q),
+    "reverse_kl": lambda side, alpha, w: reverse_kl(side.log_p, side.log_q),
+    "skew_forward_kl": lambda side, alpha, w: skew_forward_kl(side.log_p, side.log_q, alpha),
+    "skew_reverse_kl": lambda side, alpha, w: skew_reverse_kl(side.log_p, side.log_q, alpha),
+    "generalized_jsd": lambda side, alpha, w: generalized_jsd(side.log_p, side.log_q, w),
+}
+
+
 def _divergence(name: str, side: Side, alpha: Alpha, jsd_weight: float) -> torch.Tensor:
-    if name == "cross_entropy":
-        return -token_logprobs(side.log_q, side.labels)
-    if side.log_p is None:
+    if name != "cross_entropy" and side.log_p is None:
         raise ValueError(f"{name} needs teacher log-probabilities")
-    if name == "forward_kl":
-        return forward_kl(side.log_p, side.log_q)
-    if name == "reverse_kl":
-        return reverse_kl(side.log_p, side.log_q)
-    if name == "skew_forward_kl":
-        return skew_forward_kl(side.log_p, side.log_q, alpha)
-    if name == "skew_reverse_kl":
-        return skew_reverse_kl(side.log_p, side.log_q, alpha)
-    if name == "generalized_jsd":
-        return generalized_jsd(side.log_p, side.log_q, jsd_weight)
-    raise KeyError(name)
+    return DIVERGENCES[name](side, alpha, jsd_weight)
 
 
 def distillation_loss(loss_type: str, chosen: Optional[Side], rejected: Optional[Side], alpha_chosen: Alpha = 0.1,

@@ -23,10 +23,12 @@ from typing import Callable, Optional
 
 from ..config import DistillConfig, InferConfig
 from ..infer.cache import AnswerCache
+from ..jsonl import write_jsonl
 from ..synth.records import read_jsonl
+from .losses import LOSS_TYPES
 from .data import ResponseSettings, build_prompts, generate_responses, make_pairs
 from .trainer import (DistillTrainer, LoraSettings, LossSettings, MetricsCallback, PairCollator, PairDataset,
-                      check_shared_vocab, encode_pairs, last_checkpoint, load_student, merge_and_save, precompute_topk)
+                      check_shared_vocab, encode_pairs, load_student, merge_and_save, precompute_topk)
 
 log = logging.getLogger(__name__)
 LogFn = Callable[[dict, int], None]
@@ -38,18 +40,6 @@ class DistillResult:
     merged: Path
     stats: dict
     history: list[dict] = field(default_factory=list)
-
-
-def _bar(progress: bool, total: int, desc: str):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="prompt")
-
-
-def _update(bar) -> Optional[Callable[[int], None]]:
-    return (lambda n: bar.update(n)) if bar is not None else None
 
 
 def pick_device_dtype(device: str, dtype: str):
@@ -102,7 +92,9 @@ def _release_memory() -> None:
 
 def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool = True) -> DistillResult:
     import torch
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
 
     from ..llm import load_llm
     from ..llm.resolve import resolve_model
@@ -114,6 +106,11 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
     t_start = time.perf_counter()
     device, torch_dtype = pick_device_dtype(cfg.device, cfg.dtype)
     teacher_path, student_path = resolve_model(cfg.teacher), resolve_model(cfg.student)
+
+    def load_teacher():
+        """A transformers copy of the teacher for logits (when the generation backend has none, or was released)."""
+        return AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch_dtype).to(device).eval()
+
     teacher_tok, student_tok = AutoTokenizer.from_pretrained(teacher_path), AutoTokenizer.from_pretrained(student_path)
     vocab_size = check_shared_vocab(student_tok, teacher_tok)
     if student_tok.pad_token_id is None:
@@ -133,24 +130,22 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
     teacher_llm = load_llm(cfg.teacher, **gen_kw)
     contexts = retrieve_contexts(records, cfg, teacher_llm) if cfg.context != "none" else None
     prompt_rows = build_prompts(records, contexts)
-    with (out / "prompts.jsonl").open("w", encoding="utf-8") as fh:
-        for row in prompt_rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(prompt_rows, out / "prompts.jsonl")
     t0 = time.perf_counter()
-    bar = _bar(progress, len(prompt_rows), "teacher responses")
-    teacher_resp = generate_responses(prompt_rows, teacher_llm, settings, out / "responses_r1_teacher.jsonl", cache,
-                                      progress=_update(bar))
-    if bar is not None:
-        bar.close()
+    with tqdm(total=len(prompt_rows), desc="teacher responses", unit="prompt", disable=not progress) as bar:
+        teacher_resp = generate_responses(prompt_rows, teacher_llm, settings, out / "responses_r1_teacher.jsonl", cache,
+                                          progress=bar.update)
     stats["teacher_response_s"] = round(time.perf_counter() - t0, 1)
-    # the backend's own HF model serves the online teacher logits when it has one
-    teacher_model = getattr(teacher_llm, "model", None)
+    needs_teacher = LOSS_TYPES[cfg.loss_type].needs_teacher
+    # the backend's own HF model serves the teacher logits when it has one
+    teacher_model = getattr(teacher_llm, "model", None) if needs_teacher else None
     if not hasattr(teacher_model, "forward"):
-        # a vLLM engine: release its memory; training reads logits from a transformers copy
+        # nothing to reuse (the loss reads only teacher responses, e.g. sft; or a vLLM engine): release the
+        # generation backend; online logits then come from a transformers copy
         teacher_model = teacher_llm = None
         _release_memory()
-        if cfg.teacher_logits == "online":
-            teacher_model = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch_dtype).to(device).eval()
+        if needs_teacher and cfg.teacher_logits == "online":
+            teacher_model = load_teacher()
 
     history: list[dict] = []
     current_student = student_path
@@ -161,11 +156,10 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
         # student responses from the student as it stands at the start of the round
         t0 = time.perf_counter()
         student_llm = load_llm(str(current_student), **gen_kw)
-        bar = _bar(progress, len(prompt_rows), f"student responses (round {rnd})")
-        student_resp = generate_responses(prompt_rows, student_llm, settings, out / f"responses_r{rnd}_student.jsonl",
-                                          cache, progress=_update(bar))
-        if bar is not None:
-            bar.close()
+        with tqdm(total=len(prompt_rows), desc=f"student responses (round {rnd})", unit="prompt",
+                  disable=not progress) as bar:
+            student_resp = generate_responses(prompt_rows, student_llm, settings,
+                                              out / f"responses_r{rnd}_student.jsonl", cache, progress=bar.update)
         del student_llm
         _release_memory()
         rstats["student_response_s"] = round(time.perf_counter() - t0, 1)
@@ -174,22 +168,18 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
         log.info("round %d: %d pairs (%s)", rnd, len(pairs), counts.to_dict())
         if not pairs:
             raise ValueError(f"round {rnd}: no prompt has both a teacher and a student response ({counts.to_dict()})")
-        with (out / f"pairs_r{rnd}.jsonl").open("w", encoding="utf-8") as fh:
-            for p in pairs:
-                fh.write(json.dumps(p, ensure_ascii=False) + "\n")
+        write_jsonl(pairs, out / f"pairs_r{rnd}.jsonl")
         features, cut = encode_pairs(student_tok, pairs, cfg.max_length, cfg.max_prompt_length)
         rstats["prompts_cut"] = cut
 
         teacher_for_training = None
-        if cfg.loss_type != "sft":
+        if needs_teacher:
             if cfg.teacher_logits == "topk":
                 if not hasattr(teacher_model, "forward"):
-                    teacher_model = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch_dtype).to(device).eval()
-                bar = _bar(progress, len(features), f"teacher top-{cfg.topk}")
-                precompute_topk(teacher_model, features, cfg.topk, vocab_size, batch_size=cfg.batch_size,
-                                progress=_update(bar))
-                if bar is not None:
-                    bar.close()
+                    teacher_model = load_teacher()
+                with tqdm(total=len(features), desc=f"teacher top-{cfg.topk}", unit="pair", disable=not progress) as bar:
+                    precompute_topk(teacher_model, features, cfg.topk, vocab_size, batch_size=cfg.batch_size,
+                                    progress=bar.update)
                 # the point of top-k: the teacher leaves memory before the student trains (reloaded next round)
                 teacher_model = teacher_llm = None
                 _release_memory()
@@ -218,7 +208,8 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
             teacher=teacher_for_training, callbacks=[callback],
             loss=LossSettings(cfg.loss_type, cfg.alpha, cfg.adaptive_alpha, cfg.beta, cfg.beta_warmup_ratio, cfg.jsd_weight),
             vocab_size=vocab_size)
-        resume = last_checkpoint(rdir / "checkpoints")
+        ckpt_dir = rdir / "checkpoints"
+        resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
         if resume:
             log.info("round %d: resuming from %s", rnd, resume)
         t0 = time.perf_counter()

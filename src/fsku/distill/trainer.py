@@ -130,8 +130,7 @@ def precompute_topk(teacher, features: list[dict], k: int, vocab_size: int, batc
         batch = collate([{key: r[key] for key in r if not key.endswith(("topk_idx", "topk_logp"))} for r in rows])
         for side in SIDES:
             ids, attn = batch[f"{side}_input_ids"].to(device), batch[f"{side}_attention_mask"].to(device)
-            logits = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1, :vocab_size].float()
-            logp = torch.log_softmax(logits, -1)
+            logp = L.log_probs(teacher(input_ids=ids, attention_mask=attn).logits[:, :-1], vocab_size)
             top = logp.topk(min(k, vocab_size), dim=-1)
             mask = batch[f"{side}_labels"][:, 1:] != IGNORE
             for b, r in enumerate(rows):
@@ -189,7 +188,7 @@ class DistillTrainer(Trainer):
         with torch.no_grad():
             logits = self.teacher(input_ids=inputs[f"{side}_input_ids"],
                                   attention_mask=inputs[f"{side}_attention_mask"]).logits[:, :-1]
-        return torch.log_softmax(logits[..., :self.vocab_size].float(), dim=-1)
+        return L.log_probs(logits, self.vocab_size)
 
     def _alpha(self, side: str, log_p, log_q, labels, mask):
         s = self.loss_settings
@@ -229,7 +228,7 @@ class DistillTrainer(Trainer):
             logits = logits[:, :-1]
             labels = inputs[f"{side}_labels"][:, 1:]
             mask = labels != IGNORE
-            log_q = torch.log_softmax(logits[..., :self.vocab_size].float(), dim=-1)
+            log_q = L.log_probs(logits, self.vocab_size)
             log_p = self._teacher_logp(inputs, side, mask, log_q) if spec.needs_teacher else None
             sides[side] = L.Side(log_q, log_p, labels, mask)
             alphas[side] = self._alpha(side, log_p, log_q, labels, mask)
@@ -328,8 +327,3 @@ def merge_and_save(peft_model, tokenizer, out_dir: str | Path) -> Path:
     if getattr(merged, "generation_config", None) is not None:
         merged.generation_config.save_pretrained(out_dir)
     return out_dir
-
-
-def last_checkpoint(folder: Path) -> Optional[str]:
-    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
-    return str(found[-1]) if found else None

@@ -40,7 +40,7 @@ def loss_curve_figures(history: list[dict]) -> dict:
         return figs
     df["x"] = range(1, len(df) + 1)
     groups = {
-        "loss_terms": [c for c in df.columns if c.endswith("loss") or "/loss" in c or c.split("/")[-2:-1] == ["loss"]],
+        "loss_terms": [c for c in df.columns if c.endswith("loss") or "loss" in c.split("/")],
         "alpha_beta": [c for c in df.columns if "alpha/" in c or c.endswith("beta")],
         "lr_grad_norm": [c for c in df.columns if c.endswith(("learning_rate", "grad_norm"))],
         "prob_gap": [c for c in df.columns if "gap/" in c],

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import logging
 import resource
 import sys
@@ -26,6 +25,7 @@ import pandas as pd
 
 from .. import tracking
 from ..config import EvaluateConfig
+from ..jsonl import write_jsonl
 from .args import add_config_args, config_from_namespace
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
             tracking.log_figure(fig, name)
         tracking.log_artifact(result.submission, "submission")
         records_path = out / "records.jsonl"
-        records_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records), encoding="utf-8")
+        write_jsonl(result.records, records_path)
         tracking.log_artifact(records_path, "submission")
         summary = {k: v for k, v in score.items() if k != "per_row"}
         summary["scorer_embedding"] = cfg.scorer_embedding if needs_cosine else "none"

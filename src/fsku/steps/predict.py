@@ -12,12 +12,12 @@ the same command resumes without recomputing them (--restart starts over).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 from ..config import PredictConfig
+from ..jsonl import write_jsonl
 from .args import add_config_args, config_from_namespace
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,7 @@ def predict_cli(argv: list[str]) -> int:
         tracking.log_metrics({k: v for k, v in result.stats.items() if isinstance(v, (int, float))})
         tracking.log_artifact(result.submission, "submission")
     if a.records:
-        a.records.parent.mkdir(parents=True, exist_ok=True)
-        a.records.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records), encoding="utf-8")
+        write_jsonl(result.records, a.records)
     s = result.stats
     print(f"wrote {result.submission} ({s['questions']} answers; fallback {s['fallback']}, timeouts {s['timeouts']}, "
           f"errors {s['errors']}, cache hits {s['cache_hits']}; model load {s['load_s']:.1f} s, answering {s['run_s']:.1f} s)")

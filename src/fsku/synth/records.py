@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from ..jsonl import iter_jsonl
+from ..jsonl import write_jsonl as _write_rows
 from .parse import first_present
 from .split import SPLIT_NAMES
 
@@ -143,16 +143,7 @@ def from_teacher_json(obj: dict[str, Any], *, kind: str, qtype: str, chunk_id: s
 
 
 def write_jsonl(records: Iterable[SyntheticQA], path: str | Path) -> int:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
-            n += 1
-    tmp.replace(path)
-    return n
+    return _write_rows((r.to_dict() for r in records), path)
 
 
 def read_jsonl(path: str | Path) -> list[SyntheticQA]:
