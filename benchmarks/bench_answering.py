@@ -60,12 +60,18 @@ def load_sets(data: Path) -> dict[str, list[tuple[str, str, int]]]:
 
 
 def derive(display: np.ndarray, orders, cf: np.ndarray) -> dict[str, int]:
-    """1-based choice per debiasing method from the per-order display log-probs."""
+    """1-based choice per debiasing method from the per-order display log-probs. With the reversed
+    rotations after the n cyclic ones (--reverse-orders), rotate uses the first n and
+    rotate+reverse all 2n."""
+    n = display.shape[1]
+    fwd, fwd_orders = display[:n], orders[:n]
     out = {"raw": int(np.argmax(display[0])) + 1,
-           "rotate": int(np.argmax(opt.aggregate_orders(display, orders))) + 1,
+           "rotate": int(np.argmax(opt.aggregate_orders(fwd, fwd_orders))) + 1,
            "calibrate": int(np.argmax(opt.calibrate(display[0], cf))) + 1}
-    cal = np.stack([opt.calibrate(row, cf) for row in display])
-    out["rotate+calibrate"] = int(np.argmax(opt.aggregate_orders(cal, orders))) + 1
+    cal = np.stack([opt.calibrate(row, cf) for row in fwd])
+    out["rotate+calibrate"] = int(np.argmax(opt.aggregate_orders(cal, fwd_orders))) + 1
+    if len(orders) > n:
+        out["rotate+reverse"] = int(np.argmax(opt.aggregate_orders(display, orders))) + 1
     return out
 
 
@@ -80,6 +86,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--modes", default=",".join(MODES), help="context modes to compute (a subset saves time)")
+    ap.add_argument("--reverse-orders", action="store_true",
+                    help="also score the reversed rotations (twice the passes): adds the method rotate+reverse")
     for f in ("top_k", "gate_threshold", "context_tokens", "passage_tokens"):
         ap.add_argument("--" + f.replace("_", "-"), type=type(getattr(InferConfig, f)), default=getattr(InferConfig, f))
     a = ap.parse_args()
@@ -87,6 +95,7 @@ def main() -> int:
         print(f"skipped: {a.data} not found (needs ../shared/data)")
         return 0
     modes = {m: MODES[m] for m in a.modes.split(",")}
+    methods = METHODS + (("rotate+reverse",) if a.reverse_orders else ())
     cfg = InferConfig(model=a.model, kb=a.kb, top_k=a.top_k, gate_threshold=a.gate_threshold,
                       context_tokens=a.context_tokens, passage_tokens=a.passage_tokens, dtype=a.dtype)
     t0 = time.perf_counter()
@@ -105,17 +114,21 @@ def main() -> int:
         if log_path.exists():
             for line in log_path.read_text(encoding="utf-8").splitlines():
                 rec = upgrade_record(json.loads(line), a.gate_threshold)
+                if rec.get("model", a.model) != a.model:
+                    # two models with one folder name (e.g. .../merged) would share a log: never mix them
+                    sys.exit(f"{log_path} holds results of {rec['model']!r}, not {a.model!r}: pass another --out")
                 done[rec["ID"]] = rec
         with log_path.open("a", encoding="utf-8") as fh:
             for i, (qid, text, gold) in enumerate(rows):
-                if qid in done and all(m in done[qid]["choices"] for m in modes):
+                if qid in done and all(m in done[qid]["choices"] and set(methods) <= set(done[qid]["choices"][m])
+                                       for m in modes):
                     continue
                 q = classify_question(qid, text)
                 n = len(q.choices)
-                orders = opt.cyclic_orders(n)
+                orders = opt.option_orders(n, reverse=a.reverse_orders)
                 cf = answerer.content_free_logp(n)
                 (hits, terms), = answerer.retrieve([q.parsed_question])
-                rec = {"ID": qid, "gold": gold, "n_hits": len(hits),
+                rec = {"ID": qid, "model": a.model, "gold": gold, "n_hits": len(hits),
                        "gate_dense": [h.dense for h in hits], "choices": {}, "seconds": {}, "n_context": {}}
                 computed: dict[str, tuple] = {}
                 for mode, overrides in modes.items():
@@ -142,16 +155,16 @@ def main() -> int:
         recs = [done[qid] for qid, _, _ in rows]
         table = {}
         for mode in modes:
-            table[mode] = {m: float(np.mean([r["choices"][mode][m] == r["gold"] for r in recs])) for m in METHODS}
+            table[mode] = {m: float(np.mean([r["choices"][mode][m] == r["gold"] for r in recs])) for m in methods}
             table[mode]["s_per_q_all_orders"] = float(np.mean([r["seconds"][mode] for r in recs]))
             table[mode]["context_rate"] = float(np.mean([r["n_context"][mode] > 0 for r in recs]))
         summary["sets"][set_name] = {"n": len(recs), "table": table}
     print(f"\nmodel {a.model} (load {load_s:.1f} s); gate: dense cosine >= {a.gate_threshold}; top_k {a.top_k}"
           "\n(gated = question scope, the default: all top_k passages once one passes; gated-passage = each passage must pass)")
     for set_name, s in summary["sets"].items():
-        print(f"\n{set_name} (n={s['n']})   " + "  ".join(f"{m:>16}" for m in METHODS) + "   s/q(n orders)  ctx-rate")
+        print(f"\n{set_name} (n={s['n']})   " + "  ".join(f"{m:>16}" for m in methods) + "   s/q(all orders)  ctx-rate")
         for mode, row in s["table"].items():
-            print(f"  context={mode:<13}" + "  ".join(f"{row[m]:16.3f}" for m in METHODS)
+            print(f"  context={mode:<13}" + "  ".join(f"{row[m]:16.3f}" for m in methods)
                   + f"   {row['s_per_q_all_orders']:12.2f}  {row['context_rate']:8.2f}")
     if a.json:
         a.json.write_text(json.dumps(summary, indent=2))

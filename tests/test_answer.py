@@ -55,6 +55,22 @@ def test_every_debias_method_gives_a_valid_option(tiny_llm, debias):
     assert a.raw_choice in {1, 2, 3, 4} and not a.used_fallback
 
 
+def test_reverse_orders_scores_the_reversed_rotations_too(tiny_llm, monkeypatch):
+    seen = []
+    original = Answerer.display_logprobs
+
+    def spy(self, q, context, orders, deadline=None):
+        seen.append([list(o) for o in orders])
+        return original(self, q, context, orders, deadline)
+
+    monkeypatch.setattr(Answerer, "display_logprobs", spy)
+    for reverse in (False, True):
+        cfg = InferConfig(kb=None, context="none", debias="rotate", reverse_orders=reverse)
+        a = Answerer(tiny_llm, cfg).answer(Q, [])
+        assert a.answer in {"1", "2", "3", "4"}
+    assert len(seen[0]) == 4 and seen[1][:4] == seen[0] and seen[1][4] == [0, 3, 2, 1]
+
+
 def test_self_consistency_votes_over_sampled_paths(tiny_llm):
     cfg = InferConfig(kb=None, context="none", self_consistency=3, sc_max_new_tokens=6)
     a = Answerer(tiny_llm, cfg).answer(Q, [])

@@ -205,6 +205,34 @@ def test_baselines_train(tiny_models, tmp_path, loss_type):
     assert torch.isfinite(torch.tensor(cb.history[0]["loss"]))
 
 
+def test_response_window_by_hand():
+    I = T.IGNORE
+    # first labelled column 2 of width 5: logits at positions 1..4 are kept, 1..3 predict labels 2..4
+    assert T.response_window(torch.tensor([[I, I, 5, 6, I], [I, I, I, 7, 8]])) == 4
+    assert T.response_window(torch.tensor([[I, I, I]])) == 3  # nothing labelled: the whole width
+    assert T.response_window(torch.tensor([[4, 5, I]])) == 3  # a label at 0 cannot be predicted
+
+
+def test_windowed_loss_equals_the_full_width_loss(tiny_models, tmp_path):
+    from fsku.distill import losses as L
+
+    trainer, _ = _trainer(tiny_models, tmp_path)
+    batch = T.PairCollator(0)([trainer.train_dataset[i] for i in range(3)])
+    assert T.response_window(batch["chosen_labels"]) < batch["chosen_labels"].shape[1]  # the window does cut
+    vocab = trainer.vocab_size
+    sides = {}
+    with torch.no_grad():
+        for side in T.SIDES:
+            ids, attn = batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"]
+            labels = batch[f"{side}_labels"][:, 1:]
+            log_q = L.log_probs(trainer.model(input_ids=ids, attention_mask=attn).logits[:, :-1], vocab)
+            log_p = L.log_probs(trainer.teacher(input_ids=ids, attention_mask=attn).logits[:, :-1], vocab)
+            sides[side] = L.Side(log_q, log_p, labels, labels != T.IGNORE)
+        full, _ = L.distillation_loss("distillm_v2", sides["chosen"], sides["rejected"], 0.1, 0.1, beta=1.0)
+        windowed = trainer.compute_loss(trainer.model, batch)
+    assert windowed.item() == pytest.approx(full.item(), rel=1e-5, abs=1e-6)
+
+
 def test_topk_teacher_matches_online_when_k_covers_the_mass(tiny_models, tmp_path):
     online, _ = _trainer(tiny_models, tmp_path / "a", loss_type="kd")
     topk, _ = _trainer(tiny_models, tmp_path / "b", loss_type="distillm_v2", teacher_logits="topk", topk=10**6)
@@ -317,6 +345,7 @@ def test_topk_teacher_pipeline_frees_and_reloads_the_teacher_between_rounds(tiny
                         register_as=None, teacher_logits="topk", topk=8, loss_type="kd")
     res = distill(cfg, progress=False)
     assert [r["steps"] for r in res.stats["rounds"]] == [1, 1]
+    assert all(r["teacher_topk_s"] >= 0 for r in res.stats["rounds"])
 
 
 def test_qlora_needs_cuda_and_gradient_checkpointing_trains(tiny_models, tmp_path):

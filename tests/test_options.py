@@ -16,6 +16,18 @@ def test_cyclic_orders():
         opt.cyclic_orders(0)
 
 
+def test_option_orders_with_reversed_rotations():
+    assert opt.option_orders(4) == opt.cyclic_orders(4)
+    orders = opt.option_orders(4, reverse=True)
+    assert orders[4:] == [[0, 3, 2, 1], [1, 0, 3, 2], [2, 1, 0, 3], [3, 2, 1, 0]]
+    # every option at every position twice, and every option preceded by each neighbour equally often
+    for pos in range(4):
+        assert sorted(o[pos] for o in orders) == [0, 0, 1, 1, 2, 2, 3, 3]
+    follows = {(o[j], o[j + 1]) for o in orders for j in range(3)}
+    assert (1, 0) in follows and (0, 1) in follows
+    assert opt.option_orders(5, 2, reverse=True) == opt.cyclic_orders(5, 2) + [[0, 4, 3, 2, 1], [2, 1, 0, 4, 3]]
+
+
 def test_rotation_average_cancels_a_position_bias():
     # option B (index 1) is better, but the model prefers whatever is shown first
     display = np.log([[0.6, 0.4],    # order [A, B]

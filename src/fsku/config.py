@@ -112,6 +112,7 @@ class InferConfig:
     passage_tokens: int = field(default=450, metadata={"help": "Token cap per passage."})
     debias: str = field(default="rotate", metadata={"help": "Multiple-choice debiasing: none, rotate (average over cyclic option orders), calibrate (divide by a content-free prompt's probabilities), rotate+calibrate."})
     rotations: int = field(default=0, metadata={"help": "Cyclic option orders to average (0 = all n; 1 = original order only)."})
+    reverse_orders: bool = field(default=False, metadata={"help": "With rotate: also average the same rotations of the reversed option order (twice the forward passes)."})
     self_consistency: int = field(default=0, metadata={"help": "Multiple choice: k sampled reasoning paths voted by majority (0 = off; ties go to option scores)."})
     sc_temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the self-consistency paths."})
     sc_max_new_tokens: int = field(default=256, metadata={"help": "Token cap per reasoning path."})

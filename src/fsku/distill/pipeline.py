@@ -177,9 +177,11 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
             if cfg.teacher_logits == "topk":
                 if not hasattr(teacher_model, "forward"):
                     teacher_model = load_teacher()
+                t0 = time.perf_counter()
                 with tqdm(total=len(features), desc=f"teacher top-{cfg.topk}", unit="pair", disable=not progress) as bar:
                     precompute_topk(teacher_model, features, cfg.topk, vocab_size, batch_size=cfg.batch_size,
                                     progress=bar.update)
+                rstats["teacher_topk_s"] = round(time.perf_counter() - t0, 1)
                 # the point of top-k: the teacher leaves memory before the student trains (reloaded next round)
                 teacher_model = teacher_llm = None
                 _release_memory()

@@ -107,6 +107,27 @@ class PairCollator:
         return batch
 
 
+# ---------------------------------------------------------------- response window
+
+def response_window(labels: torch.Tensor) -> int:
+    """How many trailing logits cover every labelled position of a right-padded batch.
+
+    Full-vocabulary logits (151,936 wide for Qwen) dominate training memory; prompts are usually
+    longer than responses, so the language-model head runs only on the last `keep` positions
+    (`logits_to_keep`). Logits at position t predict token t+1, so the window starts one position
+    before the first label: ``logits[:, :-1]`` of the window lines up with ``labels[:, W - keep + 1:]``."""
+    labelled = (labels != IGNORE).any(0).nonzero()
+    width = labels.shape[1]
+    if len(labelled) == 0:
+        return width
+    return width - max(int(labelled[0]), 1) + 1
+
+
+def window_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """Next-token logits of the last `keep` positions, without the final one ([batch, keep - 1, vocab])."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1]
+
+
 # ---------------------------------------------------------------- teacher top-k
 
 def dense_from_topk(topk_idx: torch.Tensor, topk_logp: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -130,9 +151,11 @@ def precompute_topk(teacher, features: list[dict], k: int, vocab_size: int, batc
         batch = collate([{key: r[key] for key in r if not key.endswith(("topk_idx", "topk_logp"))} for r in rows])
         for side in SIDES:
             ids, attn = batch[f"{side}_input_ids"].to(device), batch[f"{side}_attention_mask"].to(device)
-            logp = L.log_probs(teacher(input_ids=ids, attention_mask=attn).logits[:, :-1], vocab_size)
+            labels = batch[f"{side}_labels"]
+            keep = response_window(labels)
+            logp = L.log_probs(window_logits(teacher, ids, attn, keep), vocab_size)
             top = logp.topk(min(k, vocab_size), dim=-1)
-            mask = batch[f"{side}_labels"][:, 1:] != IGNORE
+            mask = labels[:, labels.shape[1] - keep + 1:] != IGNORE
             for b, r in enumerate(rows):
                 m = mask[b].to(device)
                 r[f"{side}_topk_idx"] = top.indices[b][m].cpu().tolist()
@@ -175,7 +198,7 @@ class DistillTrainer(Trainer):
         self.reference_gap: dict[str, Optional[float]] = {s: None for s in SIDES}
 
     # -- pieces
-    def _teacher_logp(self, inputs: dict, side: str, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def _teacher_logp(self, inputs: dict, side: str, mask: torch.Tensor, like: torch.Tensor, keep: int) -> torch.Tensor:
         if f"{side}_topk_idx" in inputs:
             dense = dense_from_topk(inputs[f"{side}_topk_idx"], inputs[f"{side}_topk_logp"], self.vocab_size)
             log_p = torch.full_like(like, -math.log(self.vocab_size))
@@ -186,8 +209,7 @@ class DistillTrainer(Trainer):
         if self.teacher is None:
             raise ValueError("this loss needs the teacher: pass a teacher model or precomputed top-k log-probabilities")
         with torch.no_grad():
-            logits = self.teacher(input_ids=inputs[f"{side}_input_ids"],
-                                  attention_mask=inputs[f"{side}_attention_mask"]).logits[:, :-1]
+            logits = window_logits(self.teacher, inputs[f"{side}_input_ids"], inputs[f"{side}_attention_mask"], keep)
         return L.log_probs(logits, self.vocab_size)
 
     def _alpha(self, side: str, log_p, log_q, labels, mask):
@@ -224,12 +246,14 @@ class DistillTrainer(Trainer):
         for side, divergence, weight in (("chosen", spec.chosen, w_chosen), ("rejected", spec.rejected, w_rejected)):
             if divergence is None or weight == 0.0:
                 continue
-            logits = model(input_ids=inputs[f"{side}_input_ids"], attention_mask=inputs[f"{side}_attention_mask"]).logits
-            logits = logits[:, :-1]
-            labels = inputs[f"{side}_labels"][:, 1:]
+            all_labels = inputs[f"{side}_labels"]
+            keep = response_window(all_labels)
+            logits = window_logits(model, inputs[f"{side}_input_ids"], inputs[f"{side}_attention_mask"], keep)
+            labels = all_labels[:, all_labels.shape[1] - keep + 1:]
             mask = labels != IGNORE
             log_q = L.log_probs(logits, self.vocab_size)
-            log_p = self._teacher_logp(inputs, side, mask, log_q) if spec.needs_teacher else None
+            del logits
+            log_p = self._teacher_logp(inputs, side, mask, log_q, keep) if spec.needs_teacher else None
             sides[side] = L.Side(log_q, log_p, labels, mask)
             alphas[side] = self._alpha(side, log_p, log_q, labels, mask)
         loss, terms = L.distillation_loss(s.loss_type, sides["chosen"], sides["rejected"], alphas["chosen"],

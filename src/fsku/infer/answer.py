@@ -124,10 +124,10 @@ class Answerer:
         return self.llm.option_logprobs(OptionRequest(prefix, suffixes, labels), deadline)
 
     def score_options(self, q: ClassifiedQuestion, context: str, debias: str, rotations: int,
-                      deadline: Optional[float] = None) -> tuple[np.ndarray, int]:
+                      deadline: Optional[float] = None, reverse: bool = False) -> tuple[np.ndarray, int]:
         """(aggregated scores per original option, raw argmax of the original order, 1-based)."""
         n = len(q.choices)
-        orders = opt.cyclic_orders(n, rotations) if "rotate" in debias else [list(range(n))]
+        orders = opt.option_orders(n, rotations, reverse) if "rotate" in debias else [list(range(n))]
         display = self.display_logprobs(q, context, orders, deadline)
         if "calibrate" in debias:
             cf = self.content_free_logp(n)
@@ -140,7 +140,8 @@ class Answerer:
         cfg = self.cfg
         context, ctx_ids = ("", []) if fast else self.context_text(hits, query_terms)
         debias = cfg.debias if not fast else ("calibrate" if "calibrate" in cfg.debias else "none")
-        scores, raw_choice = self.score_options(q, context, debias, 1 if fast else cfg.rotations, deadline)
+        scores, raw_choice = self.score_options(q, context, debias, 1 if fast else cfg.rotations, deadline,
+                                                reverse=cfg.reverse_orders and not fast)
         best, conf = opt.choice_confidence(scores)
         choice = best + 1
         if cfg.self_consistency and not fast:

@@ -22,6 +22,17 @@ def cyclic_orders(n: int, k: int = 0) -> list[list[int]]:
     return [[(j + s) % n for j in range(n)] for s in shifts]
 
 
+def option_orders(n: int, k: int = 0, reverse: bool = False) -> list[list[int]]:
+    """The cyclic orders of `cyclic_orders(n, k)`, followed (reverse=True) by the same rotations of
+    the reversed order. Rotations put every option at every position but keep which option follows
+    which; adding the reversed rotations also balances that (each option is preceded by each of its
+    two neighbours equally often)."""
+    orders = cyclic_orders(n, k)
+    if reverse:
+        orders += [[(s - j) % n for j in range(n)] for s in (o[0] for o in orders)]
+    return orders
+
+
 def normalize_logprobs(logp: np.ndarray) -> np.ndarray:
     """Log-softmax over the last axis (restricts a next-token distribution to the option labels)."""
     logp = np.asarray(logp, dtype=np.float64)
