@@ -43,6 +43,9 @@ demo: models
 	# the tiny student learns from the tiny teacher (DistiLLM-2 loss, LoRA) and is registered as fsku-student
 	$(BIN)/mlflow run . -e distill --env-manager local -P data=outputs/synth_qa -P teacher=models/tiny/teacher \
 		-P student=models/tiny/student -P loss_type=distillm_v2 -P max_steps=10 -P max_new_tokens=64 -P out=outputs/distill -P restart=true
+	# the student is quantized (torchao int8 weight-only), compared with itself on the sample set, registered again
+	$(BIN)/mlflow run . -e quantize --env-manager local -P model=models:/fsku-student/latest -P method=int8 \
+		-P out=outputs/quantize -P gen_tokens=16 -P restart=true
 	$(BIN)/mlflow run . -e evaluate --env-manager local -P model=$(DEMO_MODEL) -P kb=outputs/kb \
 		-P gold=evaluation/sample_qa.csv -P out_dir=outputs/evaluate -P max_new_tokens=48
 	$(BIN)/mlflow run . -e predict --env-manager local -P model=$(DEMO_MODEL) -P kb=outputs/kb \
@@ -52,7 +55,8 @@ demo: models
 	@echo "Knowledge base: $(CURDIR)/outputs/kb ; registered model: models:/fsku-kb/<latest>"
 	@echo "Submission: $(CURDIR)/outputs/submission.csv ; evaluation: $(CURDIR)/outputs/evaluate (model $(DEMO_MODEL))"
 	@echo "Synthetic QA (tiny teacher): $(CURDIR)/outputs/synth_qa (stats.json: acceptance and rejection reasons)"
-	@echo "Distilled tiny student: $(CURDIR)/outputs/distill/merged ; registered model: models:/fsku-student/<latest>"
+	@echo "Distilled tiny student: $(CURDIR)/outputs/distill/merged ; registered model: models:/fsku-student/<latest - 1>"
+	@echo "Quantized student (int8): $(CURDIR)/outputs/quantize/model ; comparison: $(CURDIR)/outputs/quantize/comparison.csv ; registered: models:/fsku-student/<latest>"
 
 test: models
 	$(BIN)/python -m pytest -q -x; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc

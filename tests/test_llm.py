@@ -32,6 +32,23 @@ def test_option_scoring_matches_plain_forward_for_suffixes_of_different_lengths(
         assert np.allclose(row, _full_forward_logprobs(tiny_llm, prefix, s, labels), atol=1e-4)
 
 
+def test_continuation_logprobs_match_a_plain_forward_per_sequence(tiny_llm):
+    prompts_ = [tiny_llm.render_chat([{"role": "user", "content": q}]) for q in ("전자금융거래란?", "보안사고 보고 기한은?", "정의")]
+    conts = ["전자적 장치를 통한 금융거래", "즉시", "금융회사가 전자적 장치를 통하여 제공하는 서비스"]
+    # the tiny llm's batch_size is 3: four rows make two batches, with different padding
+    got = tiny_llm.continuation_logprobs(prompts_ + prompts_[:1], conts + conts[2:])
+    assert len(got) == 4
+    for (p, c), values in zip(list(zip(prompts_, conts)) + [(prompts_[0], conts[2])], got):
+        pid, cid = tiny_llm._ids(p), tiny_llm._ids(c)
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_llm.model(input_ids=torch.tensor([pid + cid])).logits[0].float(), -1)
+        want = [logp[len(pid) - 1 + j, t].item() for j, t in enumerate(cid)]
+        assert values.shape == (len(cid),)
+        assert np.allclose(values, want, atol=1e-4)
+    with pytest.raises(ValueError, match="encode to tokens"):
+        tiny_llm.continuation_logprobs([prompts_[0]], [""])
+
+
 def test_option_scoring_respects_the_deadline(tiny_llm):
     with pytest.raises(DeadlineExceeded):
         tiny_llm.option_logprobs(OptionRequest("접두", ["1 가"], ["1", "2"]), deadline=0.0)

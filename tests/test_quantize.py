@@ -1,7 +1,9 @@
 """quantize: method registry, quantize -> save -> reload -> generate on a tiny model, and the
 before/after math (hand-computed values)."""
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +90,24 @@ def test_cpu_methods_quantize_save_reload_and_generate(wide_tiny, tmp_path, meth
     assert gen.n_tokens >= 1
 
 
+def test_gptq_quantizes_on_cpu_and_loads_through_the_backend(wide_tiny, tmp_path):
+    """Runs where the gptq extra is installed (pip install 'fsku[gptq]'); the CI image has no gptqmodel."""
+    pytest.importorskip("gptqmodel", reason="the gptq extra (gptqmodel) is not installed")
+    from transformers import AutoTokenizer
+
+    from fsku.llm import load_llm
+
+    calibration = [f"전자금융거래법 제{i}조 안전성 확보 의무와 정보보호 최고책임자의 지정에 관한 설명입니다. " * 3 for i in range(48)]
+    out = Q.quantize_model(wide_tiny, "gptq", tmp_path / "gptq", calibration=calibration)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    llm = load_llm(str(out), backend="transformers", dtype="float32")
+    ids = AutoTokenizer.from_pretrained(wide_tiny)("전자금융거래법 제1조 정보보호", return_tensors="pt").input_ids
+    with torch.no_grad():
+        got = llm.model(ids).logits.float().numpy()
+    assert 0 < Q.max_logit_difference(_logits(wide_tiny, ids), got) <= TOLERANCE["bnb-nf4"]
+    assert llm.generate(["전자금융"], max_new_tokens=3)[0].n_tokens >= 1
+
+
 def test_a_lora_adapter_is_merged_before_quantizing(wide_tiny, tmp_path):
     pytest.importorskip("torchao")
     from peft import LoraConfig, get_peft_model
@@ -114,3 +134,98 @@ def test_bad_source_and_device_are_clear(tmp_path, wide_tiny):
         Q.quantize_model(tmp_path, "int8", tmp_path / "q")
     with pytest.raises(ValueError, match="runs on"):
         Q.quantize_model(wide_tiny, "int8", tmp_path / "q", device="mps")
+
+
+# ---------------------------------------------------------------- comparison and the step
+
+def _gold(rows):
+    from fsku.evaluate.fsku_metric import GoldRow
+
+    return [GoldRow(i, q, a, "") for i, q, a in rows]
+
+
+def test_comparison_set_from_labelled_rows():
+    rows = _gold([("m1", "보고 기한은 언제인가?\n1 즉시\n2 7일\n3 한 달\n4 없음", "2 7일"),
+                  ("d1", "전자금융거래의 정의를 설명하시오.", "전자적 장치를 통한 금융거래"),
+                  ("d2", "빈 답은 비교에서 빠진다.", "")])
+    data = Q.comparison_set(rows, gen_prompts=4)
+    assert [(q.question_id, g) for q, g in data.mc] == [("m1", 2)]
+    assert [a for _, a in data.references] == ["2", "전자적 장치를 통한 금융거래"]
+    # the multiple-choice prompt shows the options in their original order, without the split sentinel
+    assert "1 즉시\n2 7일" in data.references[0][0][-1]["content"] and "\u2063" not in data.references[0][0][-1]["content"]
+    assert len(data.generation) == 2  # the descriptive question, then the multiple-choice stem as an explanation
+    with pytest.raises(ValueError, match="m9: answer '7' is not one of its options"):
+        Q.comparison_set(_gold([("m9", "고르시오.\n1 가\n2 나\n3 다", "7")]))
+
+
+def test_compare_counts_lost_and_gained_answers():
+    before = {"metrics": {"mc_accuracy": 0.5, "size_mb": 100.0, "latency_mean_s": 2.0}, "choices": [1, 2, 3, 4]}
+    after = {"metrics": {"mc_accuracy": 0.5, "size_mb": 25.0, "latency_mean_s": 3.0}, "choices": [1, 3, 3, 1]}
+    out = Q.compare(before, after, gold=[1, 2, 4, 1])
+    # q2: right -> wrong (lost); q4: wrong -> right (gained); q3: wrong -> wrong, unchanged
+    assert (out["correct_lost"], out["correct_gained"], out["answers_changed"]) == (1, 1, 2)
+    assert out["size_mb_ratio"] == 0.25 and out["latency_mean_s_ratio"] == 1.5 and out["mc_accuracy_ratio"] == 1.0
+    assert out["original_size_mb"] == 100.0 and out["quantized_size_mb"] == 25.0
+    with pytest.raises(ValueError, match="gold options"):
+        Q.compare(before, after, gold=[1, 2])
+
+
+@pytest.mark.slow
+def test_quantize_step_measures_registers_and_the_version_loads(wide_tiny, tmp_path, monkeypatch):
+    """The whole step on a tiny model: register a 'student', quantize it from its models:/ URI, get
+    the comparison in MLflow and a registered quantized version that loads through load_llm."""
+    import mlflow
+
+    from fsku import tracking
+    from fsku.config import QuantizeConfig
+    from fsku.llm import load_llm
+    from fsku.steps.quantize import quantize_step
+
+    monkeypatch.setenv("FSKU_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setattr("fsku.llm.resolve.MODELS_DIR", tmp_path / "models")
+    with tracking.run("distill", {}):
+        version = tracking.register_student(wide_tiny, "tiny-student", {"base_model": "tiny", "loss_type": "sft"})
+    mlflow.MlflowClient().set_registered_model_alias("tiny-student", "champion", version)
+    cfg = QuantizeConfig(model="models:/tiny-student@champion", method="int8", out=str(tmp_path / "q"),
+                         dtype="float32", device="cpu", max_questions=12, gen_prompts=2, gen_tokens=8, isolate=False,
+                         register_as="tiny-student")
+    result = quantize_step(cfg, progress=False)
+    s = result["summary"]
+    n_mc = s["original_n_mc"]
+    assert n_mc >= 1 and s["quantized_n_mc"] == n_mc
+    assert 0 <= s["correct_lost"] <= n_mc and s["quantized_mc_correct"] == s["original_mc_correct"] - s["correct_lost"] + s["correct_gained"]
+    assert s["original_perplexity"] > 1 and s["quantized_perplexity"] > 1
+    assert s["quantized_size_mb"] < s["original_size_mb"]
+    assert set(result["table"]["metric"]) >= {"mc_accuracy", "perplexity", "latency_p95_s", "tokens_per_s", "size_mb", "peak_rss_mb"}
+    run = mlflow.get_run(result["run_id"])
+    assert run.data.metrics["size_mb_ratio"] == pytest.approx(s["size_mb_ratio"])
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result["run_id"], "plots")}
+    assert "plots/quantize_comparison.png" in artifacts
+    mv = mlflow.MlflowClient().get_model_version("tiny-student", result["version"])
+    assert mv.tags["quantization"] == "int8" and mv.tags["bits"] == "8" and mv.tags["source_version"] == version
+    assert mv.tags["base_model"] == "tiny" and mv.tags["source"] == "models:/tiny-student@champion"
+    # the registered quantized version loads through the ordinary backend, by URI
+    llm = load_llm(f"models:/tiny-student/{result['version']}", backend="transformers", dtype="float32")
+    assert json.loads((Path(llm.model_id) / Q.QUANT_INFO_FILE).read_text())["method"] == "int8"
+    assert llm.generate([llm.render_chat([{"role": "user", "content": "보안"}])], max_new_tokens=3)[0].n_tokens >= 1
+    # quantizing a quantized version is refused; a second run reuses the measurements
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_step(dataclasses.replace(cfg, model=f"models:/tiny-student/{result['version']}"), progress=False)
+    again = quantize_step(dataclasses.replace(cfg, register_as=""), progress=False)
+    assert again["summary"]["original_latency_mean_s"] == s["original_latency_mean_s"]
+
+
+def test_unknown_registered_model_is_a_clear_error(tmp_path, monkeypatch):
+    from fsku.llm.resolve import resolve_model
+
+    with pytest.raises(ValueError, match="not found in the registry"):
+        resolve_model("models:/no-such-model@champion", tmp_path)
+    with pytest.raises(ValueError, match="expected models:/<name>/<version|latest>"):
+        resolve_model("models:/just-a-name", tmp_path)
+
+
+def test_run_isolated_returns_the_child_result_and_its_errors(tmp_path):
+    (tmp_path / "w.bin").write_bytes(b"\0" * 2**20)
+    assert Q.run_isolated(Q.folder_size_mb, tmp_path) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no latencies"):
+        Q.run_isolated(Q.latency_summary, [])

@@ -15,6 +15,7 @@
     fsku cache-invalidate --cache-dir DIR --pattern 'answer|*'
     fsku synth-qa --kb DIR --teacher ID_OR_PATH --n-chunks N --out DIR   (tracked in MLflow)
     fsku distill --data DIR --teacher ID_OR_PATH --student ID_OR_PATH --loss-type distillm_v2 ...   (tracked in MLflow)
+    fsku quantize --model models:/fsku-student@champion --method int8|bnb-8bit|bnb-nf4|gptq --gold FILE   (tracked in MLflow)
 """
 from __future__ import annotations
 
@@ -230,6 +231,12 @@ def cmd_synth_qa(argv: list[str]) -> int:
     return synth_main(argv)
 
 
+def cmd_quantize(argv: list[str]) -> int:
+    from .steps.quantize import main as quantize_main
+
+    return quantize_main(argv)
+
+
 def cmd_distill(argv: list[str]) -> int:
     from .steps.distill import main as distill_main
 
@@ -258,6 +265,7 @@ COMMANDS = {
     "cache-invalidate": cmd_cache_invalidate,
     "synth-qa": cmd_synth_qa,
     "distill": cmd_distill,
+    "quantize": cmd_quantize,
 }
 
 

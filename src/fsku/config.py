@@ -348,8 +348,44 @@ class DistillConfig:
         _check(self.logging_steps >= 1 and self.save_steps >= 1, "logging_steps and save_steps must be >= 1")
 
 
+@dataclass
+class QuantizeConfig:
+    """quantize: shrink a (merged) student by method name and compare it with the original on the same data."""
+
+    model: str = field(default="models:/fsku-student@champion", metadata={"help": "Model to quantize: models:/<name>@<alias> or models:/<name>/<version|latest>, a local folder (a LoRA adapter folder is merged first), hub id or offline:<name>."})
+    method: str = field(default="int8", metadata={"help": "int8 (torchao weight-only, the CPU default), bnb-8bit, bnb-nf4 (bitsandbytes) or gptq (gptqmodel, needs calibration)."})
+    out: str = field(default="outputs/quantize", metadata={"help": "Output folder: model/ (the quantized model), per-model measurements, comparison table."})
+    dtype: str = field(default="auto", metadata={"help": "Compute dtype of the original and the quantized model: auto (bf16 on a GPU that supports it, fp32 on CPU), bfloat16, float16 or float32."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N] (quantization and measurement)."})
+    gold: str = field(default="evaluation/sample_qa.csv", metadata={"help": "Labelled set(s), comma-separated (CSV or retrieval_dev-style JSONL): multiple-choice rows give the accuracy, every row's reference answer the perplexity."})
+    max_questions: int = field(default=0, metadata={"help": "Use at most this many labelled rows (0 = all)."})
+    debias: str = field(default="rotate", metadata={"help": "Option-scoring debiasing, as in evaluate: none, rotate, calibrate, rotate+calibrate."})
+    rotations: int = field(default=0, metadata={"help": "Cyclic option orders to average (0 = all n)."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
+    max_model_len: int = field(default=4096, metadata={"help": "Longest prompt + answer in tokens."})
+    gen_prompts: int = field(default=4, metadata={"help": "Prompts generated greedily (one at a time) for the tokens-per-second measurement (0 skips it)."})
+    gen_tokens: int = field(default=64, metadata={"help": "New tokens per generation prompt."})
+    calibration: Optional[str] = field(default=None, metadata={"help": "synth_qa folder (train.jsonl) whose prompts calibrate gptq."})
+    n_calibration: int = field(default=128, metadata={"help": "Calibration prompts for gptq."})
+    isolate: bool = field(default=True, metadata={"help": "Measure each model in its own process, so peak memory is per model and the first model's memory is freed."})
+    register_as: Optional[str] = field(default="fsku-student", metadata={"help": "Registered model name for the quantized version ('' or None: do not register)."})
+    restart: bool = field(default=False, metadata={"help": "Quantize and measure again even when `out` holds results for the same source, method and settings."})
+
+    def __post_init__(self):
+        from .quantize import METHODS
+
+        _check(self.method in METHODS, f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        _check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
+        _check(self.debias in DEBIAS_METHODS, f"debias must be one of {DEBIAS_METHODS}, got {self.debias!r}")
+        _check(self.max_questions >= 0 and self.rotations >= 0, "max_questions and rotations must be >= 0")
+        _check(self.batch_size >= 1 and self.max_model_len >= 256, "batch_size must be >= 1 and max_model_len >= 256")
+        _check(self.gen_prompts >= 0 and self.gen_tokens >= 1, "gen_prompts must be >= 0 and gen_tokens >= 1")
+        _check(self.n_calibration >= 1, "n_calibration must be >= 1")
+        _check(bool(self.gold.strip()), "gold must name at least one labelled file")
+
+
 STAGE_CONFIGS = {"build_kb": BuildKBConfig, "retrieve": RetrieveConfig, "predict": PredictConfig, "evaluate": EvaluateConfig,
-                 "synth_qa": SynthQAConfig, "distill": DistillConfig}
+                 "synth_qa": SynthQAConfig, "distill": DistillConfig, "quantize": QuantizeConfig}
 
 
 def config_from_dict(cls, values: dict[str, Any], source: str = "<dict>"):

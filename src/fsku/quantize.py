@@ -40,8 +40,9 @@ class QuantMethod:
     install: str  # what to pip install when they are not
     devices: tuple[str, ...]  # "cpu" and/or "cuda"
     needs_calibration: bool
-    build: Callable[..., object]  # (compute dtype, calibration texts) -> transformers quantization config
+    build: Optional[Callable[..., object]]  # (compute dtype, calibration texts) -> transformers quantization config
     help: str
+    run: Optional[Callable[..., None]] = None  # (source, out_dir, dtype, device, calibration): quantize and save itself
 
 
 def _torchao_int8(dtype, calibration):
@@ -64,10 +65,24 @@ def _bnb_nf4(dtype, calibration):
                               bnb_4bit_compute_dtype=dtype)
 
 
-def _gptq(dtype, calibration):
-    from transformers import GPTQConfig
+def gptq_environment() -> None:
+    """gptqmodel sizes its CPU worker pools from GPTQMODEL_CPU_WORKERS and fails on machines with
+    fewer than 4 cores unless at least 2 are granted."""
+    import os
 
-    return GPTQConfig(bits=4, group_size=128, dataset=list(calibration), desc_act=False)
+    if (os.cpu_count() or 1) < 4:
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+
+def _gptq_quantize(source: Path, out_dir: Path, dtype, device: str, calibration) -> None:
+    # transformers' own GPTQ integration needs optimum; gptqmodel's API quantizes and saves directly
+    gptq_environment()
+    from gptqmodel import GPTQModel
+    from gptqmodel import QuantizeConfig as GPTQQuantizeConfig
+
+    model = GPTQModel.load(str(source), GPTQQuantizeConfig(bits=4, group_size=128, desc_act=False), device=device)
+    model.quantize(list(calibration), batch_size=1)
+    model.save(str(out_dir))
 
 
 METHODS: dict[str, QuantMethod] = {
@@ -78,7 +93,8 @@ METHODS: dict[str, QuantMethod] = {
     "bnb-nf4": QuantMethod("bnb-nf4", 4, ("bitsandbytes",), "bitsandbytes==0.50.2", ("cpu", "cuda"), False, _bnb_nf4,
                            "bitsandbytes 4-bit NF4, double quantization"),
     "gptq": QuantMethod("gptq", 4, ("gptqmodel",), "gptqmodel==7.6.0 (builds C extensions; set GPTQMODEL_CPU_WORKERS)",
-                        ("cpu", "cuda"), True, _gptq, "4-bit GPTQ (gptqmodel), calibrated on synth_qa prompts"),
+                        ("cpu", "cuda"), True, None, "4-bit GPTQ (gptqmodel), calibrated on synth_qa prompts",
+                    run=_gptq_quantize),
 }
 
 
@@ -129,12 +145,14 @@ def quantize_model(model_path: str | Path, method: str, out_dir: str | Path, dty
     dtype = dtype or torch.float32
     with tempfile.TemporaryDirectory(prefix="fsku-quantize-") as tmp:
         source = _merged_source(model_path, Path(tmp), dtype)
-        qconfig = spec.build(dtype, calibration)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, quantization_config=qconfig,
-                                                     device_map=device if kind == "cpu" else {"": 0})
         if out_dir.exists():
             shutil.rmtree(out_dir)
-        model.save_pretrained(out_dir)
+        if spec.run is not None:
+            spec.run(source, out_dir, dtype, device, calibration)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, quantization_config=spec.build(dtype, calibration),
+                                                         device_map=device if kind == "cpu" else {"": 0})
+            model.save_pretrained(out_dir)
         AutoTokenizer.from_pretrained(source).save_pretrained(out_dir)
         try:
             GenerationConfig.from_pretrained(source).save_pretrained(out_dir)
@@ -148,6 +166,13 @@ def quantize_model(model_path: str | Path, method: str, out_dir: str | Path, dty
 def folder_size_mb(path: str | Path) -> float:
     """Bytes on disk of every file under `path`, in MiB."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+
+
+def folder_identity(path: str | Path) -> list:
+    """(name, size, mtime) of a model folder's weight and config files: notices a model rebuilt in place."""
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + [folder / "config.json"]
+    return [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files if f.exists()]
 
 
 # ---------------------------------------------------------------- before/after math
@@ -181,3 +206,145 @@ def max_logit_difference(reference: np.ndarray, other: np.ndarray) -> float:
         raise ValueError(f"logit shapes differ: {reference.shape} vs {other.shape}")
     scale = float(np.abs(reference).max()) or 1.0
     return float(np.abs(reference - other).max()) / scale
+
+
+# ---------------------------------------------------------------- before/after measurement
+
+@dataclass
+class ComparisonSet:
+    """The same data for every model measured: multiple-choice questions with their gold option,
+    (chat messages, reference answer) pairs for perplexity, and chats for the generation speed."""
+
+    mc: list  # [(ClassifiedQuestion, gold option 1-based)]
+    references: list  # [(messages, reference answer text)]
+    generation: list  # [messages]
+
+
+def comparison_set(gold_rows: Sequence, gen_prompts: int = 4) -> ComparisonSet:
+    """Build the comparison data from labelled rows (`fsku.evaluate.fsku_metric.GoldRow`): a
+    multiple-choice row whose answer is an option number gives an accuracy item, and its prompt with
+    the options in their original order plus the answer digit a perplexity item; a descriptive row
+    gives a perplexity item (its reference answer) and a generation prompt."""
+    from .evaluate.fsku_metric import mc_choice
+    from .infer import prompts
+    from .infer.classify import classify_question
+
+    mc, refs, gen = [], [], []
+    for g in gold_rows:
+        q = classify_question(g.ID, g.question)
+        answer = str(g.answer).strip()
+        if q.question_type == "multiple_choice":
+            choice = mc_choice(answer)  # FSKU dev files write the answer as "2 <option text>"
+            if choice is None or str(choice) not in q.choices:
+                raise ValueError(f"labelled row {g.ID}: answer {answer!r} is not one of its options {sorted(q.choices, key=int)}")
+            answer = str(choice)
+            texts = [q.choices[k] for k in sorted(q.choices, key=int)]
+            mc.append((q, int(answer)))
+            msgs = prompts.mc_messages(q.parsed_question, texts)
+            msgs[-1] = {**msgs[-1], "content": msgs[-1]["content"].replace(prompts.SPLIT, "")}
+            refs.append((msgs, answer))
+        elif answer:
+            msgs = prompts.desc_messages(q.parsed_question)
+            refs.append((msgs, answer))
+            gen.append(msgs)
+    # generation speed also needs prompts when the set is all multiple choice: ask for an explanation
+    for q, _ in mc:
+        if len(gen) >= gen_prompts:
+            break
+        gen.append(prompts.desc_messages(q.parsed_question))
+    if not mc and not refs:
+        raise ValueError("the labelled rows give no multiple-choice item and no reference answer to compare on")
+    return ComparisonSet(mc, refs, gen[:gen_prompts])
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process (and peak CUDA memory when a GPU was used), in MiB."""
+    import resource
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    except ImportError:
+        pass
+    return out
+
+
+def measure_model(model: str, data: ComparisonSet, dtype: str = "auto", device: str = "auto", batch_size: int = 8,
+                  max_model_len: int = 4096, debias: str = "rotate", rotations: int = 0, gen_tokens: int = 64,
+                  progress: bool = False) -> dict:
+    """Load `model` with the transformers backend and measure it on `data`: option-scoring accuracy
+    and per-question latency, perplexity of the reference answers, greedy generation speed, load
+    time, size on disk and peak memory. Returns {"metrics": {...}, "choices": [...]}."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .config import InferConfig
+    from .infer.answer import Answerer
+    from .llm import load_llm
+
+    t0 = time.perf_counter()
+    llm = load_llm(model, backend="transformers", dtype=dtype, device=device, max_model_len=max_model_len,
+                   batch_size=batch_size)
+    metrics: dict[str, float] = {"load_s": time.perf_counter() - t0, "size_mb": folder_size_mb(llm.model_id)}
+    cfg = InferConfig(model=model, kb=None, context="none", debias=debias, rotations=rotations,
+                      batch_size=batch_size, cache_dir="")
+    answerer = Answerer(llm, cfg)
+    choices, latencies = [], []
+    for q, _ in tqdm(data.mc, desc=f"options {Path(model).name}", disable=not progress):
+        t = time.perf_counter()
+        scores, _ = answerer.score_options(q, "", debias, rotations)
+        latencies.append(time.perf_counter() - t)
+        choices.append(int(np.argmax(scores)) + 1)
+    if data.mc:
+        correct = [c == gold for c, (_, gold) in zip(choices, data.mc, strict=True)]
+        metrics.update({"mc_accuracy": float(np.mean(correct)), "mc_correct": int(sum(correct)), "n_mc": len(correct)})
+        metrics.update(latency_summary(latencies))
+    if data.references:
+        rendered = [llm.render_chat(m) for m, _ in data.references]
+        logps = llm.continuation_logprobs(rendered, [a for _, a in data.references])
+        metrics.update({"perplexity": perplexity(logps), "reference_tokens": sum(len(x) for x in logps)})
+    if data.generation:
+        n_tokens, seconds = 0, 0.0
+        for msgs in data.generation:  # one at a time: the latency a single question sees
+            t = time.perf_counter()
+            gen = llm.generate([llm.render_chat(msgs)], max_new_tokens=gen_tokens)[0]
+            seconds += time.perf_counter() - t
+            n_tokens += gen.n_tokens
+        metrics.update({"tokens_per_s": n_tokens / seconds if seconds else 0.0, "generated_tokens": n_tokens})
+    metrics.update(peak_memory_mb())
+    return {"metrics": metrics, "choices": choices, "dtype": llm.dtype, "device": str(llm.device)}
+
+
+def run_isolated(fn: Callable, *args, **kw):
+    """`fn(*args, **kw)` in a fresh process (spawn): peak memory then belongs to that call alone (one
+    model measured), and its memory returns to the system when it ends."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kw).result()
+
+
+COMPARED = ("mc_accuracy", "perplexity", "latency_mean_s", "latency_p95_s", "tokens_per_s", "size_mb",
+            "peak_rss_mb", "peak_cuda_mb", "load_s")
+
+
+def compare(original: dict, quantized: dict, gold: Sequence[int] = ()) -> dict:
+    """The before/after summary: both models' metrics (prefixed), quantized/original ratios, and,
+    when per-question choices and gold options are given, the correct answers lost and gained."""
+    before, after = original["metrics"], quantized["metrics"]
+    out = {f"original_{k}": v for k, v in before.items()}
+    out.update({f"quantized_{k}": v for k, v in after.items()})
+    out.update(ratios(before, after, COMPARED))
+    if gold:
+        a, b = original["choices"], quantized["choices"]
+        if not (len(a) == len(b) == len(gold)):
+            raise ValueError(f"choices for {len(a)} and {len(b)} questions but {len(gold)} gold options")
+        out["correct_lost"] = sum(x == g != y for x, y, g in zip(a, b, gold))
+        out["correct_gained"] = sum(y == g != x for x, y, g in zip(a, b, gold))
+        out["answers_changed"] = sum(x != y for x, y in zip(a, b))
+    return out

@@ -174,6 +174,58 @@ def register_student(model_folder: str | Path, name: str, tags: dict[str, str]) 
     return version
 
 
+def parse_model_uri(uri: str) -> tuple[str, str]:
+    """('name', 'version') of ``models:/name/<version|latest>`` or ``models:/name@alias``, the
+    version resolved in the registry (a clear error when the alias or model does not exist)."""
+    if not uri.startswith("models:/"):
+        raise ValueError(f"{uri!r} is not a models:/ URI")
+    body = uri[len("models:/"):].strip("/")
+    client = mlflow.MlflowClient()
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        name, _, version = body.partition("/")
+        if not name or not version:
+            raise ValueError(f"{uri!r}: expected models:/<name>/<version|latest> or models:/<name>@<alias>")
+        if version == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ValueError(f"{uri}: registered model {name!r} has no versions")
+            version = str(max(int(v.version) for v in versions))
+        client.get_model_version(name, version)
+        return name, version
+    except mlflow.exceptions.MlflowException as exc:
+        raise ValueError(f"{uri}: not found in the registry at {tracking_uri()} ({exc.message})") from exc
+
+
+def model_version_tags(name: str, version: str) -> dict[str, str]:
+    return dict(mlflow.MlflowClient().get_model_version(name, version).tags)
+
+
+def download_registered_model(uri: str, dest_root: str | Path) -> tuple[Path, str, str]:
+    """Download a registered pyfunc model (a student, possibly quantized) once into
+    ``dest_root/<name>/<version>`` and return (the model folder inside it, name, version)."""
+    import shutil
+
+    name, version = parse_model_uri(uri)
+    dest = Path(dest_root) / name / version
+    done = dest / ".fsku-downloaded"
+    # another tracking store can hold a different model under the same name and version
+    origin = f"{tracking_uri()} {mlflow.MlflowClient().get_model_version(name, version).source}"
+    if not done.exists() or done.read_text(encoding="utf-8") != origin:
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        log.info("downloading models:/%s/%s to %s", name, version, dest)
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest))
+        done.write_text(origin, encoding="utf-8")
+    folders = [p.parent for p in dest.rglob("config.json") if "artifacts" in p.parts]
+    if len(folders) != 1:
+        raise ValueError(f"{uri}: expected one transformers model folder (config.json) among the artifacts "
+                         f"in {dest}, found {len(folders)}; is it a student model?")
+    return folders[0], name, version
+
+
 def _pip_requirements() -> list[str]:
     req = Path(__file__).resolve().parents[2] / "requirements.txt"
     if req.exists():

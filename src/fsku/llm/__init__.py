@@ -93,6 +93,11 @@ class LLMBackend:
         """(len(suffixes), len(labels)) next-token log-probabilities (full-vocabulary softmax)."""
         raise NotImplementedError
 
+    def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[np.ndarray]:
+        """Per-token log-probabilities of each continuation's tokens after its prompt (teacher forcing;
+        perplexity of reference answers)."""
+        raise NotImplementedError(f"backend {self.name!r} does not score continuations; use backend 'transformers'")
+
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, seed: Optional[int] = None, max_time: Optional[float] = None,
                  repetition_penalty: float = 1.0) -> list[Generation]:

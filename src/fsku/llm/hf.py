@@ -53,7 +53,10 @@ class TransformersBackend(LLMBackend):
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.torch_dtype).to(self.device).eval()
+        if _quant_method(model) == "gptq":
+            self.model = _load_gptq(model, self.device)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.torch_dtype).to(self.device).eval()
         log.info("loaded %s on %s (%s, %.2fB parameters)", model, self.device, self.dtype,
                  sum(p.numel() for p in self.model.parameters()) / 1e9)
 
@@ -111,6 +114,36 @@ class TransformersBackend(LLMBackend):
                 out[start:start + len(batch)] = logp.cpu().numpy()
         return out
 
+    def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[np.ndarray]:
+        torch = self.torch
+        pairs = [(self._ids(p), self._ids(c)) for p, c in zip(prompts, continuations, strict=True)]
+        for i, (p, c) in enumerate(pairs):
+            if not p or not c:
+                raise ValueError(f"continuation {i}: prompt and continuation must both encode to tokens")
+            if len(p) + len(c) > self.max_model_len:
+                raise ValueError(f"continuation {i}: {len(p) + len(c)} tokens exceed max_model_len {self.max_model_len}")
+        out: list[np.ndarray] = []
+        pad = self.tokenizer.pad_token_id
+        with torch.inference_mode():
+            for start in range(0, len(pairs), self.batch_size):
+                batch = pairs[start:start + self.batch_size]
+                seqs = [p + c for p, c in batch]
+                width = max(len(s) for s in seqs)
+                # left padding: every continuation ends in the last column, so only the last
+                # max(len(c)) + 1 positions need the (vocabulary-wide) LM head
+                ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=self.device)
+                mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.device)
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                keep = max(len(c) for _, c in batch) + 1
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                    logits_to_keep=keep).logits
+                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # kept position j predicts j + 1
+                targets = ids[:, width - keep + 1:]
+                token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu().numpy()
+                for row, (_, c) in enumerate(batch):
+                    out.append(token_logp[row, keep - 1 - len(c):].astype(np.float64))
+        return out
+
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, seed: Optional[int] = None, max_time: Optional[float] = None,
                  repetition_penalty: float = 1.0) -> list[Generation]:
@@ -150,6 +183,32 @@ class TransformersBackend(LLMBackend):
                 results.append(Generation(self.tokenizer.decode(kept, skip_special_tokens=True), len(kept),
                                           float(valid.mean()) if len(valid) else 0.0, not finished))
         return results
+
+
+def _quant_method(model: str) -> str:
+    """quant_method of a local folder's config.json ('' when it is not quantized or not local)."""
+    import json
+    from pathlib import Path
+
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return ""
+    return str((json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}).get("quant_method", ""))
+
+
+def _load_gptq(model: str, device: str):
+    """A GPTQ checkpoint through gptqmodel (transformers' own GPTQ loader needs optimum); the
+    returned module is the ordinary transformers model with quantized linear layers."""
+    import importlib.util
+
+    if importlib.util.find_spec("gptqmodel") is None:
+        raise ImportError(f"{model} is a GPTQ checkpoint: pip install 'fsku[gptq]' (gptqmodel==7.6.0)")
+    from ..quantize import gptq_environment
+
+    gptq_environment()
+    from gptqmodel import GPTQModel
+
+    return GPTQModel.load(model, device=device).model.eval()
 
 
 def _as_list(x) -> list:

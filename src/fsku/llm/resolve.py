@@ -142,14 +142,21 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Pat
     return out_dir
 
 
-def resolve_model(model: str, models_dir: Path = MODELS_DIR) -> str:
+def resolve_model(model: str, models_dir: Path | None = None) -> str:
     """A path or hub id that transformers/vLLM can load.
 
     - ``offline:<name>`` (see OFFLINE_GGUFS): models/<name> (assembled and converted on first use);
     - a ``.gguf`` file: converted once into models/<stem>;
+    - ``models:/<name>/<version|latest>`` or ``models:/<name>@<alias>``: the registered student's
+      model folder, downloaded once into models/registry/<name>/<version>;
     - a folder with config.json: itself;
     - anything else is taken for a hub id (loading fails clearly when offline and not cached).
     """
+    models_dir = Path(models_dir) if models_dir is not None else MODELS_DIR
+    if model.startswith("models:/"):
+        from ..tracking import download_registered_model
+
+        return str(download_registered_model(model, models_dir / "registry")[0])
     if model.startswith("offline:"):
         name = model.split(":", 1)[1]
         folder = models_dir / name
