@@ -78,7 +78,8 @@ def derive(display: np.ndarray, orders, cf: np.ndarray) -> dict[str, int]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--kb", required=True, help="KB built from the statutes (fsku build-kb --corpus ../shared/data/law-pdf)")
+    ap.add_argument("--kb", help="KB built from the statutes (fsku build-kb --corpus ../shared/data/law-pdf); "
+                    "needed unless --modes none")
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--sets", default="mcq_dev,statute63")
     ap.add_argument("--limit", type=int, default=0, help="first N questions per set (0 = all)")
@@ -95,13 +96,15 @@ def main() -> int:
         print(f"skipped: {a.data} not found (needs ../shared/data)")
         return 0
     modes = {m: MODES[m] for m in a.modes.split(",")}
+    if not a.kb and set(modes) != {"none"}:
+        ap.error(f"--modes {a.modes} needs --kb")
     methods = METHODS + (("rotate+reverse",) if a.reverse_orders else ())
     cfg = InferConfig(model=a.model, kb=a.kb, top_k=a.top_k, gate_threshold=a.gate_threshold,
                       context_tokens=a.context_tokens, passage_tokens=a.passage_tokens, dtype=a.dtype)
     t0 = time.perf_counter()
     llm = load_llm(a.model, backend="transformers", dtype=a.dtype)
     load_s = time.perf_counter() - t0
-    kb = KnowledgeBase.load(a.kb)
+    kb = KnowledgeBase.load(a.kb) if a.kb else None
     answerer = Answerer(llm, cfg, kb)
     sets = load_sets(a.data)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -229,3 +229,33 @@ def test_run_isolated_returns_the_child_result_and_its_errors(tmp_path):
     assert Q.run_isolated(Q.folder_size_mb, tmp_path) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="no latencies"):
         Q.run_isolated(Q.latency_summary, [])
+
+
+def test_peak_memory_of_a_spawned_child_is_its_own():
+    """ru_maxrss survives exec, so a child would report the parent's peak; VmHWM does not."""
+    ballast = np.ones(300 * 2**20 // 8)  # 300 MiB touched in the parent
+    parent = Q.peak_memory_mb()["peak_rss_mb"]
+    child = Q.run_isolated(Q.peak_memory_mb)["peak_rss_mb"]
+    assert parent >= 300 and child < parent - 250, (parent, child)
+    del ballast
+
+
+@pytest.mark.slow
+def test_quantize_step_merges_a_lora_adapter_once(wide_tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fsku.config import QuantizeConfig
+    from fsku.steps.quantize import quantize_step
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(wide_tiny),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    AutoTokenizer.from_pretrained(wide_tiny).save_pretrained(tmp_path / "adapter")
+    cfg = QuantizeConfig(model=str(tmp_path / "adapter"), out=str(tmp_path / "q"), dtype="float32", device="cpu",
+                         max_questions=3, gen_prompts=1, gen_tokens=4, isolate=False, register_as="")
+    first = quantize_step(cfg, progress=False)
+    merged_at = (tmp_path / "q" / "merged" / "config.json").stat().st_mtime
+    second = quantize_step(cfg, progress=False)
+    assert (tmp_path / "q" / "merged" / "config.json").stat().st_mtime == merged_at  # reused, not merged again
+    assert second["summary"]["original_latency_mean_s"] == first["summary"]["original_latency_mean_s"]

@@ -111,8 +111,8 @@ def get_method(name: str) -> QuantMethod:
 
 # ---------------------------------------------------------------- quantize
 
-def _merged_source(model_path: Path, work: Path, dtype) -> Path:
-    """`model_path` itself, or (a LoRA adapter folder) its base with the adapter merged, saved under `work`."""
+def merged_source(model_path: Path, work: Path, dtype) -> Path:
+    """`model_path` itself, or (a LoRA adapter folder) its base with the adapter merged, saved to `work`/merged."""
     if not (model_path / "adapter_config.json").exists():
         return model_path
     from peft import AutoPeftModelForCausalLM
@@ -144,7 +144,7 @@ def quantize_model(model_path: str | Path, method: str, out_dir: str | Path, dty
         raise FileNotFoundError(f"{model_path}: not a model folder (no config.json or adapter_config.json)")
     dtype = dtype or torch.float32
     with tempfile.TemporaryDirectory(prefix="fsku-quantize-") as tmp:
-        source = _merged_source(model_path, Path(tmp), dtype)
+        source = merged_source(model_path, Path(tmp), dtype)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         if spec.run is not None:
@@ -258,10 +258,20 @@ def comparison_set(gold_rows: Sequence, gen_prompts: int = 4) -> ComparisonSet:
 
 
 def peak_memory_mb() -> dict[str, float]:
-    """Peak resident memory of this process (and peak CUDA memory when a GPU was used), in MiB."""
+    """Peak resident memory of this process (and peak CUDA memory when a GPU was used), in MiB.
+
+    Linux: VmHWM of /proc/self/status, which starts afresh in a spawned process; getrusage's
+    ru_maxrss survives exec and would report the parent's peak in a child."""
     import resource
 
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peak_kb = int(line.split()[1])
+    except OSError:
+        pass
+    out = {"peak_rss_mb": peak_kb / 1024}
     try:
         import torch
 

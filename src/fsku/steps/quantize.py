@@ -45,6 +45,8 @@ def resolve_source(model: str) -> tuple[Path, dict[str, str]]:
         folder, name, version = tracking.download_registered_model(model, MODELS_DIR / "registry")
         return folder, {"source": model, "source_model": name, "source_version": version,
                         **{f"source.{k}": v for k, v in tracking.model_version_tags(name, version).items()}}
+    if (Path(model) / "adapter_config.json").is_file():  # a LoRA adapter: the caller merges it
+        return Path(model), {"source": model}
     resolved = resolve_model(model)
     if not Path(resolved).is_dir():  # a hub id: the cached snapshot (offline) or a download
         from huggingface_hub import snapshot_download
@@ -101,12 +103,21 @@ def comparison_figure(summary: dict):
 def quantize_step(cfg: QuantizeConfig, progress: bool = True) -> dict:
     from .. import tracking
     from ..quantize import (METHODS, QUANT_INFO_FILE, compare, comparison_set, folder_identity, measure_model,
-                            quantize_model, run_isolated)
+                            merged_source, quantize_model, run_isolated)
     from .evaluate import load_gold_sets
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     source, provenance = resolve_source(cfg.model)
+    if (source / "adapter_config.json").is_file():
+        import torch
+
+        # the original is measured as the merged model that gets quantized; merged once per adapter
+        merged = out / "merged" / "config.json"
+        newest = max(f.stat().st_mtime for f in source.iterdir() if f.is_file())
+        if cfg.restart or not merged.exists() or merged.stat().st_mtime < newest:
+            merged_source(source, out, torch.float32 if cfg.dtype in ("auto", "float32") else getattr(torch, cfg.dtype))
+        source = merged.parent
     if (source / QUANT_INFO_FILE).exists():
         raise ValueError(f"{cfg.model}: already quantized ({json.loads((source / QUANT_INFO_FILE).read_text())['method']}); "
                          "quantize the unquantized student instead")
