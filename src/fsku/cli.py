@@ -16,6 +16,7 @@
     fsku synth-qa --kb DIR --teacher ID_OR_PATH --n-chunks N --out DIR   (tracked in MLflow)
     fsku distill --data DIR --teacher ID_OR_PATH --student ID_OR_PATH --loss-type distillm_v2 ...   (tracked in MLflow)
     fsku quantize --model models:/fsku-student@champion --method int8|bnb-8bit|bnb-nf4|gptq --gold FILE   (tracked in MLflow)
+    fsku promote --model-name fsku-student --candidate latest [--kb-name fsku-kb] --gold FILE --margin F   (tracked in MLflow)
 """
 from __future__ import annotations
 
@@ -237,6 +238,12 @@ def cmd_quantize(argv: list[str]) -> int:
     return quantize_main(argv)
 
 
+def cmd_promote(argv: list[str]) -> int:
+    from .steps.promote import main as promote_main
+
+    return promote_main(argv)
+
+
 def cmd_distill(argv: list[str]) -> int:
     from .steps.distill import main as distill_main
 
@@ -266,6 +273,7 @@ COMMANDS = {
     "synth-qa": cmd_synth_qa,
     "distill": cmd_distill,
     "quantize": cmd_quantize,
+    "promote": cmd_promote,
 }
 
 

@@ -384,8 +384,33 @@ class QuantizeConfig:
         _check(bool(self.gold.strip()), "gold must name at least one labelled file")
 
 
+@dataclass
+class PromoteConfig:
+    """promote: evaluate a candidate version and the current champion on the same set; move `champion` only if better."""
+
+    model_name: str = field(default="fsku-student", metadata={"help": "Registered student model."})
+    candidate: str = field(default="latest", metadata={"help": "Candidate version of model_name (a number or 'latest')."})
+    kb_name: Optional[str] = field(default=None, metadata={"help": "Registered KB model for a joint release (student + KB promoted together); None promotes the student alone."})
+    kb_candidate: str = field(default="latest", metadata={"help": "Candidate version of kb_name (a number or 'latest')."})
+    kb: Optional[str] = field(default="outputs/kb", metadata={"help": "KB folder both students are evaluated with when kb_name is None (None: no retrieval)."})
+    gold: str = field(default="evaluation/sample_qa.csv", metadata={"help": "Labelled set(s) both releases are evaluated on."})
+    metric: str = field(default="fsku_score", metadata={"help": "Evaluate metric that decides (fsku_score, mc_accuracy, descriptive_score, ...)."})
+    higher_is_better: bool = field(default=True, metadata={"help": "False for metrics such as latency_mean_s."})
+    margin: float = field(default=0.0, metadata={"help": "The candidate must beat the champion by MORE than this."})
+    evaluate_recipe: Optional[str] = field(default=None, metadata={"help": "evaluate YAML whose inference settings both evaluations use (model, kb, gold, out_dir are set here)."})
+    out_dir: str = field(default="outputs/promote", metadata={"help": "Evaluation outputs, one folder per release."})
+
+    def __post_init__(self):
+        _check(self.margin >= 0, f"margin must be >= 0, got {self.margin}")
+        _check(bool(self.model_name) and bool(self.gold.strip()), "model_name and gold are required")
+        for name in ("candidate", "kb_candidate"):
+            value = getattr(self, name)
+            _check(value == "latest" or value.isdigit(), f"{name} must be a version number or 'latest', got {value!r}")
+
+
 STAGE_CONFIGS = {"build_kb": BuildKBConfig, "retrieve": RetrieveConfig, "predict": PredictConfig, "evaluate": EvaluateConfig,
-                 "synth_qa": SynthQAConfig, "distill": DistillConfig, "quantize": QuantizeConfig}
+                 "synth_qa": SynthQAConfig, "distill": DistillConfig, "quantize": QuantizeConfig,
+                 "promote": PromoteConfig}
 
 
 def config_from_dict(cls, values: dict[str, Any], source: str = "<dict>"):

@@ -203,9 +203,28 @@ def model_version_tags(name: str, version: str) -> dict[str, str]:
     return dict(mlflow.MlflowClient().get_model_version(name, version).tags)
 
 
-def download_registered_model(uri: str, dest_root: str | Path) -> tuple[Path, str, str]:
-    """Download a registered pyfunc model (a student, possibly quantized) once into
-    ``dest_root/<name>/<version>`` and return (the model folder inside it, name, version)."""
+def alias_version(name: str, alias: str) -> Optional[str]:
+    """The version that `alias` points to, or None when the alias (or the model) does not exist."""
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def set_version_tags(name: str, version: str, tags: dict) -> None:
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+
+
+def download_registered_model(uri: str, dest_root: str | Path, marker: str = "config.json") -> tuple[Path, str, str]:
+    """Download a registered pyfunc model (a student, possibly quantized, or with marker
+    'manifest.json' a knowledge base) once into ``dest_root/<name>/<version>`` and return (the
+    folder inside its artifacts that holds `marker`, name, version)."""
     import shutil
 
     name, version = parse_model_uri(uri)
@@ -219,10 +238,10 @@ def download_registered_model(uri: str, dest_root: str | Path) -> tuple[Path, st
         log.info("downloading models:/%s/%s to %s", name, version, dest)
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest))
         done.write_text(origin, encoding="utf-8")
-    folders = [p.parent for p in dest.rglob("config.json") if "artifacts" in p.parts]
+    folders = [p.parent for p in dest.rglob(marker) if "artifacts" in p.parts]
     if len(folders) != 1:
-        raise ValueError(f"{uri}: expected one transformers model folder (config.json) among the artifacts "
-                         f"in {dest}, found {len(folders)}; is it a student model?")
+        raise ValueError(f"{uri}: expected one folder with {marker} among the artifacts in {dest}, found "
+                         f"{len(folders)}; is it the right kind of model?")
     return folders[0], name, version
 
 

@@ -1,0 +1,85 @@
+"""promote: move the registry alias `champion` to a candidate only when it evaluates better.
+
+Usage:
+    fsku promote --model-name fsku-student --candidate latest --gold evaluation/sample_qa.csv --margin 0.005
+    fsku promote --kb-name fsku-kb --kb-candidate latest            # a joint student + KB release
+    mlflow run . -e promote --env-manager local -P candidate=7 -P metric=mc_accuracy
+
+The candidate and the current champion are evaluated by the `evaluate` step on the same labelled set
+(each evaluation is its own MLflow run); the decision, both scores and the reason are tags on the
+candidate version and on a `promote` run. The old champion keeps the alias `previous`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from ..config import EvaluateConfig, PromoteConfig, load_recipe
+from .args import add_config_args, config_from_namespace
+
+log = logging.getLogger(__name__)
+
+
+def evaluation_scorer(cfg: PromoteConfig):
+    """release -> cfg.metric of the evaluate step on cfg.gold (the student by URI, its KB by URI or cfg.kb)."""
+    from .. import tracking
+    from ..llm.resolve import MODELS_DIR
+    from .evaluate import evaluate
+
+    base = load_recipe(cfg.evaluate_recipe) if cfg.evaluate_recipe else EvaluateConfig()
+    if cfg.evaluate_recipe and not isinstance(base, EvaluateConfig):
+        raise ValueError(f"{cfg.evaluate_recipe}: expected an evaluate recipe")
+
+    def score(release) -> float:
+        kb = cfg.kb
+        if cfg.kb_name and release.kb_version:
+            kb = str(tracking.download_registered_model(f"models:/{cfg.kb_name}/{release.kb_version}",
+                                                        MODELS_DIR / "registry", marker="manifest.json")[0])
+        label = f"{cfg.model_name}-v{release.model_version}" + (f"-kb{release.kb_version}" if release.kb_version else "")
+        run_cfg = dataclasses.replace(base, model=f"models:/{cfg.model_name}/{release.model_version}", kb=kb,
+                                      gold=cfg.gold, out_dir=str(Path(cfg.out_dir) / label))
+        metrics = evaluate(run_cfg, progress=False)["metrics"]
+        if metrics.get(cfg.metric) is None:
+            raise ValueError(f"evaluate produced no {cfg.metric!r} on {cfg.gold}; available: {sorted(k for k, v in metrics.items() if v is not None)}")
+        return float(metrics[cfg.metric])
+
+    return score
+
+
+def promote_step(cfg: PromoteConfig, score=None) -> dict:
+    from .. import tracking
+    from ..registry import Release, promote_release
+
+    version = tracking.parse_model_uri(f"models:/{cfg.model_name}/{cfg.candidate}")[1]
+    kb_version = tracking.parse_model_uri(f"models:/{cfg.kb_name}/{cfg.kb_candidate}")[1] if cfg.kb_name else None
+    out = promote_release(cfg.model_name, Release(version, kb_version), score or evaluation_scorer(cfg),
+                          margin=cfg.margin, kb_name=cfg.kb_name, higher_is_better=cfg.higher_is_better, metric=cfg.metric)
+    d = out["decision"]
+    with tracking.run("promote", dataclasses.asdict(cfg), tags={"fsku.promotion": "promoted" if d["promote"] else "kept champion",
+                                                                "fsku.promotion_reason": d["reason"]}):
+        tracking.log_metrics({k: v for k, v in (("candidate_score", d["candidate_score"]), ("champion_score", d["champion_score"]))
+                              if v is not None and v == v})
+        tracking.log_dict(out, "promotion.json")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="fsku promote", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, PromoteConfig)
+    a = p.parse_args(argv)
+    cfg = config_from_namespace(a, PromoteConfig, optional_str=("kb_name", "kb", "evaluate_recipe"))
+    out = promote_step(cfg)
+    d, champ = out["decision"], out["champion"]
+    verdict = "promoted" if d["promote"] else "kept the champion"
+    print(f"{verdict}: {d['reason']} ({cfg.metric}: candidate {d['candidate_score']}, champion {d['champion_score']})")
+    print(f"champion: models:/{cfg.model_name}/{champ['model_version']}"
+          + (f" with models:/{cfg.kb_name}/{champ['kb_version']}" if cfg.kb_name and champ.get("kb_version") else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""promote: the pure decision (hand cases and limits) and the alias moves in a real (temporary)
+MLflow registry: better / worse / equal / no current champion, and a joint student + KB release."""
+import math
+
+import mlflow
+import pytest
+
+from fsku import tracking
+from fsku.registry import Decision, Release, decide, promote_release
+
+
+def test_decide_by_hand():
+    assert decide(0.7, None) == Decision(True, "no current champion", 0.7, None, 0.0)
+    assert decide(0.71, 0.70, margin=0.005).promote
+    assert not decide(0.704, 0.70, margin=0.005).promote  # better, but not by more than the margin
+    assert decide(0.70, 0.70).reason == "equal to the champion" and not decide(0.70, 0.70).promote
+    assert decide(0.5, 0.7).reason.startswith("worse by 0.2")
+    # lower is better (e.g. perplexity, latency)
+    assert decide(7.0, 8.0, higher_is_better=False).promote and not decide(8.0, 7.0, higher_is_better=False).promote
+    with pytest.raises(ValueError, match="margin"):
+        decide(0.7, 0.6, margin=-0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        decide(math.nan, 0.6)
+
+
+def _register(name, tmp_path, n):
+    versions = []
+    for i in range(n):
+        d = tmp_path / f"{name}-{i}"
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        with tracking.run("distill", {}):
+            versions.append(tracking.register_student(d, name, {"i": i}))
+    return versions
+
+
+@pytest.fixture
+def registered(tmp_path, request):
+    name = f"promote-{request.node.name[-40:].replace('[', '-').replace(']', '')}"
+    return name, _register(name, tmp_path, 3)
+
+
+def _scores(table):
+    return lambda release: table[release.model_version]
+
+
+def test_no_champion_promotes(registered):
+    name, (v1, _, _) = registered
+    out = promote_release(name, Release(v1), _scores({v1: 0.3}))
+    assert out["decision"]["promote"] and out["decision"]["reason"] == "no current champion"
+    assert tracking.alias_version(name, "champion") == v1 and tracking.alias_version(name, "previous") is None
+    tags = mlflow.MlflowClient().get_model_version(name, v1).tags
+    assert tags["promotion.decision"] == "promoted" and tags["promotion.champion_score"] == ""
+
+
+def test_better_candidate_moves_champion_and_keeps_previous(registered):
+    name, (v1, v2, _) = registered
+    tracking.set_alias(name, "champion", v1)
+    out = promote_release(name, Release(v2), _scores({v1: 0.50, v2: 0.60}), margin=0.05, metric="fsku_score")
+    assert out["decision"]["promote"]
+    assert tracking.alias_version(name, "champion") == v2 and tracking.alias_version(name, "previous") == v1
+    tags = mlflow.MlflowClient().get_model_version(name, v2).tags
+    assert float(tags["promotion.candidate_score"]) == 0.6 and float(tags["promotion.champion_score"]) == 0.5
+    assert tags["promotion.metric"] == "fsku_score" and tags["promotion.champion_version"] == v1
+
+
+@pytest.mark.parametrize("candidate_score, reason", [(0.40, "worse by 0.1"), (0.50, "equal to the champion"),
+                                                     (0.52, "better by only 0.02")])
+def test_worse_equal_or_within_margin_keeps_the_champion(registered, candidate_score, reason):
+    name, (v1, v2, _) = registered
+    tracking.set_alias(name, "champion", v1)
+    out = promote_release(name, Release(v2), _scores({v1: 0.50, v2: candidate_score}), margin=0.05)
+    assert not out["decision"]["promote"] and out["decision"]["reason"].startswith(reason)
+    assert tracking.alias_version(name, "champion") == v1 and tracking.alias_version(name, "previous") is None
+    assert mlflow.MlflowClient().get_model_version(name, v2).tags["promotion.decision"] == "kept champion"
+
+
+def test_the_champion_itself_is_not_rescored(registered):
+    name, (v1, _, _) = registered
+    tracking.set_alias(name, "champion", v1)
+    out = promote_release(name, Release(v1), lambda r: pytest.fail("scored"))
+    assert not out["decision"]["promote"] and "already the champion" in out["decision"]["reason"]
+
+
+def test_joint_release_moves_student_and_kb_together(registered, tmp_path):
+    name, (v1, v2, _) = registered
+    kb = name + "-kb"
+    k1, k2 = _register(kb, tmp_path, 2)
+    tracking.set_alias(name, "champion", v1)
+    tracking.set_alias(kb, "champion", k1)
+    seen = []
+
+    def score(release):
+        seen.append(release)
+        return {(v1, k1): 0.5, (v2, k2): 0.7}[(release.model_version, release.kb_version)]
+
+    out = promote_release(name, Release(v2, k2), score, kb_name=kb)
+    assert out["decision"]["promote"] and set(seen) == {Release(v1, k1), Release(v2, k2)}
+    assert tracking.alias_version(kb, "champion") == k2 and tracking.alias_version(kb, "previous") == k1
+    assert mlflow.MlflowClient().get_model_version(kb, k2).tags["promotion.decision"] == "promoted"
+
+
+@pytest.mark.slow
+def test_promote_step_evaluates_both_students_on_the_same_set(tiny_models, tmp_path, monkeypatch):
+    """The real scorer: the evaluate step on the sample set, each student loaded by its models:/ URI."""
+    from fsku.config import PromoteConfig
+    from fsku.steps.promote import promote_step
+
+    monkeypatch.setattr("fsku.llm.resolve.MODELS_DIR", tmp_path / "models")
+    name = "promote-step-student"
+    with tracking.run("distill", {}):
+        v1 = tracking.register_student(tiny_models["student"], name, {})
+        v2 = tracking.register_student(tiny_models["teacher"], name, {})
+    tracking.set_alias(name, "champion", v1)
+    cfg = PromoteConfig(model_name=name, candidate="latest", kb=None, gold="evaluation/sample_qa.csv",
+                        metric="mc_accuracy", out_dir=str(tmp_path / "promote"))
+    out = promote_step(cfg)
+    d = out["decision"]
+    assert d["champion_score"] is not None and 0 <= d["candidate_score"] <= 1
+    assert (tmp_path / "promote" / f"{name}-v{v1}" / "submission.csv").exists()
+    assert (tmp_path / "promote" / f"{name}-v{v2}" / "submission.csv").exists()
+    expected = v2 if d["candidate_score"] > d["champion_score"] else v1
+    assert tracking.alias_version(name, "champion") == expected
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`fsku.step` = 'promote'")
+    assert len(runs) >= 1
