@@ -259,3 +259,23 @@ def test_quantize_step_merges_a_lora_adapter_once(wide_tiny, tmp_path):
     second = quantize_step(cfg, progress=False)
     assert (tmp_path / "q" / "merged" / "config.json").stat().st_mtime == merged_at  # reused, not merged again
     assert second["summary"]["original_latency_mean_s"] == first["summary"]["original_latency_mean_s"]
+
+
+def test_calibration_texts_from_synth_qa_or_a_kb(tmp_path):
+    import pandas as pd
+
+    from fsku.steps.quantize import calibration_texts
+    from fsku.synth.records import SyntheticQA, write_jsonl
+
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    write_jsonl([SyntheticQA("q1", "multiple_choice", "lookup", "보고 기한은?", "2", {"1": "즉시", "2": "7일"}),
+                 SyntheticQA("q2", "descriptive", "lookup", "정의를 쓰시오.", "전자금융거래란 ...")], synth / "train.jsonl")
+    texts = calibration_texts(str(synth), 5)
+    assert len(texts) == 2 and texts[0].startswith("보고 기한은?") and "2 7일" in texts[0] and texts[0].endswith("\n2")
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    pd.DataFrame({"text": ["제1조 목적", " ", "제2조 정의", "제3조"]}).to_parquet(kb / "chunks.parquet")
+    assert calibration_texts(str(kb), 2) == ["제1조 목적", "제2조 정의"]
+    with pytest.raises(FileNotFoundError, match="synth_qa folder"):
+        calibration_texts(str(tmp_path), 2)

@@ -365,7 +365,7 @@ class QuantizeConfig:
     max_model_len: int = field(default=4096, metadata={"help": "Longest prompt + answer in tokens."})
     gen_prompts: int = field(default=4, metadata={"help": "Prompts generated greedily (one at a time) for the tokens-per-second measurement (0 skips it)."})
     gen_tokens: int = field(default=64, metadata={"help": "New tokens per generation prompt."})
-    calibration: Optional[str] = field(default=None, metadata={"help": "synth_qa folder (train.jsonl) whose prompts calibrate gptq."})
+    calibration: Optional[str] = field(default=None, metadata={"help": "gptq calibration: a synth_qa folder (train.jsonl: its QA prompts) or a KB folder (chunks.parquet: its chunk texts)."})
     n_calibration: int = field(default=128, metadata={"help": "Calibration prompts for gptq."})
     isolate: bool = field(default=True, metadata={"help": "Measure each model in its own process, so peak memory is per model and the first model's memory is freed."})
     register_as: Optional[str] = field(default="fsku-student", metadata={"help": "Registered model name for the quantized version ('' or None: do not register)."})

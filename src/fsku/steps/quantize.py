@@ -56,12 +56,16 @@ def resolve_source(model: str) -> tuple[Path, dict[str, str]]:
 
 
 def calibration_texts(folder: str, n: int) -> list[str]:
-    """Question + answer texts of the first `n` synth_qa training records (gptq calibration)."""
+    """gptq calibration: question + answer texts of the first `n` synth_qa training records, or
+    (a knowledge-base folder) the first `n` chunk texts."""
     from ..synth.records import read_jsonl, render_mc_question
 
     path = Path(folder) / "train.jsonl"
+    if not path.exists() and (Path(folder) / "chunks.parquet").exists():
+        chunks = pd.read_parquet(Path(folder) / "chunks.parquet", columns=["text"])
+        return [t for t in chunks["text"].astype(str) if t.strip()][:n]
     if not path.exists():
-        raise FileNotFoundError(f"{path}: calibration needs a synth_qa folder with train.jsonl")
+        raise FileNotFoundError(f"{path}: calibration needs a synth_qa folder (train.jsonl) or a KB folder (chunks.parquet)")
     texts = []
     for r in read_jsonl(path)[:n]:
         question = render_mc_question(r.question, [r.choices[k] for k in sorted(r.choices, key=int)]) \
