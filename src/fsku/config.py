@@ -45,8 +45,11 @@ class BuildKBConfig:
     cache_dir: str = field(default=".cache", metadata={"help": "Cache root: embeddings/ (by model + text hash) and tokens/ (BM25 word analyses); '' disables."})
     workers: int = field(default=2, metadata={"help": "Parallel workers for tokenisation."})
     labels: Optional[str] = field(default=None, metadata={"help": "Labelled retrieval queries (JSONL) evaluated after the build."})
-    fusion: str = field(default="minmax", metadata={"help": "Fusion for the evaluation: minmax or rrf."})
-    w_bm25: float = field(default=0.5, metadata={"help": "BM25 weight in min-max fusion (dense gets 1 - w_bm25)."})
+    fusion: str = field(default="minmax", metadata={"help": "The KB's default fusion (stored in its manifest; used by predict/evaluate and the labels evaluation): minmax or rrf."})
+    w_bm25: float = field(default=0.5, metadata={"help": "The KB's default BM25 weight in min-max fusion (dense gets 1 - w_bm25)."})
+    rrf_k: int = field(default=60, metadata={"help": "The KB's default RRF constant k in 1/(k + rank)."})
+    w_law: float = field(default=0.1, metadata={"help": "The KB's default prior for chunks of a law the question names (0 disables)."})
+    w_article: float = field(default=0.2, metadata={"help": "The KB's default prior for the article (제N조) a question cites (0 disables)."})
     top_k: int = field(default=10, metadata={"help": "Hits evaluated per labelled query."})
     register_as: Optional[str] = field(default="fsku-kb", metadata={"help": "Registered model name for the KB ('' or None: do not register)."})
 
@@ -63,6 +66,8 @@ class BuildKBConfig:
         _check(self.workers >= 1, "workers must be >= 1")
         _check(self.fusion in ("minmax", "rrf"), f"fusion must be minmax or rrf, got {self.fusion!r}")
         _check(0.0 <= self.w_bm25 <= 1.0, f"w_bm25 must be in [0, 1], got {self.w_bm25}")
+        _check(self.rrf_k >= 1, "rrf_k must be >= 1")
+        _check(self.w_law >= 0 and self.w_article >= 0, "w_law and w_article must be >= 0")
         _check(self.top_k >= 1, "top_k must be >= 1")
 
 
@@ -408,9 +413,60 @@ class PromoteConfig:
             _check(value == "latest" or value.isdigit(), f"{name} must be a version number or 'latest', got {value!r}")
 
 
+@dataclass
+class TuneConfig:
+    """tune: an Optuna study (retrieval or distill); each trial a nested MLflow run; best trial -> recipes."""
+
+    study: str = field(default="retrieval", metadata={"help": "retrieval (chunking, BM25 tokenizer, fusion, priors; objective on labelled queries) or distill (loss, alpha, beta, lr, LoRA r; held-out KL)."})
+    study_name: Optional[str] = field(default=None, metadata={"help": "Optuna study name; a study with this name in `storage` is resumed/joined (default fsku-<study>)."})
+    storage: str = field(default="sqlite:///outputs/tune/optuna.db", metadata={"help": "Optuna storage: a SQLite URL (default) or any RDB URL (postgresql://...) shared by workers on many machines."})
+    n_trials: int = field(default=20, metadata={"help": "Trials this process runs (several processes may join one study)."})
+    timeout_s: float = field(default=0.0, metadata={"help": "Stop starting trials after this many seconds (0 = no limit)."})
+    sampler: str = field(default="tpe", metadata={"help": "tpe or random."})
+    pruner: str = field(default="median", metadata={"help": "median, hyperband or none (pruning applies to studies that report intermediate values: distill)."})
+    seed: int = field(default=-1, metadata={"help": "Sampler seed (-1: a different stream per process, as concurrent workers need)."})
+    out: str = field(default="outputs/tune", metadata={"help": "Work folder: cached KBs (retrieval), trial outputs (distill), plots."})
+    recipe_out: str = field(default="auto", metadata={"help": "Folder the best trial's recipes are written to ('auto': experiments/tuned-<study>; 'none' skips)."})
+    # retrieval study
+    corpus: str = field(default="data/sample_corpus", metadata={"help": "retrieval: corpus folder the KBs are built from."})
+    labels: str = field(default="evaluation/sample_retrieval.jsonl", metadata={"help": "retrieval: labelled queries (JSONL qid, question, source|law, evidence)."})
+    metric: str = field(default="mrr_at_10", metadata={"help": "retrieval: maximised metric (mrr_at_<eval_k>, hit_at_1|3|5, recall_at_...)."})
+    eval_k: int = field(default=10, metadata={"help": "retrieval: ranked hits evaluated per query."})
+    chunk_sizes: str = field(default="320,480,640", metadata={"help": "retrieval: chunk_size choices (tokens), comma-separated; one value fixes it."})
+    chunk_overlaps: str = field(default="0,32,64", metadata={"help": "retrieval: chunk_overlap choices."})
+    bm25_tokenizers: str = field(default="kiwi,char_bigram", metadata={"help": "retrieval: BM25 tokenizer choices."})
+    embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "retrieval: embedding model of every KB (fixed: embeddings are cached by content)."})
+    # distill study
+    data: str = field(default="outputs/synth_qa", metadata={"help": "distill: synth_qa folder (train.jsonl trains, validation.jsonl measures)."})
+    teacher: str = field(default="models/tiny/teacher", metadata={"help": "distill: teacher LLM."})
+    student: str = field(default="models/tiny/student", metadata={"help": "distill: student LLM (same tokenizer)."})
+    loss_types: str = field(default="distillm_v2,kd,gkd,sft", metadata={"help": "distill: loss_type choices."})
+    lr_min: float = field(default=1e-4, metadata={"help": "distill: lowest learning rate (log scale)."})
+    lr_max: float = field(default=3e-3, metadata={"help": "distill: highest learning rate."})
+    lora_ranks: str = field(default="4,8,16", metadata={"help": "distill: LoRA rank choices (lora_alpha = 2r)."})
+    max_steps: int = field(default=20, metadata={"help": "distill: optimizer steps per trial."})
+    eval_every: int = field(default=5, metadata={"help": "distill: steps between validation-KL measurements (reported for pruning)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "distill: response token cap of both models."})
+    distill_recipe: Optional[str] = field(default=None, metadata={"help": "distill: a distill.yaml whose settings every trial starts from (data/teacher/student above win)."})
+
+    def __post_init__(self):
+        _check(self.study in ("retrieval", "distill"), f"study must be retrieval or distill, got {self.study!r}")
+        _check(self.n_trials >= 1, f"n_trials must be >= 1, got {self.n_trials}")
+        _check(self.timeout_s >= 0, "timeout_s must be >= 0")
+        _check(self.sampler in ("tpe", "random"), f"sampler must be tpe or random, got {self.sampler!r}")
+        _check(self.pruner in ("median", "hyperband", "none"), f"pruner must be median, hyperband or none, got {self.pruner!r}")
+        _check("://" in self.storage, f"storage must be a database URL (sqlite:///path.db, postgresql://...), got {self.storage!r}")
+        _check(self.eval_k >= 1, "eval_k must be >= 1")
+        _check(0 < self.lr_min <= self.lr_max, "need 0 < lr_min <= lr_max")
+        _check(self.max_steps >= 1 and self.eval_every >= 1, "max_steps and eval_every must be >= 1")
+        _check(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
+        if self.study_name in (None, ""):
+            self.study_name = f"fsku-{self.study}"
+
+
 STAGE_CONFIGS = {"build_kb": BuildKBConfig, "retrieve": RetrieveConfig, "predict": PredictConfig, "evaluate": EvaluateConfig,
                  "synth_qa": SynthQAConfig, "distill": DistillConfig, "quantize": QuantizeConfig,
-                 "promote": PromoteConfig}
+                 "promote": PromoteConfig, "tune": TuneConfig}
 
 
 def config_from_dict(cls, values: dict[str, Any], source: str = "<dict>"):

@@ -161,6 +161,7 @@ class KnowledgeBase:
         self._sources = chunks["source"].tolist()
         self._paths = chunks["path"].tolist()
         self._references = ReferenceIndex(chunks["title"].tolist(), chunks["article"].tolist())
+        self._memo: dict[tuple, tuple] = {}
 
     @classmethod
     def load(cls, folder: str | Path) -> "KnowledgeBase":
@@ -201,26 +202,49 @@ class KnowledgeBase:
                             self._embedder.fingerprint(), emb["fingerprint"])
         return self._embedder
 
+    def _candidates(self, questions: list[str], k_cand: int, use_bm25: bool, use_dense: bool) -> list[tuple]:
+        """(full BM25 score array or None, {retriever: (ids, scores)}) per question. Memoised: the
+        query side does not depend on fusion settings, so re-ranking the same questions with other
+        weights (a tuning trial) costs only the fusion. Bounded to ~40 MB of score arrays."""
+        keys = [(q, k_cand, use_bm25, use_dense) for q in questions]
+        todo_q = list(dict.fromkeys(key[0] for key in keys if key not in self._memo))
+        if len(self._memo) + len(todo_q) > max(64, 5_000_000 // max(1, len(self._ids))):
+            self._memo.clear()
+            todo_q = list(dict.fromkeys(questions))
+        if todo_q:
+            q_tokens = self.tokenizer()(todo_q) if use_bm25 else [[] for _ in todo_q]
+            q_vecs = self.embedder().embed_queries(todo_q) if use_dense else None
+            for qi, q in enumerate(todo_q):
+                cands: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+                bm25_all = self.bm25.scores(q_tokens[qi]) if use_bm25 else None
+                if use_bm25:
+                    cands["bm25"] = top_candidates(bm25_all, k_cand)
+                if use_dense:
+                    sims, ids = self.faiss_index.search(q_vecs[qi:qi + 1], k_cand)
+                    keep = ids[0] >= 0
+                    cands["dense"] = (ids[0][keep], sims[0][keep])
+                self._memo[(q, k_cand, use_bm25, use_dense)] = (bm25_all, cands)
+        return [self._memo[key] for key in keys]
+
+    def retrieve_defaults(self) -> RetrieveConfig:
+        """The retrieval settings the KB was built (or tuned) with: fusion, weights and priors from its
+        manifest, RetrieveConfig's defaults for anything an older manifest lacks."""
+        keys = ("fusion", "w_bm25", "rrf_k", "w_law", "w_article")
+        return RetrieveConfig(kb=str(self.folder), **{k: self.params[k] for k in keys if k in self.params})
+
     def search(self, questions: Sequence[str], cfg: Optional[RetrieveConfig] = None, **overrides) -> list[list[Hit]]:
-        """Ranked hits per question. BM25-only when the KB has no dense index or w_bm25 == 1."""
-        cfg = dataclasses.replace(cfg or RetrieveConfig(kb=str(self.folder)), **overrides)
+        """Ranked hits per question (settings: `cfg`, else the KB's own defaults, then `overrides`).
+        BM25-only when the KB has no dense index or w_bm25 == 1."""
+        cfg = dataclasses.replace(cfg or self.retrieve_defaults(), **overrides)
         questions = [clean_text(q) for q in questions]
         use_dense = self.has_dense and not (cfg.fusion == "minmax" and cfg.w_bm25 >= 1.0)
         use_bm25 = not (cfg.fusion == "minmax" and cfg.w_bm25 <= 0.0)
-        q_tokens = self.tokenizer()(questions) if use_bm25 else [[] for _ in questions]
-        q_vecs = self.embedder().embed_queries(questions) if use_dense else None
-        n = len(self._ids)
-        k_cand = min(cfg.candidates, n)
+        k_cand = min(cfg.candidates, len(self._ids))
+        per_question = self._candidates(questions, k_cand, use_bm25, use_dense)
         results = []
         for qi in range(len(questions)):
-            cands: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-            bm25_all = self.bm25.scores(q_tokens[qi]) if use_bm25 else None
-            if use_bm25:
-                cands["bm25"] = top_candidates(bm25_all, k_cand)
-            if use_dense:
-                sims, ids = self.faiss_index.search(q_vecs[qi:qi + 1], k_cand)
-                keep = ids[0] >= 0
-                cands["dense"] = (ids[0][keep], sims[0][keep])
+            bm25_all, cands = per_question[qi]
+            cands = dict(cands)
             if cfg.fusion == "rrf":
                 fused = FUSIONS["rrf"]({k: v[0] for k, v in cands.items()}, k=cfg.rrf_k)
                 method = "rrf" if len(cands) > 1 else next(iter(cands))

@@ -37,6 +37,34 @@ def run(step: str, params: dict, tags: Optional[dict] = None) -> Iterator[mlflow
         yield active
 
 
+class ChildRun:
+    """Handle of a nested run: `status` (FINISHED, KILLED, FAILED) is applied when the block ends."""
+
+    def __init__(self, active: mlflow.ActiveRun):
+        self.run_id = active.info.run_id
+        self.status = "FINISHED"
+
+
+@contextlib.contextmanager
+def child_run(name: str, params: dict, tags: Optional[dict] = None) -> Iterator[ChildRun]:
+    """A run nested under the active one (an Optuna trial under its study run). An exception
+    leaving the block ends it FAILED; otherwise it ends with the handle's status."""
+    active = mlflow.start_run(run_name=name, nested=True)
+    handle = ChildRun(active)
+    try:
+        mlflow.set_tags({k: str(v) for k, v in (tags or {}).items()})
+        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        yield handle
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run(handle.status)
+
+
+def set_tags(tags: dict) -> None:
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
 def log_metrics(metrics: dict, step: Optional[int] = None) -> None:
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     mlflow.log_metrics(clean, step=step)
@@ -110,10 +138,13 @@ class KnowledgeBaseModel(mlflow.pyfunc.PythonModel):
         from .config import RetrieveConfig
 
         params = params or {}
-        defaults = RetrieveConfig()
-        hits = self.kb.search(questions, top_k=int(params.get("top_k", defaults.top_k)),
-                              fusion=str(params.get("fusion", defaults.fusion)),
-                              w_bm25=float(params.get("w_bm25", defaults.w_bm25)))
+        # unset (or the signature's sentinel '' / -1) means the KB's own, possibly tuned, settings
+        overrides = {"top_k": int(params.get("top_k", RetrieveConfig.top_k))}
+        if params.get("fusion"):
+            overrides["fusion"] = str(params["fusion"])
+        if float(params.get("w_bm25", -1.0)) >= 0:
+            overrides["w_bm25"] = float(params["w_bm25"])
+        hits = self.kb.search(questions, **overrides)
         rows = [{"question_index": qi, **h.to_dict()} for qi, hs in enumerate(hits) for h in hs]
         return pd.DataFrame(rows, columns=["question_index", "rank", "chunk_id", "source", "path", "score", "method", "text"])
 
@@ -123,8 +154,8 @@ KB_SIGNATURE = ModelSignature(
     outputs=Schema([ColSpec("long", "question_index"), ColSpec("long", "rank"), ColSpec("string", "chunk_id"),
                     ColSpec("string", "source"), ColSpec("string", "path"), ColSpec("double", "score"),
                     ColSpec("string", "method"), ColSpec("string", "text")]),
-    params=ParamSchema([ParamSpec("top_k", "long", RetrieveConfig.top_k), ParamSpec("fusion", "string", RetrieveConfig.fusion),
-                        ParamSpec("w_bm25", "double", RetrieveConfig.w_bm25)]),
+    params=ParamSchema([ParamSpec("top_k", "long", RetrieveConfig.top_k), ParamSpec("fusion", "string", ""),
+                        ParamSpec("w_bm25", "double", -1.0)]),
 )
 
 

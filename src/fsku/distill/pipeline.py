@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from ..config import DistillConfig, InferConfig
 from ..infer.cache import AnswerCache
@@ -90,7 +90,10 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool = True) -> DistillResult:
+def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool = True,
+            callbacks: Sequence = ()) -> DistillResult:
+    """Responses -> pairs -> LoRA training (per round) -> merged student in `<out>/merged`.
+    `callbacks` are extra transformers TrainerCallbacks (the tune step's pruning callback)."""
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
@@ -207,7 +210,7 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
         callback = MetricsCallback(log_fn, prefix=f"r{rnd}/" if cfg.rounds > 1 else "")
         trainer = DistillTrainer(
             model=student, args=args, train_dataset=PairDataset(features), data_collator=PairCollator(student_tok.pad_token_id),
-            teacher=teacher_for_training, callbacks=[callback],
+            teacher=teacher_for_training, callbacks=[callback, *callbacks],
             loss=LossSettings(cfg.loss_type, cfg.alpha, cfg.adaptive_alpha, cfg.beta, cfg.beta_warmup_ratio, cfg.jsd_weight),
             vocab_size=vocab_size)
         ckpt_dir = rdir / "checkpoints"

@@ -69,8 +69,7 @@ def main(cfg: BuildKBConfig) -> dict:
         tracking.log_metrics(metrics)
         result = {"run_id": active.info.run_id, "kb": str(Path(cfg.out).resolve()), "stats": stats}
         if cfg.labels:
-            rcfg = RetrieveConfig(kb=cfg.out, top_k=cfg.top_k, fusion=cfg.fusion, w_bm25=cfg.w_bm25,
-                                  candidates=max(50, cfg.top_k))
+            rcfg = dataclasses.replace(kb.retrieve_defaults(), top_k=cfg.top_k, candidates=max(50, cfg.top_k))
             rmetrics, table = evaluate_retrieval(kb, cfg.labels, rcfg)
             curve = rmetrics.pop("curve")
             tracking.log_metrics({f"retrieval_{k}": v for k, v in rmetrics.items()})

@@ -1,0 +1,264 @@
+"""tune: an Optuna study whose trials are nested MLflow runs; the best trial becomes a recipe.
+
+Usage:
+    mlflow run . -e tune --env-manager local -P study=retrieval -P n_trials=30 \\
+        -P corpus=../shared/data/law-pdf -P labels=../shared/data/fsku-benchmark/retrieval_dev.jsonl
+    fsku tune --study distill --n-trials 6 --data outputs/synth_qa        # tiny teacher/student by default
+    fsku tune --study retrieval --storage postgresql://user:pw@db/optuna  # workers on many machines
+
+A study is identified by its name in its storage: starting the command again (or on another
+machine, against the same RDB storage) joins it, and each process runs `n_trials` more trials.
+Trial 0 of a new study is the default configuration, so the study answers "does tuning beat the
+default?" by itself. Every trial is an MLflow run nested under this process's `tune` run (params,
+metrics, tags optuna.trial_number / optuna.state: COMPLETE, PRUNED (run status KILLED) or FAIL).
+The parent run logs the optimisation history, parameter importances, parallel coordinates (and, for
+distill, the intermediate values) as plots, the trials table, and the best trial's recipes, which are
+also written to experiments/tuned-<study>/ (`fsku build-kb --recipe .../build_kb.yaml`).
+optuna-dashboard reads the same storage: `optuna-dashboard sqlite:///outputs/tune/optuna.db`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from ..config import BuildKBConfig, DistillConfig, TuneConfig, load_recipe
+from ..tune import (baseline_params, distill_space, parse_choices, recipes_from_params, retrieval_space, suggest,
+                    write_recipes)
+from .args import add_config_args, config_from_namespace
+
+log = logging.getLogger(__name__)
+
+DIRECTIONS = {"retrieval": "maximize", "distill": "minimize"}
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password (it is logged as a tag)."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def open_study(cfg: TuneConfig):
+    """Create or join the named study (SQLite gets its folder and a generous lock timeout; every RDB
+    storage gets heartbeats, so trials of a killed worker are marked FAIL instead of hanging RUNNING)."""
+    import optuna
+
+    engine_kwargs = {}
+    if cfg.storage.startswith("sqlite:///"):
+        path = Path(cfg.storage[len("sqlite:///"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    storage = None
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(cfg.storage, engine_kwargs=engine_kwargs, heartbeat_interval=60,
+                                                     grace_period=180)
+            break
+        except Exception as exc:  # workers starting together on a new database race to create its tables
+            if "IntegrityError" not in type(exc).__name__ and "OperationalError" not in type(exc).__name__ or attempt == 4:
+                raise
+            log.info("storage is being initialised by another worker (%s); retrying", type(exc).__name__)
+            time.sleep(1.0 + attempt)
+    seed = None if cfg.seed < 0 else cfg.seed
+    sampler = (optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8)
+               if cfg.sampler == "tpe" else optuna.samplers.RandomSampler(seed=seed))
+    if cfg.pruner == "median":
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=cfg.eval_every)
+    elif cfg.pruner == "hyperband":
+        pruner = optuna.pruners.HyperbandPruner(min_resource=cfg.eval_every, max_resource=cfg.max_steps)
+    else:
+        pruner = optuna.pruners.NopPruner()
+    study = optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=sampler, pruner=pruner,
+                                direction=DIRECTIONS[cfg.study], load_if_exists=True)
+    want = optuna.study.StudyDirection.MAXIMIZE if DIRECTIONS[cfg.study] == "maximize" else optuna.study.StudyDirection.MINIMIZE
+    if study.direction != want:
+        raise ValueError(f"study {cfg.study_name!r} in {redact(cfg.storage)} exists with direction {study.direction.name}; "
+                         f"a {cfg.study} study needs {want.name}: choose another --study-name")
+    return study
+
+
+def build_objective(cfg: TuneConfig, progress: bool):
+    """(objective, search space, baseline params, base stage config) for the study."""
+    from ..tune import DistillObjective, RetrievalObjective
+
+    if cfg.study == "retrieval":
+        base = BuildKBConfig(corpus=cfg.corpus, embedding_model=cfg.embedding_model, register_as=None, top_k=cfg.eval_k)
+        space = retrieval_space(parse_choices(cfg.chunk_sizes, int), parse_choices(cfg.chunk_overlaps, int),
+                                parse_choices(cfg.bm25_tokenizers, str))
+        for size in parse_choices(cfg.chunk_sizes, int):
+            for ov in parse_choices(cfg.chunk_overlaps, int):
+                dataclasses.replace(base, chunk_size=size, chunk_overlap=ov)  # range checks before any trial
+        objective = RetrievalObjective(base, cfg.labels, Path(cfg.out) / "kbs", cfg.metric, cfg.eval_k, progress=progress)
+        defaults = dataclasses.asdict(BuildKBConfig())
+        return objective, space, baseline_params(space, defaults), base
+    base = load_recipe(cfg.distill_recipe) if cfg.distill_recipe else DistillConfig()
+    if not isinstance(base, DistillConfig):
+        raise ValueError(f"{cfg.distill_recipe}: expected a distill recipe")
+    base = dataclasses.replace(base, data=cfg.data, teacher=cfg.teacher, student=cfg.student, max_steps=cfg.max_steps,
+                               max_new_tokens=cfg.max_new_tokens, save_steps=max(cfg.max_steps, 1), register_as=None)
+    from ..distill.losses import LOSS_TYPES
+
+    losses = parse_choices(cfg.loss_types, str)
+    unknown = [x for x in losses if x not in LOSS_TYPES]
+    if unknown:
+        raise ValueError(f"loss_types: unknown {unknown}; expected some of {sorted(LOSS_TYPES)}")
+    space = distill_space(losses, cfg.lr_min, cfg.lr_max, parse_choices(cfg.lora_ranks, int))
+    objective = DistillObjective(base, Path(cfg.out) / cfg.study_name, cfg.eval_every, progress=progress)
+    return objective, space, baseline_params(space, dataclasses.asdict(base)), base
+
+
+def _plots(study, distill: bool) -> dict:
+    """name -> matplotlib figure for the plots the study supports now (too few trials -> skipped)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import optuna.visualization.matplotlib as ov
+    from optuna.exceptions import ExperimentalWarning
+
+    wanted = {"optimization_history.png": ov.plot_optimization_history,
+              "param_importances.png": ov.plot_param_importances,
+              "parallel_coordinate.png": ov.plot_parallel_coordinate}
+    if distill:
+        wanted["intermediate_values.png"] = ov.plot_intermediate_values
+    figures = {}
+    for name, fn in wanted.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                ax = fn(study)
+            ax = ax.flat[0] if hasattr(ax, "flat") else ax
+            fig = ax.figure
+            fig.set_size_inches(8, 5)
+            fig.tight_layout()
+            figures[name] = fig
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            log.warning("plot %s skipped: %s", name, exc)
+    return figures
+
+
+def tune_step(cfg: TuneConfig, progress: bool = True) -> dict:
+    import optuna
+
+    from .. import tracking
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    objective_fn, space, baseline, base = build_objective(cfg, progress)
+    study = open_study(cfg)
+    if baseline and not any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
+        study.enqueue_trial(baseline, user_attrs={"baseline": True}, skip_if_exists=True)
+    started = time.time()
+
+    with tracking.run("tune", dataclasses.asdict(cfg), tags={"optuna.study": cfg.study_name,
+                                                            "optuna.storage": redact(cfg.storage)}) as parent:
+
+        def objective(trial) -> float:
+            params = suggest(trial, space)
+            trial.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
+            tags = {"optuna.study": cfg.study_name, "optuna.trial_number": trial.number,
+                    "optuna.baseline": bool(trial.user_attrs.get("baseline"))}
+            pruned = None
+            with tracking.child_run(f"trial-{trial.number}", params, tags) as child:
+                trial.set_user_attr("mlflow_run_id", child.run_id)
+
+                def report(metrics: dict) -> None:
+                    step = metrics.pop("step", None)
+                    tracking.log_metrics(metrics, step=step)
+
+                try:
+                    value = objective_fn(trial, params, report)
+                except optuna.TrialPruned as exc:
+                    tracking.set_tags({"optuna.state": "PRUNED", "optuna.pruned_reason": str(exc)})
+                    child.status, pruned = "KILLED", exc
+                except Exception as exc:
+                    tracking.set_tags({"optuna.state": "FAIL", "optuna.error": f"{type(exc).__name__}: {exc}"[:4000]})
+                    log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
+                    raise
+                else:
+                    tracking.log_metrics({"objective": value})
+                    tracking.set_tags({"optuna.state": "COMPLETE"})
+            if pruned is not None:
+                raise pruned
+            return value
+
+        study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout_s or None, catch=(Exception,),
+                       gc_after_trial=cfg.study == "distill", show_progress_bar=progress)
+        result = summarize(study, cfg, base, started)
+        tracking.log_metrics({k: v for k, v in result["metrics"].items() if v is not None})
+        tracking.set_tags({"optuna.best_trial": result["best_trial"]})
+        tracking.log_table(result["trials"], "tables/trials.json")
+        for name, fig in _plots(study, cfg.study == "distill").items():
+            tracking.log_figure(fig, f"plots/{name}")
+        if result.get("recipes"):
+            for path in result["recipes"]:
+                tracking.log_artifact(path, "recipes")
+        result["run_id"] = parent.info.run_id
+        result["tracking_uri"] = tracking.tracking_uri()
+    return result
+
+
+def summarize(study, cfg: TuneConfig, base, started: float) -> dict:
+    """Counts, best vs baseline, the trials table and (when a trial completed) the best recipes."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    states = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
+                                                              TrialState.RUNNING)}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise RuntimeError(f"study {cfg.study_name!r}: no trial completed ({states[TrialState.FAIL]} failed, "
+                           f"{states[TrialState.PRUNED]} pruned); see the trials' optuna.error tags in MLflow")
+    best = study.best_trial
+    baseline = [t for t in complete if t.user_attrs.get("baseline")]
+    metrics = {"best_value": best.value, "baseline_value": baseline[0].value if baseline else None,
+               "trials_total": len(trials), "trials_complete": states[TrialState.COMPLETE],
+               "trials_pruned": states[TrialState.PRUNED], "trials_failed": states[TrialState.FAIL],
+               "trials_running": states[TrialState.RUNNING], "seconds": time.time() - started}
+    table = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration", "user_attrs"))
+    table["duration"] = table["duration"].dt.total_seconds() if "duration" in table else None
+    table["state"] = table["state"].astype(str)
+    out = {"study": cfg.study_name, "best_trial": best.number, "best_params": best.params, "metrics": metrics,
+           "trials": table}
+    if cfg.recipe_out not in ("", "none", "None"):
+        folder = Path(f"experiments/tuned-{cfg.study}" if cfg.recipe_out == "auto" else cfg.recipe_out)
+        header = (f"best trial {best.number} of Optuna study {cfg.study_name!r} ({redact(cfg.storage)}): "
+                  f"{cfg.metric if cfg.study == 'retrieval' else 'validation_kl'} = {best.value:.4f}"
+                  + (f" (default configuration: {metrics['baseline_value']:.4f})" if metrics["baseline_value"] is not None else "")
+                  + f"\nwritten by `fsku tune` on {time.strftime('%Y-%m-%d')}; {len(complete)} completed trials")
+        recipes = recipes_from_params(cfg.study, best.params, build=base if cfg.study == "retrieval" else None,
+                                      distill=base if cfg.study == "distill" else None)
+        out["recipes"] = [str(p) for p in write_recipes(folder, recipes, header)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="fsku tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, TuneConfig)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (MLflow entry points)")
+    a = p.parse_args(argv)
+    try:
+        cfg = config_from_namespace(a, TuneConfig, optional_str=("study_name", "distill_recipe"))
+        out = tune_step(cfg, progress=not a.no_progress)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    m = out["metrics"]
+    base = f" (default configuration {m['baseline_value']:.4f})" if m["baseline_value"] is not None else ""
+    print(f"study {out['study']}: best trial {out['best_trial']} = {m['best_value']:.4f}{base}; "
+          f"{m['trials_complete']} complete, {m['trials_pruned']} pruned, {m['trials_failed']} failed of {m['trials_total']}")
+    print(f"best params: {out['best_params']}")
+    if out.get("recipes"):
+        print("recipes: " + ", ".join(out["recipes"]))
+    print(f"mlflow run: {out['run_id']}  tracking: {out['tracking_uri']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

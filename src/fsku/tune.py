@@ -1,0 +1,390 @@
+"""tune: Optuna studies over retrieval (chunking, BM25 tokenizer, fusion, priors) and distillation
+(loss, alpha, beta, learning rate, LoRA rank).
+
+Pure parts, tested on their own: the search space (`Param`, `suggest`, conditional parameters),
+which build settings a trial's knowledge base depends on (`kb_key`), the study's baseline trial
+(`baseline_params`) and the recipes written from the best trial (`recipes_from_params`).
+The objectives (`RetrievalObjective`, `DistillObjective`) do the work of one trial; the step
+(`fsku.steps.tune`) adds storage, MLflow child runs and plots.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from .config import BuildKBConfig, DistillConfig, RetrieveConfig
+
+log = logging.getLogger(__name__)
+
+STUDIES = ("retrieval", "distill")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One dimension of a search space. `when` makes it conditional: (other parameter, value)."""
+
+    name: str
+    kind: str  # "float" | "int" | "categorical"
+    low: float = 0.0
+    high: float = 1.0
+    choices: tuple = ()
+    log: bool = False
+    step: Optional[float] = None
+    when: Optional[tuple[str, Any]] = None
+
+    def __post_init__(self):
+        if self.kind not in ("float", "int", "categorical"):
+            raise ValueError(f"{self.name}: kind must be float, int or categorical, got {self.kind!r}")
+        if self.kind == "categorical" and not self.choices:
+            raise ValueError(f"{self.name}: a categorical parameter needs choices")
+        if self.kind != "categorical" and not self.low <= self.high:
+            raise ValueError(f"{self.name}: low {self.low} > high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"{self.name}: a log-scale range must be positive")
+
+
+def active(param: Param, values: dict) -> bool:
+    return param.when is None or values.get(param.when[0]) == param.when[1]
+
+
+def suggest(trial, space: Sequence[Param]) -> dict:
+    """Sample one point of `space` with an Optuna trial; conditional parameters are sampled only when
+    their condition holds (so TPE models them separately). Conditions must refer to earlier params."""
+    values: dict = {}
+    for p in space:
+        if not active(p, values):
+            continue
+        if p.kind == "categorical":
+            values[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+        elif p.kind == "int":
+            values[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            values[p.name] = trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
+    return values
+
+
+def parse_choices(text: str, kind: type) -> tuple:
+    """'320,480,640' -> (320, 480, 640); raises naming the bad entry."""
+    out = []
+    for part in (x.strip() for x in str(text).split(",")):
+        if not part:
+            continue
+        try:
+            out.append(kind(float(part)) if kind is int else kind(part))
+        except ValueError:
+            raise ValueError(f"{text!r}: {part!r} is not a valid {kind.__name__}") from None
+    if not out:
+        raise ValueError(f"{text!r}: expected a comma-separated list")
+    return tuple(dict.fromkeys(out))
+
+
+def retrieval_space(chunk_sizes: Sequence[int], chunk_overlaps: Sequence[int], tokenizers: Sequence[str]) -> list[Param]:
+    """Chunking and tokenizer choices are categorical (each distinct triple is one KB build, cached);
+    fusion, its weights and the statute priors are continuous (a trial only re-ranks)."""
+    space = []
+    if len(chunk_sizes) > 1:
+        space.append(Param("chunk_size", "categorical", choices=tuple(chunk_sizes)))
+    if len(chunk_overlaps) > 1:
+        space.append(Param("chunk_overlap", "categorical", choices=tuple(chunk_overlaps)))
+    if len(tokenizers) > 1:
+        space.append(Param("bm25_tokenizer", "categorical", choices=tuple(tokenizers)))
+    return space + [
+        Param("fusion", "categorical", choices=("minmax", "rrf")),
+        Param("w_bm25", "float", 0.0, 1.0, when=("fusion", "minmax")),
+        Param("rrf_k", "int", 1, 120, when=("fusion", "rrf")),
+        Param("w_law", "float", 0.0, 0.5),
+        Param("w_article", "float", 0.0, 0.5),
+    ]
+
+
+def distill_space(loss_types: Sequence[str], lr_low: float, lr_high: float, lora_ranks: Sequence[int]) -> list[Param]:
+    space = []
+    if len(loss_types) > 1:
+        space.append(Param("loss_type", "categorical", choices=tuple(loss_types)))
+    alpha_when = ("loss_type", "distillm_v2") if len(loss_types) > 1 else None
+    if len(loss_types) > 1 or loss_types[0] == "distillm_v2":
+        space += [Param("alpha", "float", 0.01, 0.5, log=True, when=alpha_when),
+                  Param("beta", "float", 0.0, 2.0, when=alpha_when)]
+    space.append(Param("learning_rate", "float", lr_low, lr_high, log=True))
+    if len(lora_ranks) > 1:
+        space.append(Param("lora_r", "categorical", choices=tuple(lora_ranks)))
+    return space
+
+
+def baseline_params(space: Sequence[Param], defaults: dict) -> dict:
+    """The default configuration as a point of the space (enqueued as trial 0, so 'does tuning beat
+    the default?' is answered inside the study). Values outside a categorical's choices are dropped
+    (Optuna then samples them)."""
+    out: dict = {}
+    for p in space:
+        if not active(p, {**defaults, **out}) or p.name not in defaults:
+            continue
+        v = defaults[p.name]
+        if p.kind == "categorical" and v not in p.choices:
+            continue
+        if p.kind != "categorical" and not p.low <= v <= p.high:
+            continue
+        out[p.name] = v
+    return out
+
+
+KB_KEYS = ("chunk_size", "chunk_overlap", "bm25_tokenizer")
+
+
+def kb_key(build: dict) -> str:
+    """Folder name of the cached KB a trial needs: only the settings that change the index."""
+    return "cs{chunk_size}_ov{chunk_overlap}_{bm25_tokenizer}".format(**build)
+
+
+def recipes_from_params(study: str, params: dict, build: Optional[BuildKBConfig] = None,
+                        distill: Optional[DistillConfig] = None) -> dict[str, dict]:
+    """{stage: recipe mapping} for the best trial: a retrieval study gives build_kb (the chunking and,
+    stored in the KB manifest, the default fusion) and retrieve; a distill study gives distill.
+    Every value is validated through the stage config before it is written."""
+    if study == "retrieval":
+        build = build or BuildKBConfig()
+        fields = {f.name for f in dataclasses.fields(BuildKBConfig)}
+        kb = dataclasses.replace(build, **{k: v for k, v in params.items() if k in fields})
+        kb_recipe = {k: getattr(kb, k) for k in ("corpus", "out", "chunk_size", "chunk_overlap", "length_unit",
+                                                 "bm25_tokenizer", "embedding_model", "embedding_backend", "fusion",
+                                                 "w_bm25", "rrf_k", "w_law", "w_article", "top_k")}
+        retrieve = RetrieveConfig(kb=kb.out, fusion=kb.fusion, w_bm25=kb.w_bm25, rrf_k=kb.rrf_k, w_law=kb.w_law,
+                                  w_article=kb.w_article)
+        return {"build_kb": kb_recipe, "retrieve": dataclasses.asdict(retrieve)}
+    if study == "distill":
+        distill = distill or DistillConfig()
+        fields = {f.name for f in dataclasses.fields(DistillConfig)}
+        values = {k: v for k, v in params.items() if k in fields}
+        if "lora_r" in values:
+            values["lora_alpha"] = 2 * int(values["lora_r"])
+        cfg = dataclasses.replace(distill, **values)
+        return {"distill": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("restart",)}}
+    raise ValueError(f"unknown study {study!r}; expected one of {STUDIES}")
+
+
+def write_recipes(folder: str | Path, recipes: dict[str, dict], header: str) -> list[Path]:
+    import yaml
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for stage, values in recipes.items():
+        path = folder / f"{stage}.yaml"
+        text = "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
+        path.write_text(text, encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- retrieval objective
+
+class RetrievalObjective:
+    """MRR/hit@k of one retrieval configuration on labelled queries.
+
+    KBs are built once per (chunk_size, chunk_overlap, bm25_tokenizer) under `kb_root` and shared by
+    every process of the study (built under a private name, then renamed into place; a process that
+    loses the race uses the winner's). Embeddings and Kiwi analyses come from the content-hash caches,
+    and the loaded KB memoises the query side, so a trial that changes only fusion weights or priors
+    re-ranks in milliseconds."""
+
+    def __init__(self, base: BuildKBConfig, labels: str, kb_root: str | Path, metric: str = "mrr_at_10",
+                 eval_k: int = 10, candidates: int = 50, progress: bool = False):
+        from .evaluate.retrieval import load_labels
+
+        self.base, self.metric, self.eval_k, self.candidates = base, metric, eval_k, candidates
+        self.kb_root = Path(kb_root)
+        self.queries = load_labels(labels)
+        self.progress = progress
+        self._kbs: dict[str, tuple] = {}
+        self.ks = sorted({k for k in (1, 3, 5) if k <= eval_k} | {eval_k})
+        valid = {f"{m}_at_{k}" for m in ("hit", "recall") for k in self.ks} | {f"mrr_at_{eval_k}"}
+        if metric not in valid:
+            raise ValueError(f"metric {metric!r} is not computed with eval_k={eval_k}; expected one of {sorted(valid)}")
+
+    def build_settings(self, params: dict) -> dict:
+        return {k: params.get(k, getattr(self.base, k)) for k in KB_KEYS}
+
+    def knowledge_base(self, build: dict):
+        """(KnowledgeBase, relevant-chunk counts) for the build settings, built on first use."""
+        from .evaluate.retrieval import count_relevant_chunks
+        from .kb import KnowledgeBase, build_knowledge_base
+
+        key = kb_key(build)
+        if key not in self._kbs:
+            folder = self.kb_root / key
+            if not (folder / "manifest.json").exists():
+                private = self.kb_root / f"{key}.{os.getpid()}"
+                cfg = dataclasses.replace(self.base, out=str(private), labels=None, register_as=None, **build)
+                log.info("building KB %s", key)
+                build_knowledge_base(cfg, progress=self.progress)
+                try:
+                    private.rename(folder)
+                except OSError:  # another worker finished the same KB first
+                    shutil.rmtree(private, ignore_errors=True)
+            kb = KnowledgeBase.load(folder)
+            n_rel = count_relevant_chunks(self.queries, kb.chunks[["source", "text"]].to_dict("records"))
+            self._kbs[key] = (kb, n_rel)
+        return self._kbs[key]
+
+    def evaluate(self, params: dict) -> dict:
+        from .evaluate.retrieval import evaluate_hits
+
+        kb, n_rel = self.knowledge_base(self.build_settings(params))
+        fusion = {k: params[k] for k in ("fusion", "w_bm25", "rrf_k", "w_law", "w_article") if k in params}
+        cfg = dataclasses.replace(kb.retrieve_defaults(), top_k=self.eval_k, candidates=max(self.candidates, self.eval_k),
+                                  **fusion)
+        hits = kb.search([q.question for q in self.queries], cfg)
+        result = evaluate_hits(self.queries, [[h.to_dict() for h in hs] for hs in hits], n_rel, ks=self.ks)
+        metrics = dict(result["metrics"])
+        metrics["kb_chunks"] = len(kb.chunks)
+        return metrics
+
+    def __call__(self, trial, params: dict, report: Callable[[dict], None]) -> float:
+        metrics = self.evaluate(params)
+        report(metrics)
+        return float(metrics[self.metric])
+
+
+# ----------------------------------------------------------------------------- distill objective
+
+def validation_kl(model, features: Sequence[dict], vocab_size: int, batch_size: int = 4) -> float:
+    """Mean per-token KL(teacher ‖ student) over the teacher's responses to held-out prompts, the
+    teacher given as top-k log-probabilities (``chosen_topk_*`` from `precompute_topk`)."""
+    import torch
+
+    from .distill import losses as L
+    from .distill.trainer import IGNORE, PairCollator, dense_from_topk, response_window, window_logits
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    collate = PairCollator(0)
+    with torch.no_grad():
+        for start in range(0, len(features), batch_size):
+            batch = collate(list(features[start:start + batch_size]))
+            labels = batch["chosen_labels"]
+            keep = response_window(labels)
+            log_q = L.log_probs(window_logits(model, batch["chosen_input_ids"].to(device),
+                                              batch["chosen_attention_mask"].to(device), keep), vocab_size)
+            mask = (labels[:, labels.shape[1] - keep + 1:] != IGNORE).to(device)
+            log_p = dense_from_topk(batch["chosen_topk_idx"].to(device), batch["chosen_topk_logp"].to(device),
+                                    vocab_size)
+            # top-k rows hold the response positions in order: scatter them onto the masked positions
+            teacher = torch.zeros_like(log_q)
+            for b in range(log_q.shape[0]):
+                n = int(mask[b].sum())
+                teacher[b, mask[b]] = log_p[b, :n]
+            kl = L.forward_kl(teacher, log_q)
+            total += float(kl[mask].sum())
+            count += int(mask.sum())
+    if was_training:
+        model.train()
+    return total / max(1, count)
+
+
+class DistillObjective:
+    """Held-out KL(teacher ‖ student) of one distillation configuration (lower is better).
+
+    The teacher answers the validation prompts once (diskcache-backed) and its top-k log-probabilities
+    are kept in memory; each trial trains with `fsku.distill.distill` and a callback that measures the
+    validation KL every `eval_every` steps, reports it to Optuna and stops a trial the pruner rejects."""
+
+    def __init__(self, base: DistillConfig, work: str | Path, eval_every: int = 5, topk: int = 64,
+                 max_validation: int = 64, progress: bool = False):
+        self.base, self.work, self.eval_every, self.topk = base, Path(work), eval_every, topk
+        self.max_validation, self.progress = max_validation, progress
+        self._features: Optional[list[dict]] = None
+        self._vocab = 0
+
+    def validation_features(self) -> tuple[list[dict], int]:
+        if self._features is not None:
+            return self._features, self._vocab
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .distill.data import ResponseSettings, build_prompts, generate_responses, make_pairs
+        from .distill.pipeline import load_records, pick_device_dtype
+        from .distill.trainer import check_shared_vocab, encode_pairs, precompute_topk
+        from .infer.cache import AnswerCache
+        from .llm import load_llm
+        from .llm.resolve import resolve_model
+
+        cfg = self.base
+        records = load_records(cfg.data, "validation", self.max_validation)
+        if not records:
+            raise ValueError(f"{cfg.data}/validation.jsonl holds no records: the distill study measures the held-out KL on it")
+        device, dtype = pick_device_dtype(cfg.device, cfg.dtype)
+        teacher_path = resolve_model(cfg.teacher)
+        tok = AutoTokenizer.from_pretrained(resolve_model(cfg.student))
+        vocab = check_shared_vocab(tok, AutoTokenizer.from_pretrained(teacher_path))
+        prompts = build_prompts(records)
+        settings = ResponseSettings(cfg.max_new_tokens, cfg.mc_max_new_tokens, 0.0, 1.0, cfg.gen_batch_size, cfg.seed)
+        llm = load_llm(cfg.teacher, backend=cfg.backend, dtype=cfg.dtype, device=cfg.device,
+                       max_model_len=cfg.max_length + cfg.max_new_tokens)
+        self.work.mkdir(parents=True, exist_ok=True)
+        responses = generate_responses(prompts, llm, settings, self.work / "validation_teacher.jsonl",
+                                       AnswerCache(cfg.cache_dir))
+        del llm
+        pairs, _ = make_pairs(prompts, responses, responses)  # both sides the teacher's; only one is read
+        if not pairs:
+            raise ValueError("the teacher gave no usable validation response")
+        features, _ = encode_pairs(tok, pairs, cfg.max_length, cfg.max_prompt_length)
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype).to(device).eval()
+        precompute_topk(teacher, features, self.topk, vocab, batch_size=cfg.batch_size)
+        del teacher
+        torch.manual_seed(cfg.seed)
+        self._features, self._vocab = features, vocab
+        log.info("validation: %d teacher responses, top-%d teacher log-probabilities", len(features), self.topk)
+        return features, vocab
+
+    def config_for(self, trial_number: int, params: dict) -> DistillConfig:
+        values = dict(params)
+        if "lora_r" in values:
+            values["lora_alpha"] = 2 * int(values["lora_r"])
+        return dataclasses.replace(self.base, out=str(self.work / f"trial_{trial_number:04d}"), register_as=None,
+                                   restart=True, **values)
+
+    def __call__(self, trial, params: dict, report: Callable[[dict], None]) -> float:
+        import optuna
+        from transformers import TrainerCallback
+
+        from .distill.pipeline import distill
+
+        features, vocab = self.validation_features()
+        cfg = self.config_for(trial.number, params)
+        every = self.eval_every
+        measured: dict[int, float] = {}
+
+        class Pruning(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if state.global_step % every and state.global_step != state.max_steps:
+                    return
+                kl = validation_kl(model, features, vocab)
+                measured[state.global_step] = kl
+                report({"validation_kl": kl, "step": state.global_step})
+                trial.report(kl, state.global_step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"validation KL {kl:.4f} at step {state.global_step}")
+
+        try:
+            result = distill(cfg, progress=self.progress, callbacks=[Pruning()])
+        finally:
+            _remove_checkpoints(Path(cfg.out))
+        if not measured:
+            raise RuntimeError("training ended before the first validation measurement")
+        final = measured[max(measured)]
+        report({"train_loss": result.stats["rounds"][-1]["train_loss"], "s_per_step": result.stats["rounds"][-1]["s_per_step"]})
+        return final
+
+
+def _remove_checkpoints(out: Path) -> None:
+    """Trial outputs keep responses, pairs and stats; checkpoints (optimizer state) go."""
+    for ckpt in out.glob("round_*/checkpoints"):
+        shutil.rmtree(ckpt, ignore_errors=True)
+
