@@ -46,6 +46,11 @@ demo: models
 	# the student is quantized (torchao int8 weight-only), compared with itself on the sample set, registered again
 	$(BIN)/mlflow run . -e quantize --env-manager local -P model=models:/fsku-student/latest -P method=int8 \
 		-P out=outputs/quantize -P gen_tokens=16 -P restart=true
+	# the quantized student and the sample KB become the registry champions (promote: candidate vs champion)
+	$(BIN)/mlflow run . -e promote --env-manager local -P kb_name=fsku-kb -P evaluate_recipe=experiments/demo/evaluate.yaml \
+		-P out_dir=outputs/promote
+	# the champions become a rule-checked submission bundle, verified in a fresh offline virtualenv
+	$(BIN)/mlflow run . -e package --env-manager local -P settings_recipe=experiments/demo/predict.yaml -P out=outputs/package
 	$(BIN)/mlflow run . -e evaluate --env-manager local -P model=$(DEMO_MODEL) -P kb=outputs/kb \
 		-P gold=evaluation/sample_qa.csv -P out_dir=outputs/evaluate -P max_new_tokens=48
 	$(BIN)/mlflow run . -e predict --env-manager local -P model=$(DEMO_MODEL) -P kb=outputs/kb \
@@ -57,6 +62,8 @@ demo: models
 	@echo "Synthetic QA (tiny teacher): $(CURDIR)/outputs/synth_qa (stats.json: acceptance and rejection reasons)"
 	@echo "Distilled tiny student: $(CURDIR)/outputs/distill/merged ; registered model: models:/fsku-student/<latest - 1>"
 	@echo "Quantized student (int8): $(CURDIR)/outputs/quantize/model ; comparison: $(CURDIR)/outputs/quantize/comparison.csv ; registered: models:/fsku-student/<latest>"
+	@echo "Champions: models:/fsku-student@champion, models:/fsku-kb@champion (decision: outputs/promote)"
+	@echo "Submission bundle: $$(ls $(CURDIR)/outputs/package/*.zip) (folder outputs/package/bundle; MANIFEST.json)"
 
 test: models
 	$(BIN)/python -m pytest -q -x; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc

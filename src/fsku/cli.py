@@ -17,6 +17,7 @@
     fsku distill --data DIR --teacher ID_OR_PATH --student ID_OR_PATH --loss-type distillm_v2 ...   (tracked in MLflow)
     fsku quantize --model models:/fsku-student@champion --method int8|bnb-8bit|bnb-nf4|gptq --gold FILE   (tracked in MLflow)
     fsku promote --model-name fsku-student --candidate latest [--kb-name fsku-kb] --gold FILE --margin F   (tracked in MLflow)
+    fsku package --model models:/fsku-student@champion --kb models:/fsku-kb@champion [--verify fresh|current|none]
     fsku tune --study retrieval|distill --n-trials N [--storage URL] [--study-name NAME]   (Optuna; trials are nested MLflow runs)
 """
 from __future__ import annotations
@@ -245,6 +246,12 @@ def cmd_promote(argv: list[str]) -> int:
     return promote_main(argv)
 
 
+def cmd_package(argv: list[str]) -> int:
+    from .steps.package import main as package_main
+
+    return package_main(argv)
+
+
 def cmd_tune(argv: list[str]) -> int:
     from .steps.tune import main as tune_main
 
@@ -282,6 +289,7 @@ COMMANDS = {
     "quantize": cmd_quantize,
     "promote": cmd_promote,
     "tune": cmd_tune,
+    "package": cmd_package,
 }
 
 

@@ -464,9 +464,44 @@ class TuneConfig:
             self.study_name = f"fsku-{self.study}"
 
 
+@dataclass
+class PackageConfig:
+    """package: champion student + KB -> a self-contained, rule-checked, verified submission bundle (folder + zip)."""
+
+    model: str = field(default="models:/fsku-student@champion", metadata={"help": "Student: registry URI (models:/name@alias or /version) or a local folder."})
+    kb: Optional[str] = field(default="models:/fsku-kb@champion", metadata={"help": "Knowledge base: registry URI or folder (None: answer without retrieval)."})
+    out: str = field(default="outputs/package", metadata={"help": "Output folder: bundle/, the zip, verify/."})
+    settings_recipe: Optional[str] = field(default=None, metadata={"help": "predict/evaluate YAML whose inference settings the bundle uses (default: PredictConfig defaults)."})
+    sample_test: str = field(default="evaluation/sample_test.csv", metadata={"help": "Small test.csv shipped in the bundle and answered by the verification."})
+    base_model: Optional[str] = field(default=None, metadata={"help": "Base model of the student (default: the version's base_model tag, else the model folder)."})
+    base_model_license: Optional[str] = field(default=None, metadata={"help": "Licence of the base model when fsku does not know it (SPDX id, e.g. apache-2.0)."})
+    base_model_release_date: Optional[str] = field(default=None, metadata={"help": "Release date (YYYY-MM-DD) of the base model when fsku does not know it."})
+    permitted_licenses: str = field(default="apache-2.0,mit,bsd-2-clause,bsd-3-clause,cc-by-4.0", metadata={"help": "Licences the rules accept, comma-separated."})
+    cutoff: str = field(default="2025-07-31", metadata={"help": "Latest permitted release date of the base model."})
+    budget_min: float = field(default=270.0, metadata={"help": "Time budget for the whole test set, minutes."})
+    n_questions: int = field(default=515, metadata={"help": "Questions in the competition test set (for the projection)."})
+    speed_factor: float = field(default=1.0, metadata={"help": "How much faster the target machine is than this one (projection = measured time / factor)."})
+    verify: str = field(default="fresh", metadata={"help": "fresh (new virtualenv, offline install + sample run), current (this Python; tests) or none."})
+    zip_name: Optional[str] = field(default=None, metadata={"help": "Zip file name (default fsku-submission-<model>-v<version>.zip)."})
+
+    def __post_init__(self):
+        _check(self.verify in ("fresh", "current", "none"), f"verify must be fresh, current or none, got {self.verify!r}")
+        _check(self.budget_min > 0 and self.n_questions >= 1, "budget_min must be > 0 and n_questions >= 1")
+        _check(self.speed_factor > 0, "speed_factor must be > 0")
+        import datetime
+
+        for name in ("cutoff", "base_model_release_date"):
+            value = getattr(self, name)
+            if value:
+                try:
+                    datetime.date.fromisoformat(value)
+                except ValueError:
+                    raise ValueError(f"{name} must be a date YYYY-MM-DD, got {value!r}") from None
+
+
 STAGE_CONFIGS = {"build_kb": BuildKBConfig, "retrieve": RetrieveConfig, "predict": PredictConfig, "evaluate": EvaluateConfig,
                  "synth_qa": SynthQAConfig, "distill": DistillConfig, "quantize": QuantizeConfig,
-                 "promote": PromoteConfig, "tune": TuneConfig}
+                 "promote": PromoteConfig, "tune": TuneConfig, "package": PackageConfig}
 
 
 def config_from_dict(cls, values: dict[str, Any], source: str = "<dict>"):

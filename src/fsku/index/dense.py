@@ -244,7 +244,7 @@ class OnnxInt8Embedder:
         if not self._path.exists():  # a hub id: materialise it locally once
             from huggingface_hub import snapshot_download
 
-            self._path = Path(snapshot_download(model))
+            self._path = Path(snapshot_download(model))  # offline: only for a hub id; bundles pass local folders and set HF_HUB_OFFLINE=1
         cfg = self._path / "config.json"
         digest = hashlib.sha1((str(self._path.resolve()) + (cfg.read_text() if cfg.exists() else "")).encode()).hexdigest()[:12]
         self._onnx_file = export_onnx_int8(str(self._path), models_dir() / "onnx" / f"{self._path.name}-{digest}")

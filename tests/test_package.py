@@ -1,0 +1,194 @@
+"""package: rule checks (each refusal with its message), network scan, base-model facts, deterministic
+and safe zip, manifest, and a bundle that answers its sample test with only its own files."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from fsku.config import BuildKBConfig, PackageConfig
+from fsku.package import (BundleFacts, RulePolicy, base_model_facts, build_manifest, check_rules, check_zip,
+                          project_seconds, safe_member, scan_network_use, sha256_file, write_zip)
+
+from conftest import ROOT, SAMPLE_CORPUS
+
+QWEN = base_model_facts("offline:qwen2.5-coder-0.5b-instruct")
+
+
+def test_base_model_facts():
+    assert QWEN == {"base_model": "Qwen/Qwen2.5-Coder-0.5B-Instruct", "license": "apache-2.0", "release_date": "2024-11-12",
+                    "from_scratch": False, "source": "fsku.package.KNOWN_BASE_MODELS"}
+    assert base_model_facts("models/qwen2.5-coder-1.5b-instruct")["release_date"] == "2024-09-19"
+    unknown = base_model_facts("someone/new-model-7b")
+    assert unknown["license"] is None and unknown["release_date"] is None
+
+
+def test_clean_facts_pass_and_each_rule_refuses_with_its_reason():
+    policy = RulePolicy()
+    ok = BundleFacts(llms=["model"], base=QWEN, projected_s=3600.0)
+    assert check_rules(ok, policy) == []
+    cases = {
+        "2 LLMs bundled (model, kb/extra): the competition allows exactly one": dict(llms=["model", "kb/extra"]),
+        "after the competition cutoff 2025-07-31": dict(base={**QWEN, "release_date": "2025-09-16"}),
+        "release date of Qwen/Qwen2.5-Coder-0.5B-Instruct unknown": dict(base={**QWEN, "release_date": None}),
+        "licence of Qwen/Qwen2.5-Coder-0.5B-Instruct missing": dict(base={**QWEN, "license": None}),
+        "licence 'llama3.1' of Qwen/Qwen2.5-Coder-0.5B-Instruct is not permitted": dict(base={**QWEN, "license": "llama3.1"}),
+        "network access in bundled code: code/x.py:1: imports requests": dict(network=scan_network_use("import requests\n", "code/x.py")),
+        "projected 515-question time 300.0 min exceeds the 270-min budget": dict(projected_s=18000.0),
+    }
+    for message, change in cases.items():
+        facts = BundleFacts(**{**ok.__dict__, **change})
+        problems = check_rules(facts, policy)
+        assert len(problems) == 1 and message in problems[0], (message, problems)
+    # a model trained from scratch has no release date to check, but still needs a permitted licence
+    scratch = {"base_model": "tiny", "license": "mit", "release_date": None, "from_scratch": True}
+    assert check_rules(BundleFacts(llms=["m"], base=scratch), policy) == []
+    assert "not an ISO date" in check_rules(BundleFacts(llms=["m"], base={**QWEN, "release_date": "Nov 2024"}), policy)[0]
+
+
+def test_network_scan_finds_imports_and_downloads_and_honours_reviewed_sites():
+    src = ("import os\nimport socket\nfrom urllib import request\nfrom http.client import HTTPSConnection\n"
+           "import urllib.request as u\nfrom huggingface_hub import snapshot_download\n"
+           "p = snapshot_download('x/y')\n"
+           "q = snapshot_download('x/y')  # offline: only for hub ids\n")
+    found = scan_network_use(src, "m.py")
+    assert [(f.line, f.what, f.guarded) for f in found] == [
+        (2, "imports socket", False), (3, "imports from urllib", False), (4, "imports from http.client", False),
+        (5, "imports urllib.request", False), (7, "calls snapshot_download()", False), (8, "calls snapshot_download()", True)]
+    assert found[-1].reason == "only for hub ids"
+    assert scan_network_use("import json\nfrom pathlib import Path\nimport urllib.parse\n", "ok.py") == []
+    assert "unparsable" in scan_network_use("def (:\n", "bad.py")[0].what
+
+
+def test_projection():
+    assert project_seconds(30.0, 2.0, 515) == 1060.0
+    assert project_seconds(30.0, 2.0, 515, speed_factor=4.0) == 265.0
+    with pytest.raises(ValueError):
+        project_seconds(1, 1, 1, 0)
+
+
+def test_zip_is_deterministic_sorted_and_safe(tmp_path):
+    src = tmp_path / "b"
+    (src / "sub").mkdir(parents=True)
+    (src / "z.txt").write_text("z")
+    (src / "sub" / "a.bin").write_bytes(os.urandom(1000))
+    (src / "a.txt").write_text("한글")
+    first = write_zip(src, tmp_path / "one.zip")
+    os.utime(src / "a.txt", (1, 1))  # timestamps must not matter
+    second = write_zip(src, tmp_path / "two.zip")
+    assert first.read_bytes() == second.read_bytes()
+    assert check_zip(first) == ["a.txt", "sub/a.bin", "z.txt"]
+    with zipfile.ZipFile(first) as zf:
+        assert {i.date_time for i in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+    for bad in ("../x", "/etc/passwd", "a/../../x", "C:/x", "a\\b", ""):
+        with pytest.raises(ValueError, match="unsafe path"):
+            safe_member(bad)
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../escape.txt", "x")
+    with pytest.raises(ValueError, match="unsafe path"):
+        check_zip(evil)
+    (src / "link").symlink_to(src / "z.txt")
+    with pytest.raises(ValueError, match="symbolic links"):
+        build_manifest(src)
+
+
+@pytest.fixture(scope="module")
+def bm25_kb(tmp_path_factory):
+    """The sample corpus as a BM25-only KB (no embedding model to bundle: a small, fast bundle)."""
+    from fsku.kb import build_knowledge_base
+
+    out = tmp_path_factory.mktemp("pkg-kb") / "kb"
+    build_knowledge_base(BuildKBConfig(corpus=str(SAMPLE_CORPUS), out=str(out), embedding_model="none", length_unit="chars",
+                                       chunk_size=600, chunk_overlap=40, cache_dir=""), progress=False)
+    return out
+
+
+def _cfg(tmp_path, model, kb, **kw) -> PackageConfig:
+    settings = tmp_path / "predict.yaml"
+    settings.write_text("backend: transformers\ndevice: cpu\ndtype: float32\ncontext: gated\ngate_signal: bm25\n"
+                        "gate_threshold: 5.0\nmax_new_tokens: 12\n", encoding="utf-8")
+    values = dict(model=str(model), kb=str(kb), out=str(tmp_path / "pkg"), settings_recipe=str(settings), verify="none")
+    values.update(kw)
+    return PackageConfig(**values)
+
+
+def test_bundle_answers_its_sample_with_only_its_own_files(tiny_models, bm25_kb, tmp_path):
+    from fsku.infer.predict import validate_submission
+    from fsku.steps.package import package_step
+
+    out = package_step(_cfg(tmp_path, tiny_models["student"], bm25_kb, verify="current"), progress=False)
+    bundle = Path(out["bundle"])
+    assert out["problems"] == [] and out["llms"] == ["model"] and out["facts"]["from_scratch"]
+    v = out["verification"]
+    assert v["valid"] and v["questions"] == len(list(csv.reader(open(ROOT / "evaluation/sample_test.csv", encoding="utf-8-sig")))) - 1
+    assert v["isolation"] != "none" or shutil.which("unshare") is None
+    assert validate_submission(tmp_path / "pkg" / "verify" / "submission.csv", bundle / "sample" / "test.csv") == []
+    # code: the runtime package only, and the one reviewed hub call is the only network site
+    code = {p.relative_to(bundle / "code" / "fsku").as_posix() for p in (bundle / "code" / "fsku").rglob("*.py")}
+    assert "infer/predict.py" in code and not any(c.startswith(("steps/", "distill/", "synth/")) for c in code)
+    assert "tracking.py" not in code and "package.py" not in code
+    assert out["network"] == [n for n in out["network"] if "guarded" in n]
+    reqs = (bundle / "requirements.txt").read_text().splitlines()
+    assert reqs[0].startswith("torch==") and not any(r.startswith(("mlflow", "optuna", "pytest")) for r in reqs)
+    card = (bundle / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert "trained from scratch" in card and "licence: mit" in card
+    manifest = json.loads((bundle / "MANIFEST.json").read_text(encoding="utf-8"))
+    assert manifest["rules"]["passed"] and manifest["projected_min"] is not None
+    for rel, meta in manifest["files"].items():
+        assert sha256_file(bundle / rel) == meta["sha256"], rel
+    with zipfile.ZipFile(out["zip"]) as zf:
+        names = zf.namelist()
+    assert names == sorted(names) and "inference.py" in names and "MANIFEST.json" in names
+    assert not any(n.startswith("/") or ".." in n for n in names)
+
+
+@pytest.mark.parametrize("rule", ["two_llms", "release_date", "licence", "network", "time"])
+def test_package_step_refuses_with_the_reason(rule, tiny_models, bm25_kb, tmp_path):
+    from fsku.steps.package import PackageRefused, package_step
+
+    model, kb, kw = tiny_models["student"], bm25_kb, {}
+    if rule == "two_llms":
+        kb = tmp_path / "kb"
+        shutil.copytree(bm25_kb, kb)
+        shutil.copytree(tiny_models["teacher"], kb / "second_llm")
+        expect = "2 LLMs bundled (kb/second_llm, model)"
+    elif rule == "release_date":
+        kw = dict(base_model="Qwen/Qwen3-0.6B", base_model_license="apache-2.0", base_model_release_date="2025-04-29")
+        model = tmp_path / "m"
+        shutil.copytree(tiny_models["student"], model)
+        (model / "fsku_tiny.json").unlink()
+        kw["base_model_release_date"] = "2025-09-01"
+        expect = "was released 2025-09-01, after the competition cutoff 2025-07-31"
+    elif rule == "licence":
+        model = tmp_path / "m"
+        shutil.copytree(tiny_models["student"], model)
+        (model / "fsku_tiny.json").unlink()
+        kw = dict(base_model="meta-llama/Llama-3.2-1B", base_model_license="llama3.2", base_model_release_date="2024-09-25")
+        expect = "licence 'llama3.2' of meta-llama/Llama-3.2-1B is not permitted"
+    elif rule == "network":
+        model = tmp_path / "m"
+        shutil.copytree(tiny_models["student"], model)
+        (model / "modeling_custom.py").write_text("import requests\n\nURL = 'https://example.invalid'\n")
+        expect = "network access in bundled code: model/modeling_custom.py:1: imports requests"
+    else:
+        kw = dict(verify="current", budget_min=0.0001)
+        expect = "exceeds the 0.0001-min budget"
+    with pytest.raises(PackageRefused) as err:
+        package_step(_cfg(tmp_path, model, kb, **kw), progress=False)
+    assert any(expect in p for p in err.value.problems), err.value.problems
+    assert expect in str(err.value)
+    assert not list((tmp_path / "pkg").glob("*.zip"))
+    manifest = json.loads((tmp_path / "pkg" / "bundle" / "MANIFEST.json").read_text(encoding="utf-8"))
+    assert manifest["rules"]["passed"] is False
+
+
+def test_package_config_checks():
+    for bad in ({"verify": "maybe"}, {"speed_factor": 0}, {"cutoff": "July 2025"}, {"base_model_release_date": "2025/01/01"}):
+        with pytest.raises(ValueError):
+            PackageConfig(**bad)
