@@ -483,6 +483,7 @@ class PackageConfig:
     speed_factor: float = field(default=1.0, metadata={"help": "How much faster the target machine is than this one (projection = measured time / factor)."})
     verify: str = field(default="fresh", metadata={"help": "fresh (new virtualenv, offline install + sample run), current (this Python; tests) or none."})
     zip_name: Optional[str] = field(default=None, metadata={"help": "Zip file name (default fsku-submission-<model>-v<version>.zip)."})
+    wheelhouse: Optional[str] = field(default=".cache/wheelhouse", metadata={"help": "verify=fresh: folder the pinned wheels are downloaded into (the only networked step) and installed from with --no-index."})
 
     def __post_init__(self):
         _check(self.verify in ("fresh", "current", "none"), f"verify must be fresh, current or none, got {self.verify!r}")

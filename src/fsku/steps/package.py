@@ -197,8 +197,24 @@ def inference_settings(cfg: PackageConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(base).items() if k in names}
 
 
-def verify_bundle(bundle: Path, mode: str, work: Path) -> dict:
-    """Run the bundle on its sample test in a fresh virtualenv (mode 'fresh') or with this Python
+def fill_wheelhouse(requirements: Path, wheelhouse: Path) -> float:
+    """`pip wheel` every pinned runtime package (and its dependencies) into `wheelhouse`: the one
+    step that may use the network (or the local indexes pip is configured with). Returns seconds."""
+    wheelhouse.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    torch_pin = [r for r in requirements.read_text().splitlines() if r.startswith("torch==")]
+    for args in (torch_pin, ["-r", str(requirements)]):
+        # `pip wheel`, not `download`: source-only packages are built here, so the offline side needs no build tools
+        proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
+                               "-w", str(wheelhouse), *args], capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"pip wheel of {requirements} into {wheelhouse} failed:\n{proc.stderr[-3000:]}")
+    return round(time.perf_counter() - t0, 1)
+
+
+def verify_bundle(bundle: Path, mode: str, work: Path, wheelhouse: Path | None = None) -> dict:
+    """Run the bundle on its sample test in a fresh virtualenv (mode 'fresh': its requirements
+    installed with `pip --no-index` from `wheelhouse`, without network) or with this Python
     ('current'); returns timings, the isolation used and the validator's verdict."""
     work.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FSKU_", "MLFLOW_", "PYTHONPATH", "VIRTUAL_ENV"))}
@@ -214,6 +230,8 @@ def verify_bundle(bundle: Path, mode: str, work: Path) -> dict:
     timings: dict = {"isolation": isolation, "mode": mode}
     python = sys.executable
     if mode == "fresh":
+        wheelhouse = wheelhouse or work / "wheelhouse"
+        timings["download_s"] = fill_wheelhouse(bundle / "requirements.txt", wheelhouse)
         venv = work / "venv"
         if venv.exists():
             shutil.rmtree(venv)
@@ -222,11 +240,12 @@ def verify_bundle(bundle: Path, mode: str, work: Path) -> dict:
         python = str(venv / "bin" / "python")
         torch_pin = [r for r in (bundle / "requirements.txt").read_text().splitlines() if r.startswith("torch==")]
         for args in (torch_pin, ["-r", str(bundle / "requirements.txt")]):
-            proc = subprocess.run(prefix + [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *args],
-                                  env=env, capture_output=True, text=True)
+            proc = subprocess.run(prefix + [python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                                            "--no-index", "--find-links", str(wheelhouse), *args],
+                                  env={**env, "PIP_CONFIG_FILE": os.devnull}, capture_output=True, text=True)
             if proc.returncode:
-                raise RuntimeError(f"offline install of {bundle / 'requirements.txt'} failed (pip needs a local wheelhouse "
-                                   f"or index, e.g. pip.conf find-links):\n{proc.stderr[-3000:]}")
+                raise RuntimeError(f"offline install of {bundle / 'requirements.txt'} from {wheelhouse} failed:\n"
+                                   f"{proc.stderr[-3000:]}")
         timings["install_s"] = round(time.perf_counter() - t0, 1)
     out = work / "submission.csv"
     for stale in (out, out.with_name(out.name + ".partial.jsonl")):
@@ -278,9 +297,10 @@ def package_step(cfg: PackageConfig, progress: bool = True) -> dict:
     (bundle / "MODEL_CARD.md").write_text(model_card(facts, {**student, "teacher": student.get("teacher")}, kb_info, settings),
                                           encoding="utf-8")
     (bundle / "README.md").write_text(
-        "# fsku submission bundle\n\n```bash\npython -m venv .venv && .venv/bin/pip install torch==" +
-        next((r.split("==")[1] for r in (bundle / "requirements.txt").read_text().splitlines() if r.startswith("torch==")), "") +
-        " && .venv/bin/pip install -r requirements.txt\n.venv/bin/python inference.py --test test.csv --out submission.csv\n```\n\n"
+        "# fsku submission bundle\n\n```bash\n# on a machine with network (once): the pinned wheels\n"
+        "pip wheel -w wheels -r requirements.txt\n# offline:\n"
+        "python -m venv .venv && .venv/bin/pip install --no-index --find-links wheels -r requirements.txt\n"
+        ".venv/bin/python inference.py --test test.csv --out submission.csv\n```\n\n"
         "One LLM (`model/`), its knowledge base (`kb/`, embedding model under `models/`), offline. "
         "MODEL_CARD.md says where the model comes from; MANIFEST.json holds the sha256 of every file.\n", encoding="utf-8")
 
@@ -290,7 +310,7 @@ def package_step(cfg: PackageConfig, progress: bool = True) -> dict:
     problems = check_rules(bundle_facts, policy)
     verification: dict = {}
     if not problems and cfg.verify != "none":
-        verification = verify_bundle(bundle, cfg.verify, out / "verify")
+        verification = verify_bundle(bundle, cfg.verify, out / "verify", Path(cfg.wheelhouse) if cfg.wheelhouse else None)
         per_q = verification["run_s"] / max(1, verification["questions"])
         bundle_facts.projected_s = project_seconds(verification.get("load_s", 0.0), per_q, cfg.n_questions, cfg.speed_factor)
         bundle_facts.projection = (f"{per_q:.2f} s/question measured on {verification['questions']} sample questions + "
@@ -335,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         cfg = config_from_namespace(a, PackageConfig, optional_str=("kb", "settings_recipe", "base_model", "base_model_license",
-                                                                    "base_model_release_date", "zip_name"))
+                                                                    "base_model_release_date", "zip_name", "wheelhouse"))
         out = package_step(cfg)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
