@@ -216,6 +216,8 @@ def verify_bundle(bundle: Path, mode: str, work: Path, wheelhouse: Path | None =
     """Run the bundle on its sample test in a fresh virtualenv (mode 'fresh': its requirements
     installed with `pip --no-index` from `wheelhouse`, without network) or with this Python
     ('current'); returns timings, the isolation used and the validator's verdict."""
+    work, bundle = work.resolve(), bundle.resolve()
+    wheelhouse = wheelhouse.resolve() if wheelhouse else None
     work.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FSKU_", "MLFLOW_", "PYTHONPATH", "VIRTUAL_ENV"))}
     env["PYTHONNOUSERSITE"] = "1"
