@@ -163,6 +163,20 @@ def _pooling_mode(path: Path) -> str:
     return "mean"
 
 
+def onnx_export_dir(model_path: Path) -> Path:
+    """Where the int8 ONNX export of an encoder folder is cached: keyed by the folder's name, config and
+    weight files (name, size, first 64 KiB), not its location, so a copied folder (a submission bundle)
+    finds the export shipped with it."""
+    h = hashlib.sha1()
+    cfg = model_path / "config.json"
+    h.update(cfg.read_bytes() if cfg.exists() else b"")
+    for weights in sorted(model_path.glob("*.safetensors")) + sorted(model_path.glob("*.bin")):
+        h.update(f"{weights.name}:{weights.stat().st_size}".encode())
+        with weights.open("rb") as fh:
+            h.update(fh.read(1 << 16))
+    return models_dir() / "onnx" / f"{model_path.name}-{h.hexdigest()[:12]}"
+
+
 def export_onnx_int8(model_path: str, out_dir: Path) -> Path:
     """Export a (local) transformer encoder to ONNX, fuse its attention/LayerNorm/GELU with
     ONNX Runtime's transformer optimizer (BERT-family encoders), and quantise MatMul weights to
@@ -245,9 +259,7 @@ class OnnxInt8Embedder:
             from huggingface_hub import snapshot_download
 
             self._path = Path(snapshot_download(model))  # offline: only for a hub id; bundles pass local folders and set HF_HUB_OFFLINE=1
-        cfg = self._path / "config.json"
-        digest = hashlib.sha1((str(self._path.resolve()) + (cfg.read_text() if cfg.exists() else "")).encode()).hexdigest()[:12]
-        self._onnx_file = export_onnx_int8(str(self._path), models_dir() / "onnx" / f"{self._path.name}-{digest}")
+        self._onnx_file = export_onnx_int8(str(self._path), onnx_export_dir(self._path))
         self._ort = ort
         self._sessions: dict[int, object] = {}  # intra-op threads -> session, created on first use
         self.workers = workers or min(os.cpu_count() or 1, 8)

