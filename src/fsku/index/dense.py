@@ -273,7 +273,7 @@ class OnnxInt8Embedder:
         self.query_prefix = query_prefix if query_prefix is not None else prompts.get("query", q_default)
         self.passage_prefix = passage_prefix if passage_prefix is not None else prompts.get("document", p_default)
         self.pooling = _pooling_mode(self._path)
-        self.dim = int(json.loads(cfg.read_text())["hidden_size"])
+        self.dim = int(json.loads((self._path / "config.json").read_text())["hidden_size"])
 
     def fingerprint(self) -> str:
         parts = [self.model_id, "onnx-int8-single", str(self.max_tokens), self.query_prefix, self.passage_prefix,
