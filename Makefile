@@ -38,32 +38,19 @@ demo: models
 		-P corpus=data/sample_corpus -P labels=evaluation/sample_retrieval.jsonl
 	# the tiny teacher learns the synth_qa JSON format on templated QA from the sample KB (a few minutes)
 	test -e models/tiny/teacher/sft.json || $(BIN)/fsku make-tiny-models --out models/tiny --kb outputs/kb
-	$(BIN)/mlflow run . -e synth_qa --env-manager local -P kb=outputs/kb -P teacher=models/tiny/teacher \
-		-P n_chunks=16 -P min_chunk_chars=40 -P questions_per_chunk=2 -P max_new_tokens=256 -P temperature=0.3 -P out=outputs/synth_qa -P restart=true
-	# the tiny student learns from the tiny teacher (DistiLLM-2 loss, LoRA) and is registered as fsku-student
-	$(BIN)/mlflow run . -e distill --env-manager local -P data=outputs/synth_qa -P teacher=models/tiny/teacher \
-		-P student=models/tiny/student -P loss_type=distillm_v2 -P max_steps=10 -P max_new_tokens=64 -P out=outputs/distill -P restart=true
-	# the student is quantized (torchao int8 weight-only), compared with itself on the sample set, registered again
-	$(BIN)/mlflow run . -e quantize --env-manager local -P model=models:/fsku-student/latest -P method=int8 \
-		-P out=outputs/quantize -P gen_tokens=16 -P restart=true
-	# the quantized student and the sample KB become the registry champions (promote: candidate vs champion)
-	$(BIN)/mlflow run . -e promote --env-manager local -P kb_name=fsku-kb -P evaluate_recipe=experiments/demo/evaluate.yaml \
-		-P out_dir=outputs/promote
-	# the champions become a rule-checked submission bundle, verified in a fresh offline virtualenv
-	$(BIN)/mlflow run . -e package --env-manager local -P settings_recipe=experiments/demo/predict.yaml -P out=outputs/package
-	$(BIN)/mlflow run . -e evaluate --env-manager local -P model=$(DEMO_MODEL) -P kb=outputs/kb \
-		-P gold=evaluation/sample_qa.csv -P out_dir=outputs/evaluate -P max_new_tokens=48
+	# main chains build_kb (reused: the run above has the same parameters and code) -> synth_qa (tiny teacher)
+	# -> distill (DistiLLM-2 LoRA student) -> quantize (int8, before/after) -> evaluate -> promote (champion)
+	# -> package (rule-checked bundle, verified offline in a fresh venv); a rerun continues where it stopped
+	$(BIN)/mlflow run . -e main --env-manager local
 	$(BIN)/mlflow run . -e predict --env-manager local -P model=$(DEMO_MODEL) -P kb=outputs/kb \
 		-P input=evaluation/sample_test.csv -P out=outputs/submission.csv -P max_new_tokens=48
 	$(BIN)/fsku validate --submission outputs/submission.csv --test evaluation/sample_test.csv
-	@echo "MLflow runs: $(CURDIR)/mlflow.db (browse with: make ui)"
-	@echo "Knowledge base: $(CURDIR)/outputs/kb ; registered model: models:/fsku-kb/<latest>"
-	@echo "Submission: $(CURDIR)/outputs/submission.csv ; evaluation: $(CURDIR)/outputs/evaluate (model $(DEMO_MODEL))"
-	@echo "Synthetic QA (tiny teacher): $(CURDIR)/outputs/synth_qa (stats.json: acceptance and rejection reasons)"
-	@echo "Distilled tiny student: $(CURDIR)/outputs/distill/merged ; registered model: models:/fsku-student/<latest - 1>"
-	@echo "Quantized student (int8): $(CURDIR)/outputs/quantize/model ; comparison: $(CURDIR)/outputs/quantize/comparison.csv ; registered: models:/fsku-student/<latest>"
-	@echo "Champions: models:/fsku-student@champion, models:/fsku-kb@champion (decision: outputs/promote)"
-	@echo "Submission bundle: $$(ls $(CURDIR)/outputs/package/*.zip) (folder outputs/package/bundle; MANIFEST.json)"
+	@echo "MLflow runs: $(CURDIR)/mlflow.db (browse with: make ui); pipeline outputs: $(CURDIR)/outputs/main"
+	@echo "Knowledge base: $(CURDIR)/outputs/kb ; champions: models:/fsku-student@champion, models:/fsku-kb@champion"
+	@echo "Synthetic QA: outputs/main/synth_qa ; distilled student: outputs/main/distill/merged ; int8 report: outputs/main/quantize/comparison.csv"
+	@echo "Evaluation: $(CURDIR)/outputs/main/evaluate ; promotion: $(CURDIR)/outputs/main/promote"
+	@echo "Submission bundle: $$(ls $(CURDIR)/outputs/main/package/*.zip) (MANIFEST.json and MODEL_CARD.md inside)"
+	@echo "Submission (sample test, $(DEMO_MODEL)): $(CURDIR)/outputs/submission.csv"
 
 test: models
 	$(BIN)/python -m pytest -q -x; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc

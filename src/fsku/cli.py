@@ -17,6 +17,7 @@
     fsku distill --data DIR --teacher ID_OR_PATH --student ID_OR_PATH --loss-type distillm_v2 ...   (tracked in MLflow)
     fsku quantize --model models:/fsku-student@champion --method int8|bnb-8bit|bnb-nf4|gptq --gold FILE   (tracked in MLflow)
     fsku promote --model-name fsku-student --candidate latest [--kb-name fsku-kb] --gold FILE --margin F   (tracked in MLflow)
+    fsku main [--corpus DIR --teacher ID --student ID --gold FILE]   (the whole chain; finished steps reused)
     fsku package --model models:/fsku-student@champion --kb models:/fsku-kb@champion [--verify fresh|current|none]
     fsku tune --study retrieval|distill --n-trials N [--storage URL] [--study-name NAME]   (Optuna; trials are nested MLflow runs)
 """
@@ -252,6 +253,12 @@ def cmd_package(argv: list[str]) -> int:
     return package_main(argv)
 
 
+def cmd_main(argv: list[str]) -> int:
+    from .steps.main import main as main_main
+
+    return main_main(argv)
+
+
 def cmd_tune(argv: list[str]) -> int:
     from .steps.tune import main as tune_main
 
@@ -290,6 +297,7 @@ COMMANDS = {
     "promote": cmd_promote,
     "tune": cmd_tune,
     "package": cmd_package,
+    "main": cmd_main,
 }
 
 

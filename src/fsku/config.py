@@ -500,9 +500,39 @@ class PackageConfig:
                     raise ValueError(f"{name} must be a date YYYY-MM-DD, got {value!r}") from None
 
 
+@dataclass
+class MainConfig:
+    """main: build_kb -> synth_qa -> distill -> quantize -> evaluate -> promote -> package, reusing finished steps."""
+
+    corpus: str = field(default="data/sample_corpus", metadata={"help": "Corpus folder of the knowledge base."})
+    labels: Optional[str] = field(default="evaluation/sample_retrieval.jsonl", metadata={"help": "Labelled retrieval queries evaluated by build_kb (None: skip)."})
+    kb_out: str = field(default="outputs/kb", metadata={"help": "Knowledge-base folder."})
+    teacher: str = field(default="models/tiny/teacher", metadata={"help": "Teacher LLM (synth_qa and distill)."})
+    student: str = field(default="models/tiny/student", metadata={"help": "Student LLM (same tokenizer)."})
+    gold: str = field(default="evaluation/sample_qa.csv", metadata={"help": "Labelled set for quantize, evaluate and promote."})
+    out: str = field(default="outputs/main", metadata={"help": "Folder of every step's outputs (synth_qa/, distill/, quantize/, evaluate/, promote/, package/)."})
+    n_chunks: int = field(default=16, metadata={"help": "synth_qa: chunks sampled."})
+    min_chunk_chars: int = field(default=40, metadata={"help": "synth_qa: shortest usable chunk."})
+    questions_per_chunk: int = field(default=2, metadata={"help": "synth_qa: questions per chunk."})
+    synth_max_new_tokens: int = field(default=256, metadata={"help": "synth_qa: teacher token cap."})
+    synth_temperature: float = field(default=0.3, metadata={"help": "synth_qa: teacher temperature."})
+    loss_type: str = field(default="distillm_v2", metadata={"help": "distill: loss."})
+    max_steps: int = field(default=10, metadata={"help": "distill: optimizer steps."})
+    distill_max_new_tokens: int = field(default=64, metadata={"help": "distill: response token cap."})
+    quantize_method: str = field(default="int8", metadata={"help": "quantize: method."})
+    answer_max_new_tokens: int = field(default=48, metadata={"help": "evaluate: descriptive answer token cap."})
+    evaluate_recipe: Optional[str] = field(default="experiments/demo/evaluate.yaml", metadata={"help": "Inference settings of promote's evaluations and of the bundle (None: defaults)."})
+    verify: str = field(default="fresh", metadata={"help": "package: fresh, current or none."})
+
+    def __post_init__(self):
+        _check(self.n_chunks >= 1 and self.questions_per_chunk >= 1 and self.max_steps >= 1, "counts must be >= 1")
+        _check(self.verify in ("fresh", "current", "none"), f"verify must be fresh, current or none, got {self.verify!r}")
+
+
 STAGE_CONFIGS = {"build_kb": BuildKBConfig, "retrieve": RetrieveConfig, "predict": PredictConfig, "evaluate": EvaluateConfig,
                  "synth_qa": SynthQAConfig, "distill": DistillConfig, "quantize": QuantizeConfig,
-                 "promote": PromoteConfig, "tune": TuneConfig, "package": PackageConfig}
+                 "promote": PromoteConfig, "tune": TuneConfig, "package": PackageConfig,
+                 "main": MainConfig}
 
 
 def config_from_dict(cls, values: dict[str, Any], source: str = "<dict>"):

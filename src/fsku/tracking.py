@@ -281,3 +281,67 @@ def _pip_requirements() -> list[str]:
     if req.exists():
         return [ln.strip() for ln in req.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     return ["fsku"]
+
+
+# ----------------------------------------------------------------------------- multistep (main)
+
+def git_commit() -> Optional[str]:
+    """The project's current commit as MLflow records it for `mlflow run` (None outside git)."""
+    import subprocess
+
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def _same_param(stored: Optional[str], wanted: str) -> bool:
+    if stored == wanted:
+        return True
+    # `path` parameters are stored absolute
+    return stored is not None and ("/" in wanted or Path(wanted).exists()) and \
+        os.path.abspath(stored) == os.path.abspath(wanted)
+
+
+def find_finished_run(entry_point: str, params: dict, commit: Optional[str]) -> Optional[str]:
+    """A FINISHED run of `entry_point` with these parameters and the same code version (MLflow's
+    multistep pattern), newest first; None when there is none."""
+    client = mlflow.MlflowClient()
+    experiment_id = _chain_experiment()
+    if experiment_id is None:
+        return None
+    runs = client.search_runs([experiment_id], f"tags.`mlflow.project.entryPoint` = '{entry_point}'",
+                              order_by=["attributes.start_time DESC"], max_results=200)
+    for r in runs:
+        if r.info.status != "FINISHED":
+            continue
+        if commit and r.data.tags.get("mlflow.source.git.commit") != commit:
+            continue
+        if all(_same_param(r.data.params.get(k), str(v)) for k, v in params.items()):
+            return r.info.run_id
+    return None
+
+
+def _chain_experiment() -> Optional[str]:
+    """The experiment a chain's steps run in: the active (main) run's."""
+    active = mlflow.active_run()
+    if active is not None:
+        return active.info.experiment_id
+    experiment = mlflow.MlflowClient().get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+    return experiment.experiment_id if experiment else None
+
+
+def run_entry_point(entry_point: str, params: dict) -> str:
+    """`mlflow run . -e ENTRY_POINT -P ...` in this environment, synchronously, in the main run's
+    experiment; returns the run id."""
+    submitted = mlflow.projects.run(".", entry_point=entry_point, parameters={k: str(v) for k, v in params.items()},
+                                    env_manager="local", synchronous=True, experiment_id=_chain_experiment())
+    return submitted.run_id
+
+
+def registered_version_of_run(name: str, run_id: str) -> Optional[str]:
+    """The version of registered model `name` created by run `run_id` (None if it registered none)."""
+    versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return max((v.version for v in versions), key=int) if versions else None
+
+
+def run_tags(run_id: str) -> dict:
+    return dict(mlflow.get_run(run_id).data.tags)

@@ -1,0 +1,138 @@
+"""main: the whole pipeline as one MLflow run that chains the entry points.
+
+Usage:
+    mlflow run . -e main --env-manager local                  # the embedded sample corpus and tiny models
+    fsku main --corpus DIR --teacher ID --student ID --gold FILE ...
+
+build_kb -> synth_qa -> distill -> quantize -> evaluate -> promote -> package. Like MLflow's
+multistep example, a step that already FINISHED with the same parameters and the same git commit
+is reused instead of run again (and its output must still be on disk), so running main again after
+a failure continues at the step that failed; the steps themselves resume their own partial work
+(synth_qa, distill and predict write incrementally). Registry versions are passed explicitly: the
+quantize step gets the version the distill run registered, promote the quantized version and the KB
+version of the build_kb run, and package the champions promote leaves.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..config import MainConfig
+from .args import add_config_args, config_from_namespace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Step:
+    entry_point: str
+    params: Callable[[dict], dict]  # results so far -> parameters
+    expects: Optional[str] = None  # a file the step leaves; a reused run whose output is gone runs again
+    registers: Optional[str] = None  # the registered model the step adds a version to
+
+
+def plan(cfg: MainConfig) -> list[Step]:
+    return [
+        Step("build_kb", lambda r: {"corpus": cfg.corpus, "out": cfg.kb_out, "labels": cfg.labels or "none",
+                                    "register_as": "fsku-kb"}, f"{cfg.kb_out}/manifest.json", "fsku-kb"),
+        Step("synth_qa", lambda r: {"kb": cfg.kb_out, "teacher": cfg.teacher, "n_chunks": cfg.n_chunks,
+                                    "min_chunk_chars": cfg.min_chunk_chars, "questions_per_chunk": cfg.questions_per_chunk,
+                                    "max_new_tokens": cfg.synth_max_new_tokens, "temperature": cfg.synth_temperature,
+                                    "out": f"{cfg.out}/synth_qa"}, f"{cfg.out}/synth_qa/train.jsonl"),
+        Step("distill", lambda r: {"data": f"{cfg.out}/synth_qa", "teacher": cfg.teacher, "student": cfg.student,
+                                   "loss_type": cfg.loss_type, "max_steps": cfg.max_steps,
+                                   "max_new_tokens": cfg.distill_max_new_tokens, "out": f"{cfg.out}/distill"},
+             f"{cfg.out}/distill/merged/config.json", "fsku-student"),
+        Step("quantize", lambda r: {"model": f"models:/fsku-student/{r['distill']['version']}", "method": cfg.quantize_method,
+                                    "out": f"{cfg.out}/quantize", "gold": cfg.gold, "gen_tokens": 16},
+             f"{cfg.out}/quantize/model/config.json", "fsku-student"),
+        Step("evaluate", lambda r: {"model": f"models:/fsku-student/{r['quantize']['version']}", "kb": cfg.kb_out,
+                                    "gold": cfg.gold, "out_dir": f"{cfg.out}/evaluate", "max_new_tokens": cfg.answer_max_new_tokens},
+             f"{cfg.out}/evaluate/submission.csv"),
+        Step("promote", lambda r: {"candidate": r["quantize"]["version"], "kb_name": "fsku-kb",
+                                   "kb_candidate": r["build_kb"]["version"], "gold": cfg.gold,
+                                   "evaluate_recipe": cfg.evaluate_recipe or "none", "out_dir": f"{cfg.out}/promote"}),
+        Step("package", lambda r: {"settings_recipe": cfg.evaluate_recipe or "none", "out": f"{cfg.out}/package",
+                                   "verify": cfg.verify}, None),
+    ]
+
+
+def run_chain(steps: list[Step], runner: Callable[[str, dict], str], finder: Callable[[str, dict], Optional[str]],
+              version_of: Callable[[str, str], Optional[str]], log_fn: Callable[[str, dict], None] = lambda s, d: None
+              ) -> dict:
+    """Run (or reuse) each step in order; returns {entry_point: {"run_id", "reused", "version"?}}.
+    Pure orchestration: `runner`, `finder` and `version_of` are the MLflow adapters (tests pass fakes)."""
+    results: dict = {}
+    for step in steps:
+        params = step.params(results)
+        previous = finder(step.entry_point, params)
+        if previous and step.expects and not Path(step.expects).exists():
+            log.info("%s: run %s finished with these parameters but %s is gone; running again",
+                     step.entry_point, previous, step.expects)
+            previous = None
+        if previous:
+            log.info("%s: reusing finished run %s (same parameters and code version)", step.entry_point, previous)
+            run_id, reused = previous, True
+        else:
+            log.info("%s: running with %s", step.entry_point, params)
+            run_id, reused = runner(step.entry_point, params), False
+        entry = {"run_id": run_id, "reused": reused, "params": params}
+        if step.registers:
+            entry["version"] = version_of(step.registers, run_id)
+            if entry["version"] is None:
+                raise RuntimeError(f"{step.entry_point} run {run_id} registered no version of {step.registers}")
+        results[step.entry_point] = entry
+        log_fn(step.entry_point, entry)
+    return results
+
+
+def main_step(cfg: MainConfig) -> dict:
+    from .. import tracking
+
+    for path in (cfg.teacher, cfg.student):
+        if not (":" in path or Path(path).exists()):
+            raise FileNotFoundError(f"{path} not found: for the tiny demo models run `fsku make-tiny-models --out models/tiny "
+                                    f"--kb {cfg.kb_out}` (or `make demo`), or pass a hub id / offline:<name>")
+    commit = tracking.git_commit()
+    with tracking.run("main", dataclasses.asdict(cfg)) as active:
+        def log_fn(name: str, entry: dict) -> None:
+            tracking.set_tags({f"main.{name}.run_id": entry["run_id"], f"main.{name}.reused": entry["reused"],
+                               **({f"main.{name}.version": entry["version"]} if "version" in entry else {})})
+
+        results = run_chain(plan(cfg), tracking.run_entry_point, lambda e, p: tracking.find_finished_run(e, p, commit),
+                            tracking.registered_version_of_run, log_fn)
+        tracking.log_dict({k: {kk: vv for kk, vv in v.items()} for k, v in results.items()}, "main/steps.json")
+        tracking.log_metrics({"steps_reused": sum(v["reused"] for v in results.values()), "steps": len(results)})
+        results["run_id"] = active.info.run_id
+    zips = sorted(Path(cfg.out, "package").glob("*.zip"))
+    results["bundle"] = str(zips[-1]) if zips else None
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="fsku main", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, MainConfig)
+    a = p.parse_args(argv)
+    try:
+        cfg = config_from_namespace(a, MainConfig, optional_str=("labels", "evaluate_recipe"))
+        out = main_step(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for name, entry in out.items():
+        if isinstance(entry, dict):
+            print(f"{name:9s} {'reused' if entry['reused'] else 'ran   '} run {entry['run_id']}"
+                  + (f"  version {entry['version']}" if entry.get("version") else ""))
+    print(f"submission bundle: {out['bundle']}")
+    print(f"mlflow run (main): {out['run_id']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
