@@ -276,3 +276,28 @@ def test_distill_study_reports_intermediate_values_and_prunes(tiny_models, tmp_p
     assert [h.step for h in hist] == [1, 2, 3]
     assert "plots/intermediate_values.png" in {a.path for a in client.list_artifacts(out["run_id"], "plots")}
     assert load_recipe(tmp_path / "recipes" / "distill.yaml").data == str(data)
+
+
+def test_a_failing_trial_is_marked_failed_and_the_study_goes_on(tmp_path, monkeypatch):
+    import mlflow
+
+    from fsku.steps.tune import tune_step
+    from fsku.tune import RetrievalObjective
+
+    real = RetrievalObjective.__call__
+
+    def flaky(self, trial, params, report):
+        if trial.number == 1:
+            raise ValueError("broken trial")
+        return real(self, trial, params, report)
+
+    monkeypatch.setattr(RetrievalObjective, "__call__", flaky)
+    out = tune_step(_retrieval_cfg(tmp_path, n_trials=3, recipe_out="none"), progress=False)
+    assert (out["metrics"]["trials_complete"], out["metrics"]["trials_failed"]) == (2, 1)
+    client = mlflow.tracking.MlflowClient()
+    runs = client.search_runs([client.get_run(out["run_id"]).info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{out['run_id']}'")
+    failed = [r for r in runs if r.data.tags["optuna.state"] == "FAIL"]
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    assert failed[0].data.tags["optuna.error"] == "ValueError: broken trial"
+    assert "recipes" not in out
