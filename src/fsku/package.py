@@ -10,13 +10,14 @@ the reasons when a rule fails, and verifies the bundle in a fresh virtualenv wit
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import zipfile
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path, PurePosixPath
 from typing import Optional, Sequence
+
+from .llm.resolve import sha256_file
 
 COMPETITION_CUTOFF = "2025-07-31"
 PERMITTED_LICENSES = ("apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc-by-4.0")
@@ -169,14 +170,6 @@ def project_seconds(load_s: float, seconds_per_question: float, n_questions: int
 
 
 # ----------------------------------------------------------------------------- manifest and zip
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
 
 def bundle_files(folder: Path) -> list[Path]:
     """Every regular file under `folder`, sorted by POSIX relative path; links are refused."""

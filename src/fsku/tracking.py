@@ -52,7 +52,7 @@ def child_run(name: str, params: dict, tags: Optional[dict] = None) -> Iterator[
     active = mlflow.start_run(run_name=name, nested=True)
     handle = ChildRun(active)
     try:
-        mlflow.set_tags({k: str(v) for k, v in (tags or {}).items()})
+        set_tags(tags or {})
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         yield handle
     except BaseException:
@@ -341,7 +341,3 @@ def registered_version_of_run(name: str, run_id: str) -> Optional[str]:
     """The version of registered model `name` created by run `run_id` (None if it registered none)."""
     versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     return max((v.version for v in versions), key=int) if versions else None
-
-
-def run_tags(run_id: str) -> dict:
-    return dict(mlflow.get_run(run_id).data.tags)

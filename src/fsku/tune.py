@@ -305,7 +305,6 @@ class DistillObjective:
     def validation_features(self) -> tuple[list[dict], int]:
         if self._features is not None:
             return self._features, self._vocab
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from .distill.data import ResponseSettings, build_prompts, generate_responses, make_pairs
@@ -338,7 +337,6 @@ class DistillObjective:
         teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype).to(device).eval()
         precompute_topk(teacher, features, self.topk, vocab, batch_size=cfg.batch_size)
         del teacher
-        torch.manual_seed(cfg.seed)
         self._features, self._vocab = features, vocab
         log.info("validation: %d teacher responses, top-%d teacher log-probabilities", len(features), self.topk)
         return features, vocab

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from typing import Any, Optional
 
 from ..config import config_from_dict, load_recipe
@@ -63,3 +64,15 @@ def config_from_namespace(args: argparse.Namespace, cls, optional_str: tuple[str
     if getattr(args, "recipe", None):
         return load_recipe(args.recipe, given)
     return config_from_dict(cls, given, "command line")
+
+
+def parse_step_args(argv: list[str] | None, cls, prog: str, doc: str | None, progress_flag: bool = False
+                    ) -> argparse.Namespace:
+    """What every step's `main` starts with: INFO logging, one flag per `cls` field (+ --recipe),
+    optionally --no-progress (MLflow entry points pass it), parsed from `argv`."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if progress_flag:
+        p.add_argument("--no-progress", action="store_true", help="no progress bars (MLflow entry points)")
+    add_config_args(p, cls)
+    return p.parse_args(argv)

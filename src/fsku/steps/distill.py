@@ -12,7 +12,6 @@ Responses are appended to <out>/responses_*.jsonl and training checkpoints to
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import logging
@@ -22,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import DistillConfig
-from .args import add_config_args, config_from_namespace
+from .args import config_from_namespace, parse_step_args
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +107,7 @@ def distill_step(cfg: DistillConfig, progress: bool = True):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="fsku distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--no-progress", action="store_true")
-    add_config_args(p, DistillConfig)
-    a = p.parse_args(argv)
+    a = parse_step_args(argv, DistillConfig, "fsku distill", __doc__, progress_flag=True)
     cfg = config_from_namespace(a, DistillConfig, optional_str=("kb", "register_as"))
     from .. import tracking
 

@@ -12,7 +12,6 @@ one parameter (`context`), so the MLflow UI compares them side by side.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import logging
@@ -26,7 +25,7 @@ import pandas as pd
 from .. import tracking
 from ..config import EvaluateConfig
 from ..jsonl import write_jsonl
-from .args import add_config_args, config_from_namespace
+from .args import config_from_namespace, parse_step_args
 
 log = logging.getLogger(__name__)
 
@@ -220,11 +219,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
 
 
 def cli(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="fsku evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--no-progress", action="store_true")
-    add_config_args(p, EvaluateConfig)
-    a = p.parse_args(argv)
+    a = parse_step_args(argv, EvaluateConfig, "fsku evaluate", __doc__, progress_flag=True)
     try:
         cfg = config_from_namespace(a, EvaluateConfig, optional_str=("kb", "cache_dir"))
         for key in ("retrieval_labels", "judge_model"):

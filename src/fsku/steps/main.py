@@ -14,7 +14,6 @@ version of the build_kb run, and package the champions promote leaves.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..config import MainConfig
-from .args import add_config_args, config_from_namespace
+from .args import config_from_namespace, parse_step_args
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +105,7 @@ def main_step(cfg: MainConfig) -> dict:
 
         results = run_chain(plan(cfg), tracking.run_entry_point, lambda e, p: tracking.find_finished_run(e, p, commit),
                             tracking.registered_version_of_run, log_fn)
-        tracking.log_dict({k: {kk: vv for kk, vv in v.items()} for k, v in results.items()}, "main/steps.json")
+        tracking.log_dict(results, "main/steps.json")
         tracking.log_metrics({"steps_reused": sum(v["reused"] for v in results.values()), "steps": len(results)})
         results["run_id"] = active.info.run_id
     zips = sorted(Path(cfg.out, "package").glob("*.zip"))
@@ -115,10 +114,7 @@ def main_step(cfg: MainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="fsku main", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p, MainConfig)
-    a = p.parse_args(argv)
+    a = parse_step_args(argv, MainConfig, "fsku main", __doc__)
     try:
         cfg = config_from_namespace(a, MainConfig, optional_str=("labels", "evaluate_recipe"))
         out = main_step(cfg)

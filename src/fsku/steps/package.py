@@ -23,7 +23,6 @@ run inside a network namespace without network (`unshare -n`, when permitted), t
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -31,14 +30,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from ..config import InferConfig, PackageConfig, PredictConfig, load_recipe
 from ..package import (BundleFacts, RulePolicy, base_model_facts, build_manifest, check_rules, check_zip, model_card,
                        project_seconds, scan_network_use, sha256_file, write_zip)
-from .args import add_config_args, config_from_namespace
+from .args import config_from_namespace, parse_step_args
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +199,19 @@ def inference_settings(cfg: PackageConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(base).items() if k in names}
 
 
+def pip_batches(requirements: Path) -> list[list[str]]:
+    """pip arguments in install order: the torch pin alone first (resolved together with the rest, pip
+    could pick a CUDA build and its GBs of dependencies), then the whole file."""
+    torch_pin = [r for r in requirements.read_text().splitlines() if r.startswith("torch==")]
+    return [torch_pin, ["-r", str(requirements)]] if torch_pin else [["-r", str(requirements)]]
+
+
 def fill_wheelhouse(requirements: Path, wheelhouse: Path) -> float:
     """`pip wheel` every pinned runtime package (and its dependencies) into `wheelhouse`: the one
     step that may use the network (or the local indexes pip is configured with). Returns seconds."""
     wheelhouse.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    torch_pin = [r for r in requirements.read_text().splitlines() if r.startswith("torch==")]
-    for args in (torch_pin, ["-r", str(requirements)]):
+    for args in pip_batches(requirements):
         # `pip wheel`, not `download`: source-only packages are built here, so the offline side needs no build tools
         proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
                                "-w", str(wheelhouse), *args], capture_output=True, text=True)
@@ -244,8 +248,7 @@ def verify_bundle(bundle: Path, mode: str, work: Path, wheelhouse: Path | None =
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         python = str(venv / "bin" / "python")
-        torch_pin = [r for r in (bundle / "requirements.txt").read_text().splitlines() if r.startswith("torch==")]
-        for args in (torch_pin, ["-r", str(bundle / "requirements.txt")]):
+        for args in pip_batches(bundle / "requirements.txt"):
             proc = subprocess.run(prefix + [python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
                                             "--no-index", "--find-links", str(wheelhouse), *args],
                                   env={**env, "PIP_CONFIG_FILE": os.devnull}, capture_output=True, text=True)
@@ -300,7 +303,7 @@ def package_step(cfg: PackageConfig, progress: bool = True) -> dict:
     (bundle / "requirements.txt").write_text("\n".join(runtime_requirements(bundle / "model")) + "\n", encoding="utf-8")
     (bundle / "sample").mkdir()
     shutil.copyfile(cfg.sample_test, bundle / "sample" / "test.csv")
-    (bundle / "MODEL_CARD.md").write_text(model_card(facts, {**student, "teacher": student.get("teacher")}, kb_info, settings),
+    (bundle / "MODEL_CARD.md").write_text(model_card(facts, student, kb_info, settings),
                                           encoding="utf-8")
     (bundle / "README.md").write_text(
         "# fsku submission bundle\n\n```bash\n# on a machine with network (once): the pinned wheels\n"
@@ -361,10 +364,7 @@ class PackageRefused(RuntimeError):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="fsku package", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p, PackageConfig)
-    a = p.parse_args(argv)
+    a = parse_step_args(argv, PackageConfig, "fsku package", __doc__)
     try:
         cfg = config_from_namespace(a, PackageConfig, optional_str=("kb", "settings_recipe", "base_model", "base_model_license",
                                                                     "base_model_release_date", "zip_name", "wheelhouse"))

@@ -11,14 +11,13 @@ candidate version and on a `promote` run. The old champion keeps the alias `prev
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 from ..config import EvaluateConfig, PromoteConfig, load_recipe
-from .args import add_config_args, config_from_namespace
+from .args import config_from_namespace, parse_step_args
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +66,7 @@ def promote_step(cfg: PromoteConfig, score=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="fsku promote", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p, PromoteConfig)
-    a = p.parse_args(argv)
+    a = parse_step_args(argv, PromoteConfig, "fsku promote", __doc__)
     cfg = config_from_namespace(a, PromoteConfig, optional_str=("kb_name", "kb", "evaluate_recipe"))
     out = promote_step(cfg)
     d, champ = out["decision"], out["champion"]

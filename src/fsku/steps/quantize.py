@@ -16,7 +16,6 @@ measurement. A run started again reuses what matches its settings (--restart red
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -26,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import QuantizeConfig
-from .args import add_config_args, config_from_namespace
+from .args import config_from_namespace, parse_step_args
 
 log = logging.getLogger(__name__)
 
@@ -206,11 +205,7 @@ def quantize_step(cfg: QuantizeConfig, progress: bool = True) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="fsku quantize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--no-progress", action="store_true")
-    add_config_args(p, QuantizeConfig)
-    a = p.parse_args(argv)
+    a = parse_step_args(argv, QuantizeConfig, "fsku quantize", __doc__, progress_flag=True)
     cfg = config_from_namespace(a, QuantizeConfig, optional_str=("calibration", "register_as"))
     from .. import tracking
 

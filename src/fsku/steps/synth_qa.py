@@ -10,7 +10,6 @@ killed run started again continues where it stopped (--restart starts over).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import SynthQAConfig
-from .args import add_config_args, config_from_namespace
+from .args import config_from_namespace, parse_step_args
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +104,7 @@ def synth_qa(cfg: SynthQAConfig, progress: bool = True):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="fsku synth-qa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--no-progress", action="store_true")
-    add_config_args(p, SynthQAConfig)
-    a = p.parse_args(argv)
+    a = parse_step_args(argv, SynthQAConfig, "fsku synth-qa", __doc__, progress_flag=True)
     cfg = config_from_namespace(a, SynthQAConfig, optional_str=("judge_model",))
     from .. import tracking
 

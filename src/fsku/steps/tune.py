@@ -18,7 +18,6 @@ optuna-dashboard reads the same storage: `optuna-dashboard sqlite:///outputs/tun
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import re
@@ -30,7 +29,7 @@ from pathlib import Path
 from ..config import BuildKBConfig, DistillConfig, TuneConfig, load_recipe
 from ..tune import (baseline_params, distill_space, parse_choices, recipes_from_params, retrieval_space, suggest,
                     write_recipes)
-from .args import add_config_args, config_from_namespace
+from .args import config_from_namespace, parse_step_args
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +88,10 @@ def build_objective(cfg: TuneConfig, progress: bool):
 
     if cfg.study == "retrieval":
         base = BuildKBConfig(corpus=cfg.corpus, embedding_model=cfg.embedding_model, register_as=None, top_k=cfg.eval_k)
-        space = retrieval_space(parse_choices(cfg.chunk_sizes, int), parse_choices(cfg.chunk_overlaps, int),
-                                parse_choices(cfg.bm25_tokenizers, str))
-        for size in parse_choices(cfg.chunk_sizes, int):
-            for ov in parse_choices(cfg.chunk_overlaps, int):
+        sizes, overlaps = parse_choices(cfg.chunk_sizes, int), parse_choices(cfg.chunk_overlaps, int)
+        space = retrieval_space(sizes, overlaps, parse_choices(cfg.bm25_tokenizers, str))
+        for size in sizes:
+            for ov in overlaps:
                 dataclasses.replace(base, chunk_size=size, chunk_overlap=ov)  # range checks before any trial
         objective = RetrievalObjective(base, cfg.labels, Path(cfg.out) / "kbs", cfg.metric, cfg.eval_k, progress=progress)
         defaults = dataclasses.asdict(BuildKBConfig())
@@ -237,11 +236,7 @@ def summarize(study, cfg: TuneConfig, base, started: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="fsku tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p, TuneConfig)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (MLflow entry points)")
-    a = p.parse_args(argv)
+    a = parse_step_args(argv, TuneConfig, "fsku tune", __doc__, progress_flag=True)
     try:
         cfg = config_from_namespace(a, TuneConfig, optional_str=("study_name", "distill_recipe"))
         out = tune_step(cfg, progress=not a.no_progress)
