@@ -59,7 +59,7 @@ def load_sets(data: Path) -> dict[str, list[tuple[str, str, int]]]:
     return sets
 
 
-def derive(display: np.ndarray, orders, cf: np.ndarray) -> dict[str, int]:
+def derive(display: np.ndarray, orders, cf: np.ndarray, cloze=None, free=None) -> dict[str, int]:
     """1-based choice per debiasing method from the per-order display log-probs. With the reversed
     rotations after the n cyclic ones (--reverse-orders), rotate uses the first n and
     rotate+reverse all 2n."""
@@ -72,6 +72,11 @@ def derive(display: np.ndarray, orders, cf: np.ndarray) -> dict[str, int]:
     out["rotate+calibrate"] = int(np.argmax(opt.aggregate_orders(cal, fwd_orders))) + 1
     if len(orders) > n:
         out["rotate+reverse"] = int(np.argmax(opt.aggregate_orders(display, orders))) + 1
+    if cloze is not None:
+        rot = opt.aggregate_orders(fwd, fwd_orders)
+        for name, c in (("cloze", opt.cloze_scores(cloze)), ("cloze-pmi", opt.cloze_scores(cloze, free))):
+            out[name] = int(np.argmax(c)) + 1
+            out["rotate+" + name] = int(np.argmax(opt.combine_scores(rot, c))) + 1
     return out
 
 
@@ -87,6 +92,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--modes", default=",".join(MODES), help="context modes to compute (a subset saves time)")
+    ap.add_argument("--mc-prompt", default=InferConfig.mc_prompt, help="multiple-choice prompt style (InferConfig.mc_prompt)")
+    ap.add_argument("--cloze", action="store_true",
+                    help="also score each option's text as the answer: adds cloze, cloze-pmi, rotate+cloze, rotate+cloze-pmi")
     ap.add_argument("--reverse-orders", action="store_true",
                     help="also score the reversed rotations (twice the passes): adds the method rotate+reverse")
     for f in ("top_k", "gate_threshold", "context_tokens", "passage_tokens"):
@@ -98,9 +106,11 @@ def main() -> int:
     modes = {m: MODES[m] for m in a.modes.split(",")}
     if not a.kb and set(modes) != {"none"}:
         ap.error(f"--modes {a.modes} needs --kb")
-    methods = METHODS + (("rotate+reverse",) if a.reverse_orders else ())
+    methods = METHODS + (("rotate+reverse",) if a.reverse_orders else ()) \
+        + (("cloze", "cloze-pmi", "rotate+cloze", "rotate+cloze-pmi") if a.cloze else ())
     cfg = InferConfig(model=a.model, kb=a.kb, top_k=a.top_k, gate_threshold=a.gate_threshold,
-                      context_tokens=a.context_tokens, passage_tokens=a.passage_tokens, dtype=a.dtype)
+                      context_tokens=a.context_tokens, passage_tokens=a.passage_tokens, dtype=a.dtype,
+                      mc_prompt=a.mc_prompt)
     t0 = time.perf_counter()
     llm = load_llm(a.model, backend="transformers", dtype=a.dtype)
     load_s = time.perf_counter() - t0
@@ -108,8 +118,8 @@ def main() -> int:
     answerer = Answerer(llm, cfg, kb)
     sets = load_sets(a.data)
     a.out.mkdir(parents=True, exist_ok=True)
-    tag = Path(a.model).name.replace(":", "_")
-    summary: dict = {"model": a.model, "load_s": load_s, "gate_threshold": a.gate_threshold, "sets": {}}
+    tag = Path(a.model).name.replace(":", "_") + ("" if a.mc_prompt == "plain" else "." + a.mc_prompt.replace("+", "-"))
+    summary: dict = {"model": a.model, "mc_prompt": a.mc_prompt, "load_s": load_s, "gate_threshold": a.gate_threshold, "sets": {}}
     for set_name in a.sets.split(","):
         rows = sets[set_name][: a.limit or None]
         log_path = a.out / f"{tag}.{set_name}.jsonl"
@@ -134,21 +144,34 @@ def main() -> int:
                 rec = {"ID": qid, "model": a.model, "gold": gold, "n_hits": len(hits),
                        "gate_dense": [h.dense for h in hits], "choices": {}, "seconds": {}, "n_context": {}}
                 computed: dict[str, tuple] = {}
+                free = [lp.tolist() for lp in answerer.option_text_logprobs(q, "", content_free=True)] if a.cloze else None
+                if free is not None:
+                    rec["cloze_free"] = [np.round(lp, 4).tolist() for lp in free]
                 for mode, overrides in modes.items():
                     mcfg = InferConfig(**{**cfg.__dict__, **overrides})
                     answerer.cfg = mcfg
                     context, ctx_ids = answerer.context_text(hits, terms)
                     n_ctx = len(ctx_ids)
                     if context in computed:
-                        display, secs = computed[context]
+                        display, cloze, secs = computed[context]
                     else:
                         t = time.perf_counter()
                         display = answerer.display_logprobs(q, context, orders)
                         secs = time.perf_counter() - t
-                        computed[context] = (display, secs)
-                    rec["choices"][mode] = derive(display, orders, cf)
+                        t = time.perf_counter()
+                        cloze = [lp.tolist() for lp in answerer.option_text_logprobs(q, context)] if a.cloze else None
+                        rec.setdefault("cloze_seconds", {})[mode] = round(time.perf_counter() - t, 3)
+                        computed[context] = (display, cloze, secs)
+                    rec["choices"][mode] = derive(display, orders, cf, cloze, free)
+                    if cloze is not None:
+                        rec.setdefault("cloze_logp", {})[mode] = [np.round(lp, 4).tolist() for lp in cloze]
                     rec["seconds"][mode] = round(secs, 3)
                     rec["n_context"][mode] = n_ctx
+                    # probability the model puts on any option label (mean over orders): how well the
+                    # prompt makes it answer with a number at all
+                    rec.setdefault("label_mass", {})[mode] = round(float(np.exp(display).sum(axis=1).mean()), 4)
+                    # the raw per-order label log-probs, so other aggregations can be compared offline
+                    rec.setdefault("display_logp", {})[mode] = np.round(display, 4).tolist()
                 answerer.cfg = cfg
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 fh.flush()
@@ -161,14 +184,16 @@ def main() -> int:
             table[mode] = {m: float(np.mean([r["choices"][mode][m] == r["gold"] for r in recs])) for m in methods}
             table[mode]["s_per_q_all_orders"] = float(np.mean([r["seconds"][mode] for r in recs]))
             table[mode]["context_rate"] = float(np.mean([r["n_context"][mode] > 0 for r in recs]))
+            masses = [r["label_mass"][mode] for r in recs if mode in r.get("label_mass", {})]
+            table[mode]["label_mass"] = float(np.mean(masses)) if masses else float("nan")
         summary["sets"][set_name] = {"n": len(recs), "table": table}
-    print(f"\nmodel {a.model} (load {load_s:.1f} s); gate: dense cosine >= {a.gate_threshold}; top_k {a.top_k}"
+    print(f"\nmodel {a.model}, mc_prompt {a.mc_prompt} (load {load_s:.1f} s); gate: dense cosine >= {a.gate_threshold}; top_k {a.top_k}"
           "\n(gated = question scope, the default: all top_k passages once one passes; gated-passage = each passage must pass)")
     for set_name, s in summary["sets"].items():
-        print(f"\n{set_name} (n={s['n']})   " + "  ".join(f"{m:>16}" for m in methods) + "   s/q(all orders)  ctx-rate")
+        print(f"\n{set_name} (n={s['n']})   " + "  ".join(f"{m:>16}" for m in methods) + "   s/q(all orders)  ctx-rate  label-mass")
         for mode, row in s["table"].items():
             print(f"  context={mode:<13}" + "  ".join(f"{row[m]:16.3f}" for m in methods)
-                  + f"   {row['s_per_q_all_orders']:12.2f}  {row['context_rate']:8.2f}")
+                  + f"   {row['s_per_q_all_orders']:12.2f}  {row['context_rate']:8.2f}  {row['label_mass']:10.3f}")
     if a.json:
         a.json.write_text(json.dumps(summary, indent=2))
     return 0

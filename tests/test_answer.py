@@ -71,6 +71,86 @@ def test_reverse_orders_scores_the_reversed_rotations_too(tiny_llm, monkeypatch)
     assert len(seen[0]) == 4 and seen[1][:4] == seen[0] and seen[1][4] == [0, 3, 2, 1]
 
 
+def test_prompt_styles_share_examples_in_the_prefix_and_score_after_the_prefill(tiny_llm):
+    from fsku.config import MC_PROMPT_STYLES
+    from fsku.infer import prompts
+    from fsku.llm import OptionRequest
+
+    assert set(MC_PROMPT_STYLES) == set(prompts.MC_STYLES)
+    options = ["즉시", "24시간 이내", "7일", "한 달"]
+    plain = prompts.mc_messages("보고 기한은?", options)
+    few = prompts.mc_messages("보고 기한은?", options, style="fewshot+prefill")
+    # system, then two worked examples (user + assistant each), then the question
+    assert len(plain) == 2 and len(few) == 2 + 2 * len(prompts.MC_EXAMPLES)
+    assert [m["role"] for m in few[1:5]] == ["user", "assistant", "user", "assistant"]
+    assert few[2]["content"] == "정답: 2" and few[4]["content"] == "정답: 4" and few[-1] == plain[-1]
+    assert all(prompts.SPLIT not in m["content"] for m in few[:-1])
+    assert prompts.mc_messages("보고 기한은?", options, style="bare") == plain[1:]
+    prefix, suffix = prompts.mc_prompt_parts(tiny_llm.render_chat(few), "fewshot+prefill")
+    assert "전자서명" in prefix and "개인정보처리시스템" in prefix and "24시간 이내" in suffix
+    assert suffix.endswith("정답: ")
+    assert prompts.mc_prompt_parts(tiny_llm.render_chat(plain), "plain")[1] == prompts.split_rendered(
+        tiny_llm.render_chat(plain))[1]
+    with pytest.raises(ValueError, match="unknown multiple-choice prompt style"):
+        prompts.mc_messages("q", options, style="zero-shot")
+    with pytest.raises(ValueError, match="mc_prompt must be one of"):
+        InferConfig(mc_prompt="zero-shot")
+
+    # the answerer scores the label right after the prefill, and keeps one content-free prior per style
+    for style in prompts.MC_STYLES:
+        cfg = InferConfig(kb=None, context="none", debias="rotate+calibrate", mc_prompt=style)
+        answerer = Answerer(tiny_llm, cfg)
+        a = answerer.answer(Q, [])
+        assert a.answer in {"1", "2", "3", "4"} and len(a.scores) == 4
+        texts = [Q.choices[k] for k in sorted(Q.choices, key=int)]
+        pre, suf = prompts.mc_prompt_parts(tiny_llm.render_chat(
+            prompts.mc_messages(Q.parsed_question, texts, style=style)), style)
+        want = tiny_llm.option_logprobs(OptionRequest(pre, [suf], ["1", "2", "3", "4"]))[0]
+        got = answerer.display_logprobs(Q, "", [[0, 1, 2, 3]])[0]
+        assert got == pytest.approx(want, abs=1e-6)
+        assert list(answerer._content_free) == [(style, 4)]
+
+
+@pytest.mark.parametrize("scoring", ["cloze", "cloze-pmi", "label+cloze", "label+cloze-pmi"])
+def test_cloze_scoring_uses_the_option_texts_likelihood(tiny_llm, scoring):
+    import numpy as np
+
+    from fsku.infer import options as opt
+    from fsku.infer import prompts
+
+    cfg = InferConfig(kb=None, context="none", debias="rotate", mc_scoring=scoring)
+    answerer = Answerer(tiny_llm, cfg)
+    a = answerer.answer(Q, [])
+    assert a.answer in {"1", "2", "3", "4"} and len(a.scores) == 4 and 0 < a.confidence <= 1
+    texts = [Q.choices[k] for k in sorted(Q.choices, key=int)]
+    # by hand: each option text's token log-probs after the cloze prompt (and after the content-free one)
+    cond = tiny_llm.continuation_logprobs([tiny_llm.render_chat(prompts.cloze_messages(Q.parsed_question))] * 4, texts)
+    cloze = np.array([lp.mean() for lp in cond])
+    if scoring.endswith("pmi"):
+        free = tiny_llm.continuation_logprobs([tiny_llm.render_chat(prompts.cloze_messages(prompts.CONTENT_FREE))] * 4, texts)
+        cloze = np.array([c.sum() - f.sum() for c, f in zip(cond, free)])
+    want = opt.normalize_logprobs(cloze)
+    if scoring.startswith("label"):
+        label, _ = answerer.score_options(Q, "", "rotate", 0)
+        want = want + opt.normalize_logprobs(label)
+    assert a.scores == pytest.approx(np.round(want, 4).tolist(), abs=2e-4)
+    # the fallback scores option numbers once, without the cloze passes
+    fast = answerer.answer(Q, [], fast=True)
+    assert fast.used_fallback and fast.answer in {"1", "2", "3", "4"}
+
+
+def test_cloze_scoring_needs_a_backend_that_scores_continuations(tiny_llm):
+    from fsku.llm import LLMBackend
+
+    class NoContinuations(LLMBackend):
+        name = "no-continuations"
+
+    with pytest.raises(ValueError, match="cannot do; use backend 'transformers'"):
+        Answerer(NoContinuations.__new__(NoContinuations), InferConfig(kb=None, context="none", mc_scoring="cloze"))
+    with pytest.raises(ValueError, match="mc_scoring must be one of"):
+        InferConfig(mc_scoring="mcp")
+
+
 def test_self_consistency_votes_over_sampled_paths(tiny_llm):
     cfg = InferConfig(kb=None, context="none", self_consistency=3, sc_max_new_tokens=6)
     a = Answerer(tiny_llm, cfg).answer(Q, [])

@@ -79,3 +79,28 @@ def test_majority_vote_with_ties_and_no_votes():
     assert opt.majority_vote([2, 2, 3, None], scores) == (2, 0.5)
     assert opt.majority_vote([1, 3], scores) == (3, 0.5)  # tie -> higher option score
     assert opt.majority_vote([None, None], scores) == (4, 0.0)
+
+
+def test_cloze_scores_mean_and_pmi_by_hand():
+    option_logps = [np.array([-1.0, -3.0]), np.array([-2.0]), np.array([-0.5, -0.5, -0.5])]
+    # length-normalised: the mean token log-prob
+    assert opt.cloze_scores(option_logps) == pytest.approx([-2.0, -2.0, -0.5])
+    # PMI: summed log-prob minus the summed content-free log-prob of the same text
+    free = [np.array([-1.0, -1.0]), np.array([-5.0]), np.array([-0.1, -0.1, -0.1])]
+    assert opt.cloze_scores(option_logps, free) == pytest.approx([-2.0, 3.0, -1.2])
+    with pytest.raises(ValueError, match="at least one scored token"):
+        opt.cloze_scores([np.array([-1.0]), np.array([])])
+    with pytest.raises(ValueError, match="one array per option"):
+        opt.cloze_scores(option_logps, free[:2])
+
+
+def test_combine_scores_is_a_product_of_the_normalised_distributions():
+    label = np.log([0.5, 0.5])
+    cloze = np.array([0.0, math.log(3.0)])  # normalises to 1/4, 3/4
+    got = opt.combine_scores(label, cloze)
+    assert got == pytest.approx([math.log(0.5 * 0.25), math.log(0.5 * 0.75)])
+    # one part alone is that part, normalised; a uniform part never changes the argmax
+    assert opt.combine_scores(None, cloze) == pytest.approx(np.log([0.25, 0.75]))
+    assert np.argmax(opt.combine_scores(np.zeros(2), cloze)) == 1
+    with pytest.raises(ValueError, match="need label scores"):
+        opt.combine_scores(None, None)

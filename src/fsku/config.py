@@ -93,6 +93,8 @@ class RetrieveConfig:
         _check(self.w_law >= 0 and self.w_article >= 0, "w_law and w_article must be >= 0")
 
 
+MC_PROMPT_STYLES = ("plain", "prefill", "fewshot", "fewshot+prefill", "bare")  # = infer.prompts.MC_STYLES (tested)
+MC_SCORING = ("label", "cloze", "cloze-pmi", "label+cloze", "label+cloze-pmi")
 DEBIAS_METHODS = ("none", "rotate", "calibrate", "rotate+calibrate")
 CONTEXT_MODES = ("none", "always", "gated")
 
@@ -115,6 +117,8 @@ class InferConfig:
     gate_scope: str = field(default="question", metadata={"help": "question: when the best of the top_k passages reaches gate_threshold, all top_k enter (the KB is relevant to the question, and neighbouring articles carry its definitions and exceptions); passage: each passage must reach the threshold itself."})
     context_tokens: int = field(default=900, metadata={"help": "Token budget for all context passages (LLM tokens)."})
     passage_tokens: int = field(default=450, metadata={"help": "Token cap per passage."})
+    mc_prompt: str = field(default="fewshot+prefill", metadata={"help": "Multiple-choice prompt style: plain, prefill (the answer turn starts with '정답: '), fewshot (two worked examples written for this project as earlier turns), fewshot+prefill, bare (no system turn of ours: the chat template's default)."})
+    mc_scoring: str = field(default="label", metadata={"help": "Multiple-choice scores: label (log-prob of the option number, debiased), cloze (likelihood of each option's text as the answer, length-normalised), cloze-pmi (that likelihood against a content-free question), label+cloze or label+cloze-pmi (both summed). Cloze needs the transformers backend."})
     debias: str = field(default="rotate", metadata={"help": "Multiple-choice debiasing: none, rotate (average over cyclic option orders), calibrate (divide by a content-free prompt's probabilities), rotate+calibrate."})
     rotations: int = field(default=0, metadata={"help": "Cyclic option orders to average (0 = all n; 1 = original order only)."})
     reverse_orders: bool = field(default=False, metadata={"help": "With rotate: also average the same rotations of the reversed option order (twice the forward passes)."})
@@ -141,6 +145,8 @@ class InferConfig:
         _check(self.gate_signal in ("dense", "bm25"), f"gate_signal must be dense or bm25, got {self.gate_signal!r}")
         _check(self.gate_scope in ("question", "passage"), f"gate_scope must be question or passage, got {self.gate_scope!r}")
         _check(self.context_tokens >= 32 and self.passage_tokens >= 16, "context_tokens must be >= 32 and passage_tokens >= 16")
+        _check(self.mc_prompt in MC_PROMPT_STYLES, f"mc_prompt must be one of {MC_PROMPT_STYLES}, got {self.mc_prompt!r}")
+        _check(self.mc_scoring in MC_SCORING, f"mc_scoring must be one of {MC_SCORING}, got {self.mc_scoring!r}")
         _check(self.debias in DEBIAS_METHODS, f"debias must be one of {DEBIAS_METHODS}, got {self.debias!r}")
         _check(self.rotations >= 0, "rotations must be >= 0")
         _check(self.self_consistency >= 0, "self_consistency must be >= 0")

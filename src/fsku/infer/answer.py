@@ -68,8 +68,11 @@ class Answerer:
         if cfg.context != "none" and kb is not None and cfg.gate_signal == "dense" and cfg.context == "gated" \
                 and not kb.has_dense:
             raise ValueError(f"{kb.folder}: gate_signal 'dense' needs a KB with a dense index; use gate_signal='bm25'")
+        if "cloze" in cfg.mc_scoring and type(llm).continuation_logprobs is LLMBackend.continuation_logprobs:
+            raise ValueError(f"mc_scoring {cfg.mc_scoring!r} scores option texts, which backend {llm.name!r} "
+                             "cannot do; use backend 'transformers' or mc_scoring 'label'")
         self.llm, self.cfg, self.kb = llm, cfg, kb
-        self._content_free: dict[int, np.ndarray] = {}
+        self._content_free: dict[tuple[str, int], np.ndarray] = {}
 
     # -- context
     def retrieve(self, questions: list[str]) -> list[tuple[list, int]]:
@@ -101,12 +104,13 @@ class Answerer:
 
     # -- multiple choice
     def content_free_logp(self, n: int) -> np.ndarray:
-        if n not in self._content_free:
-            msgs = prompts.mc_messages(prompts.CONTENT_FREE, [prompts.CONTENT_FREE] * n)
-            prefix, suffix = prompts.split_rendered(self.llm.render_chat(msgs))
-            self._content_free[n] = self.llm.option_logprobs(
+        key = (self.cfg.mc_prompt, n)
+        if key not in self._content_free:
+            msgs = prompts.mc_messages(prompts.CONTENT_FREE, [prompts.CONTENT_FREE] * n, style=self.cfg.mc_prompt)
+            prefix, suffix = prompts.mc_prompt_parts(self.llm.render_chat(msgs), self.cfg.mc_prompt)
+            self._content_free[key] = self.llm.option_logprobs(
                 OptionRequest(prefix, [suffix], [str(j) for j in range(1, n + 1)]))[0]
-        return self._content_free[n]
+        return self._content_free[key]
 
     def display_logprobs(self, q: ClassifiedQuestion, context: str, orders: list[list[int]],
                          deadline: Optional[float] = None) -> np.ndarray:
@@ -114,8 +118,9 @@ class Answerer:
         texts = [q.choices[k] for k in sorted(q.choices, key=int)]
         suffixes, prefix = [], None
         for perm in orders:
-            p, s = prompts.split_rendered(self.llm.render_chat(
-                prompts.mc_messages(q.parsed_question, [texts[i] for i in perm], context)))
+            p, s = prompts.mc_prompt_parts(self.llm.render_chat(
+                prompts.mc_messages(q.parsed_question, [texts[i] for i in perm], context, style=self.cfg.mc_prompt)),
+                self.cfg.mc_prompt)
             if prefix is not None and p != prefix:
                 raise AssertionError("option orders must share the prompt prefix")
             prefix = p
@@ -123,25 +128,50 @@ class Answerer:
         labels = [str(j) for j in range(1, len(texts) + 1)]
         return self.llm.option_logprobs(OptionRequest(prefix, suffixes, labels), deadline)
 
+    def option_text_logprobs(self, q: ClassifiedQuestion, context: str, content_free: bool = False,
+                             deadline: Optional[float] = None) -> list[np.ndarray]:
+        """Token log-probs of each option's text as the assistant's answer (original option order);
+        content_free=True asks a content-free question instead (the PMI baseline), without context."""
+        texts = [q.choices[k] for k in sorted(q.choices, key=int)]
+        stem, ctx = (prompts.CONTENT_FREE, "") if content_free else (q.parsed_question, context)
+        prompt = self.llm.render_chat(prompts.cloze_messages(stem, ctx))
+        check_deadline(deadline)
+        return self.llm.continuation_logprobs([prompt] * len(texts), texts)
+
+    def cloze(self, q: ClassifiedQuestion, context: str, deadline: Optional[float] = None) -> np.ndarray:
+        """Cloze scores per original option for the configured mc_scoring."""
+        logps = self.option_text_logprobs(q, context, deadline=deadline)
+        free = self.option_text_logprobs(q, context, True, deadline) if self.cfg.mc_scoring.endswith("pmi") else None
+        return opt.cloze_scores(logps, free)
+
     def score_options(self, q: ClassifiedQuestion, context: str, debias: str, rotations: int,
-                      deadline: Optional[float] = None, reverse: bool = False) -> tuple[np.ndarray, int]:
+                      deadline: Optional[float] = None, reverse: bool = False,
+                      scoring: str = "label") -> tuple[np.ndarray, int]:
         """(aggregated scores per original option, raw argmax of the original order, 1-based)."""
         n = len(q.choices)
+        if scoring in ("cloze", "cloze-pmi"):
+            scores = opt.normalize_logprobs(self.cloze(q, context, deadline))
+            return scores, int(np.argmax(scores)) + 1
         orders = opt.option_orders(n, rotations, reverse) if "rotate" in debias else [list(range(n))]
         display = self.display_logprobs(q, context, orders, deadline)
         if "calibrate" in debias:
             cf = self.content_free_logp(n)
             display = np.stack([opt.calibrate(row, cf) for row in display])
         raw_choice = int(np.argmax(display[0])) + 1  # orders[0] is the identity
-        return opt.aggregate_orders(display, orders), raw_choice
+        scores = opt.aggregate_orders(display, orders)
+        if "cloze" in scoring:
+            scores = opt.combine_scores(scores, self.cloze(q, context, deadline))
+        return scores, raw_choice
 
     def answer_mc(self, q: ClassifiedQuestion, hits: list, fast: bool = False, deadline: Optional[float] = None,
                   query_terms: int = 1) -> Answer:
         cfg = self.cfg
         context, ctx_ids = ("", []) if fast else self.context_text(hits, query_terms)
         debias = cfg.debias if not fast else ("calibrate" if "calibrate" in cfg.debias else "none")
+        # the fallback scores option numbers in one order only (one forward pass)
         scores, raw_choice = self.score_options(q, context, debias, 1 if fast else cfg.rotations, deadline,
-                                                reverse=cfg.reverse_orders and not fast)
+                                                reverse=cfg.reverse_orders and not fast,
+                                                scoring="label" if fast else cfg.mc_scoring)
         best, conf = opt.choice_confidence(scores)
         choice = best + 1
         if cfg.self_consistency and not fast:

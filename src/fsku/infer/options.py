@@ -63,6 +63,30 @@ def calibrate(logp: np.ndarray, content_free_logp: np.ndarray) -> np.ndarray:
     return normalize_logprobs(normalize_logprobs(logp) - normalize_logprobs(content_free_logp))
 
 
+def cloze_scores(option_logps: Sequence[np.ndarray], free_logps: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
+    """Per-option cloze score from the token log-probs of each option's text as the answer.
+
+    Without `free_logps`: the mean token log-prob (length-normalised likelihood). With them (the
+    same texts after a content-free question): the pointwise mutual information, the summed
+    log-prob minus the summed content-free log-prob, so a text that is likely anywhere (short,
+    common words) does not win for that alone (Holtzman et al., 2021)."""
+    if not len(option_logps) or any(len(lp) == 0 for lp in option_logps):
+        raise ValueError("every option needs at least one scored token")
+    if free_logps is None:
+        return np.array([float(np.mean(lp)) for lp in option_logps])
+    if len(free_logps) != len(option_logps):
+        raise ValueError("free_logps must hold one array per option")
+    return np.array([float(np.sum(lp) - np.sum(fp)) for lp, fp in zip(option_logps, free_logps)])
+
+
+def combine_scores(label_scores: Optional[np.ndarray], cloze: Optional[np.ndarray]) -> np.ndarray:
+    """Sum of the normalised label and cloze log-distributions (a product of experts); either may be None."""
+    parts = [normalize_logprobs(x) for x in (label_scores, cloze) if x is not None]
+    if not parts:
+        raise ValueError("need label scores, cloze scores or both")
+    return np.sum(parts, axis=0)
+
+
 def choice_confidence(scores: np.ndarray) -> tuple[int, float]:
     """(0-based best option, its softmax probability) for aggregated scores."""
     p = np.exp(normalize_logprobs(scores))

@@ -4,6 +4,7 @@ and a suffix (the options in one order, the instruction) so that option orders s
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 PROMPT_VERSION = "2026-11-24.1"
@@ -34,12 +35,83 @@ def _user_prefix(stem: str, context: str) -> str:
     return "\n\n".join(parts) + "\n\n"
 
 
-def mc_messages(stem: str, options: Sequence[str], context: str = "", reasoning: bool = False) -> list[dict]:
-    """Chat messages for a multiple-choice question; the user turn holds SPLIT before the options."""
+# Worked examples for the few-shot multiple-choice style: written for this project (not taken from
+# any dev or test set), one "most appropriate" and one "NOT appropriate" question, 4 and 5 options,
+# so a small model sees both the answer format and a negated stem before the real question.
+MC_EXAMPLES = (
+    ("전자서명에 대한 설명으로 가장 적절한 것은?",
+     ("전자서명은 문서 내용을 숨기기 위한 암호화 기법이다",
+      "전자서명은 서명자의 개인키로 생성하고 공개키로 검증한다",
+      "전자서명은 하나의 대칭키로 생성과 검증을 모두 수행한다",
+      "전자서명은 종이 문서에만 효력이 있다"), 2),
+    ("개인정보처리시스템의 안전성 확보 조치로 적절하지 않은 것은?",
+     ("접근 권한을 업무에 필요한 최소한의 범위로 부여한다",
+      "비밀번호는 일방향 암호화하여 저장한다",
+      "접속기록을 보관하고 정기적으로 점검한다",
+      "여러 직원이 하나의 관리자 계정을 함께 사용한다",
+      "외부에서의 불법 접근을 막는 침입차단 기능을 운영한다"), 4),
+)
+
+
+@dataclass(frozen=True)
+class MCStyle:
+    """How a multiple-choice prompt is laid out: worked examples as earlier chat turns, and text the
+    assistant turn starts with (the option label is scored right after it)."""
+
+    examples: bool = False
+    prefill: str = ""
+    system: bool = True  # False: no system turn of ours (the chat template's own default, if any)
+
+
+MC_STYLES = {
+    "plain": MCStyle(),
+    "prefill": MCStyle(prefill="정답: "),
+    "fewshot": MCStyle(examples=True),
+    "fewshot+prefill": MCStyle(examples=True, prefill="정답: "),
+    "bare": MCStyle(system=False),
+}
+
+
+def mc_style(name: str) -> MCStyle:
+    if name not in MC_STYLES:
+        raise ValueError(f"unknown multiple-choice prompt style {name!r}; expected one of {sorted(MC_STYLES)}")
+    return MC_STYLES[name]
+
+
+def _options_block(options: Sequence[str], instruction: str) -> str:
     lines = "\n".join(f"{j} {text}" for j, text in enumerate(options, start=1))
+    return f"선택지:\n{lines}\n\n{instruction}"
+
+
+def mc_messages(stem: str, options: Sequence[str], context: str = "", reasoning: bool = False,
+                style: str = "plain") -> list[dict]:
+    """Chat messages for a multiple-choice question; the user turn holds SPLIT before the options.
+    The examples of a few-shot style come before it, so every option order shares them in the prefix."""
     instruction = MC_REASONING_INSTRUCTION if reasoning else MC_INSTRUCTION
-    user = _user_prefix(stem, context) + SPLIT + f"선택지:\n{lines}\n\n{instruction}"
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    st = mc_style(style)
+    messages = [{"role": "system", "content": SYSTEM}] if st.system else []
+    if st.examples and not reasoning:
+        for ex_stem, ex_options, ex_answer in MC_EXAMPLES:
+            messages.append({"role": "user", "content": _user_prefix(ex_stem, "") + _options_block(ex_options, instruction)})
+            messages.append({"role": "assistant", "content": f"{st.prefill}{ex_answer}"})
+    user = _user_prefix(stem, context) + SPLIT + _options_block(options, instruction)
+    return messages + [{"role": "user", "content": user}]
+
+
+def mc_prompt_parts(rendered: str, style: str = "plain") -> tuple[str, str]:
+    """(shared prefix, per-order suffix ending where the option label is scored) of a rendered
+    multiple-choice chat: the suffix ends with the style's assistant prefill."""
+    prefix, suffix = split_rendered(rendered)
+    return prefix, suffix + mc_style(style).prefill
+
+
+CLOZE_INSTRUCTION = "정답의 내용만 간결하게 쓰세요."
+
+
+def cloze_messages(stem: str, context: str = "") -> list[dict]:
+    """Chat messages whose assistant answer is scored as an option's text (cloze scoring)."""
+    return [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": _user_prefix(stem, context) + CLOZE_INSTRUCTION}]
 
 
 def split_rendered(rendered: str) -> tuple[str, str]:
