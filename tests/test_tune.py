@@ -301,3 +301,29 @@ def test_a_failing_trial_is_marked_failed_and_the_study_goes_on(tmp_path, monkey
     assert len(failed) == 1 and failed[0].info.status == "FAILED"
     assert failed[0].data.tags["optuna.error"] == "ValueError: broken trial"
     assert "recipes" not in out
+
+
+def test_set_experiment_survives_a_concurrent_creation(monkeypatch):
+    """The loser of two workers' race to create the store's experiments asks again instead of failing."""
+    import mlflow
+
+    from fsku import tracking
+
+    calls = []
+
+    def flaky(name):
+        calls.append(name)
+        if len(calls) == 1:
+            raise mlflow.exceptions.MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: "
+                                                    "experiments.workspace, experiments.name")
+
+    monkeypatch.setattr(mlflow, "set_experiment", flaky)
+    tracking.set_experiment("fsku-race")
+    assert calls == ["fsku-race"] * 2
+
+    def broken(name):
+        raise mlflow.exceptions.MlflowException("permission denied")
+
+    monkeypatch.setattr(mlflow, "set_experiment", broken)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="permission denied"):
+        tracking.set_experiment("fsku-race")

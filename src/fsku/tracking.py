@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -24,11 +25,51 @@ log = logging.getLogger(__name__)
 EXPERIMENT = os.environ.get("FSKU_EXPERIMENT", "fsku")
 
 
+_CONCURRENT_CREATE = ("UNIQUE", "already exists")
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite tracking database while it is opened: MLflow migrates a
+    new database on first use, and two processes migrating it at once (tune workers) leave one of
+    them with a broken schema. Other stores (a tracking server, PostgreSQL) initialise once, elsewhere."""
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        fcntl = None
+    if not path or fcntl is None or not Path(path).parent.is_dir():
+        yield
+        return
+    with open(path + ".init-lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def set_experiment(name: str, attempts: int = 5) -> None:
+    """mlflow.set_experiment, safe when several processes start on a new store at once (tune workers):
+    a SQLite database is opened (and migrated) under a file lock, and the loser of a race to create
+    the same experiment (a UNIQUE-constraint error) asks again, by when it exists."""
+    for attempt in range(attempts):
+        try:
+            with _sqlite_init_lock(mlflow.get_tracking_uri()):
+                mlflow.set_experiment(name)
+            return
+        except Exception as exc:  # MlflowException or the SQL driver's IntegrityError, depending on the store
+            if not any(m in str(exc) for m in _CONCURRENT_CREATE) or attempt == attempts - 1:
+                raise
+            log.debug("experiment %r was created concurrently (%s); asking again", name, exc)
+            time.sleep(0.2 * (attempt + 1))
+
+
 @contextlib.contextmanager
 def run(step: str, params: dict, tags: Optional[dict] = None) -> Iterator[mlflow.ActiveRun]:
     """Start (or, under `mlflow run`, attach to) a run for one pipeline step."""
     if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+        set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
     with mlflow.start_run(run_name=step if not os.environ.get("MLFLOW_RUN_ID") else None) as active:
         mlflow.set_tags({"fsku.step": step, **(tags or {})})
         # under `mlflow run` the entry point's parameters are already logged; add only the rest
