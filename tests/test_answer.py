@@ -72,11 +72,10 @@ def test_reverse_orders_scores_the_reversed_rotations_too(tiny_llm, monkeypatch)
 
 
 def test_prompt_styles_share_examples_in_the_prefix_and_score_after_the_prefill(tiny_llm):
-    from fsku.config import MC_PROMPT_STYLES
     from fsku.infer import prompts
     from fsku.llm import OptionRequest
 
-    assert set(MC_PROMPT_STYLES) == set(prompts.MC_STYLES)
+    assert all(InferConfig(mc_prompt=style).mc_prompt == style for style in prompts.MC_STYLES)
     options = ["즉시", "24시간 이내", "7일", "한 달"]
     plain = prompts.mc_messages("보고 기한은?", options)
     few = prompts.mc_messages("보고 기한은?", options, style="fewshot+prefill")

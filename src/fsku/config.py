@@ -93,7 +93,6 @@ class RetrieveConfig:
         _check(self.w_law >= 0 and self.w_article >= 0, "w_law and w_article must be >= 0")
 
 
-MC_PROMPT_STYLES = ("plain", "prefill", "fewshot", "fewshot+prefill", "bare")  # = infer.prompts.MC_STYLES (tested)
 MC_SCORING = ("label", "cloze", "cloze-pmi", "label+cloze", "label+cloze-pmi")
 DEBIAS_METHODS = ("none", "rotate", "calibrate", "rotate+calibrate")
 CONTEXT_MODES = ("none", "always", "gated")
@@ -145,7 +144,9 @@ class InferConfig:
         _check(self.gate_signal in ("dense", "bm25"), f"gate_signal must be dense or bm25, got {self.gate_signal!r}")
         _check(self.gate_scope in ("question", "passage"), f"gate_scope must be question or passage, got {self.gate_scope!r}")
         _check(self.context_tokens >= 32 and self.passage_tokens >= 16, "context_tokens must be >= 32 and passage_tokens >= 16")
-        _check(self.mc_prompt in MC_PROMPT_STYLES, f"mc_prompt must be one of {MC_PROMPT_STYLES}, got {self.mc_prompt!r}")
+        from .infer.prompts import MC_STYLES
+
+        _check(self.mc_prompt in MC_STYLES, f"mc_prompt must be one of {tuple(MC_STYLES)}, got {self.mc_prompt!r}")
         _check(self.mc_scoring in MC_SCORING, f"mc_scoring must be one of {MC_SCORING}, got {self.mc_scoring!r}")
         _check(self.debias in DEBIAS_METHODS, f"debias must be one of {DEBIAS_METHODS}, got {self.debias!r}")
         _check(self.rotations >= 0, "rotations must be >= 0")

@@ -238,7 +238,7 @@ def comparison_set(gold_rows: Sequence, gen_prompts: int = 4) -> ComparisonSet:
             if choice is None or str(choice) not in q.choices:
                 raise ValueError(f"labelled row {g.ID}: answer {answer!r} is not one of its options {sorted(q.choices, key=int)}")
             answer = str(choice)
-            texts = [q.choices[k] for k in sorted(q.choices, key=int)]
+            texts = q.option_texts
             mc.append((q, int(answer)))
             msgs = prompts.mc_messages(q.parsed_question, texts)
             msgs[-1] = {**msgs[-1], "content": msgs[-1]["content"].replace(prompts.SPLIT, "")}

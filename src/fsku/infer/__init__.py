@@ -1,2 +1,2 @@
-"""Inference: question classification/parsing now; LLM backends, answering and the orchestrator
-arrive with issue 3."""
+"""Inference: question classification and parsing, prompts, multiple-choice scoring, answering,
+the resumable orchestrator and predict (test.csv -> submission.csv)."""

@@ -115,7 +115,7 @@ class Answerer:
     def display_logprobs(self, q: ClassifiedQuestion, context: str, orders: list[list[int]],
                          deadline: Optional[float] = None) -> np.ndarray:
         """(len(orders), n) label log-probs per display position, one option order per row."""
-        texts = [q.choices[k] for k in sorted(q.choices, key=int)]
+        texts = q.option_texts
         suffixes, prefix = [], None
         for perm in orders:
             p, s = prompts.mc_prompt_parts(self.llm.render_chat(
@@ -132,7 +132,7 @@ class Answerer:
                              deadline: Optional[float] = None) -> list[np.ndarray]:
         """Token log-probs of each option's text as the assistant's answer (original option order);
         content_free=True asks a content-free question instead (the PMI baseline), without context."""
-        texts = [q.choices[k] for k in sorted(q.choices, key=int)]
+        texts = q.option_texts
         stem, ctx = (prompts.CONTENT_FREE, "") if content_free else (q.parsed_question, context)
         prompt = self.llm.render_chat(prompts.cloze_messages(stem, ctx))
         check_deadline(deadline)
@@ -175,7 +175,7 @@ class Answerer:
         best, conf = opt.choice_confidence(scores)
         choice = best + 1
         if cfg.self_consistency and not fast:
-            texts = [q.choices[k] for k in sorted(q.choices, key=int)]
+            texts = q.option_texts
             rendered = self.llm.render_chat(prompts.mc_messages(q.parsed_question, texts, context, reasoning=True))
             prompt = rendered.replace(prompts.SPLIT, "")
             votes = []

@@ -42,6 +42,11 @@ class ClassifiedQuestion:
     choices: dict[str, str] = field(default_factory=dict)
     confidence: float = 1.0
 
+    @property
+    def option_texts(self) -> list[str]:
+        """The option texts in option-number order ([] for descriptive)."""
+        return [self.choices[k] for k in sorted(self.choices, key=int)]
+
     def to_record(self) -> dict:
         """The `fsku classify` line: {"ID", "question_type", "stem", "choices"}."""
         return {"ID": self.question_id, "question_type": self.question_type, "stem": self.parsed_question,
