@@ -53,7 +53,7 @@ demo: models
 	@echo "Submission (sample test, $(DEMO_MODEL)): $(CURDIR)/outputs/submission.csv"
 
 test: models
-	$(BIN)/python -m pytest -q -x; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+	$(BIN)/python -m pytest -q -x -rs; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 bench: models
 	$(BIN)/python benchmarks/bench_retrieval.py

@@ -53,7 +53,8 @@ def upgrade_record(rec: dict, gate_threshold: float) -> dict:
 
 def load_sets(data: Path) -> dict[str, list[tuple[str, str, int]]]:
     mcq = pd.read_csv(data / "mcq_dev.csv")
-    sets = {"mcq_dev": [(f"mcq_dev-{i:03d}", q, int(str(a).strip()[0])) for i, (q, a) in enumerate(zip(mcq.Question, mcq.Answer))]}
+    sets = {"mcq_dev": [(f"mcq_dev-{i:03d}", q, int(str(a).strip()[0]))
+                        for i, (q, a) in enumerate(zip(mcq.Question, mcq.Answer))]}
     law = [json.loads(line) for line in (data / "retrieval_dev.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     sets["statute63"] = [(r["qid"], r["question"], int(r["answer"])) for r in law if str(r.get("answer", "")).isdigit()]
     return sets
@@ -187,10 +188,12 @@ def main() -> int:
             masses = [r["label_mass"][mode] for r in recs if mode in r.get("label_mass", {})]
             table[mode]["label_mass"] = float(np.mean(masses)) if masses else float("nan")
         summary["sets"][set_name] = {"n": len(recs), "table": table}
-    print(f"\nmodel {a.model}, mc_prompt {a.mc_prompt} (load {load_s:.1f} s); gate: dense cosine >= {a.gate_threshold}; top_k {a.top_k}"
+    print(f"\nmodel {a.model}, mc_prompt {a.mc_prompt} (load {load_s:.1f} s); gate: dense cosine >= {a.gate_threshold}; "
+          f"top_k {a.top_k}"
           "\n(gated = question scope, the default: all top_k passages once one passes; gated-passage = each passage must pass)")
     for set_name, s in summary["sets"].items():
-        print(f"\n{set_name} (n={s['n']})   " + "  ".join(f"{m:>16}" for m in methods) + "   s/q(all orders)  ctx-rate  label-mass")
+        print(f"\n{set_name} (n={s['n']})   " + "  ".join(f"{m:>16}" for m in methods)
+              + "   s/q(all orders)  ctx-rate  label-mass")
         for mode, row in s["table"].items():
             print(f"  context={mode:<13}" + "  ".join(f"{row[m]:16.3f}" for m in methods)
                   + f"   {row['s_per_q_all_orders']:12.2f}  {row['context_rate']:8.2f}  {row['label_mass']:10.3f}")

@@ -48,7 +48,6 @@ from fsku.distill.pipeline import distill  # noqa: E402
 from fsku.llm.tiny import _default_texts, build_tiny_model, train_on_examples, train_tokenizer  # noqa: E402
 from fsku.synth.records import SyntheticQA, write_jsonl  # noqa: E402
 
-
 CATEGORIES = ["전자금융", "개인정보", "신용정보", "정보보호"]
 TRAIN_STEMS = ["다음 중 '{t}'이(가) 속하는 분류는 무엇인가?", "'{t}'은(는) 어느 분야의 용어인가?",
                "'{t}'에 관한 규정은 어느 분야에 해당하는가?", "다음 중 '{t}'와 가장 관련이 깊은 분야는?"]
@@ -132,7 +131,8 @@ def main() -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--losses", default="sft,kd,gkd,distillm_v2")
     ap.add_argument("--n-train", type=int, default=400, help="distillation prompts")
-    ap.add_argument("--n-teacher", type=int, default=6000, help="items the teacher (and, on the base terms, the base student) see")
+    ap.add_argument("--n-teacher", type=int, default=6000,
+                    help="items the teacher (and, on the base terms, the base student) see")
     ap.add_argument("--n-heldout", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
@@ -197,7 +197,7 @@ def main() -> int:
             cfg = DistillConfig(data=str(synth), teacher=str(teacher_dir), student=str(student_dir), backend="transformers",
                                 device="cpu", dtype="float32", out=str(out), loss_type=loss, max_steps=args.steps,
                                 batch_size=8, learning_rate=args.lr, lora_r=16, lora_alpha=32, lora_dropout=0.0,
-                                max_length=512, max_prompt_length=448, mc_max_new_tokens=3, temperature=1.0,
+                                max_model_len=512, max_prompt_length=448, mc_max_new_tokens=3, temperature=1.0,
                                 gen_batch_size=32, seed=seed, register_as=None, cache_dir=str(work / "cache"),
                                 logging_steps=10, save_steps=10**6, restart=True)
             t0 = time.perf_counter()

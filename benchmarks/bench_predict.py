@@ -34,7 +34,8 @@ DATA = ROOT.parent / "shared" / "data" / "fsku-benchmark"
 def source_questions() -> list[str]:
     if DATA.exists():
         qs = list(pd.read_csv(DATA / "mcq_dev.csv").Question)
-        qs += [json.loads(x)["question"] for x in (DATA / "retrieval_dev.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+        qs += [json.loads(x)["question"] for x in (DATA / "retrieval_dev.jsonl").read_text(encoding="utf-8").splitlines()
+               if x.strip()]
         qs += list(pd.read_csv(DATA / "descriptive_dev.csv").Question)
         return qs
     return list(pd.read_csv(ROOT / "evaluation" / "sample_test.csv", encoding="utf-8-sig").Question)
@@ -98,7 +99,8 @@ def main() -> int:
         df.to_csv(sub, index=False, encoding="utf-8-sig")
         rows.append(run(a.real, a.kb, sub, a.out / "submission_real.csv"))
     print(f"\npredict throughput (test file {test}, 515 rows; KB {a.kb}; cache off)")
-    print(f"{'model':<45}{'rows':>6}{'load s':>9}{'q/s':>9}{'s/q':>8}{'proj. 515 min':>15}{'valid':>7}{'ctx rate':>10}{'fallback':>10}")
+    print(f"{'model':<45}{'rows':>6}{'load s':>9}{'q/s':>9}{'s/q':>8}{'proj. 515 min':>15}{'valid':>7}"
+          f"{'ctx rate':>10}{'fallback':>10}")
     for r in rows:
         print(f"{Path(r['model']).name:<45}{r['rows']:>6}{r['load_s']:>9.1f}{r['q_per_s']:>9.3f}{1 / r['q_per_s']:>8.2f}"
               f"{r['projected_515_min']:>15.1f}{str(r['valid']):>7}{r['context_rate']:>10.2f}{r['fallback']:>10}")

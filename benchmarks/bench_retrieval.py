@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from fsku.chunk import dense_text  # noqa: E402
 from fsku.config import BuildKBConfig, RetrieveConfig  # noqa: E402
+from fsku.evaluate.retrieval import evaluate_retrieval  # noqa: E402
 from fsku.index.dense import get_embedder, resolve_model  # noqa: E402
 from fsku.kb import build_knowledge_base  # noqa: E402
-from fsku.steps.build_kb import evaluate_retrieval  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -111,7 +111,8 @@ def main() -> int:
         _, stats2 = build_knowledge_base(dataclasses.replace(cfg, out=str(work / "kb2")), progress=False)
         rebuild = time.perf_counter() - t
 
-        questions = [json.loads(line)["question"] for line in Path(args.labels).read_text(encoding="utf-8").splitlines() if line.strip()]
+        questions = [json.loads(line)["question"] for line in Path(args.labels).read_text(encoding="utf-8").splitlines()
+                     if line.strip()]
         p50, p95 = latency(kb, questions)
         p50_bm25, _ = latency(kb, questions, w_bm25=1.0)
 
@@ -123,7 +124,8 @@ def main() -> int:
         tm = stats["timings"]
         parse_to_bm25 = sum(tm.get(k, 0.0) for k in ("extract", "clean", "chunk", "tokenize", "bm25_index"))
         out["speed"] = {"timings": tm, "parse_clean_chunk_bm25_s": parse_to_bm25, "first_build_s": first_build,
-                        "rebuild_s": rebuild, "rebuild_ratio": rebuild / first_build, "rebuild_embedded_new": stats2["embedded_new"],
+                        "rebuild_s": rebuild, "rebuild_ratio": rebuild / first_build,
+                        "rebuild_embedded_new": stats2["embedded_new"],
                         "embed_texts_per_s": ours_rate, "baseline_texts_per_s": base_rate, "embed_speedup": ours_rate / base_rate,
                         "embed_same_text_per_s": engine_rate, "embed_same_text_speedup": engine_rate / base_rate,
                         "latency_p50_ms": p50, "latency_p95_ms": p95, "latency_p50_bm25_ms": p50_bm25,
@@ -131,7 +133,8 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nretrieval on {args.labels} ({Path(args.corpus).name}, {out['speed']['documents']} documents, {out['speed']['chunks']} chunks)")
+    print(f"\nretrieval on {args.labels} ({Path(args.corpus).name}, {out['speed']['documents']} documents, "
+          f"{out['speed']['chunks']} chunks)")
     print(f"{'recipe':<22} {'hit@1':>6} {'hit@5':>6} {'MRR@10':>7} {'hit chars':>9}")
     for name in ("seed-naive", "bm25-only", "dense-only", "hybrid rrf", "hybrid (default)"):
         print(row(name, out[name]))
@@ -140,10 +143,12 @@ def main() -> int:
     print(f"parse+clean+chunk+BM25: {s['parse_clean_chunk_bm25_s']:.1f} s")
     print(f"embedding ({min(args.baseline_sample, s['chunks'])} sampled chunks): plain sentence-transformers fp32 encode "
           f"{s['baseline_texts_per_s']:.1f} chunks/s; ours {s['embed_texts_per_s']:.1f} chunks/s -> {s['embed_speedup']:.2f}x "
-          f"(engine alone on the identical full texts: {s['embed_same_text_per_s']:.1f}/s -> {s['embed_same_text_speedup']:.2f}x)")
+          f"(engine alone on the identical full texts: {s['embed_same_text_per_s']:.1f}/s "
+          f"-> {s['embed_same_text_speedup']:.2f}x)")
     print(f"rebuild with unchanged chunks: {s['rebuild_s']:.1f} s vs first build {s['first_build_s']:.1f} s -> "
           f"{100 * s['rebuild_ratio']:.1f}% (embedded {s['rebuild_embedded_new']} new)")
-    print(f"retrieval latency: hybrid p50 {s['latency_p50_ms']:.1f} ms, p95 {s['latency_p95_ms']:.1f} ms; bm25-only p50 {s['latency_p50_bm25_ms']:.1f} ms")
+    print(f"retrieval latency: hybrid p50 {s['latency_p50_ms']:.1f} ms, p95 {s['latency_p95_ms']:.1f} ms; "
+          f"bm25-only p50 {s['latency_p50_bm25_ms']:.1f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0

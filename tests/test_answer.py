@@ -1,17 +1,20 @@
 """Answering: the relevance gate, the context budget, debiasing paths and self-consistency (tiny model);
 a real offline Qwen model when `make llm-models` has prepared it."""
 import dataclasses
+import math
+import re
 
 import pytest
 
+from conftest import ROOT
 from fsku.config import InferConfig
 from fsku.infer.answer import Answerer, gate_passages
 from fsku.infer.classify import classify_question
+from fsku.llm import LLMBackend
 from fsku.retrieve import Hit
 
-from conftest import ROOT
-
-Q = classify_question("Q1", "보안사고를 알게 된 금융회사등은 언제까지 보고하여야 하는가?\n1 즉시\n2 24시간 이내\n3 7일 이내\n4 30일 이내")
+Q = classify_question("Q1", "보안사고를 알게 된 금융회사등은 언제까지 보고하여야 하는가?\n"
+                            "1 즉시\n2 24시간 이내\n3 7일 이내\n4 30일 이내")
 
 
 def _hit(i, dense, bm25=None, text="제5조(보안사고의 보고) 금융회사등은 24시간 이내에 보고하여야 한다. " * 3):
@@ -161,6 +164,95 @@ def test_fallback_asks_the_same_model_without_context(tiny_llm):
     cfg = InferConfig(kb="x", context="always", debias="rotate")
     a = Answerer(tiny_llm, cfg).answer(Q, [_hit(0, 0.95)], fast=True)
     assert a.used_fallback and a.n_context == 0 and a.answer in {"1", "2", "3", "4"}
+
+
+# ---------------------------------------------------------------- debiasing by hand on a stand-in backend
+
+class PositionBiasedLLM(LLMBackend):
+    """A stand-in backend with a known position bias: the logit of label j+1 is the content score of
+    the option text shown at display position j plus BIAS[j] (the content-free text "N/A" scores 0);
+    the option labels together hold e^-0.7 of the next-token mass, as in a real full-vocabulary softmax."""
+
+    name = "position-biased"
+    CONTENT = {"즉시": 0.0, "24시간 이내": 1.0, "7일 이내": 0.8, "30일 이내": -0.3, "N/A": 0.0}
+    BIAS = [1.5, 0.0, -0.5, 0.2]
+
+    def __init__(self):
+        super().__init__("position-biased")  # no tokenizer: render_chat uses its plain layout
+        self.shown: list[list[str]] = []  # the option texts of every scored order, in display order
+
+    def option_logprobs(self, request, deadline=None):
+        import numpy as np
+
+        rows = []
+        for suffix in request.suffixes:
+            lines = re.findall(r"^([1-9]) (.+)$", suffix, flags=re.M)
+            assert [n for n, _ in lines] == request.labels == ["1", "2", "3", "4"], (lines, request.labels)
+            texts = [t for _, t in lines]
+            self.shown.append(texts)
+            logits = [self.CONTENT[t] + self.BIAS[j] for j, t in enumerate(texts)]
+            lse = math.log(sum(math.exp(x) for x in logits))
+            rows.append([x - lse - 0.7 for x in logits])
+        return np.array(rows)
+
+
+def _log_softmax(xs):
+    lse = math.log(sum(math.exp(x) for x in xs))
+    return [x - lse for x in xs]
+
+
+def _lse(xs):
+    return math.log(sum(math.exp(x) for x in xs))
+
+
+# Q's options in the original order: 즉시, 24시간 이내, 7일 이내, 30일 이내 -> content c = [0, 1, 0.8, -0.3];
+# position bias b = [1.5, 0, -0.5, 0.2]. With rotations=2 the orders are the identity and the shift by 2
+# ([2, 3, 0, 1]: display shows options 3, 4, 1, 2).
+#   none:      one order, logits c + b = [1.5, 1.0, 0.3, -0.1] -> their log-softmax; the bias wins: option 1
+#   rotate:    order 2 shows logits [0.8+1.5, -0.3+0, 0-0.5, 1+0.2] = [2.3, -0.3, -0.5, 1.2]; each option's
+#              mean over the two orders is c_i + (mean bias of the two positions it held) - the mean
+#              log-normaliser: c + [(1.5-0.5)/2, (0+0.2)/2, (-0.5+1.5)/2, (0.2+0)/2] = [0.5, 1.1, 1.3, -0.2]
+#              minus (lse(order 1) + lse(order 2)) / 2: only half the bias cancels, option 3 wins
+#   calibrate: the content-free prompt ("N/A" everywhere) gives log-softmax(b); subtracting it and
+#              renormalising removes an additive bias exactly: log-softmax(c), option 2
+#   rotate+calibrate: every order calibrates to log-softmax(c) in original order; the mean is the same
+C, B = [0.0, 1.0, 0.8, -0.3], [1.5, 0.0, -0.5, 0.2]
+HAND = {  # debias -> (chosen option, raw choice = argmax of the identity order after calibration, scores)
+    "none": (1, 1, _log_softmax([1.5, 1.0, 0.3, -0.1])),
+    "rotate": (3, 1, [x - (_lse([1.5, 1.0, 0.3, -0.1]) + _lse([2.3, -0.3, -0.5, 1.2])) / 2
+                      for x in (0.5, 1.1, 1.3, -0.2)]),
+    "calibrate": (2, 2, _log_softmax(C)),
+    "rotate+calibrate": (2, 2, _log_softmax(C)),
+}
+
+
+@pytest.mark.parametrize("debias", sorted(HAND))
+def test_debias_methods_by_hand_on_a_position_biased_backend(debias):
+    want_choice, want_raw, want_scores = HAND[debias]
+    llm = PositionBiasedLLM()
+    answerer = Answerer(llm, InferConfig(kb=None, context="none", debias=debias, rotations=2))
+    a = answerer.answer(Q, [])
+    assert a.answer == str(want_choice) and a.raw_choice == want_raw and not a.used_fallback
+    assert a.scores == pytest.approx(want_scores, abs=5.01e-5)  # Answer keeps 4 decimals
+    probs = [math.exp(s) / sum(math.exp(x) for x in want_scores) for s in want_scores]
+    assert a.confidence == pytest.approx(probs[want_choice - 1], abs=5.01e-5)
+    identity, shifted = ["즉시", "24시간 이내", "7일 이내", "30일 이내"], ["7일 이내", "30일 이내", "즉시", "24시간 이내"]
+    orders = [identity, shifted] if "rotate" in debias else [identity]
+    prior = [["N/A"] * 4] if "calibrate" in debias else []  # the content-free prompt, scored once
+    assert llm.shown == orders + prior
+    scores, raw = answerer.score_options(Q, "", debias, 2)
+    assert scores.tolist() == pytest.approx(want_scores, abs=1e-9) and raw == want_raw
+    assert llm.shown[-1] == orders[-1]  # the content-free prior was cached, not asked again
+
+
+@pytest.mark.parametrize("debias, want", [("none", "none"), ("rotate", "none"), ("calibrate", "calibrate"),
+                                          ("rotate+calibrate", "calibrate")])
+def test_fallback_keeps_calibration_but_scores_one_order(debias, want):
+    llm = PositionBiasedLLM()
+    a = Answerer(llm, InferConfig(kb=None, context="none", debias=debias, rotations=2)).answer(Q, [], fast=True)
+    want_choice, want_raw, want_scores = HAND[want]
+    assert a.used_fallback and a.answer == str(want_choice) and a.raw_choice == want_raw
+    assert a.scores == pytest.approx(want_scores, abs=5.01e-5)
 
 
 REAL = ROOT / "models" / "qwen2.5-coder-0.5b-instruct"

@@ -1,7 +1,17 @@
 from dataclasses import dataclass
 
-from fsku.chunk import (Chunk, char_length, chunk_document, chunk_documents, looks_like_statute, merge_pieces,
-                        pack_article, parse_statute, recursive_split, strip_amendment_notes)
+from fsku.chunk import (
+    Chunk,
+    char_length,
+    chunk_document,
+    chunk_documents,
+    looks_like_statute,
+    merge_pieces,
+    pack_article,
+    parse_statute,
+    recursive_split,
+    strip_amendment_notes,
+)
 
 STATUTE = """[시행 2024. 1. 1.]
 제1장 총칙
@@ -87,7 +97,8 @@ def test_merge_pieces_overlap_limits():
 
 
 def test_markdown_and_plain_documents():
-    md = Doc(text="# 가이드\n서론.\n## 비밀번호\n비밀번호는 길게.\n## 피싱\n링크를 누르지 않는다.", source="/x/g.md", title="가이드")
+    md = Doc(text="# 가이드\n서론.\n## 비밀번호\n비밀번호는 길게.\n## 피싱\n링크를 누르지 않는다.",
+             source="/x/g.md", title="가이드")
     chunks = chunk_document(md, 200, 0, char_length)
     assert [c.path for c in chunks] == ["가이드 › 가이드", "가이드 › 가이드 › 비밀번호", "가이드 › 가이드 › 피싱"]
     assert not looks_like_statute(md.text) and looks_like_statute(STATUTE)

@@ -2,14 +2,14 @@ import json
 
 import pytest
 
+from conftest import needs_shared
 from fsku.cli import main as fsku_main
 from fsku.infer.classify import classify_question, read_questions_csv
 
-from conftest import needs_shared
-
 
 def test_competition_format():
-    q = classify_question("T1", "전자금융거래법 제14조에 따라 철회 시기는?\n1 임의로 결정\n2 약정에 따라\n3 거래 후\n4 즉시\n5 없음")
+    q = classify_question("T1", "전자금융거래법 제14조에 따라 철회 시기는?\n"
+                                "1 임의로 결정\n2 약정에 따라\n3 거래 후\n4 즉시\n5 없음")
     assert q.question_type == "multiple_choice" and q.confidence == 1.0
     assert q.parsed_question == "전자금융거래법 제14조에 따라 철회 시기는?"
     assert q.choices == {"1": "임의로 결정", "2": "약정에 따라", "3": "거래 후", "4": "즉시", "5": "없음"}
@@ -32,7 +32,8 @@ def test_other_marker_styles(options):
 
 
 def test_numbers_inside_the_stem_are_not_options():
-    stem = "다음 보기를 읽고 답하시오.\n1. 제14조에 따른 철회\n2. 1,000명 이상의 이용자\n3. 3억원 이하의 과태료\n다음 중 옳은 것을 모두 고른 것은?"
+    stem = ("다음 보기를 읽고 답하시오.\n1. 제14조에 따른 철회\n2. 1,000명 이상의 이용자\n3. 3억원 이하의 과태료\n"
+            "다음 중 옳은 것을 모두 고른 것은?")
     q = classify_question("x", stem + "\n1 1, 2\n2 2, 3\n3 1, 3\n4 1, 2, 3")
     assert q.question_type == "multiple_choice"
     assert q.parsed_question == stem
@@ -54,7 +55,8 @@ def test_empty_question_is_an_error():
 
 def test_classify_command_and_csv_errors(tmp_path):
     csv_path = tmp_path / "test.csv"
-    csv_path.write_text('ID,Question\nTEST_000,"보안책임자는?\n1 임원\n2 직원\n3 외부인\n4 없음"\nTEST_001,망분리의 목적을 설명하세요.\n',
+    csv_path.write_text('ID,Question\nTEST_000,"보안책임자는?\n1 임원\n2 직원\n3 외부인\n4 없음"\n'
+                        'TEST_001,망분리의 목적을 설명하세요.\n',
                         encoding="utf-8-sig")
     out = tmp_path / "c.jsonl"
     assert fsku_main(["classify", "--input", str(csv_path), "--out", str(out)]) == 0
@@ -90,7 +92,8 @@ def test_fsku_dev_sets_classify_correctly():
 
 
 def test_retrieval_dev_questions_split_into_63_mcq_and_2_descriptive():
-    rows = [json.loads(line) for line in needs_shared("fsku-benchmark", "retrieval_dev.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [json.loads(line)
+            for line in needs_shared("fsku-benchmark", "retrieval_dev.jsonl").read_text(encoding="utf-8").splitlines()]
     kinds = [classify_question(r["qid"], r["question"]) for r in rows]
     assert sum(k.question_type == "multiple_choice" for k in kinds) == 63
     assert all((k.question_type == "multiple_choice") == str(r.get("answer", "")).isdigit() for k, r in zip(kinds, rows))

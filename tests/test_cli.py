@@ -1,15 +1,15 @@
 """Command-line and MLflow entry points, end to end on the sample corpus."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from fsku.cli import main as fsku_main
-
 from conftest import ROOT, SAMPLE_CORPUS, SAMPLE_LABELS
+from fsku.cli import main as fsku_main
 
 
 def test_retrieve_command_output_format(sample_kb, tmp_path):
@@ -24,6 +24,89 @@ def test_retrieve_command_output_format(sample_kb, tmp_path):
     hit = rows[0]["hits"][0]
     assert {"chunk_id", "source", "text", "score"} <= set(hit) and len(rows[0]["hits"]) == 3
     assert Path(hit["source"]).name == "보안용어집.json"
+
+
+def _tuned_kb(sample_kb, tmp_path) -> Path:
+    """The sample KB with non-default fusion settings in its manifest (as `fsku tune` would leave them)."""
+    kb, _, _ = sample_kb
+    folder = tmp_path / "tuned-kb"
+    shutil.copytree(kb.folder, folder)
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    manifest["params"].update(fusion="rrf", rrf_k=7, w_bm25=0.9, w_law=0.0, w_article=0.0)
+    (folder / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
+def test_retrieve_uses_the_kbs_fusion_settings_unless_a_flag_overrides_them(sample_kb, tmp_path):
+    from fsku.kb import KnowledgeBase
+
+    folder = _tuned_kb(sample_kb, tmp_path)
+    questions = ["망분리란?", "OTP 이체 한도", "금융회사등이 보안사고를 알게 된 때 감독기관 보고 기한"]
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("".join(json.dumps({"qid": i, "question": q}, ensure_ascii=False) + "\n" for i, q in enumerate(questions)),
+                       encoding="utf-8")
+
+    def retrieve(*flags) -> list[list[tuple]]:
+        out = tmp_path / "hits.jsonl"
+        assert fsku_main(["retrieve", "--kb", str(folder), "--queries", str(queries), "--top-k", "4", "--out", str(out),
+                          *flags]) == 0
+        return [[(h["chunk_id"], h["score"], h["method"]) for h in json.loads(line)["hits"]]
+                for line in out.read_text(encoding="utf-8").splitlines()]
+
+    kb = KnowledgeBase.load(folder)
+
+    def search(**overrides) -> list[list[tuple]]:
+        return [[(h.chunk_id, h.score, h.method) for h in hs] for hs in kb.search(questions, top_k=4, **overrides)]
+
+    tuned = retrieve()
+    assert kb.retrieve_defaults().fusion == "rrf" and tuned == search()  # rrf with k=7, no priors: the manifest's
+    assert {m for hs in tuned for _, _, m in hs} == {"rrf"} and tuned != search(rrf_k=60)
+    assert retrieve("--rrf-k", "60") == search(rrf_k=60) != tuned
+    minmax = retrieve("--fusion", "minmax")  # the flag wins; w_bm25=0.9 still comes from the KB
+    assert minmax == search(fusion="minmax") and {m for hs in minmax for _, _, m in hs} == {"hybrid"}
+    assert retrieve("--fusion", "minmax", "--w-bm25", "1.0") == search(fusion="minmax", w_bm25=1.0)
+
+
+def test_eval_retrieval_uses_the_kbs_fusion_settings_unless_a_flag_overrides_them(sample_kb, tmp_path, capsys):
+    import dataclasses
+
+    from fsku.evaluate.retrieval import evaluate_retrieval
+    from fsku.kb import KnowledgeBase
+
+    folder = _tuned_kb(sample_kb, tmp_path)
+    kb = KnowledgeBase.load(folder)
+
+    def eval_retrieval(*flags) -> tuple[str, dict]:
+        assert fsku_main(["eval-retrieval", "--kb", str(folder), "--labels", str(SAMPLE_LABELS), "--top-k", "5", *flags]) == 0
+        printed = capsys.readouterr().out
+        return printed.splitlines()[0], json.loads(printed[printed.index("{"):printed.index("\n}") + 2])
+
+    def expected(**overrides) -> dict:
+        metrics, _ = evaluate_retrieval(kb, SAMPLE_LABELS, dataclasses.replace(kb.retrieve_defaults(), top_k=5, **overrides))
+        metrics.pop("curve")
+        return metrics
+
+    assert eval_retrieval() == ("fusion rrf, w_bm25=0.9, rrf_k=7, w_law=0.0, w_article=0.0", expected())
+    assert eval_retrieval("--fusion", "minmax", "--w-bm25", "0.3", "--w-law", "0.1") == (
+        "fusion minmax, w_bm25=0.3, rrf_k=7, w_law=0.1, w_article=0.0", expected(fusion="minmax", w_bm25=0.3, w_law=0.1))
+
+
+def test_stage_commands_run_the_step_modules_main(monkeypatch):
+    """`fsku <stage>` is `fsku.steps.<stage>.main(argv)`; every step module has the same shape."""
+    import importlib
+    import inspect
+
+    stages = {"build-kb": "build_kb", "synth-qa": "synth_qa", "distill": "distill", "quantize": "quantize",
+              "predict": "predict", "evaluate": "evaluate", "tune": "tune", "promote": "promote", "package": "package",
+              "main": "main"}
+    for command, module in stages.items():
+        mod = importlib.import_module(f"fsku.steps.{module}")
+        params = list(inspect.signature(mod.run_step).parameters)
+        assert params[:2] == ["cfg", "progress"], (module, params)
+        assert f"python -m fsku.steps.{module}" in mod.__doc__, module
+        calls = []
+        monkeypatch.setattr(mod, "main", lambda argv, calls=calls: calls.append(argv) or 0)
+        assert fsku_main([command, "--x", "1"]) == 0 and calls == [["--x", "1"]], command
 
 
 def test_retrieve_rejects_bad_query_file(sample_kb, tmp_path, capsys):

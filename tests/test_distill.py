@@ -79,7 +79,7 @@ def test_prompts_are_the_inference_prompts_without_the_split_sentinel():
 
 def test_responses_resume_after_a_kill_without_duplicates(tmp_path):
     rows = D.build_prompts(_records(6))
-    settings = D.ResponseSettings(batch_size=2)
+    settings = D.ResponseSettings(gen_batch_size=2)
     path = tmp_path / "resp.jsonl"
     killed = CountingLLM(fail_after=3)
     with pytest.raises(KeyboardInterrupt):
@@ -172,7 +172,8 @@ def _trainer(tiny_models, tmp_path, loss_type="distillm_v2", teacher_logits="onl
     if teacher_logits == "topk":
         T.precompute_topk(teacher, feats, k=topk, vocab_size=len(tok))
         teacher = None
-    student = T.load_student(str(tiny_models["student"]), T.LoraSettings(r=4, alpha=8, dropout=0.0), torch.float32, "cpu")
+    student = T.load_student(str(tiny_models["student"]), T.LoraSettings(lora_r=4, lora_alpha=8, lora_dropout=0.0),
+                             torch.float32, "cpu")
     args = TrainingArguments(output_dir=str(tmp_path / "ckpt"), max_steps=steps, per_device_train_batch_size=2,
                              learning_rate=1e-2, report_to="none", remove_unused_columns=False, use_cpu=True,
                              logging_steps=1, save_strategy="no", disable_tqdm=True)
@@ -206,11 +207,11 @@ def test_baselines_train(tiny_models, tmp_path, loss_type):
 
 
 def test_response_window_by_hand():
-    I = T.IGNORE
+    ign = T.IGNORE
     # first labelled column 2 of width 5: logits at positions 1..4 are kept, 1..3 predict labels 2..4
-    assert T.response_window(torch.tensor([[I, I, 5, 6, I], [I, I, I, 7, 8]])) == 4
-    assert T.response_window(torch.tensor([[I, I, I]])) == 3  # nothing labelled: the whole width
-    assert T.response_window(torch.tensor([[4, 5, I]])) == 3  # a label at 0 cannot be predicted
+    assert T.response_window(torch.tensor([[ign, ign, 5, 6, ign], [ign, ign, ign, 7, 8]])) == 4
+    assert T.response_window(torch.tensor([[ign, ign, ign]])) == 3  # nothing labelled: the whole width
+    assert T.response_window(torch.tensor([[4, 5, ign]])) == 3  # a label at 0 cannot be predicted
 
 
 def test_windowed_loss_equals_the_full_width_loss(tiny_models, tmp_path):
@@ -228,22 +229,35 @@ def test_windowed_loss_equals_the_full_width_loss(tiny_models, tmp_path):
             log_q = L.log_probs(trainer.model(input_ids=ids, attention_mask=attn).logits[:, :-1], vocab)
             log_p = L.log_probs(trainer.teacher(input_ids=ids, attention_mask=attn).logits[:, :-1], vocab)
             sides[side] = L.Side(log_q, log_p, labels, labels != T.IGNORE)
-        full, _ = L.distillation_loss("distillm_v2", sides["chosen"], sides["rejected"], 0.1, 0.1, beta=1.0)
+        full, _ = L.distillation_loss("distillm_v2", sides["chosen"], sides["rejected"], 0.1, 0.1, beta=1.0, jsd_weight=0.5)
         windowed = trainer.compute_loss(trainer.model, batch)
     assert windowed.item() == pytest.approx(full.item(), rel=1e-5, abs=1e-6)
 
 
 def test_topk_teacher_matches_online_when_k_covers_the_mass(tiny_models, tmp_path):
-    online, _ = _trainer(tiny_models, tmp_path / "a", loss_type="kd")
+    from fsku.distill import losses as L
+
+    online, _ = _trainer(tiny_models, tmp_path / "a", loss_type="distillm_v2")
     topk, _ = _trainer(tiny_models, tmp_path / "b", loss_type="distillm_v2", teacher_logits="topk", topk=10**6)
-    online.loss_settings = topk.loss_settings
+    assert topk.teacher is None
     batch_online = T.PairCollator(0)([online.train_dataset[i] for i in range(2)])
     batch_topk = T.PairCollator(0)([topk.train_dataset[i] for i in range(2)])
+    vocab = topk.vocab_size
     with torch.no_grad():
+        # k >= the vocabulary: the stored rows are the teacher's whole distribution at every response position
+        for side in T.SIDES:
+            all_labels = batch_topk[f"{side}_labels"]
+            keep = T.response_window(all_labels)
+            mask = all_labels[:, all_labels.shape[1] - keep + 1:] != T.IGNORE
+            full = online.teacher(input_ids=batch_online[f"{side}_input_ids"],
+                                  attention_mask=batch_online[f"{side}_attention_mask"]).logits[:, :-1]
+            want = L.log_probs(full, vocab)[:, -(keep - 1):]
+            got = topk._teacher_logp(batch_topk, side, mask, torch.empty(*mask.shape, vocab), keep)
+            assert mask.sum() > 0 and got.shape == want.shape
+            assert torch.allclose(got[mask], want[mask], rtol=1e-6, atol=1e-6), side
         a = online.compute_loss(online.model, batch_online).item()
         b = topk.compute_loss(topk.model, batch_topk).item()
-    # top-16 of a random tiny teacher holds most but not all of the mass: close, not equal
-    assert b == pytest.approx(a, rel=0.25)
+    assert b == pytest.approx(a, rel=1e-6, abs=1e-6)
 
 
 def test_adaptive_alpha_sets_a_reference_then_adapts(tiny_models, tmp_path):
@@ -254,6 +268,93 @@ def test_adaptive_alpha_sets_a_reference_then_adapts(tiny_models, tmp_path):
     assert "gap/chosen" in cb.history[-2]  # the last entry is the end-of-training summary
 
 
+def _naive_sides(trainer, batch):
+    """Both sides of a batch as plain-list probabilities (student q, teacher p) at every response
+    position, from full-width forward passes of the two models (no response window, no top-k)."""
+    from test_distill_losses import naive_side_from_logits
+
+    out = {}
+    with torch.no_grad():
+        for side in T.SIDES:
+            ids, attn = batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"]
+            labels = batch[f"{side}_labels"][:, 1:]
+            s = trainer.model(input_ids=ids, attention_mask=attn).logits[:, :-1, :trainer.vocab_size].double()
+            t = trainer.teacher(input_ids=ids, attention_mask=attn).logits[:, :-1, :trainer.vocab_size].double()
+            out[side] = naive_side_from_logits(s, t, labels, labels != T.IGNORE)
+    return out
+
+
+def _logged(trainer, cb) -> dict:
+    """What the trainer logs for the compute_loss calls since the last log (its stored metrics, averaged)."""
+    trainer.log({})
+    return cb.history[-1]
+
+
+@pytest.mark.parametrize("loss_type", ["distillm_v2", "sft", "kd", "rkl", "gkd"])
+def test_trainer_loss_matches_naive_loops(tiny_models, tmp_path, loss_type):
+    """compute_loss (response window, teacher online) against the formulas on full-width logits, with a
+    non-default alpha, beta and JSD weight."""
+    from test_distill_losses import naive_loss
+
+    alpha, beta, w = 0.2, 0.6, 0.3
+    trainer, cb = _trainer(tiny_models, tmp_path, loss_type=loss_type, alpha=alpha, beta=beta, jsd_weight=w)
+    batch = T.PairCollator(0)([trainer.train_dataset[i] for i in range(3)])
+    sides = _naive_sides(trainer, batch)
+    want, want_terms = naive_loss(loss_type, sides["chosen"], sides["rejected"], alpha, alpha, beta, w)
+    with torch.no_grad():
+        got = trainer.compute_loss(trainer.model, batch).item()
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    logged = _logged(trainer, cb)
+    assert {k[len("loss/"):] for k in logged if k.startswith("loss/")} == set(want_terms)
+    for key, value in want_terms.items():
+        assert logged[f"loss/{key}"] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_trainer_applies_the_adapted_alpha_after_its_reference_steps(tiny_models, tmp_path):
+    """DistiLLM-2's adaptive alpha by hand: the mean teacher-student gap of the first
+    `alpha_reference_steps` batches is the reference g_ref (those steps use the base alpha a0); later
+    batches use alpha_i = clip(1 - (1 - a0) * g_ref / (g_i + 1e-5), 0.01, a0) per sequence and side,
+    where g_i is how much likelier the side's own model finds the response (chosen: teacher minus
+    student; rejected: student minus teacher) and 1e-5 is the trainer's guard against a zero gap."""
+    from test_distill_losses import naive_loss, naive_sequence_gap
+
+    a0, beta, steps = 0.3, 0.8, 2
+    trainer, cb = _trainer(tiny_models, tmp_path, adaptive_alpha=True, alpha_reference_steps=steps, alpha=a0, beta=beta)
+    collate = T.PairCollator(0)
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    reference_batches, final = [collate(rows[:2]), collate(rows[2:])], collate(rows)
+    reverse = {"chosen": False, "rejected": True}
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    want_ref = {side: mean([mean(naive_sequence_gap(_naive_sides(trainer, b)[side], reverse[side]))
+                            for b in reference_batches]) for side in T.SIDES}
+    with torch.no_grad():
+        for b in reference_batches:
+            trainer.compute_loss(trainer.model, b)
+    for side in T.SIDES:
+        assert trainer.reference_gap[side] == pytest.approx(want_ref[side], rel=1e-5)
+    logged = _logged(trainer, cb)
+    assert logged["alpha/chosen"] == pytest.approx(a0) and logged["alpha/rejected"] == pytest.approx(a0)
+
+    sides = _naive_sides(trainer, final)
+    want_alpha = {side: [min(a0, max(0.01, 1 - (1 - a0) * want_ref[side] / (g + 1e-5)))
+                         for g in naive_sequence_gap(sides[side], reverse[side])] for side in T.SIDES}
+    # the adaptation must matter on this batch, or the loss below could not tell it from the base alpha
+    assert max(abs(a - a0) for side in T.SIDES for a in want_alpha[side]) > 1e-2, want_alpha
+    want, _ = naive_loss("distillm_v2", sides["chosen"], sides["rejected"], want_alpha["chosen"],
+                         want_alpha["rejected"], beta, 0.5)
+    base, _ = naive_loss("distillm_v2", sides["chosen"], sides["rejected"], a0, a0, beta, 0.5)
+    assert abs(want - base) > 1e-4
+    with torch.no_grad():
+        got = trainer.compute_loss(trainer.model, final).item()
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    logged = _logged(trainer, cb)
+    for side in T.SIDES:
+        assert logged[f"alpha/{side}"] == pytest.approx(mean(want_alpha[side]), abs=1e-6), side
+
+
 def test_distill_pipeline_end_to_end_and_resume(tiny_models, synth_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -262,7 +363,7 @@ def test_distill_pipeline_end_to_end_and_resume(tiny_models, synth_dir, tmp_path
     cfg = DistillConfig(data=str(synth_dir), teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]),
                         backend="transformers", device="cpu", dtype="float32", out=str(tmp_path / "out"),
                         max_steps=2, batch_size=2, save_steps=1, max_new_tokens=12, mc_max_new_tokens=3,
-                        max_length=512, max_prompt_length=400, lora_r=4, lora_alpha=8, register_as=None,
+                        max_model_len=512, max_prompt_length=400, lora_r=4, lora_alpha=8, register_as=None,
                         cache_dir=str(tmp_path / "cache"), rounds=2, temperature=1.0)
     logged = []
     res = distill(cfg, log_fn=lambda m, s: logged.append((s, m)), progress=False)
@@ -286,14 +387,15 @@ def test_distill_pipeline_end_to_end_and_resume(tiny_models, synth_dir, tmp_path
 def test_distill_step_logs_to_mlflow_and_registers_the_student(tiny_models, synth_dir, tmp_path):
     import mlflow
 
-    from fsku.steps.distill import distill_step
+    from fsku.steps.distill import run_step
 
     cfg = DistillConfig(data=str(synth_dir), teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]),
                         backend="transformers", device="cpu", dtype="float32", out=str(tmp_path / "out"),
-                        max_steps=2, batch_size=2, max_new_tokens=8, mc_max_new_tokens=3, max_length=512,
+                        max_steps=2, batch_size=2, max_new_tokens=8, mc_max_new_tokens=3, max_model_len=512,
                         max_prompt_length=400, lora_r=4, lora_alpha=8, cache_dir="", temperature=1.0,
                         register_as="fsku-student-test", loss_type="distillm_v2", alpha=0.2, beta=0.5)
-    result, run_id, version = distill_step(cfg, progress=False)
+    out = run_step(cfg, progress=False)
+    run_id, version = out["run_id"], out["version"]
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)
     assert run.data.tags["fsku.loss_type"] == "distillm_v2"
@@ -340,7 +442,7 @@ def test_topk_teacher_pipeline_frees_and_reloads_the_teacher_between_rounds(tiny
 
     cfg = DistillConfig(data=str(synth_dir), teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]),
                         backend="transformers", device="cpu", dtype="float32", out=str(tmp_path / "out"),
-                        max_steps=1, batch_size=2, max_new_tokens=8, mc_max_new_tokens=3, max_length=512,
+                        max_steps=1, batch_size=2, max_new_tokens=8, mc_max_new_tokens=3, max_model_len=512,
                         max_prompt_length=400, lora_r=4, lora_alpha=8, cache_dir="", temperature=1.0, rounds=2,
                         register_as=None, teacher_logits="topk", topk=8, loss_type="kd")
     res = distill(cfg, progress=False)
@@ -352,8 +454,8 @@ def test_qlora_needs_cuda_and_gradient_checkpointing_trains(tiny_models, tmp_pat
     with pytest.raises(ValueError, match="qlora needs a CUDA GPU"):
         T.load_student(str(tiny_models["student"]), T.LoraSettings(qlora=True), torch.float32, "cpu")
     with pytest.raises(ValueError, match="none of the LoRA target modules"):
-        T.load_student(str(tiny_models["student"]), T.LoraSettings(target_modules="c_attn"), torch.float32, "cpu")
-    student = T.load_student(str(tiny_models["student"]), T.LoraSettings(r=4, alpha=8, gradient_checkpointing=True),
+        T.load_student(str(tiny_models["student"]), T.LoraSettings(lora_target_modules="c_attn"), torch.float32, "cpu")
+    student = T.load_student(str(tiny_models["student"]), T.LoraSettings(lora_r=4, lora_alpha=8, gradient_checkpointing=True),
                              torch.float32, "cpu")
     assert student.base_model.model.model.gradient_checkpointing
     tok, feats, _ = _features(tiny_models, 2)
@@ -372,7 +474,8 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_models, tmp_path):
     for bs, ga in ((2, 1), (1, 2)):
         tok, feats, _ = _features(tiny_models, 2)
         torch.manual_seed(0)
-        student = T.load_student(str(tiny_models["student"]), T.LoraSettings(r=4, alpha=8, dropout=0.0), torch.float32, "cpu")
+        student = T.load_student(str(tiny_models["student"]), T.LoraSettings(lora_r=4, lora_alpha=8, lora_dropout=0.0),
+                                 torch.float32, "cpu")
         args = TrainingArguments(output_dir=str(tmp_path / f"ga{ga}"), max_steps=1, per_device_train_batch_size=bs,
                                  gradient_accumulation_steps=ga, learning_rate=1e-3, report_to="none",
                                  remove_unused_columns=False, use_cpu=True, logging_steps=1, save_strategy="no",

@@ -114,22 +114,24 @@ def test_beta_weights_and_one_sided_limits(batch):
     skl = L.masked_mean(L.skew_forward_kl(chosen.log_p, chosen.log_q, 0.1), chosen.mask)
     srkl = L.masked_mean(L.skew_reverse_kl(rejected.log_p, rejected.log_q, 0.1), rejected.mask)
     for beta in (0.0, 0.5, 1.0, 2.0):
-        total, terms = L.distillation_loss("distillm_v2", chosen, rejected, 0.1, 0.1, beta=beta)
+        total, terms = L.distillation_loss("distillm_v2", chosen, rejected, 0.1, 0.1, beta=beta, jsd_weight=0.5)
         assert total.item() == pytest.approx(((2 - beta) * skl + beta * srkl).item(), abs=1e-6)
     # beta = 0 keeps only the teacher-response term, beta = 2 only the student-response term
-    assert set(L.distillation_loss("distillm_v2", chosen, None, beta=0.0)[1]) == {"chosen_skew_forward_kl"}
-    assert set(L.distillation_loss("distillm_v2", None, rejected, beta=2.0)[1]) == {"rejected_skew_reverse_kl"}
+    assert set(L.distillation_loss("distillm_v2", chosen, None, 0.1, 0.1, beta=0.0, jsd_weight=0.5)[1]) \
+        == {"chosen_skew_forward_kl"}
+    assert set(L.distillation_loss("distillm_v2", None, rejected, 0.1, 0.1, beta=2.0, jsd_weight=0.5)[1]) \
+        == {"rejected_skew_reverse_kl"}
     with pytest.raises(ValueError, match="rejected responses"):
-        L.distillation_loss("distillm_v2", chosen, None, beta=1.0)
+        L.distillation_loss("distillm_v2", chosen, None, 0.1, 0.1, beta=1.0, jsd_weight=0.5)
     with pytest.raises(ValueError, match="beta"):
-        L.distillation_loss("distillm_v2", chosen, rejected, beta=2.5)
+        L.distillation_loss("distillm_v2", chosen, rejected, 0.1, 0.1, beta=2.5, jsd_weight=0.5)
     with pytest.raises(ValueError, match="unknown loss_type"):
-        L.distillation_loss("dpo", chosen, rejected)
+        L.distillation_loss("dpo", chosen, rejected, 0.1, 0.1, beta=1.0, jsd_weight=0.5)
 
 
 def test_sft_is_cross_entropy_on_labels(batch):
     chosen, _ = _sides(batch)
-    total, terms = L.distillation_loss("sft", chosen, None)
+    total, terms = L.distillation_loss("sft", chosen, None, 0.1, 0.1, beta=1.0, jsd_weight=0.5)
     want = []
     for b in range(3):
         vals = [-chosen.log_q[b, t, chosen.labels[b, t]].item() for t in range(5) if chosen.mask[b, t]]
@@ -198,3 +200,131 @@ def test_sequence_prob_gap():
     gap = L.sequence_prob_gap(log_p, log_q, labels, torch.ones(1, 2))
     want = math.exp((math.log(0.5) + math.log(0.9)) / 2) - math.exp((math.log(0.25) + math.log(0.5)) / 2)
     assert gap.item() == pytest.approx(want, abs=1e-6)
+
+
+# ---------------------------------------------------------------- every loss type against naive loops
+#
+# What each loss type means, written down here from the papers' definitions (DistiLLM-2; forward KD;
+# on-policy reverse KL; GKD's generalised JSD) and NOT read from LOSS_TYPES: the divergence on teacher
+# responses ("chosen") and on student responses ("rejected"). Two-sided types weigh the terms
+# (2 - beta, beta); one-sided types weigh their one term by 1.
+EXPECTED_WIRING = {
+    "distillm_v2": ("skew_forward_kl", "skew_reverse_kl"),
+    "sft": ("cross_entropy", None),
+    "kd": ("forward_kl", None),
+    "rkl": (None, "reverse_kl"),
+    "gkd": ("generalized_jsd", "generalized_jsd"),
+}
+
+
+def naive_weights(loss_type, beta):
+    chosen, rejected = EXPECTED_WIRING[loss_type]
+    if chosen and rejected:
+        return 2.0 - beta, beta
+    return (1.0, 0.0) if chosen else (0.0, 1.0)
+
+
+def naive_side(q_rows, p_rows, labels, mask):
+    """One side as plain Python: q_rows[b][t] / p_rows[b][t] are probability lists (None off the mask)."""
+    return {"q": q_rows, "p": p_rows, "labels": labels, "mask": mask}
+
+
+def naive_side_from_logits(s_logits, t_logits, labels, mask):
+    """Student / teacher logits [batch, time, vocab] -> plain-list probabilities at the masked positions."""
+    mask = [[bool(x) for x in row] for row in mask.tolist()]
+    q = [[softmax_list(s_logits[b, t].tolist()) if mask[b][t] else None for t in range(len(mask[b]))]
+         for b in range(len(mask))]
+    p = None if t_logits is None else [[softmax_list(t_logits[b, t].tolist()) if mask[b][t] else None
+                                        for t in range(len(mask[b]))] for b in range(len(mask))]
+    return naive_side(q, p, labels.tolist(), mask)
+
+
+def naive_side_loss(name, side, alpha, w):
+    """Mean of the token divergence over each sequence's masked positions, then over sequences that
+    have any; `alpha` is one float or one float per sequence."""
+    per_seq = []
+    for b, row in enumerate(side["mask"]):
+        a = alpha[b] if isinstance(alpha, (list, tuple)) else alpha
+        vals = []
+        for t, on in enumerate(row):
+            if not on:
+                continue
+            q = side["q"][b][t]
+            if name == "cross_entropy":
+                vals.append(-math.log(q[side["labels"][b][t]]))
+            else:
+                vals.append(naive_token(name, side["p"][b][t], q, a, w))
+        if vals:
+            per_seq.append(sum(vals) / len(vals))
+    return sum(per_seq) / len(per_seq)
+
+
+def naive_loss(loss_type, chosen, rejected, alpha_chosen, alpha_rejected, beta, w):
+    """(total, {"<side>_<divergence>": term}) of one batch, from the formulas alone."""
+    total, terms = 0.0, {}
+    for key, name, weight, side, alpha in zip(("chosen", "rejected"), EXPECTED_WIRING[loss_type],
+                                              naive_weights(loss_type, beta), (chosen, rejected),
+                                              (alpha_chosen, alpha_rejected)):
+        if name is None or weight == 0.0:
+            continue
+        value = naive_side_loss(name, side, alpha, w)
+        terms[f"{key}_{name}"] = value
+        total += weight * value
+    return total, terms
+
+
+def naive_sequence_gap(side, reverse=False):
+    """exp(mean log p(y)) - exp(mean log q(y)) per sequence (reverse: q first), from the label probabilities."""
+    out = []
+    for b, row in enumerate(side["mask"]):
+        lp = [math.log(side["p"][b][t][side["labels"][b][t]]) for t, on in enumerate(row) if on]
+        lq = [math.log(side["q"][b][t][side["labels"][b][t]]) for t, on in enumerate(row) if on]
+        gp, gq = math.exp(sum(lp) / len(lp)), math.exp(sum(lq) / len(lq))
+        out.append(gq - gp if reverse else gp - gq)
+    return out
+
+
+def _two_sides():
+    """Independent random chosen and rejected sides (different logits, labels and masks)."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for mask in ([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [1, 0, 1, 0, 1]], [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]):
+        s = torch.randn(3, 5, 11, generator=g, dtype=torch.float64) * 2
+        t = torch.randn(3, 5, 11, generator=g, dtype=torch.float64) * 2
+        labels = torch.randint(0, 11, (3, 5), generator=g)
+        mask = torch.tensor(mask, dtype=torch.bool)
+        log_q, log_p = L.shared_log_softmax(s, t)
+        out.append((L.Side(log_q, log_p, labels, mask), naive_side_from_logits(s, t, labels, mask)))
+    return out
+
+
+@pytest.mark.parametrize("loss_type", sorted(EXPECTED_WIRING))
+def test_every_loss_type_matches_naive_loops(loss_type):
+    """Non-default beta and JSD weight, a different alpha per side (per sequence on the chosen side):
+    a loss type wired to the wrong divergence, a side, weight or alpha ignored, all change the value."""
+    (chosen, naive_c), (rejected, naive_r) = _two_sides()
+    alpha_c, alpha_r, beta, w = [0.15, 0.25, 0.4], 0.35, 0.6, 0.3
+    total, terms = L.distillation_loss(loss_type, chosen, rejected, torch.tensor(alpha_c), alpha_r, beta=beta,
+                                       jsd_weight=w)
+    want_total, want_terms = naive_loss(loss_type, naive_c, naive_r, alpha_c, alpha_r, beta, w)
+    assert total.item() == pytest.approx(want_total, rel=1e-6, abs=1e-6)
+    assert set(terms) == set(want_terms)
+    for key, value in want_terms.items():
+        assert terms[key].item() == pytest.approx(value, rel=1e-6, abs=1e-6), key
+    # the default JSD weight (0.5) gives a different gkd value: the weight is really passed through
+    if loss_type == "gkd":
+        default, _ = naive_loss(loss_type, naive_c, naive_r, alpha_c, alpha_r, beta, 0.5)
+        assert abs(default - want_total) > 1e-3
+
+
+def test_naive_loss_types_differ_on_this_batch():
+    """The batch above tells the divergences apart (else the test before could not catch a mis-wiring)."""
+    (_, naive_c), (_, naive_r) = _two_sides()
+    names = ("forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "generalized_jsd", "cross_entropy")
+    values = {(name, key): naive_side_loss(name, side, 0.35, 0.3)
+              for name in names for key, side in (("chosen", naive_c), ("rejected", naive_r))}
+    for key in ("chosen", "rejected"):  # on one side, every divergence has its own value
+        ordered = sorted(values[(name, key)] for name in names)
+        assert all(b - a > 1e-3 for a, b in zip(ordered, ordered[1:])), values
+    for name in names:  # and a term computed on the other side would show
+        assert abs(values[(name, "chosen")] - values[(name, "rejected")]) > 1e-3, name

@@ -4,11 +4,10 @@ import json
 
 import mlflow
 
+from conftest import ROOT
 from fsku.cli import main
 from fsku.config import EvaluateConfig
-from fsku.steps.evaluate import evaluate
-
-from conftest import ROOT
+from fsku.steps.evaluate import run_step
 
 SAMPLE_QA = ROOT / "evaluation" / "sample_qa.csv"
 
@@ -18,7 +17,7 @@ def test_evaluate_logs_score_parts_plots_and_table(tiny_models, tiny_llm, sample
     cfg = EvaluateConfig(model=str(tiny_models["teacher"]), kb=str(kb.folder), gold=str(SAMPLE_QA), out_dir=str(tmp_path / "ev"),
                          max_new_tokens=8, cache_dir="", scorer_embedding=e5_model_dir, context="gated",
                          judge_model="same", judge_rows=2)
-    res = evaluate(cfg, progress=False, llm=tiny_llm, kb=kb)
+    res = run_step(cfg, progress=False, llm=tiny_llm, kb=kb)
     m = res["metrics"]
     assert m["n_multiple_choice"] == 8 and m["n_descriptive"] == 4
     assert 0 <= m["mc_accuracy"] <= 1 and 0 <= m["descriptive_score"] <= 1
@@ -46,7 +45,8 @@ def test_score_and_validate_commands(tmp_path, capsys, e5_model_dir):
     out = json.loads(capsys.readouterr().out)
     assert out["total"] == 0.5 and out["mc_accuracy"] == 0.5 and out["embedder"] == "none"
     test = tmp_path / "t.csv"
-    test.write_text("ID,Question\nSAMPLE_001,\"언제?\n1 a\n2 b\n3 c\"\nSAMPLE_002,\"무엇?\n1 a\n2 b\n3 c\"\n", encoding="utf-8-sig")
+    test.write_text("ID,Question\nSAMPLE_001,\"언제?\n1 a\n2 b\n3 c\"\nSAMPLE_002,\"무엇?\n1 a\n2 b\n3 c\"\n",
+                    encoding="utf-8-sig")
     assert main(["validate", "--submission", str(sub), "--test", str(test)]) == 0
     sub.write_text("ID,Answer\nSAMPLE_001,7\n", encoding="utf-8-sig")
     assert main(["validate", "--submission", str(sub), "--test", str(test)]) == 1

@@ -3,8 +3,16 @@ import json
 
 import pytest
 
-from fsku.evaluate.fsku_metric import (GoldRow, descriptive_row_score, fsku_score, keyword_recall, load_gold, mc_choice,
-                                       read_submission, split_keywords)
+from fsku.evaluate.fsku_metric import (
+    GoldRow,
+    descriptive_row_score,
+    fsku_score,
+    keyword_recall,
+    load_gold,
+    mc_choice,
+    read_submission,
+    split_keywords,
+)
 from fsku.evaluate.text_metrics import bleu, lcs_length, rouge_l, text_scores
 
 

@@ -2,10 +2,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SAMPLE_CORPUS
 from fsku.ingest import NoUsableDocuments, ingest_corpus, load_manifest
 from fsku.ingest.readers import decode_bytes, looks_binary, reflow, strip_running_lines
-
-from conftest import SAMPLE_CORPUS
 
 
 def test_sample_corpus_reads_every_format():
@@ -81,7 +80,8 @@ def test_decode_and_binary_detection():
 
 
 def test_running_lines_and_reflow():
-    pages = [["법제처 1 국가법령정보센터", "테스트법", "제1조(목적) 본문"], ["법제처 2 국가법령정보센터", "테스트법", "제2조(정의) 본문"],
+    pages = [["법제처 1 국가법령정보센터", "테스트법", "제1조(목적) 본문"],
+             ["법제처 2 국가법령정보센터", "테스트법", "제2조(정의) 본문"],
              ["법제처 3 국가법령정보센터", "테스트법", "제3조(기타) 본문"]]
     stripped = strip_running_lines(pages)
     assert [p[0] for p in stripped] == ["제1조(목적) 본문", "제2조(정의) 본문", "제3조(기타) 본문"]

@@ -3,11 +3,10 @@ import json
 import pandas as pd
 import pytest
 
-from fsku.config import BuildKBConfig, RetrieveConfig
-from fsku.kb import KBFormatError, KnowledgeBase, build_knowledge_base
-from fsku.steps.build_kb import evaluate_retrieval
-
 from conftest import SAMPLE_CORPUS, SAMPLE_LABELS
+from fsku.config import BuildKBConfig, RetrieveConfig
+from fsku.evaluate.retrieval import evaluate_retrieval
+from fsku.kb import KBFormatError, KnowledgeBase, build_knowledge_base
 
 
 def test_sample_kb_layout_and_manifest(sample_kb):

@@ -33,7 +33,8 @@ def test_option_scoring_matches_plain_forward_for_suffixes_of_different_lengths(
 
 
 def test_continuation_logprobs_match_a_plain_forward_per_sequence(tiny_llm):
-    prompts_ = [tiny_llm.render_chat([{"role": "user", "content": q}]) for q in ("전자금융거래란?", "보안사고 보고 기한은?", "정의")]
+    prompts_ = [tiny_llm.render_chat([{"role": "user", "content": q}])
+                for q in ("전자금융거래란?", "보안사고 보고 기한은?", "정의")]
     conts = ["전자적 장치를 통한 금융거래", "즉시", "금융회사가 전자적 장치를 통하여 제공하는 서비스"]
     # the tiny llm's batch_size is 3: four rows make two batches, with different padding
     got = tiny_llm.continuation_logprobs(prompts_ + prompts_[:1], conts + conts[2:])
@@ -182,7 +183,8 @@ def test_vllm_backend_logic_with_a_stand_in_engine(monkeypatch, tiny_models):
 
     class Completion:
         def __init__(self, text, ids, cum, finish, logprobs):
-            self.text, self.token_ids, self.cumulative_logprob, self.finish_reason, self.logprobs = text, ids, cum, finish, logprobs
+            self.text, self.token_ids, self.cumulative_logprob = text, ids, cum
+            self.finish_reason, self.logprobs = finish, logprobs
 
     class LLM:
         def __init__(self, **kw):

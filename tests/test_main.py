@@ -38,6 +38,22 @@ def test_a_fresh_chain_runs_every_step_in_order_and_wires_versions(tmp_path):
     assert (params["promote"]["candidate"], params["promote"]["kb_candidate"]) == ("8", "4")
     assert params["distill"]["data"] == params["synth_qa"]["out"] == f"{cfg.out}/synth_qa"
     assert res["distill"] == {"run_id": "run-distill", "reused": False, "params": params["distill"], "version": "7"}
+    # each step runs with its recipe from the recipes folder (the demo's by default), or none
+    assert params["synth_qa"]["recipe"] == "experiments/demo/synth_qa.yaml"
+    assert params["build_kb"]["recipe"] == ""
+    assert params["package"]["model"] == "models:/fsku-student@champion"
+
+
+def test_recipes_folder_gives_each_step_its_settings(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "distill.yaml").write_text("max_steps: 3\n")
+    cfg = MainConfig(out=str(tmp_path / "o"), recipes=str(tmp_path / "r"))
+    fake = FakeMLflow()
+    run_chain(plan(cfg), fake.runner, fake.finder, fake.version_of)
+    params = dict(fake.ran)
+    assert params["distill"]["recipe"] == str(tmp_path / "r" / "distill.yaml")
+    assert all(params[s]["recipe"] == "" for s in params if s != "distill")
+    assert plan(MainConfig(recipes=None))[1].params({})["recipe"] == ""
 
 
 def test_finished_steps_are_reused_and_a_missing_output_runs_again(tmp_path):
@@ -90,9 +106,11 @@ def test_find_finished_run_matches_parameters_status_and_code_version(tmp_path):
 
 
 def test_main_config_and_missing_models():
-    from fsku.steps.main import main_step
+    from fsku.steps.main import run_step
 
-    with pytest.raises(ValueError):
-        MainConfig(verify="sometimes")
+    with pytest.raises(TypeError, match="verify"):
+        MainConfig(verify="fresh")  # a package setting: it lives in experiments/<name>/package.yaml now
     with pytest.raises(FileNotFoundError, match="make-tiny-models"):
-        main_step(MainConfig(teacher="no/such/teacher-folder-x"))
+        run_step(MainConfig(teacher="no/such/teacher-folder-x"))
+    with pytest.raises(FileNotFoundError, match="not a folder of <stage>.yaml recipes"):
+        run_step(MainConfig(recipes="no/such/recipes"))

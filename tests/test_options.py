@@ -12,7 +12,7 @@ def test_cyclic_orders():
     assert opt.cyclic_orders(4, 2) == [[0, 1, 2, 3], [2, 3, 0, 1]]
     assert opt.cyclic_orders(5, 1) == [[0, 1, 2, 3, 4]]
     assert opt.cyclic_orders(3, 9) == opt.cyclic_orders(3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need at least one option"):
         opt.cyclic_orders(0)
 
 

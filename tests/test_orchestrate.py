@@ -5,9 +5,9 @@ import pytest
 
 from fsku.config import InferConfig
 from fsku.infer.answer import Answer, Answerer
-from fsku.infer.cache import AnswerCache, make_key
 from fsku.infer.classify import classify_question
-from fsku.infer.orchestrate import BreakerState, CircuitBreaker, Orchestrator, ResultLog
+from fsku.infer.orchestrate import BreakerState, CircuitBreaker, Orchestrator
+from fsku.stores import AnswerCache, ResultLog, make_key
 
 
 def test_circuit_breaker_transitions():
@@ -87,7 +87,8 @@ def test_breaker_opens_after_repeated_failures(tiny_llm, tmp_path):
 def test_answers_are_cached_by_question_kb_model_and_config(tiny_llm, tmp_path):
     cfg = InferConfig(model="tiny", kb=None, context="none", cache_dir=str(tmp_path / "cache"))
     cache = AnswerCache(cfg.cache_dir)
-    first = Orchestrator(Answerer(tiny_llm, cfg), cfg, cache).run(_questions(3), ResultLog(tmp_path / "a.jsonl", {}), progress=False)
+    first = Orchestrator(Answerer(tiny_llm, cfg), cfg, cache).run(_questions(3), ResultLog(tmp_path / "a.jsonl", {}),
+                                                                  progress=False)
     orch = Orchestrator(Answerer(tiny_llm, cfg), cfg, cache)
     second = orch.run(_questions(3), ResultLog(tmp_path / "b.jsonl", {}), progress=False)
     assert orch.stats["cache_hits"] == 3
@@ -106,7 +107,7 @@ def test_answers_are_cached_by_question_kb_model_and_config(tiny_llm, tmp_path):
 
 def test_cache_keys_reject_separators():
     assert make_key("answer", kb="a", q="b") == "answer|kb=a|q=b"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"cache key part kb='a\|b' must not contain '\|'"):
         make_key("answer", kb="a|b")
 
 

@@ -11,11 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from fsku.config import BuildKBConfig, PackageConfig
-from fsku.package import (BundleFacts, RulePolicy, base_model_facts, build_manifest, check_rules, check_zip,
-                          project_seconds, safe_member, scan_network_use, sha256_file, write_zip)
-
 from conftest import ROOT, SAMPLE_CORPUS
+from fsku.config import BuildKBConfig, PackageConfig
+from fsku.package import (
+    BundleFacts,
+    RulePolicy,
+    base_model_facts,
+    build_manifest,
+    check_rules,
+    check_zip,
+    project_seconds,
+    safe_member,
+    scan_network_use,
+    sha256_file,
+    write_zip,
+)
 
 QWEN = base_model_facts("offline:qwen2.5-coder-0.5b-instruct")
 
@@ -38,7 +48,8 @@ def test_clean_facts_pass_and_each_rule_refuses_with_its_reason():
         "release date of Qwen/Qwen2.5-Coder-0.5B-Instruct unknown": dict(base={**QWEN, "release_date": None}),
         "licence of Qwen/Qwen2.5-Coder-0.5B-Instruct missing": dict(base={**QWEN, "license": None}),
         "licence 'llama3.1' of Qwen/Qwen2.5-Coder-0.5B-Instruct is not permitted": dict(base={**QWEN, "license": "llama3.1"}),
-        "network access in bundled code: code/x.py:1: imports requests": dict(network=scan_network_use("import requests\n", "code/x.py")),
+        "network access in bundled code: code/x.py:1: imports requests":
+            dict(network=scan_network_use("import requests\n", "code/x.py")),
         "projected 515-question time 300.0 min exceeds the 270-min budget": dict(projected_s=18000.0),
     }
     for message, change in cases.items():
@@ -68,7 +79,7 @@ def test_network_scan_finds_imports_and_downloads_and_honours_reviewed_sites():
 def test_projection():
     assert project_seconds(30.0, 2.0, 515) == 1060.0
     assert project_seconds(30.0, 2.0, 515, speed_factor=4.0) == 265.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="speed_factor must be > 0"):
         project_seconds(1, 1, 1, 0)
 
 
@@ -120,19 +131,23 @@ def _cfg(tmp_path, model, kb, **kw) -> PackageConfig:
 
 def test_bundle_answers_its_sample_with_only_its_own_files(tiny_models, bm25_kb, tmp_path):
     from fsku.infer.predict import validate_submission
-    from fsku.steps.package import package_step
+    from fsku.steps.package import run_step
 
-    out = package_step(_cfg(tmp_path, tiny_models["student"], bm25_kb, verify="current"), progress=False)
+    out = run_step(_cfg(tmp_path, tiny_models["student"], bm25_kb, verify="current"), progress=False)
     bundle = Path(out["bundle"])
     assert out["problems"] == [] and out["llms"] == ["model"] and out["facts"]["from_scratch"]
     v = out["verification"]
-    assert v["valid"] and v["questions"] == len(list(csv.reader(open(ROOT / "evaluation/sample_test.csv", encoding="utf-8-sig")))) - 1
+    assert v["valid"] and v["questions"] == len(list(csv.reader(open(ROOT / "evaluation/sample_test.csv",
+                                                                     encoding="utf-8-sig")))) - 1
     assert v["isolation"] != "none" or shutil.which("unshare") is None
     assert validate_submission(tmp_path / "pkg" / "verify" / "submission.csv", bundle / "sample" / "test.csv") == []
     # code: the runtime package only, and the one reviewed hub call is the only network site
     code = {p.relative_to(bundle / "code" / "fsku").as_posix() for p in (bundle / "code" / "fsku").rglob("*.py")}
     assert "infer/predict.py" in code and not any(c.startswith(("steps/", "distill/", "synth/")) for c in code)
-    assert "tracking.py" not in code and "package.py" not in code
+    assert "tracking.py" not in code and not any(c.startswith("package/") for c in code)
+    from fsku.package import inference
+
+    assert (bundle / "inference.py").read_bytes() == Path(inference.__file__).read_bytes()
     assert out["network"] == [n for n in out["network"] if "guarded" in n]
     reqs = (bundle / "requirements.txt").read_text().splitlines()
     assert reqs[0].startswith("torch==") and not any(r.startswith(("mlflow", "optuna", "pytest")) for r in reqs)
@@ -150,7 +165,7 @@ def test_bundle_answers_its_sample_with_only_its_own_files(tiny_models, bm25_kb,
 
 @pytest.mark.parametrize("rule", ["two_llms", "release_date", "licence", "network", "time"])
 def test_package_step_refuses_with_the_reason(rule, tiny_models, bm25_kb, tmp_path):
-    from fsku.steps.package import PackageRefused, package_step
+    from fsku.steps.package import PackageRefused, run_step
 
     model, kb, kw = tiny_models["student"], bm25_kb, {}
     if rule == "two_llms":
@@ -180,7 +195,7 @@ def test_package_step_refuses_with_the_reason(rule, tiny_models, bm25_kb, tmp_pa
         kw = dict(verify="current", budget_min=0.0001)
         expect = "exceeds the 0.0001-min budget"
     with pytest.raises(PackageRefused) as err:
-        package_step(_cfg(tmp_path, model, kb, **kw), progress=False)
+        run_step(_cfg(tmp_path, model, kb, **kw), progress=False)
     assert any(expect in p for p in err.value.problems), err.value.problems
     assert expect in str(err.value)
     assert not list((tmp_path / "pkg").glob("*.zip"))
@@ -188,7 +203,48 @@ def test_package_step_refuses_with_the_reason(rule, tiny_models, bm25_kb, tmp_pa
     assert manifest["rules"]["passed"] is False
 
 
+def test_bundle_inference_arguments():
+    from fsku.package import inference
+
+    a = inference.parse_args(["--test", "t.csv", "--out", "s.csv"])
+    assert (a.test, a.out, a.restart, a.timing) == ("t.csv", "s.csv", False, None)
+    assert inference.parse_args(["--test", "t.csv", "--out", "s.csv", "--restart", "--timing", "x.json"]).restart
+    with pytest.raises(SystemExit):
+        inference.parse_args(["--out", "s.csv"])  # --test is required
+
+
+def test_bundle_inference_answers_a_tiny_bundle(tiny_models, tmp_path, monkeypatch):
+    """fsku/package/inference.py (the bundle's inference.py) run on a hand-made bundle: model + settings, no KB."""
+    import sys
+
+    from fsku.infer.predict import validate_submission
+    from fsku.package import inference
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_models["student"], bundle / "model")
+    (bundle / "settings.json").write_text(json.dumps({"backend": "transformers", "device": "cpu", "dtype": "float32",
+                                                      "context": "none", "max_new_tokens": 4}), encoding="utf-8")
+    test = tmp_path / "test.csv"
+    with test.open("w", encoding="utf-8-sig", newline="") as fh:
+        csv.writer(fh, lineterminator="\n").writerows([("ID", "Question"), ("Q1", "옳은 것은?\n1 가\n2 나\n3 다\n4 라"),
+                                                        ("Q2", "전자금융거래의 정의를 설명하세요.")])
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "FSKU_MODELS_DIR"):  # main() sets them; restored afterwards
+        monkeypatch.setenv(key, os.environ.get(key, ""))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "submission.csv"
+    rc = inference.main(["--test", "test.csv", "--out", "submission.csv", "--timing", str(tmp_path / "timing.json")],
+                        bundle=bundle)
+    assert rc == 0 and validate_submission(out, test) == []
+    assert json.loads((tmp_path / "timing.json").read_text())["questions"] == 2
+    assert os.environ["FSKU_MODELS_DIR"] == str(bundle / "models") and sys.path[0] == str(bundle / "code")
+    assert Path.cwd() == bundle.resolve()  # the KB's embedding model path is bundle-relative
+
+
 def test_package_config_checks():
-    for bad in ({"verify": "maybe"}, {"speed_factor": 0}, {"cutoff": "July 2025"}, {"base_model_release_date": "2025/01/01"}):
-        with pytest.raises(ValueError):
+    for bad, message in (({"verify": "maybe"}, "verify must be fresh, current or none"),
+                         ({"speed_factor": 0}, "speed_factor must be > 0"),
+                         ({"cutoff": "July 2025"}, "cutoff must be a date YYYY-MM-DD"),
+                         ({"base_model_release_date": "2025/01/01"}, "base_model_release_date must be a date YYYY-MM-DD")):
+        with pytest.raises(ValueError, match=message):
             PackageConfig(**bad)

@@ -9,10 +9,9 @@ import time
 
 import pytest
 
+from conftest import ROOT
 from fsku.config import PredictConfig
 from fsku.infer.predict import classify_file, predict, validate_submission, write_submission
-
-from conftest import ROOT
 
 SAMPLE_TEST = ROOT / "evaluation" / "sample_test.csv"
 
@@ -67,7 +66,8 @@ def test_validator_reports_each_problem(tmp_path):
     (tmp_path / "nobom.csv").write_text("ID,Answer\n" + "\n".join(f"{i},{a}" for i, a in good) + "\n", encoding="utf-8")
     assert validate_submission(tmp_path / "nobom.csv", SAMPLE_TEST) == ["not UTF-8 with BOM (the competition files are)"]
     swapped = [good[1], good[0]] + good[2:]
-    assert "rows are not in the test file's order" in validate_submission(write_submission(tmp_path / "o.csv", swapped), SAMPLE_TEST)
+    assert "rows are not in the test file's order" in validate_submission(write_submission(tmp_path / "o.csv", swapped),
+                                                                          SAMPLE_TEST)
 
 
 def test_bad_input_files_get_clear_errors(tmp_path):
@@ -95,7 +95,7 @@ def test_kill_9_then_rerun_finishes_without_recomputing(tiny_models, tmp_path):
     out = tmp_path / "submission.csv"
     partial = tmp_path / "submission.csv.partial.jsonl"
     cmd = [sys.executable, "-m", "fsku.cli", "predict", "--input", str(test_csv), "--out", str(out), "--model",
-           str(tiny_models["teacher"]), "--kb", "", "--context", "none", "--max-new-tokens", "8", "--cache-dir", "",
+           str(tiny_models["teacher"]), "--kb", "none", "--context", "none", "--max-new-tokens", "8", "--cache-dir", "none",
            "--no-progress", "--dtype", "float32"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -121,3 +121,20 @@ def test_kill_9_then_rerun_finishes_without_recomputing(tiny_models, tmp_path):
         assert by_id[qid] == rec  # the rows finished before the kill were kept, not recomputed
     assert validate_submission(out, test_csv) == []
     assert len(questions) == len(base)
+
+
+def test_predict_step_main_writes_records_and_tracks_the_run(tiny_models, tmp_path, capsys):
+    """`python -m fsku.steps.predict` (the MLproject entry point): config flags + --records, one MLflow run."""
+    import mlflow
+
+    from fsku.steps.predict import main
+
+    out, records = tmp_path / "submission.csv", tmp_path / "records.jsonl"
+    assert main(["--input", str(SAMPLE_TEST), "--out", str(out), "--records", str(records), "--model",
+                 str(tiny_models["teacher"]), "--kb", "none", "--context", "none", "--max-new-tokens", "4",
+                 "--cache-dir", "none", "--dtype", "float32", "--no-progress"]) == 0
+    assert validate_submission(out, SAMPLE_TEST) == [] and "validator: OK" in capsys.readouterr().out
+    rows = [json.loads(line) for line in records.read_text(encoding="utf-8").splitlines()]
+    assert [r["ID"] for r in rows] == [q.question_id for q in classify_file(SAMPLE_TEST)]
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`fsku.step` = 'predict'")
+    assert len(runs) >= 1 and (runs["params.model"] == str(tiny_models["teacher"])).any()

@@ -104,9 +104,9 @@ def test_joint_release_moves_student_and_kb_together(registered, tmp_path):
 def test_promote_step_evaluates_both_students_on_the_same_set(tiny_models, tmp_path, monkeypatch):
     """The real scorer: the evaluate step on the sample set, each student loaded by its models:/ URI."""
     from fsku.config import PromoteConfig
-    from fsku.steps.promote import promote_step
+    from fsku.steps.promote import run_step
 
-    monkeypatch.setattr("fsku.llm.resolve.MODELS_DIR", tmp_path / "models")
+    monkeypatch.setenv("FSKU_MODELS_DIR", str(tmp_path / "models"))
     name = "promote-step-student"
     with tracking.run("distill", {}):
         v1 = tracking.register_student(tiny_models["student"], name, {})
@@ -114,7 +114,7 @@ def test_promote_step_evaluates_both_students_on_the_same_set(tiny_models, tmp_p
     tracking.set_alias(name, "champion", v1)
     cfg = PromoteConfig(model_name=name, candidate="latest", kb=None, gold="evaluation/sample_qa.csv",
                         metric="mc_accuracy", out_dir=str(tmp_path / "promote"))
-    out = promote_step(cfg)
+    out = run_step(cfg)
     d = out["decision"]
     assert d["champion_score"] is not None and 0 <= d["candidate_score"] <= 1
     assert (tmp_path / "promote" / f"{name}-v{v1}" / "submission.csv").exists()

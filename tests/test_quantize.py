@@ -19,7 +19,7 @@ def test_perplexity_by_hand():
     assert Q.perplexity([[math.log(0.5), math.log(0.25)]]) == pytest.approx(math.sqrt(8))
     # token-weighted: one 1-token sequence at p=1 and a 3-token one at p=1/2 -> exp(3 ln2 / 4)
     assert Q.perplexity([[0.0], [math.log(0.5)] * 3]) == pytest.approx(2 ** 0.75)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="perplexity needs at least one token"):
         Q.perplexity([[], []])
 
 
@@ -27,7 +27,7 @@ def test_latency_summary_and_ratios():
     s = Q.latency_summary(list(range(1, 21)))
     assert s["latency_mean_s"] == pytest.approx(10.5) and s["latency_p95_s"] == pytest.approx(19.05)
     assert Q.ratios({"a": 2.0, "b": 0.0, "c": 1.0}, {"a": 1.0, "b": 3.0}, ["a", "b", "c"]) == {"a_ratio": 0.5}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no latencies"):
         Q.latency_summary([])
 
 
@@ -97,7 +97,8 @@ def test_gptq_quantizes_on_cpu_and_loads_through_the_backend(wide_tiny, tmp_path
 
     from fsku.llm import load_llm
 
-    calibration = [f"전자금융거래법 제{i}조 안전성 확보 의무와 정보보호 최고책임자의 지정에 관한 설명입니다. " * 3 for i in range(48)]
+    calibration = [f"전자금융거래법 제{i}조 안전성 확보 의무와 정보보호 최고책임자의 지정에 관한 설명입니다. " * 3
+                   for i in range(48)]
     out = Q.quantize_model(wide_tiny, "gptq", tmp_path / "gptq", calibration=calibration)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
     llm = load_llm(str(out), backend="transformers", dtype="float32")
@@ -179,10 +180,9 @@ def test_quantize_step_measures_registers_and_the_version_loads(wide_tiny, tmp_p
     from fsku import tracking
     from fsku.config import QuantizeConfig
     from fsku.llm import load_llm
-    from fsku.steps.quantize import quantize_step
+    from fsku.steps.quantize import run_step as quantize_step
 
     monkeypatch.setenv("FSKU_MODELS_DIR", str(tmp_path / "models"))
-    monkeypatch.setattr("fsku.llm.resolve.MODELS_DIR", tmp_path / "models")
     with tracking.run("distill", {}):
         version = tracking.register_student(wide_tiny, "tiny-student", {"base_model": "tiny", "loss_type": "sft"})
     mlflow.MlflowClient().set_registered_model_alias("tiny-student", "champion", version)
@@ -193,10 +193,12 @@ def test_quantize_step_measures_registers_and_the_version_loads(wide_tiny, tmp_p
     s = result["summary"]
     n_mc = s["original_n_mc"]
     assert n_mc >= 1 and s["quantized_n_mc"] == n_mc
-    assert 0 <= s["correct_lost"] <= n_mc and s["quantized_mc_correct"] == s["original_mc_correct"] - s["correct_lost"] + s["correct_gained"]
+    assert 0 <= s["correct_lost"] <= n_mc \
+        and s["quantized_mc_correct"] == s["original_mc_correct"] - s["correct_lost"] + s["correct_gained"]
     assert s["original_perplexity"] > 1 and s["quantized_perplexity"] > 1
     assert s["quantized_size_mb"] < s["original_size_mb"]
-    assert set(result["table"]["metric"]) >= {"mc_accuracy", "perplexity", "latency_p95_s", "tokens_per_s", "size_mb", "peak_rss_mb"}
+    assert set(result["table"]["metric"]) >= {"mc_accuracy", "perplexity", "latency_p95_s", "tokens_per_s", "size_mb",
+                                              "peak_rss_mb"}
     run = mlflow.get_run(result["run_id"])
     assert run.data.metrics["size_mb_ratio"] == pytest.approx(s["size_mb_ratio"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result["run_id"], "plots")}
@@ -204,8 +206,9 @@ def test_quantize_step_measures_registers_and_the_version_loads(wide_tiny, tmp_p
     mv = mlflow.MlflowClient().get_model_version("tiny-student", result["version"])
     assert mv.tags["quantization"] == "int8" and mv.tags["bits"] == "8" and mv.tags["source_version"] == version
     assert mv.tags["base_model"] == "tiny" and mv.tags["source"] == "models:/tiny-student@champion"
-    # the registered quantized version loads through the ordinary backend, by URI
-    llm = load_llm(f"models:/tiny-student/{result['version']}", backend="transformers", dtype="float32")
+    # the registered quantized version loads through the ordinary backend, its URI resolved by tracking
+    llm = load_llm(tracking.resolve_model_uri(f"models:/tiny-student/{result['version']}"), backend="transformers",
+                   dtype="float32")
     assert json.loads((Path(llm.model_id) / Q.QUANT_INFO_FILE).read_text())["method"] == "int8"
     assert llm.generate([llm.render_chat([{"role": "user", "content": "보안"}])], max_new_tokens=3)[0].n_tokens >= 1
     # quantizing a quantized version is refused; a second run reuses the measurements
@@ -216,12 +219,20 @@ def test_quantize_step_measures_registers_and_the_version_loads(wide_tiny, tmp_p
 
 
 def test_unknown_registered_model_is_a_clear_error(tmp_path, monkeypatch):
+    from fsku import tracking
+    from fsku.llm import load_llm
     from fsku.llm.resolve import resolve_model
 
+    monkeypatch.setenv("FSKU_MODELS_DIR", str(tmp_path))
     with pytest.raises(ValueError, match="not found in the registry"):
-        resolve_model("models:/no-such-model@champion", tmp_path)
+        tracking.resolve_model_uri("models:/no-such-model@champion")
     with pytest.raises(ValueError, match="expected models:/<name>/<version|latest>"):
-        resolve_model("models:/just-a-name", tmp_path)
+        tracking.resolve_model_uri("models:/just-a-name")
+    # the LLM layer does not talk to the registry: an unresolved URI says where to resolve it
+    for call in (lambda: resolve_model("models:/x@champion", tmp_path), lambda: load_llm("models:/x/1")):
+        with pytest.raises(ValueError, match="fsku.tracking.resolve_model_uri"):
+            call()
+    assert tracking.resolve_model_uri("offline:x") == "offline:x" and tracking.resolve_model_uri(None) is None
 
 
 def test_run_isolated_returns_the_child_result_and_its_errors(tmp_path):
@@ -246,7 +257,7 @@ def test_quantize_step_merges_a_lora_adapter_once(wide_tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fsku.config import QuantizeConfig
-    from fsku.steps.quantize import quantize_step
+    from fsku.steps.quantize import run_step as quantize_step
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(wide_tiny),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))

@@ -1,8 +1,17 @@
 """ragas-definition RAG metrics: pure parts by hand, the yes/no judge on a tiny model, evaluate wiring."""
 import pytest
 
-from fsku.evaluate.rag_metrics import (YesNoJudge, answer_relevancy, average_precision, context_precision, context_recall,
-                                       faithfulness, rag_scores, share, split_statements)
+from fsku.evaluate.rag_metrics import (
+    YesNoJudge,
+    answer_relevancy,
+    average_precision,
+    context_precision,
+    context_recall,
+    faithfulness,
+    rag_scores,
+    share,
+    split_statements,
+)
 
 
 def test_split_statements():
@@ -40,7 +49,8 @@ def test_yes_no_judge_on_a_tiny_model_and_aggregation(tiny_llm):
     assert 0.0 < p < 1.0 and isinstance(judge("질문"), bool)
     rows = [{"question": "언제 보고하나?", "answer": "24시간 이내에 보고한다.", "reference": "24시간 이내 보고.",
              "used_context": "24시간 이내에 보고하여야 한다.", "passages": ["24시간 이내에 보고하여야 한다."]},
-            {"question": "무엇인가?", "answer": "모른다고 답한다.", "reference": "정답 문장이다.", "used_context": "", "passages": []}]
+            {"question": "무엇인가?", "answer": "모른다고 답한다.", "reference": "정답 문장이다.",
+             "used_context": "", "passages": []}]
     out = rag_scores(judge, lambda prompt: "언제 보고하나요?", lambda a, b: [0.5] * len(a), rows)
     assert out["rag_faithfulness_rows"] == 1 and out["rag_context_precision_rows"] == 1
     assert out["rag_answer_relevancy"] == pytest.approx(0.5) and out["rag_answer_relevancy_rows"] == 2

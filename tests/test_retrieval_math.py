@@ -52,7 +52,8 @@ def test_relevance_needs_gold_source_and_evidence_ignoring_whitespace():
     assert is_relevant("/d/전자금융거래법.pdf", "…미리 정한약정에\n따라 …", q)
     assert not is_relevant("/d/전자금융거래법 시행령.pdf", "미리 정한 약정에 따라", q)
     assert not is_relevant("/d/전자금융거래법.pdf", "다른 내용", q)
-    out = evaluate_hits([q], [[{"source": "/d/x.pdf", "text": "abc"}, {"source": "/d/전자금융거래법.pdf", "text": "미리 정한 약정에 따라"}]])
+    out = evaluate_hits([q], [[{"source": "/d/x.pdf", "text": "abc"},
+                               {"source": "/d/전자금융거래법.pdf", "text": "미리 정한 약정에 따라"}]])
     assert out["metrics"]["hit_at_1"] == 0.0 and out["metrics"]["hit_at_3"] == 1.0
     assert out["metrics"]["mrr_at_10"] == 0.5 and out["metrics"]["mean_hit_chars"] == pytest.approx((3 + 12) / 2)
 
@@ -85,7 +86,8 @@ def test_load_labels_errors_name_file_and_line(tmp_path):
     from fsku.evaluate.retrieval import load_labels
 
     p = tmp_path / "labels.jsonl"
-    p.write_text('{"qid": "a", "question": "q", "law": "법", "evidence": "e"}\n\n{"qid": "b", "question": "q"}\n', encoding="utf-8")
+    p.write_text('{"qid": "a", "question": "q", "law": "법", "evidence": "e"}\n\n{"qid": "b", "question": "q"}\n',
+                 encoding="utf-8")
     with pytest.raises(ValueError, match=r"labels.jsonl:3: missing field\(s\) \['evidence', 'source\|law'\]"):
         load_labels(p)
     p.write_text('[1, 2]\n', encoding="utf-8")

@@ -1,12 +1,11 @@
 """Integration tests on the real statutes and FSKU dev labels in ../shared (skipped when absent)."""
 import pytest
 
+from conftest import needs_shared
 from fsku.config import BuildKBConfig, RetrieveConfig
+from fsku.evaluate.retrieval import evaluate_retrieval
 from fsku.ingest import ingest_corpus
 from fsku.kb import build_knowledge_base
-from fsku.steps.build_kb import evaluate_retrieval
-
-from conftest import needs_shared
 
 
 def test_statute_pdf_ingest_and_articles(tmp_path):
@@ -22,7 +21,8 @@ def test_statute_pdf_ingest_and_articles(tmp_path):
 
     chunks = chunk_document(docs[0], 700, 0, char_length)
     paths = {c.path for c in chunks}
-    assert "전자금융거래법 › 제3장 전자금융거래의 안전성 확보 및 이용자 보호 › 제21조의3(전자금융기반시설의 취약점 분석ㆍ평가)" in paths
+    assert ("전자금융거래법 › 제3장 전자금융거래의 안전성 확보 및 이용자 보호 › "
+            "제21조의3(전자금융기반시설의 취약점 분석ㆍ평가)") in paths
     assert any("부칙" in p for p in paths)
 
 

@@ -34,12 +34,14 @@ def desc(answer="금융회사등은 전자금융거래 기록을 5년 동안 보
 
 @pytest.mark.parametrize("text,value,repairs", [
     ('{"a": 1}', {"a": 1}, ()),
-    ('답은 다음과 같습니다.\n```json\n{"q": "x", "c": ["a", "b",],}\n```', {"q": "x", "c": ["a", "b"]}, ("code_fence", "trailing_commas")),
+    ('답은 다음과 같습니다.\n```json\n{"q": "x", "c": ["a", "b",],}\n```', {"q": "x", "c": ["a", "b"]},
+     ("code_fence", "trailing_commas")),
     ("{'a': '나', 'ok': True, 'n': None}", {"a": "나", "ok": True, "n": None}, ("python_literals", "single_quotes")),
     ('{"q": “스마트”}', {"q": "스마트"}, ("curly_quotes",)),
     ('설명 {"a": {"b": "}"}} 끝', {"a": {"b": "}"}}, ("surrounding_text",)),
     # cut off by the token cap: the half-written value is dropped, brackets closed
-    ('{"question": "질문", "choices": ["1년", "2년"], "answer": "2", "why": "중간에 끊', {"question": "질문", "choices": ["1년", "2년"], "answer": "2"}, ("closed_truncated",)),
+    ('{"question": "질문", "choices": ["1년", "2년"], "answer": "2", "why": "중간에 끊',
+     {"question": "질문", "choices": ["1년", "2년"], "answer": "2"}, ("closed_truncated",)),
     ('{"q": "x", "choices": ["a", "b', {"q": "x", "choices": ["a"]}, ("closed_truncated",)),
 ])
 def test_parse_json_object_repairs(text, value, repairs):
@@ -69,7 +71,8 @@ def test_from_teacher_json_builds_competition_format():
     assert item.question == "전자금융거래기록의 보존기간으로 옳은 것은?\n1 5년\n2 3년\n3 1년\n4 10년"
     assert item.choices == {"1": "5년", "2": "3년", "3": "1년", "4": "10년"} and item.answer_text == "5년"
     # only an option's own number is a prefix: a leading quantity stays
-    assert mc(options=("3 영업일", "2 5영업일", "7일", "4 10일")).choices == {"1": "3 영업일", "2": "5영업일", "3": "7일", "4": "10일"}
+    assert mc(options=("3 영업일", "2 5영업일", "7일", "4 10일")).choices \
+        == {"1": "3 영업일", "2": "5영업일", "3": "7일", "4": "10일"}
     assert mc(options=("1년", "(2) 2년", "3.5%", "4)4년")).choices == {"1": "1년", "2": "2년", "3": "3.5%", "4": "4년"}
     assert item.difficulty_level == 2 and item.context_chunk_ids == ["c1"]
     with pytest.raises(ValueError, match="answer_out_of_range"):
@@ -130,7 +133,8 @@ def test_check_format_uses_the_inference_classifier():
 
 def test_select_keywords_keeps_supported_ones():
     answer = "금융회사등은 전자금융거래기록을 5년 동안 보존하여야 한다."
-    assert F.select_keywords(["보존", "5 년", "보 존", "클라우드", "금융회사등", "기록"], answer, CHUNK) == ["보존", "5 년", "금융회사등"]
+    assert F.select_keywords(["보존", "5 년", "보 존", "클라우드", "금융회사등", "기록"], answer, CHUNK) \
+        == ["보존", "5 년", "금융회사등"]
     assert F.select_keywords(["클라우드"], answer, CHUNK) == []
     assert F.select_keywords(["다만"], answer, CHUNK) == ["다만"]  # in the source, not the answer
     assert F.select_keywords([], answer, CHUNK) == []
@@ -176,7 +180,8 @@ def test_near_duplicates_keep_the_first_of_each_group():
 
 def test_contaminated_catches_copied_and_lightly_edited_eval_questions():
     eval_qs = ["다음 중 전자금융거래법상 접근매체에 해당하지 않는 것은?\n1 전자식 카드\n2 비밀번호\n3 공인인증서\n4 주민등록증"]
-    pool = [eval_qs[0], "다음 중 전자금융거래법에서 접근매체에 해당하지 않는 것은?\n1 전자식 카드\n2 비밀번호\n3 공인인증서\n4 주민등록증",
+    pool = [eval_qs[0],
+            "다음 중 전자금융거래법에서 접근매체에 해당하지 않는 것은?\n1 전자식 카드\n2 비밀번호\n3 공인인증서\n4 주민등록증",
             "전자금융거래기록의 보존기간으로 옳은 것은?"]
     assert F.contaminated(pool, eval_qs) == [0, 1]
     assert F.contaminated(pool, []) == []
@@ -270,7 +275,8 @@ def test_judge_threshold_keeps_and_drops():
                             "text": CHUNK}])
     good = {"question": "전자금융거래기록의 보존기간으로 옳은 것은?", "choices": ["5년", "3년", "1년", "10년"], "answer": 1}
     other = {"question": "1만원 이하 거래기록의 보존기간으로 옳은 것은?", "choices": ["1년", "3년", "7년", "10년"], "answer": 1}
-    raw = [{"ID": f"t{i}", "chunk_id": "c1", "kind": "multiple_choice", "qtype": "lookup", "text": json.dumps(o, ensure_ascii=False)}
+    raw = [{"ID": f"t{i}", "chunk_id": "c1", "kind": "multiple_choice", "qtype": "lookup",
+            "text": json.dumps(o, ensure_ascii=False)}
            for i, o in enumerate((good, other))]
     scores = {"전자금융거래기록의 보존기간으로 옳은 것은?": 8.5}
     out = process(raw, chunks, ws, FilterSettings(), judge=lambda item, chunk: scores.get(item.stem, 3.0))

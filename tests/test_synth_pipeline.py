@@ -156,10 +156,11 @@ def test_cached_responses_survive_a_restart(synth_env):
 
 
 def test_synth_qa_step_logs_dataset_plots_and_tables(synth_env):
-    from fsku.steps.synth_qa import synth_qa
+    from fsku.steps.synth_qa import run_step
 
     cfg, _ = synth_env
-    result, run_id = synth_qa(cfg, progress=False)
+    out = run_step(cfg, progress=False)
+    result, run_id = out["result"], out["run_id"]
     run = mlflow.get_run(run_id)
     assert run.data.metrics["accepted"] == result.stats["accepted"]
     assert run.data.metrics["rejected_no_json_object"] == 7
@@ -239,7 +240,8 @@ def test_plan_tasks_proportions_and_ids():
     assert all(t.n_options in (4, 5) for t in tasks if t.kind == "multiple_choice")
     assert all(t.n_options == 0 for t in tasks if t.kind == "descriptive")
     assert G.plan_tasks(["a"], 2, 1.0, {"lookup": 1}, n_options=5, seed=0)[0].n_options == 5
-    assert [t.task_id for t in G.plan_tasks([f"c{i}" for i in range(10)], 3, 0.6, {"lookup": 0.5, "procedural": 0.3, "negative": 0.2}, seed=0)] \
+    assert [t.task_id for t in G.plan_tasks([f"c{i}" for i in range(10)], 3, 0.6,
+                                            {"lookup": 0.5, "procedural": 0.3, "negative": 0.2}, seed=0)] \
         == [t.task_id for t in tasks]
 
 

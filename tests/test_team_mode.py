@@ -112,7 +112,6 @@ def team_services():
 
 def test_build_kb_and_a_two_worker_study_against_postgres_and_an_mlflow_server(team_services, tmp_path, monkeypatch):
     import mlflow
-    import optuna
 
     # this process reads the server too (the registry resolves logged models through the global URI);
     # the URI the other tests use is restored afterwards (read before the environment changes)
@@ -142,9 +141,12 @@ def _run_team_checks(team_services, tmp_path):
     assert client.get_run(run_id).info.artifact_uri.startswith("mlflow-artifacts:")
     assert {a.path for a in client.list_artifacts(run_id, "kb")} >= {"kb/manifest.json", "kb/chunks.parquet"}
 
+    base = tmp_path / "base" / "build_kb.yaml"
+    base.parent.mkdir()
+    base.write_text(f"corpus: {SAMPLE_CORPUS}\n", encoding="utf-8")
     cmd = [*FSKU, "tune", "--study", "retrieval", "--study-name", "team-study", "--storage", team_services["optuna"],
            "--n-trials", "2", "--sampler", "random", "--out", str(tmp_path / "tune"), "--recipe-out", "none",
-           "--corpus", str(SAMPLE_CORPUS), "--labels", str(SAMPLE_LABELS), "--chunk-sizes", "480", "--chunk-overlaps", "32",
+           "--base-recipe", str(base), "--labels", str(SAMPLE_LABELS), "--chunk-sizes", "480", "--chunk-overlaps", "32",
            "--bm25-tokenizers", "kiwi", "--no-progress"]
     workers = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for _ in range(2)]
@@ -155,7 +157,8 @@ def _run_team_checks(team_services, tmp_path):
     parents = {t.user_attrs["mlflow_parent_run_id"] for t in study.trials}
     assert len(parents) == 2
     experiment = client.get_experiment_by_name("fsku")
-    trials = client.search_runs([experiment.experiment_id], "tags.`optuna.study` = 'team-study' and tags.`optuna.state` = 'COMPLETE'")
+    trials = client.search_runs([experiment.experiment_id],
+                                "tags.`optuna.study` = 'team-study' and tags.`optuna.state` = 'COMPLETE'")
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in trials) == [0, 1, 2, 3]
     for parent in parents:
         assert any(a.path.startswith("plots/") for a in client.list_artifacts(parent, "plots"))

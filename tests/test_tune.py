@@ -7,16 +7,23 @@ import dataclasses
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import optuna
 import pytest
 
-from fsku.config import BuildKBConfig, DistillConfig, TuneConfig, load_recipe
-from fsku.tune import (Param, baseline_params, distill_space, kb_key, parse_choices, recipes_from_params, retrieval_space,
-                       suggest, write_recipes)
-
 from conftest import ROOT, SAMPLE_CORPUS, SAMPLE_LABELS
+from fsku.config import BuildKBConfig, DistillConfig, TuneConfig, load_recipe
+from fsku.tune import (
+    Param,
+    baseline_params,
+    distill_space,
+    kb_key,
+    parse_choices,
+    recipes_from_params,
+    retrieval_space,
+    suggest,
+    write_recipes,
+)
 
 SPACE = retrieval_space((320, 480), (0, 32), ("kiwi", "char_bigram"))
 
@@ -77,6 +84,9 @@ def test_recipes_from_the_best_params_load_as_stage_configs(tmp_path):
     best = {"chunk_size": 320, "chunk_overlap": 0, "bm25_tokenizer": "char_bigram", "fusion": "rrf", "rrf_k": 12,
             "w_law": 0.3, "w_article": 0.05}
     recipes = recipes_from_params("retrieval", best, build=BuildKBConfig(corpus="docs"))
+    # recipes hold only what differs from the defaults
+    assert "chunk_overlap" not in recipes["retrieve"] and recipes["retrieve"]["fusion"] == "rrf"
+    assert "embedding_model" not in recipes["build_kb"] and recipes["build_kb"]["corpus"] == "docs"
     paths = write_recipes(tmp_path / "tuned", recipes, "best trial 7\nsecond line")
     kb = load_recipe(tmp_path / "tuned" / "build_kb.yaml")
     assert (kb.corpus, kb.chunk_size, kb.chunk_overlap, kb.bm25_tokenizer, kb.fusion, kb.rrf_k, kb.w_law) == \
@@ -94,9 +104,15 @@ def test_recipes_from_the_best_params_load_as_stage_configs(tmp_path):
 
 def test_tune_config_checks():
     assert TuneConfig(study="distill").study_name == "fsku-distill"
-    for bad in ({"study": "x"}, {"n_trials": 0}, {"sampler": "cma"}, {"pruner": "asha"}, {"storage": "optuna.db"},
-                {"lr_min": 1e-2, "lr_max": 1e-3}):
-        with pytest.raises(ValueError):
+    for bad, message in (({"study": "x"}, "study must be retrieval or distill"),
+                         ({"n_trials": 0}, "n_trials must be >= 1"),
+                         ({"sampler": "cma"}, "sampler must be tpe or random"),
+                         ({"pruner": "asha"}, "pruner must be median, hyperband or none"),
+                         ({"storage": "optuna.db"}, "storage must be a database URL"),
+                         ({"lr_min": 1e-2, "lr_max": 1e-3}, "need 0 < lr_min <= lr_max"),
+                         ({"base_recipe": "experiments/x/distill.yaml"},
+                          "base_recipe of a retrieval study must be a build_kb.yaml")):
+        with pytest.raises(ValueError, match=message):
             TuneConfig(**bad)
 
 
@@ -147,9 +163,17 @@ def test_retrieval_objective_builds_one_kb_per_chunking_and_reuses_it(tmp_path):
         RetrievalObjective(base, str(SAMPLE_LABELS), tmp_path / "kbs", metric="ndcg")
 
 
+def _base_recipe(tmp_path) -> str:
+    """The build_kb recipe every retrieval trial starts from (the study's stage settings)."""
+    (tmp_path / "base").mkdir(exist_ok=True)
+    path = tmp_path / "base" / "build_kb.yaml"
+    path.write_text(f"corpus: {SAMPLE_CORPUS}\n", encoding="utf-8")
+    return str(path)
+
+
 def _retrieval_cfg(tmp_path, **kw) -> TuneConfig:
     values = dict(study="retrieval", storage=f"sqlite:///{tmp_path}/optuna.db", n_trials=4, sampler="random", seed=0,
-                  out=str(tmp_path / "tune"), recipe_out=str(tmp_path / "recipes"), corpus=str(SAMPLE_CORPUS),
+                  out=str(tmp_path / "tune"), recipe_out=str(tmp_path / "recipes"), base_recipe=_base_recipe(tmp_path),
                   labels=str(SAMPLE_LABELS), chunk_sizes="320,480", chunk_overlaps="32", bm25_tokenizers="kiwi")
     values.update(kw)
     return TuneConfig(**values)
@@ -158,7 +182,7 @@ def _retrieval_cfg(tmp_path, **kw) -> TuneConfig:
 def test_retrieval_study_nested_runs_plots_recipes_and_resume_by_name(tmp_path):
     import mlflow
 
-    from fsku.steps.tune import tune_step
+    from fsku.steps.tune import run_step as tune_step
 
     out = tune_step(_retrieval_cfg(tmp_path), progress=False)
     m = out["metrics"]
@@ -190,7 +214,7 @@ def test_two_worker_processes_share_one_study(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "TQDM_DISABLE": "1"}
     cmd = [sys.executable, "-m", "fsku.steps.tune", "--study", "retrieval", "--storage", f"sqlite:///{tmp_path}/optuna.db",
            "--n-trials", "3", "--sampler", "random", "--out", str(tmp_path / "tune"), "--recipe-out", "none",
-           "--corpus", str(SAMPLE_CORPUS), "--labels", str(SAMPLE_LABELS), "--chunk-sizes", "480",
+           "--base-recipe", _base_recipe(tmp_path), "--labels", str(SAMPLE_LABELS), "--chunk-sizes", "480",
            "--chunk-overlaps", "32", "--bm25-tokenizers", "kiwi", "--no-progress"]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
@@ -215,7 +239,8 @@ def test_validation_kl_is_zero_against_itself_and_positive_against_another_model
     vocab = len(tok)
     msgs = [{"role": "user", "content": "전자금융거래법의 목적은?"}]
     pairs = [{"prompt_id": str(i), "prompt": msgs, "chosen": [{"role": "assistant", "content": text}],
-              "rejected": [{"role": "assistant", "content": text}]} for i, text in enumerate(["보안 강화", "이용자 보호와 안전성"])]
+              "rejected": [{"role": "assistant", "content": text}]}
+             for i, text in enumerate(["보안 강화", "이용자 보호와 안전성"])]
     features, _ = encode_pairs(tok, pairs, 256, 200)
     precompute_topk(teacher, features, vocab, vocab)  # k = vocab: the exact teacher distribution
     assert validation_kl(teacher, features, vocab) == pytest.approx(0.0, abs=1e-5)
@@ -227,7 +252,7 @@ def test_validation_kl_is_zero_against_itself_and_positive_against_another_model
 def test_distill_study_reports_intermediate_values_and_prunes(tiny_models, tmp_path, monkeypatch):
     import mlflow
 
-    from fsku.steps.tune import tune_step
+    from fsku.steps.tune import run_step as tune_step
     from fsku.synth.records import write_jsonl
     from test_distill import _records
 
@@ -239,13 +264,13 @@ def test_distill_study_reports_intermediate_values_and_prunes(tiny_models, tmp_p
     write_jsonl([r for r in recs if r.split == "train"], data / "train.jsonl")
     write_jsonl([r for r in recs if r.split == "validation"], data / "validation.jsonl")
     recipe = tmp_path / "distill.yaml"
-    recipe.write_text(f"backend: transformers\ndevice: cpu\ndtype: float32\nbatch_size: 2\nmax_length: 384\n"
-                      f"max_prompt_length: 300\nmc_max_new_tokens: 3\ncache_dir: {tmp_path / 'cache'}\n", encoding="utf-8")
+    recipe.write_text(f"backend: transformers\ndevice: cpu\ndtype: float32\nbatch_size: 2\nmax_model_len: 384\n"
+                      f"max_prompt_length: 300\nmc_max_new_tokens: 3\ncache_dir: {tmp_path / 'cache'}\n"
+                      f"data: {data}\nteacher: {tiny_models['teacher']}\nstudent: {tiny_models['student']}\n"
+                      f"max_steps: 4\nmax_new_tokens: 8\n", encoding="utf-8")
     cfg = TuneConfig(study="distill", storage=f"sqlite:///{tmp_path}/optuna.db", n_trials=5, sampler="random", seed=0,
-                     out=str(tmp_path / "tune"), recipe_out=str(tmp_path / "recipes"), data=str(data),
-                     teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]),
-                     loss_types="distillm_v2,sft", lr_min=1e-5, lr_max=5e-2, lora_ranks="2,4", max_steps=4,
-                     eval_every=1, max_new_tokens=8, distill_recipe=str(recipe))
+                     out=str(tmp_path / "tune"), recipe_out=str(tmp_path / "recipes"), base_recipe=str(recipe),
+                     loss_types="distillm_v2,sft", lr_min=1e-5, lr_max=5e-2, lora_ranks="2,4", eval_every=1)
     # a pruner that stops every odd trial at step 3 makes pruning deterministic to assert on
     import fsku.steps.tune as st
 
@@ -281,7 +306,7 @@ def test_distill_study_reports_intermediate_values_and_prunes(tiny_models, tmp_p
 def test_a_failing_trial_is_marked_failed_and_the_study_goes_on(tmp_path, monkeypatch):
     import mlflow
 
-    from fsku.steps.tune import tune_step
+    from fsku.steps.tune import run_step as tune_step
     from fsku.tune import RetrievalObjective
 
     real = RetrievalObjective.__call__

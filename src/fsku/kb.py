@@ -26,6 +26,7 @@ import pandas as pd
 
 from .chunk import chunk_documents, dense_text, make_length_fn
 from .config import BuildKBConfig, RetrieveConfig
+from .home import cache_path
 from .index.dense import build_faiss, embed_with_cache, get_embedder, load_faiss, resolve_backend, resolve_model, save_faiss
 from .index.sparse import BM25Index, get_tokenizer
 from .ingest import ingest_corpus
@@ -76,8 +77,9 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
     texts = [c.text for c in chunks]
 
     t = time.perf_counter()
+    cache_root = cache_path(cfg.cache_dir)  # a relative cache folder lives in the project home
     tokenizer = get_tokenizer(cfg.bm25_tokenizer, user_dict=cfg.user_dict, workers=cfg.workers,
-                              cache_dir=str(Path(cfg.cache_dir) / "tokens") if cfg.cache_dir else None)
+                              cache_dir=str(cache_root / "tokens") if cache_root else None)
     corpus_tokens = tokenizer(texts)
     if hasattr(tokenizer, "save"):
         tokenizer.save()
@@ -103,7 +105,7 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
         fingerprint = embedder.fingerprint()
         timings["embed_model_load"] = time.perf_counter() - t
         t = time.perf_counter()
-        emb_cache = str(Path(cfg.cache_dir) / "embeddings") if cfg.cache_dir else None
+        emb_cache = str(cache_root / "embeddings") if cache_root else None
         vectors, n_embedded = embed_with_cache(embedder, [dense_text(t) for t in texts], emb_cache, progress=progress)
         timings["embed"] = time.perf_counter() - t
         t = time.perf_counter()

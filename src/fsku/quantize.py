@@ -1,7 +1,8 @@
 """quantize: shrink a (merged) causal LM by method name, and the before/after comparison math.
 
-Methods are a name -> `QuantMethod` registry; each builds a transformers quantization config, so
-quantizing is one `from_pretrained(..., quantization_config=...)` followed by `save_pretrained`,
+Methods are named in `fsku.choices.QUANT_METHODS` (what they are: bits, packages, devices) and
+implemented here (`IMPLEMENTATIONS`, the same names); each builds a transformers quantization
+config, so quantizing is one `from_pretrained(..., quantization_config=...)` followed by `save_pretrained`,
 and the saved folder loads back through the ordinary LLM backends (the config travels in
 config.json). Backends import lazily; a missing one names the package to install.
 
@@ -27,22 +28,20 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .choices import QUANT_METHODS, QuantSpec
+
 log = logging.getLogger(__name__)
 
 QUANT_INFO_FILE = "fsku_quantization.json"
 
 
 @dataclass(frozen=True)
-class QuantMethod:
-    name: str
-    bits: int
-    packages: tuple[str, ...]  # import names that must be present
-    install: str  # what to pip install when they are not
-    devices: tuple[str, ...]  # "cpu" and/or "cuda"
-    needs_calibration: bool
-    build: Optional[Callable[..., object]]  # (compute dtype, calibration texts) -> transformers quantization config
-    help: str
-    run: Optional[Callable[..., None]] = None  # (source, out_dir, dtype, device, calibration): quantize and save itself
+class QuantImpl:
+    """How a method of `fsku.choices.QUANT_METHODS` runs: `build` (compute dtype, calibration texts) ->
+    a transformers quantization config, or `run` (source, out_dir, dtype, device, calibration), which
+    quantizes and saves by itself."""
+    build: Optional[Callable[..., object]] = None
+    run: Optional[Callable[..., None]] = None
 
 
 def _torchao_int8(dtype, calibration):
@@ -65,17 +64,10 @@ def _bnb_nf4(dtype, calibration):
                               bnb_4bit_compute_dtype=dtype)
 
 
-def gptq_environment() -> None:
-    """gptqmodel sizes its CPU worker pools from GPTQMODEL_CPU_WORKERS and fails on machines with
-    fewer than 4 cores unless at least 2 are granted."""
-    import os
-
-    if (os.cpu_count() or 1) < 4:
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-
-
 def _gptq_quantize(source: Path, out_dir: Path, dtype, device: str, calibration) -> None:
     # transformers' own GPTQ integration needs optimum; gptqmodel's API quantizes and saves directly
+    from .llm.hf import gptq_environment
+
     gptq_environment()
     from gptqmodel import GPTQModel
     from gptqmodel import QuantizeConfig as GPTQQuantizeConfig
@@ -85,21 +77,21 @@ def _gptq_quantize(source: Path, out_dir: Path, dtype, device: str, calibration)
     model.save(str(out_dir))
 
 
-METHODS: dict[str, QuantMethod] = {
-    "int8": QuantMethod("int8", 8, ("torchao",), "torchao==0.18.0", ("cpu", "cuda"), False, _torchao_int8,
-                        "torchao int8 weight-only (the CPU default)"),
-    "bnb-8bit": QuantMethod("bnb-8bit", 8, ("bitsandbytes",), "bitsandbytes==0.50.2", ("cpu", "cuda"), False, _bnb_8bit,
-                            "bitsandbytes LLM.int8()"),
-    "bnb-nf4": QuantMethod("bnb-nf4", 4, ("bitsandbytes",), "bitsandbytes==0.50.2", ("cpu", "cuda"), False, _bnb_nf4,
-                           "bitsandbytes 4-bit NF4, double quantization"),
-    "gptq": QuantMethod("gptq", 4, ("gptqmodel",), "gptqmodel==7.6.0 (builds C extensions; set GPTQMODEL_CPU_WORKERS)",
-                        ("cpu", "cuda"), True, None, "4-bit GPTQ (gptqmodel), calibrated on synth_qa prompts",
-                    run=_gptq_quantize),
+# the method specs (bits, packages, devices, ...) are ground-floor data; the functions are here
+METHODS: dict[str, QuantSpec] = QUANT_METHODS
+IMPLEMENTATIONS: dict[str, QuantImpl] = {
+    "int8": QuantImpl(build=_torchao_int8),
+    "bnb-8bit": QuantImpl(build=_bnb_8bit),
+    "bnb-nf4": QuantImpl(build=_bnb_nf4),
+    "gptq": QuantImpl(run=_gptq_quantize),
 }
+if set(IMPLEMENTATIONS) != set(METHODS):
+    raise ImportError(f"fsku.quantize implements {sorted(IMPLEMENTATIONS)} but fsku.choices.QUANT_METHODS names "
+                      f"{sorted(METHODS)}; keep the two tables in step")
 
 
-def get_method(name: str) -> QuantMethod:
-    """The registered method, after checking its backend is importable."""
+def get_method(name: str) -> QuantSpec:
+    """The registered method's spec, after checking its backend is importable."""
     if name not in METHODS:
         raise ValueError(f"unknown quantization method {name!r}; choose one of {sorted(METHODS)}")
     method = METHODS[name]
@@ -147,10 +139,11 @@ def quantize_model(model_path: str | Path, method: str, out_dir: str | Path, dty
         source = merged_source(model_path, Path(tmp), dtype)
         if out_dir.exists():
             shutil.rmtree(out_dir)
-        if spec.run is not None:
-            spec.run(source, out_dir, dtype, device, calibration)
+        impl = IMPLEMENTATIONS[method]
+        if impl.run is not None:
+            impl.run(source, out_dir, dtype, device, calibration)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, quantization_config=spec.build(dtype, calibration),
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, quantization_config=impl.build(dtype, calibration),
                                                          device_map=device if kind == "cpu" else {"": 0})
             model.save_pretrained(out_dir)
         AutoTokenizer.from_pretrained(source).save_pretrained(out_dir)

@@ -1,8 +1,10 @@
 """The one module that talks to MLflow: runs, params, metrics, plots, artifacts and the
 Model Registry (the knowledge base as a pyfunc model). Everything else logs with `logging`.
 
-Tracking defaults to MLflow's own default (a SQLite store ``mlflow.db`` in the working
-directory); set MLFLOW_TRACKING_URI to point elsewhere.
+Tracking goes to MLFLOW_TRACKING_URI when set, else to the project's own SQLite store
+``<project home>/mlflow.db`` (see `fsku.home`; resolved at each call, never a ``mlflow.db`` in an
+arbitrary working directory). Registry URIs (``models:/name@alias``, ``models:/name/<version>``)
+become local folders here (`resolve_model_uri`), before any model path reaches `fsku.llm`.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
+from . import home
 from .config import RetrieveConfig
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,16 @@ EXPERIMENT = os.environ.get("FSKU_EXPERIMENT", "fsku")
 
 
 _CONCURRENT_CREATE = ("UNIQUE", "already exists")
+
+
+def _store() -> str:
+    """Point MLflow at the store `fsku.home.tracking_uri` names (MLFLOW_TRACKING_URI, else the project's
+    mlflow.db; outside a project without either, HomeNotFound) and return it. Called by every function
+    here that opens the store, so the choice follows the environment at call time."""
+    uri = home.tracking_uri()
+    if mlflow.get_tracking_uri() != uri:
+        mlflow.set_tracking_uri(uri)
+    return uri
 
 
 @contextlib.contextmanager
@@ -53,9 +66,13 @@ def set_experiment(name: str, attempts: int = 5) -> None:
     """mlflow.set_experiment, safe when several processes start on a new store at once (tune workers):
     a SQLite database is opened (and migrated) under a file lock, and the loser of a race to create
     the same experiment (a UNIQUE-constraint error) asks again, by when it exists."""
+    uri = _store()
+    artifacts = home.default_artifact_location(uri)
     for attempt in range(attempts):
         try:
-            with _sqlite_init_lock(mlflow.get_tracking_uri()):
+            with _sqlite_init_lock(uri):
+                if artifacts and mlflow.MlflowClient().get_experiment_by_name(name) is None:
+                    mlflow.create_experiment(name, artifact_location=artifacts)
                 mlflow.set_experiment(name)
             return
         except Exception as exc:  # MlflowException or the SQL driver's IntegrityError, depending on the store
@@ -68,6 +85,7 @@ def set_experiment(name: str, attempts: int = 5) -> None:
 @contextlib.contextmanager
 def run(step: str, params: dict, tags: Optional[dict] = None) -> Iterator[mlflow.ActiveRun]:
     """Start (or, under `mlflow run`, attach to) a run for one pipeline step."""
+    _store()
     if not os.environ.get("MLFLOW_RUN_ID"):
         set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
     with mlflow.start_run(run_name=step if not os.environ.get("MLFLOW_RUN_ID") else None) as active:
@@ -148,7 +166,7 @@ def log_dataset(df: pd.DataFrame, name: str, source: str, context: str, targets:
 
 
 def tracking_uri() -> str:
-    return mlflow.get_tracking_uri()
+    return _store()
 
 
 def run_url(run_id: str) -> str:
@@ -252,6 +270,7 @@ def parse_model_uri(uri: str) -> tuple[str, str]:
     if not uri.startswith("models:/"):
         raise ValueError(f"{uri!r} is not a models:/ URI")
     body = uri[len("models:/"):].strip("/")
+    _store()
     client = mlflow.MlflowClient()
     try:
         if "@" in body:
@@ -272,11 +291,13 @@ def parse_model_uri(uri: str) -> tuple[str, str]:
 
 
 def model_version_tags(name: str, version: str) -> dict[str, str]:
+    _store()
     return dict(mlflow.MlflowClient().get_model_version(name, version).tags)
 
 
 def alias_version(name: str, alias: str) -> Optional[str]:
     """The version that `alias` points to, or None when the alias (or the model) does not exist."""
+    _store()
     try:
         return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
     except mlflow.exceptions.MlflowException:
@@ -284,23 +305,27 @@ def alias_version(name: str, alias: str) -> Optional[str]:
 
 
 def set_alias(name: str, alias: str, version: str) -> None:
+    _store()
     mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
 
 
 def set_version_tags(name: str, version: str, tags: dict) -> None:
+    _store()
     client = mlflow.MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
 
 
-def download_registered_model(uri: str, dest_root: str | Path, marker: str = "config.json") -> tuple[Path, str, str]:
+def download_registered_model(uri: str, dest_root: str | Path | None = None,
+                              marker: str = "config.json") -> tuple[Path, str, str]:
     """Download a registered pyfunc model (a student, possibly quantized, or with marker
-    'manifest.json' a knowledge base) once into ``dest_root/<name>/<version>`` and return (the
-    folder inside its artifacts that holds `marker`, name, version)."""
+    'manifest.json' a knowledge base) once into ``dest_root/<name>/<version>`` (default: the
+    project's models/registry) and return (the folder inside its artifacts that holds `marker`,
+    name, version)."""
     import shutil
 
     name, version = parse_model_uri(uri)
-    dest = Path(dest_root) / name / version
+    dest = Path(dest_root if dest_root is not None else home.models_dir() / "registry") / name / version
     done = dest / ".fsku-downloaded"
     # another tracking store can hold a different model under the same name and version
     origin = f"{tracking_uri()} {mlflow.MlflowClient().get_model_version(name, version).source}"
@@ -317,6 +342,26 @@ def download_registered_model(uri: str, dest_root: str | Path, marker: str = "co
     return folders[0], name, version
 
 
+def resolve_model_uri(model: Optional[str], marker: str = "config.json") -> Optional[str]:
+    """A local path for `model`: a ``models:/`` registry URI is downloaded once (see
+    `download_registered_model`; marker 'manifest.json' for a knowledge base) and its folder
+    returned; anything else (a folder, hub id, ``offline:<name>``, None) passes through unchanged."""
+    if not isinstance(model, str) or not model.startswith("models:/"):
+        return model
+    return str(download_registered_model(model, marker=marker)[0])
+
+
+def resolve_model_fields(cfg, *fields: str):
+    """A copy of the config dataclass `cfg` with the named fields' registry URIs resolved to local
+    folders (`resolve_model_uri`; a field named ``kb`` holds a knowledge base, the others an LLM);
+    other values are kept, and `cfg` itself when nothing changes."""
+    import dataclasses
+
+    changes = {f: resolve_model_uri(getattr(cfg, f), "manifest.json" if f == "kb" else "config.json") for f in fields
+               if str(getattr(cfg, f) or "").startswith("models:/")}
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def _pip_requirements() -> list[str]:
     req = Path(__file__).resolve().parents[2] / "requirements.txt"
     if req.exists():
@@ -330,7 +375,8 @@ def git_commit() -> Optional[str]:
     """The project's current commit as MLflow records it for `mlflow run` (None outside git)."""
     import subprocess
 
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    root = home.project_home()
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root)
     return proc.stdout.strip() or None if proc.returncode == 0 else None
 
 
@@ -345,6 +391,7 @@ def _same_param(stored: Optional[str], wanted: str) -> bool:
 def find_finished_run(entry_point: str, params: dict, commit: Optional[str]) -> Optional[str]:
     """A FINISHED run of `entry_point` with these parameters and the same code version (MLflow's
     multistep pattern), newest first; None when there is none."""
+    _store()
     client = mlflow.MlflowClient()
     experiment_id = _chain_experiment()
     if experiment_id is None:
@@ -371,14 +418,17 @@ def _chain_experiment() -> Optional[str]:
 
 
 def run_entry_point(entry_point: str, params: dict) -> str:
-    """`mlflow run . -e ENTRY_POINT -P ...` in this environment, synchronously, in the main run's
-    experiment; returns the run id."""
-    submitted = mlflow.projects.run(".", entry_point=entry_point, parameters={k: str(v) for k, v in params.items()},
+    """`mlflow run <project home> -e ENTRY_POINT -P ...` in this environment, synchronously, in the main
+    run's experiment; returns the run id."""
+    _store()
+    project = home.require_home("running a chain step (mlflow run)")
+    submitted = mlflow.projects.run(str(project), entry_point=entry_point, parameters={k: str(v) for k, v in params.items()},
                                     env_manager="local", synchronous=True, experiment_id=_chain_experiment())
     return submitted.run_id
 
 
 def registered_version_of_run(name: str, run_id: str) -> Optional[str]:
     """The version of registered model `name` created by run `run_id` (None if it registered none)."""
+    _store()
     versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     return max((v.version for v in versions), key=int) if versions else None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .config import BuildKBConfig, DistillConfig, RetrieveConfig
+from .config import BETA_RANGE, BuildKBConfig, DistillConfig, FusionSettings, RetrieveConfig, block_view, recipe_values
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def distill_space(loss_types: Sequence[str], lr_low: float, lr_high: float, lora
     alpha_when = ("loss_type", "distillm_v2") if len(loss_types) > 1 else None
     if len(loss_types) > 1 or loss_types[0] == "distillm_v2":
         space += [Param("alpha", "float", 0.01, 0.5, log=True, when=alpha_when),
-                  Param("beta", "float", 0.0, 2.0, when=alpha_when)]
+                  Param("beta", "float", *BETA_RANGE, when=alpha_when)]
     space.append(Param("learning_rate", "float", lr_low, lr_high, log=True))
     if len(lora_ranks) > 1:
         space.append(Param("lora_r", "categorical", choices=tuple(lora_ranks)))
@@ -150,12 +150,8 @@ def recipes_from_params(study: str, params: dict, build: Optional[BuildKBConfig]
         build = build or BuildKBConfig()
         fields = {f.name for f in dataclasses.fields(BuildKBConfig)}
         kb = dataclasses.replace(build, **{k: v for k, v in params.items() if k in fields})
-        kb_recipe = {k: getattr(kb, k) for k in ("corpus", "out", "chunk_size", "chunk_overlap", "length_unit",
-                                                 "bm25_tokenizer", "embedding_model", "embedding_backend", "fusion",
-                                                 "w_bm25", "rrf_k", "w_law", "w_article", "top_k")}
-        retrieve = RetrieveConfig(kb=kb.out, fusion=kb.fusion, w_bm25=kb.w_bm25, rrf_k=kb.rrf_k, w_law=kb.w_law,
-                                  w_article=kb.w_article)
-        return {"build_kb": kb_recipe, "retrieve": dataclasses.asdict(retrieve)}
+        retrieve = RetrieveConfig(kb=kb.out, **dataclasses.asdict(block_view(kb, FusionSettings)))
+        return {"build_kb": recipe_values(kb, exclude=("register_as", "cache_dir")), "retrieve": recipe_values(retrieve)}
     if study == "distill":
         distill = distill or DistillConfig()
         fields = {f.name for f in dataclasses.fields(DistillConfig)}
@@ -163,7 +159,7 @@ def recipes_from_params(study: str, params: dict, build: Optional[BuildKBConfig]
         if "lora_r" in values:
             values["lora_alpha"] = 2 * int(values["lora_r"])
         cfg = dataclasses.replace(distill, **values)
-        return {"distill": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("restart",)}}
+        return {"distill": recipe_values(cfg, exclude=("restart", "register_as"))}
     raise ValueError(f"unknown study {study!r}; expected one of {STUDIES}")
 
 
@@ -175,7 +171,8 @@ def write_recipes(folder: str | Path, recipes: dict[str, dict], header: str) -> 
     paths = []
     for stage, values in recipes.items():
         path = folder / f"{stage}.yaml"
-        text = "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
+        text = ("".join(f"# {line}\n" for line in header.splitlines())
+                + yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
         path.write_text(text, encoding="utf-8")
         paths.append(path)
     return paths
@@ -307,12 +304,13 @@ class DistillObjective:
             return self._features, self._vocab
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .distill.data import ResponseSettings, build_prompts, generate_responses, make_pairs
+        from .config import ResponseSettings, block_view
+        from .distill.data import build_prompts, generate_responses, make_pairs
         from .distill.pipeline import load_records, pick_device_dtype
         from .distill.trainer import check_shared_vocab, encode_pairs, precompute_topk
-        from .infer.cache import AnswerCache
         from .llm import load_llm
         from .llm.resolve import resolve_model
+        from .stores import AnswerCache
 
         cfg = self.base
         records = load_records(cfg.data, "validation", self.max_validation)
@@ -323,9 +321,9 @@ class DistillObjective:
         tok = AutoTokenizer.from_pretrained(resolve_model(cfg.student))
         vocab = check_shared_vocab(tok, AutoTokenizer.from_pretrained(teacher_path))
         prompts = build_prompts(records)
-        settings = ResponseSettings(cfg.max_new_tokens, cfg.mc_max_new_tokens, 0.0, 1.0, cfg.gen_batch_size, cfg.seed)
+        settings = block_view(cfg, ResponseSettings, temperature=0.0, top_p=1.0)  # greedy: one reference per prompt
         llm = load_llm(cfg.teacher, backend=cfg.backend, dtype=cfg.dtype, device=cfg.device,
-                       max_model_len=cfg.max_length + cfg.max_new_tokens)
+                       max_model_len=cfg.max_model_len + cfg.max_new_tokens)
         self.work.mkdir(parents=True, exist_ok=True)
         responses = generate_responses(prompts, llm, settings, self.work / "validation_teacher.jsonl",
                                        AnswerCache(cfg.cache_dir))
@@ -333,7 +331,7 @@ class DistillObjective:
         pairs, _ = make_pairs(prompts, responses, responses)  # both sides the teacher's; only one is read
         if not pairs:
             raise ValueError("the teacher gave no usable validation response")
-        features, _ = encode_pairs(tok, pairs, cfg.max_length, cfg.max_prompt_length)
+        features, _ = encode_pairs(tok, pairs, cfg.max_model_len, cfg.max_prompt_length)
         teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype).to(device).eval()
         precompute_topk(teacher, features, self.topk, vocab, batch_size=cfg.batch_size)
         del teacher

@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ..config import ResponseSettings, block_view
 from ..infer import prompts as P
-from ..infer.cache import AnswerCache, digest
-from ..infer.orchestrate import ResultLog
 from ..jsonl import iter_jsonl
+from ..stores import AnswerCache, ResultLog, digest
 from ..synth.records import SyntheticQA
 
 log = logging.getLogger(__name__)
@@ -54,16 +54,6 @@ def build_prompts(records: Sequence[SyntheticQA], contexts: Optional[Sequence[st
     return out
 
 
-@dataclass
-class ResponseSettings:
-    max_new_tokens: int = 256
-    mc_max_new_tokens: int = 8
-    temperature: float = 0.8
-    top_p: float = 0.95
-    batch_size: int = 4
-    seed: int = 0
-
-
 def generate_responses(prompt_rows: Sequence[dict], llm, settings: ResponseSettings, out_path: Path,
                        cache: Optional[AnswerCache] = None, restart: bool = False,
                        progress: Optional[Callable[[int], None]] = None) -> dict[str, dict]:
@@ -72,7 +62,7 @@ def generate_responses(prompt_rows: Sequence[dict], llm, settings: ResponseSetti
     A run started again with the same model and settings skips prompt ids already there; a changed
     model or setting is refused (delete the file or restart). Multiple-choice prompts get
     `mc_max_new_tokens` (the answer is a number)."""
-    fingerprint = {"model": llm.fingerprint(), "settings": asdict(settings)}
+    fingerprint = {"model": llm.fingerprint(), "settings": asdict(block_view(settings, ResponseSettings))}
     results = ResultLog(out_path, fingerprint, restart=restart)
     if cache is not None and not cache.enabled:
         cache = None
@@ -85,8 +75,8 @@ def generate_responses(prompt_rows: Sequence[dict], llm, settings: ResponseSetti
     for kind in ("multiple_choice", "descriptive"):
         rows = [r for r in todo if r["kind"] == kind]
         max_new = settings.mc_max_new_tokens if kind == "multiple_choice" else settings.max_new_tokens
-        for start in range(0, len(rows), settings.batch_size):
-            batch = rows[start:start + settings.batch_size]
+        for start in range(0, len(rows), settings.gen_batch_size):
+            batch = rows[start:start + settings.gen_batch_size]
             rendered = [llm.render_chat(r["messages"]) for r in batch]
             keys = ["distill|" + digest({"prompt": p, "model": fingerprint["model"], "settings": fingerprint["settings"],
                                          "max_new": max_new}, 24) for p in rendered]

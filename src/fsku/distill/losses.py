@@ -22,6 +22,9 @@ from typing import Optional, Union
 
 import torch
 
+from ..choices import LOSS_TYPES, LossSpec  # noqa: F401  (the table lives on the ground floor)
+from ..config import BETA_RANGE
+
 Alpha = Union[float, torch.Tensor]
 
 
@@ -110,7 +113,7 @@ def skew_reverse_kl(log_p: torch.Tensor, log_q: torch.Tensor, alpha: Alpha) -> t
     return _kl(log_q, _mixture(log_q.detach(), log_p, a))
 
 
-def generalized_jsd(log_p: torch.Tensor, log_q: torch.Tensor, weight: float = 0.5) -> torch.Tensor:
+def generalized_jsd(log_p: torch.Tensor, log_q: torch.Tensor, weight: float) -> torch.Tensor:
     """b*KL(p || m) + (1-b)*KL(q || m) with m = b*p + (1-b)*q (GKD's generalised JSD, b = `weight`)."""
     b = _as_alpha(weight, log_q)
     log_m = _mixture(log_p, log_q, b)
@@ -160,26 +163,6 @@ class Side:
     mask: torch.Tensor
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    """Which divergence applies to teacher responses (chosen) and to student responses (rejected)."""
-    chosen: Optional[str]
-    rejected: Optional[str]
-    needs_teacher: bool
-    help: str
-
-
-LOSS_TYPES: dict[str, LossSpec] = {
-    "distillm_v2": LossSpec("skew_forward_kl", "skew_reverse_kl", True,
-                            "(2-beta)*SKL on teacher responses + beta*SRKL on student responses"),
-    "sft": LossSpec("cross_entropy", None, False, "cross-entropy on teacher responses"),
-    "kd": LossSpec("forward_kl", None, True, "forward KL(p||q) on teacher responses"),
-    "rkl": LossSpec(None, "reverse_kl", True, "reverse KL(q||p) on student responses (on-policy)"),
-    "gkd": LossSpec("generalized_jsd", "generalized_jsd", True,
-                    "(2-beta)*JSD on teacher responses + beta*JSD on student responses"),
-}
-
-
 def side_weights(loss_type: str, beta: float) -> tuple[float, float]:
     """Weights of the chosen and rejected terms."""
     spec = LOSS_TYPES[loss_type]
@@ -205,13 +188,14 @@ def _divergence(name: str, side: Side, alpha: Alpha, jsd_weight: float) -> torch
     return DIVERGENCES[name](side, alpha, jsd_weight)
 
 
-def distillation_loss(loss_type: str, chosen: Optional[Side], rejected: Optional[Side], alpha_chosen: Alpha = 0.1,
-                      alpha_rejected: Alpha = 0.1, beta: float = 1.0, jsd_weight: float = 0.5
+def distillation_loss(loss_type: str, chosen: Optional[Side], rejected: Optional[Side], alpha_chosen: Alpha,
+                      alpha_rejected: Alpha, *, beta: float, jsd_weight: float
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Total loss and its terms (detached) for one batch. Terms with weight 0 are not computed."""
+    """Total loss and its terms (detached) for one batch. Terms with weight 0 are not computed. No
+    defaults: the values come from the config (config.LossSettings), declared there once."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {sorted(LOSS_TYPES)}")
-    if not 0.0 <= beta <= 2.0:
+    if not BETA_RANGE[0] <= beta <= BETA_RANGE[1]:
         raise ValueError(f"beta must be in [0, 2], got {beta}")
     spec = LOSS_TYPES[loss_type]
     w_chosen, w_rejected = side_weights(loss_type, beta)

@@ -22,13 +22,22 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..config import DistillConfig, InferConfig
-from ..infer.cache import AnswerCache
 from ..jsonl import write_jsonl
+from ..stores import AnswerCache
 from ..synth.records import read_jsonl
+from .data import build_prompts, generate_responses, make_pairs
 from .losses import LOSS_TYPES
-from .data import ResponseSettings, build_prompts, generate_responses, make_pairs
-from .trainer import (DistillTrainer, LoraSettings, LossSettings, MetricsCallback, PairCollator, PairDataset,
-                      check_shared_vocab, encode_pairs, load_student, merge_and_save, precompute_topk)
+from .trainer import (
+    DistillTrainer,
+    MetricsCallback,
+    PairCollator,
+    PairDataset,
+    check_shared_vocab,
+    encode_pairs,
+    load_student,
+    merge_and_save,
+    precompute_topk,
+)
 
 log = logging.getLogger(__name__)
 LogFn = Callable[[dict, int], None]
@@ -122,10 +131,8 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
     records = load_records(cfg.data, "train", cfg.max_prompts)
     if not records:
         raise ValueError(f"{cfg.data}/train.jsonl holds no records")
-    settings = ResponseSettings(cfg.max_new_tokens, cfg.mc_max_new_tokens, cfg.temperature, cfg.top_p,
-                                cfg.gen_batch_size, cfg.seed)
     cache = AnswerCache(cfg.cache_dir)
-    gen_kw = dict(backend=cfg.backend, dtype=cfg.dtype, device=cfg.device, max_model_len=cfg.max_length + cfg.max_new_tokens)
+    gen_kw = dict(backend=cfg.backend, dtype=cfg.dtype, device=cfg.device, max_model_len=cfg.max_model_len + cfg.max_new_tokens)
     stats: dict = {"train_records": len(records), "vocab_size": vocab_size, "device": device,
                    "dtype": str(torch_dtype).replace("torch.", ""), "rounds": []}
 
@@ -136,7 +143,7 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
     write_jsonl(prompt_rows, out / "prompts.jsonl")
     t0 = time.perf_counter()
     with tqdm(total=len(prompt_rows), desc="teacher responses", unit="prompt", disable=not progress) as bar:
-        teacher_resp = generate_responses(prompt_rows, teacher_llm, settings, out / "responses_r1_teacher.jsonl", cache,
+        teacher_resp = generate_responses(prompt_rows, teacher_llm, cfg, out / "responses_r1_teacher.jsonl", cache,
                                           progress=bar.update)
     stats["teacher_response_s"] = round(time.perf_counter() - t0, 1)
     needs_teacher = LOSS_TYPES[cfg.loss_type].needs_teacher
@@ -161,7 +168,7 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
         student_llm = load_llm(str(current_student), **gen_kw)
         with tqdm(total=len(prompt_rows), desc=f"student responses (round {rnd})", unit="prompt",
                   disable=not progress) as bar:
-            student_resp = generate_responses(prompt_rows, student_llm, settings,
+            student_resp = generate_responses(prompt_rows, student_llm, cfg,
                                               out / f"responses_r{rnd}_student.jsonl", cache, progress=bar.update)
         del student_llm
         _release_memory()
@@ -172,7 +179,7 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
         if not pairs:
             raise ValueError(f"round {rnd}: no prompt has both a teacher and a student response ({counts.to_dict()})")
         write_jsonl(pairs, out / f"pairs_r{rnd}.jsonl")
-        features, cut = encode_pairs(student_tok, pairs, cfg.max_length, cfg.max_prompt_length)
+        features, cut = encode_pairs(student_tok, pairs, cfg.max_model_len, cfg.max_prompt_length)
         rstats["prompts_cut"] = cut
 
         teacher_for_training = None
@@ -192,9 +199,7 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
                 teacher_for_training = teacher_model
 
         torch.manual_seed(cfg.seed)
-        lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, cfg.qlora,
-                            cfg.gradient_checkpointing)
-        student = load_student(str(current_student), lora, torch_dtype, device)
+        student = load_student(str(current_student), cfg, torch_dtype, device)
         trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
         rstats["trainable_parameters"] = trainable
         steps = cfg.max_steps
@@ -211,7 +216,7 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
         trainer = DistillTrainer(
             model=student, args=args, train_dataset=PairDataset(features), data_collator=PairCollator(student_tok.pad_token_id),
             teacher=teacher_for_training, callbacks=[callback, *callbacks],
-            loss=LossSettings(cfg.loss_type, cfg.alpha, cfg.adaptive_alpha, cfg.beta, cfg.beta_warmup_ratio, cfg.jsd_weight),
+            loss=cfg,
             vocab_size=vocab_size)
         ckpt_dir = rdir / "checkpoints"
         resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None

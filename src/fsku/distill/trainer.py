@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from transformers import Trainer, TrainerCallback
 
+from ..config import LoraSettings, LossSettings
 from . import losses as L
 
 log = logging.getLogger(__name__)
@@ -166,17 +167,6 @@ def precompute_topk(teacher, features: list[dict], k: int, vocab_size: int, batc
 
 # ---------------------------------------------------------------- trainer
 
-@dataclass
-class LossSettings:
-    loss_type: str = "distillm_v2"
-    alpha: float = 0.1
-    adaptive_alpha: bool = False
-    beta: float = 1.0
-    beta_warmup_ratio: float = 0.0
-    jsd_weight: float = 0.5
-    alpha_reference_steps: int = 5
-
-
 class DistillTrainer(Trainer):
     """`Trainer` with a distillation loss. `teacher` is a model (on-the-fly logits) or None when the
     batches carry precomputed top-k teacher log-probabilities (or the loss needs no teacher)."""
@@ -295,16 +285,6 @@ class MetricsCallback(TrainerCallback):
 
 # ---------------------------------------------------------------- student model
 
-@dataclass
-class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    qlora: bool = False
-    gradient_checkpointing: bool = False
-
-
 def load_student(model_id: str, lora: LoraSettings, dtype: torch.dtype, device: str):
     """The student with a fresh LoRA adapter (QLoRA: the base in 4-bit NF4, CUDA only)."""
     from peft import LoraConfig, get_peft_model
@@ -315,8 +295,8 @@ def load_student(model_id: str, lora: LoraSettings, dtype: torch.dtype, device: 
         if device != "cuda":
             raise ValueError("qlora needs a CUDA GPU (bitsandbytes 4-bit); use plain LoRA on CPU")
         try:
-            from transformers import BitsAndBytesConfig
             import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
         except ImportError as exc:
             raise ImportError("qlora needs bitsandbytes: pip install bitsandbytes") from exc
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -329,11 +309,11 @@ def load_student(model_id: str, lora: LoraSettings, dtype: torch.dtype, device: 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=lora.gradient_checkpointing)
     else:
         model = model.to(device)
-    targets = [t.strip() for t in lora.target_modules.split(",") if t.strip()]
+    targets = [t.strip() for t in lora.lora_target_modules.split(",") if t.strip()]
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if targets != ["all-linear"] and not set(targets) & present:
         raise ValueError(f"none of the LoRA target modules {targets} exist in {model_id}")
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+    config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, task_type="CAUSAL_LM",
                         target_modules=targets[0] if targets == ["all-linear"] else [t for t in targets if t in present])
     model = get_peft_model(model, config)
     if lora.gradient_checkpointing:

@@ -120,7 +120,8 @@ def load_gold(path: str | Path) -> list[GoldRow]:
                 raise ValueError(f"{path}:{lineno}: expected question and answer (or reference)")
             qid = str(r.get("qid") or r.get("ID") or f"{path.stem}-{lineno:03d}")
             kind = classify_question(qid, r["question"]).question_type
-            answer = str(r["answer"]) if kind == "multiple_choice" and "answer" in r else str(r.get("reference") or r.get("answer"))
+            answer = (str(r["answer"]) if kind == "multiple_choice" and "answer" in r
+                      else str(r.get("reference") or r.get("answer")))
             kws = r.get("keywords") or []
             rows.append(GoldRow(qid, r["question"], answer, kind, split_keywords(kws) if isinstance(kws, str) else list(kws)))
     else:
@@ -143,6 +144,28 @@ def load_gold(path: str | Path) -> list[GoldRow]:
     if not rows:
         raise ValueError(f"{path}: no labelled rows")
     return rows
+
+
+def load_gold_sets(spec: str) -> list[GoldRow]:
+    """Several labelled sets, comma-separated (``a.csv,b.jsonl``), as one list; IDs must be unique across them."""
+    rows: list[GoldRow] = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        rows.extend(load_gold(part))
+    ids = [g.ID for g in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{spec}: the labelled sets share IDs; give each row a unique ID")
+    return rows
+
+
+def write_test_csv(rows: Sequence[GoldRow], path: str | Path) -> Path:
+    """The questions of labelled rows as a competition test.csv (ID,Question; UTF-8 with BOM)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8-sig", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["ID", "Question"])
+        w.writerows([(g.ID, g.question) for g in rows])
+    return path
 
 
 def read_submission(path: str | Path) -> dict[str, str]:

@@ -50,8 +50,8 @@ class YesNoJudge:
         self.llm, self.threshold = llm, threshold
 
     def p_yes(self, prompt: str) -> float:
-        from ..llm import OptionRequest
         from ..infer.options import normalize_logprobs
+        from ..llm import OptionRequest
 
         messages = [{"role": "system", "content": JUDGE_SYSTEM},
                     {"role": "user", "content": prompt + "\n" + _SPLIT + f"{YES} 또는 {NO}로만 답하세요."}]
@@ -92,7 +92,8 @@ def answer_relevancy(generate: Callable[[str], str], cosine: Callable[[list[str]
     """ragas' answer relevancy: questions written back from the answer, compared with the real one."""
     if not answer.strip():
         return None
-    back = [q for q in (generate(f"다음 답변이 대답하는 질문을 한 문장으로 쓰세요.\n답변: {answer}") for _ in range(n)) if q.strip()]
+    back = [q for q in (generate(f"다음 답변이 대답하는 질문을 한 문장으로 쓰세요.\n답변: {answer}") for _ in range(n))
+            if q.strip()]
     if not back:
         return 0.0
     return float(np.mean(np.clip(cosine(back, [question] * len(back)), 0.0, 1.0)))

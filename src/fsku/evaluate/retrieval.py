@@ -1,4 +1,5 @@
-"""Retrieval metrics on labelled queries. Pure functions over per-query relevance lists.
+"""Retrieval metrics on labelled queries: pure functions over per-query relevance lists, and
+``evaluate_retrieval``, which runs a knowledge base's search over a labels file and scores it.
 
 A labelled query is ``{"qid", "question", "source" | "law", "evidence"}``: a hit is relevant
 when it comes from the gold document (file path, or file stem for ``law``) and contains the
@@ -10,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import pandas as pd
+
+from ..config import RetrieveConfig
 from ..ingest.clean import clean_text, compact
 from ..jsonl import iter_jsonl
 
@@ -106,3 +110,22 @@ def count_relevant_chunks(queries: Sequence[LabelledQuery], chunks: Sequence[dic
         ev_raw = compact(q.evidence)
         out.append(sum(1 for src, txt in compacted if _source_matches(src, q.gold_source) and (ev in txt or ev_raw in txt)))
     return out
+
+
+def evaluate_retrieval(kb, labels_path: str | Path, cfg: RetrieveConfig) -> tuple[dict, pd.DataFrame]:
+    """Retrieval metrics of `kb` (a fsku.kb.KnowledgeBase) searched with `cfg` on a labels file:
+    hit/recall@{1,3,5,top_k}, MRR and `curve` (hit@k for k = 1..top_k), plus a per-query table (first
+    relevant rank, top-1 path). ``dataclasses.replace(kb.retrieve_defaults(), top_k=...)`` scores the KB
+    with the fusion settings it was built (or tuned) with."""
+    queries = load_labels(labels_path)
+    hits = kb.search([q.question for q in queries], cfg)
+    hit_dicts = [[h.to_dict() for h in hs] for hs in hits]
+    n_rel = count_relevant_chunks(queries, kb.chunks[["source", "text"]].to_dict("records"))
+    result = evaluate_hits(queries, hit_dicts, n_rel, ks=sorted({1, 3, 5, cfg.top_k}))
+    rows = []
+    for q, rel, hs in zip(queries, result["relevance"], hits, strict=False):
+        first = next((i + 1 for i, r in enumerate(rel) if r), None)
+        rows.append({"qid": q.qid, "question": q.question, "gold": q.gold_source, "first_relevant_rank": first,
+                     "top1_path": hs[0].path if hs else "", "relevant_chunks": n_rel[len(rows)]})
+    curve = {k: sum(any(r[:k]) for r in result["relevance"]) / len(queries) for k in range(1, cfg.top_k + 1)}
+    return {**result["metrics"], "curve": curve}, pd.DataFrame(rows)

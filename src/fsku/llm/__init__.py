@@ -3,105 +3,19 @@
 A backend renders chats with the tokenizer's own template, counts tokens, scores the next-token
 log-probabilities of option labels (multiple choice: the answer is always a valid option) and
 generates text. Heavy runtimes import lazily; a missing one gives an error naming the extra.
+
+The interface itself lives in `fsku.llm.base` (re-exported here), so the backends import it without
+importing this package's registry; model names are resolved by `fsku.llm.resolve` (registry URIs
+are resolved before, by `fsku.tracking`).
 """
 from __future__ import annotations
 
 import importlib.util
-import logging
-import time
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable
 
-import numpy as np
+from .base import DeadlineExceeded, Generation, LLMBackend, OptionRequest, check_deadline
 
-log = logging.getLogger(__name__)
-
-
-class DeadlineExceeded(TimeoutError):
-    """A per-question time limit ran out between two model calls."""
-
-
-def check_deadline(deadline: Optional[float]) -> None:
-    if deadline is not None and time.monotonic() > deadline:
-        raise DeadlineExceeded("per-question time limit exceeded")
-
-
-@dataclass
-class OptionRequest:
-    """Score `labels` as the next token after ``prefix + suffix`` for each suffix.
-
-    The prefix (system prompt, context, stem) is shared by every suffix (the option lines in one
-    order each), so backends can encode it once."""
-
-    prefix: str
-    suffixes: list[str]
-    labels: list[str]
-
-
-@dataclass
-class Generation:
-    text: str
-    n_tokens: int
-    mean_logprob: float  # mean log-probability of the generated tokens (a confidence signal)
-    truncated: bool  # stopped by max_new_tokens / max_time rather than by an end-of-turn token
-
-
-class LLMBackend:
-    """Base class; subclasses implement `_load`, `option_logprobs` and `generate`."""
-
-    name = "base"
-
-    def __init__(self, model: str, dtype: str = "auto", device: str = "auto", max_model_len: int = 4096):
-        self.model_id, self.dtype, self.device, self.max_model_len = model, dtype, device, max_model_len
-        self.tokenizer = None
-
-    # -- text
-    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
-        # models without a template (tiny test models, base models): a plain, explicit layout
-        text = "".join(f"### {m['role']}\n{m['content']}\n" for m in messages)
-        return text + ("### assistant\n" if add_generation_prompt else "")
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def truncate_tokens(self, text: str, max_tokens: int) -> str:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= max_tokens:
-            return text
-        return self.tokenizer.decode(ids[:max(0, max_tokens)], skip_special_tokens=True)
-
-    def label_token_ids(self, labels: Sequence[str]) -> list[int]:
-        """The single token that starts each label right after the assistant header."""
-        out = []
-        for label in labels:
-            ids = self.tokenizer(label, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise ValueError(f"{self.model_id}: label {label!r} encodes to no token")
-            out.append(ids[-1] if len(ids) > 1 and self.tokenizer.decode(ids[:-1]).strip() == "" else ids[0])
-        if len(set(out)) != len(out):
-            raise ValueError(f"{self.model_id}: option labels {list(labels)} share first tokens {out}; option scoring needs distinct ones")
-        return out
-
-    def fingerprint(self) -> str:
-        return f"{self.name}:{self.model_id}:{self.dtype}"
-
-    # -- model calls
-    def option_logprobs(self, request: OptionRequest, deadline: Optional[float] = None) -> np.ndarray:
-        """(len(suffixes), len(labels)) next-token log-probabilities (full-vocabulary softmax)."""
-        raise NotImplementedError
-
-    def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[np.ndarray]:
-        """Per-token log-probabilities of each continuation's tokens after its prompt (teacher forcing;
-        perplexity of reference answers)."""
-        raise NotImplementedError(f"backend {self.name!r} does not score continuations; use backend 'transformers'")
-
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: Optional[int] = None, max_time: Optional[float] = None,
-                 repetition_penalty: float = 1.0) -> list[Generation]:
-        raise NotImplementedError
+__all__ = ["BACKENDS", "DeadlineExceeded", "Generation", "LLMBackend", "OptionRequest", "check_deadline", "load_llm"]
 
 
 def _transformers(model: str, **kw) -> LLMBackend:

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import Generation, LLMBackend, OptionRequest, check_deadline
+from .base import Generation, LLMBackend, OptionRequest, check_deadline
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class TransformersBackend(LLMBackend):
         that caches notice a model rebuilt at the same path."""
         from pathlib import Path
 
-        from ..infer.cache import digest
+        from ..stores import digest
 
         folder = Path(self.model_id)
         files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + [folder / "config.json"]
@@ -196,6 +196,15 @@ def _quant_method(model: str) -> str:
     return str((json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}).get("quant_method", ""))
 
 
+def gptq_environment() -> None:
+    """gptqmodel sizes its CPU worker pools from GPTQMODEL_CPU_WORKERS and fails on machines with
+    fewer than 4 cores unless at least 2 are granted (used to load and to quantize GPTQ models)."""
+    import os
+
+    if (os.cpu_count() or 1) < 4:
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+
 def _load_gptq(model: str, device: str):
     """A GPTQ checkpoint through gptqmodel (transformers' own GPTQ loader needs optimum); the
     returned module is the ordinary transformers model with quantized linear layers."""
@@ -203,8 +212,6 @@ def _load_gptq(model: str, device: str):
 
     if importlib.util.find_spec("gptqmodel") is None:
         raise ImportError(f"{model} is a GPTQ checkpoint: pip install 'fsku[gptq]' (gptqmodel==7.6.0)")
-    from ..quantize import gptq_environment
-
     gptq_environment()
     from gptqmodel import GPTQModel
 

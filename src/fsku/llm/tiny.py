@@ -146,6 +146,7 @@ def train_on_examples(model_dir: str | Path, examples: list[tuple[list[dict], st
         bar.close()
     model.eval()
     model.save_pretrained(model_dir)
-    info = {"steps": steps, "examples": len(encoded), "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:])}
+    info = {"steps": steps, "examples": len(encoded), "first_loss": losses[0],
+            "final_loss": sum(losses[-10:]) / len(losses[-10:])}
     log.info("trained %s on %d examples: loss %.3f -> %.3f", model_dir, len(encoded), info["first_loss"], info["final_loss"])
     return info

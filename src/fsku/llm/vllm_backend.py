@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import Generation, LLMBackend, OptionRequest, check_deadline
+from .base import Generation, LLMBackend, OptionRequest, check_deadline
 
 log = logging.getLogger(__name__)
 TOP_LOGPROBS = 20

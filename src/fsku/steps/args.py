@@ -1,68 +1,90 @@
-"""CLI flags for a stage config: one ``--field-name`` per dataclass field (help text from the
-field's metadata), plus ``--recipe``. MLflow passes every parameter as a string ('320.0' for
-floats, 'none' for unset), so conversions are lenient."""
+"""CLI flags for a stage config, derived from its dataclass: one ``--field-name`` per field (also
+spelt ``--field_name``, which is how MLflow forwards a ``-P`` parameter the entry point does not
+declare), help text and default from the field, plus ``--recipe``.
+
+Values on the command line (and MLflow parameters, which are always strings):
+- an empty string means "not given": the recipe's value, else the dataclass default, applies (the
+  generated MLproject's parameters default to "", so ``mlflow run`` can use a recipe);
+- ``none`` gives None to a field whose type is Optional (for example ``kb=none``: no retrieval);
+- integers accept ``10`` or ``10.0`` (MLflow float parameters) but not ``10.5``; booleans accept
+  true/false, yes/no, 1/0.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
-from typing import Any, Optional
+import sys
+from typing import Any, Callable, Iterable, Optional
 
-from ..config import config_from_dict, load_recipe
+from ..config import config_from_dict, field_kind, load_recipe
 
-NONE_STRINGS = ("", "none", "None")
-
-
-def _kind(f: dataclasses.Field):
-    if isinstance(f.default, bool):
-        return bool
-    if isinstance(f.default, int):
-        return int
-    if isinstance(f.default, float):
-        return float
-    return str
+NONE_STRINGS = ("none", "None", "null")
 
 
-def lenient(kind):
-    def convert(value: str):
-        if value in NONE_STRINGS and kind is not str:
-            return None
-        if kind is bool:
-            if value.lower() in ("1", "true", "yes"):
-                return True
-            if value.lower() in ("0", "false", "no"):
-                return False
-            raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
-        if kind is int:
-            return int(float(value))
-        return kind(value)
-    convert.__name__ = kind.__name__
-    return convert
+def convert(kind: type, optional: bool, value: str) -> Any:
+    """A command-line string -> the field's value (None: not given)."""
+    if value == "":
+        return None
+    if optional and value in NONE_STRINGS:
+        return dataclasses.MISSING  # an explicit None, told apart from "not given"
+    if kind is bool:
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    if kind is int:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if not number.is_integer():
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}")
+        return int(number)
+    if kind is float:
+        try:
+            return float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    return value
+
+
+def _converter(kind: type, optional: bool):
+    def parse(value: str):
+        return convert(kind, optional, value)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     if not any(a.dest == "recipe" for a in parser._actions):
-        parser.add_argument("--recipe", help=f"experiments/<name>/<stage>.yaml for {cls.__name__}; flags override it")
+        parser.add_argument("--recipe", default=None,
+                            help=f"experiments/<name>/<stage>.yaml for {cls.__name__}; flags override it ('' = none)")
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=lenient(_kind(f)), default=None,
+        kind, optional = field_kind(cls, f.name)
+        flags = ["--" + f.name.replace("_", "-")] + (["--" + f.name] if "_" in f.name else [])
+        parser.add_argument(*flags, dest=f.name, type=_converter(kind, optional), default=None,
+                            metavar=kind.__name__.upper(),
                             help=f.metadata.get("help", "") + f" (default: {f.default})")
     return parser
 
 
 def config_from_namespace(args: argparse.Namespace, cls, optional_str: tuple[str, ...] = ()) -> Any:
-    values: dict[str, Optional[Any]] = {}
+    """The config: dataclass defaults, then the recipe (if any), then the flags that were given."""
+    given: dict[str, Optional[Any]] = {}
     for f in dataclasses.fields(cls):
-        if not hasattr(args, f.name):
-            continue
-        v = getattr(args, f.name)
-        if f.name in optional_str and v in NONE_STRINGS:
-            v = ""
-        values[f.name] = v
-    given = {k: v for k, v in values.items() if v is not None}
-    if getattr(args, "recipe", None):
-        return load_recipe(args.recipe, given)
+        value = getattr(args, f.name, None)
+        if value is dataclasses.MISSING:
+            given[f.name] = None
+        elif value is not None:
+            given[f.name] = value
+    recipe = getattr(args, "recipe", None)
+    if recipe:
+        return load_recipe(recipe, given, expected=cls)
     return config_from_dict(cls, given, "command line")
 
 
@@ -73,6 +95,26 @@ def parse_step_args(argv: list[str] | None, cls, prog: str, doc: str | None, pro
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if progress_flag:
-        p.add_argument("--no-progress", action="store_true", help="no progress bars (MLflow entry points)")
+        p.add_argument("--no-progress", "--no_progress", action="store_true",
+                       help="no progress bars (MLflow entry points)")
     add_config_args(p, cls)
     return p.parse_args(argv)
+
+
+def step_main(argv: list[str] | None, cls, prog: str, doc: str | None, run_step: Callable[..., dict],
+              report: Callable[[Any, dict], Iterable[str]]) -> int:
+    """The `main` of every step: flags -> config -> ``run_step(cfg, progress=...)`` -> the lines of
+    ``report(cfg, result)`` on stdout, 0; an expected error (bad input, missing file) -> "error: ..."
+    on stderr, 2, no traceback."""
+    from . import STEP_ERRORS
+
+    a = parse_step_args(argv, cls, prog, doc, progress_flag=True)
+    try:
+        cfg = config_from_namespace(a, cls)
+        result = run_step(cfg, progress=not a.no_progress)
+    except STEP_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in report(cfg, result):
+        print(line)
+    return 0

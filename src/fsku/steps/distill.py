@@ -2,6 +2,7 @@
 (DistiLLM-2 contrastive loss, or a baseline), is merged and registered.
 
 Usage:
+    python -m fsku.steps.distill [--recipe experiments/<name>/distill.yaml] [--data DIR --max-steps N ...] [--no-progress]
     fsku distill --data outputs/synth_qa --teacher offline:qwen2.5-coder-1.5b-instruct \\
         --student offline:qwen2.5-coder-0.5b-instruct --loss-type distillm_v2 --alpha 0.1 --beta 1.0 --max-steps 50
     fsku distill --recipe experiments/default/distill.yaml --max-steps 10
@@ -17,11 +18,12 @@ import hashlib
 import logging
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
 from ..config import DistillConfig
-from .args import config_from_namespace, parse_step_args
+from .args import step_main
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,9 @@ def data_version(data: str | Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.exists() else ""
 
 
-def distill_step(cfg: DistillConfig, progress: bool = True):
+def run_step(cfg: DistillConfig, progress: bool = True) -> dict:
+    """Distill, log the run and register the merged student: {"result" (DistillResult), "run_id",
+    "version" (registered version, "" when not registered), "tracking_uri"}."""
     from .. import tracking
     from ..distill.pipeline import distill
 
@@ -73,7 +77,8 @@ def distill_step(cfg: DistillConfig, progress: bool = True):
     tags = {"fsku.teacher": cfg.teacher, "fsku.student": cfg.student, "fsku.loss_type": cfg.loss_type,
             "fsku.data_version": version}
     with tracking.run("distill", params, tags=tags) as active:
-        result = distill(cfg, log_fn=lambda metrics, step: tracking.log_metrics(metrics, step=step), progress=progress)
+        result = distill(tracking.resolve_model_fields(cfg, "teacher", "student"),  # models:/ URIs -> local folders
+                         log_fn=lambda metrics, step: tracking.log_metrics(metrics, step=step), progress=progress)
         s = result.stats
         final = s["rounds"][-1]
         summary = {"train_records": s["train_records"], "total_s": s["total_s"], "teacher_response_s": s["teacher_response_s"],
@@ -103,21 +108,19 @@ def distill_step(cfg: DistillConfig, progress: bool = True):
                 "adaptive_alpha": cfg.adaptive_alpha, "beta": cfg.beta, "data": cfg.data, "data_version": version,
                 "rounds": cfg.rounds, "steps": final["steps"]})
         run_id = active.info.run_id
-    return result, run_id, model_version
+    return {"result": result, "run_id": run_id, "version": model_version, "tracking_uri": tracking.tracking_uri()}
+
+
+def report(cfg: DistillConfig, out: dict) -> Iterator[str]:
+    result, final = out["result"], out["result"].stats["rounds"][-1]
+    yield (f"distill ({cfg.loss_type}): {final['pairs']['pairs']} pairs, {final['steps']} steps, "
+           f"{final['s_per_step']} s/step, final train loss {final['train_loss']:.4f}")
+    where = f"models:/{cfg.register_as}/{out['version']}" if out["version"] else "(not registered)"
+    yield f"merged student: {result.merged}  registered: {where}  mlflow run: {out['run_id']}  tracking: {out['tracking_uri']}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_step_args(argv, DistillConfig, "fsku distill", __doc__, progress_flag=True)
-    cfg = config_from_namespace(a, DistillConfig, optional_str=("kb", "register_as"))
-    from .. import tracking
-
-    result, run_id, version = distill_step(cfg, progress=not a.no_progress)
-    final = result.stats["rounds"][-1]
-    print(f"distill ({cfg.loss_type}): {final['pairs']['pairs']} pairs, {final['steps']} steps, "
-          f"{final['s_per_step']} s/step, final train loss {final['train_loss']:.4f}")
-    where = f"models:/{cfg.register_as}/{version}" if version else "(not registered)"
-    print(f"merged student: {result.merged}  registered: {where}  mlflow run: {run_id}  tracking: {tracking.tracking_uri()}")
-    return 0
+    return step_main(argv, DistillConfig, "fsku distill", __doc__, run_step, report)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """evaluate: predict on labelled sets, score with the official FSKU metric, and track everything.
 
 Usage:
-    mlflow run . -e evaluate --env-manager local -P gold=evaluation/sample_qa.csv -P model=... -P context=gated
+    python -m fsku.steps.evaluate [--recipe experiments/<name>/evaluate.yaml] [--gold FILE[,FILE]] [--model ...] [--no-progress]
     fsku evaluate --gold ../shared/data/fsku-benchmark/mcq_dev.csv --kb outputs/lawkb --model offline:qwen2.5-coder-1.5b-instruct
+    mlflow run . -e evaluate --env-manager local -P gold=evaluation/sample_qa.csv -P model=... -P context=gated
 
 Logged to MLflow: the FSKU score and its parts, accuracy per domain / sub-domain, Korean ROUGE-L and
 BLEU of descriptive answers, retrieval hit@k when labels exist, how often the gate let context in,
@@ -12,43 +13,23 @@ one parameter (`context`), so the MLflow UI compares them side by side.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import resource
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
 
 from .. import tracking
 from ..config import EvaluateConfig
+from ..evaluate.fsku_metric import load_gold_sets, write_test_csv
 from ..jsonl import write_jsonl
-from .args import config_from_namespace, parse_step_args
+from .args import step_main
 
 log = logging.getLogger(__name__)
-
-
-def load_gold_sets(spec: str):
-    from ..evaluate.fsku_metric import load_gold
-
-    rows = []
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        rows.extend(load_gold(part))
-    ids = [g.ID for g in rows]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{spec}: the labelled sets share IDs; give each row a unique ID")
-    return rows
-
-
-def write_test_csv(rows, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8-sig", newline="") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["ID", "Question"])
-        w.writerows([(g.ID, g.question) for g in rows])
-    return path
 
 
 def peak_memory_mb() -> dict:
@@ -94,8 +75,9 @@ def judge_rag(cfg: EvaluateConfig, gold, records: dict, llm, kb, cosine) -> dict
     from ..infer import prompts
     from ..llm import load_llm
 
-    judge_llm = llm if cfg.judge_model in ("same", cfg.model) else load_llm(cfg.judge_model, backend=cfg.backend,
-                                                                             dtype=cfg.dtype, device=cfg.device)
+    judge_llm = llm if cfg.judge_model in ("same", cfg.model) else load_llm(tracking.resolve_model_uri(cfg.judge_model),
+                                                                             backend=cfg.backend, dtype=cfg.dtype,
+                                                                             device=cfg.device)
     rows_gold = [g for g in gold if g.question_type == "descriptive"][: cfg.judge_rows]
     if not rows_gold:
         return {}
@@ -120,7 +102,8 @@ def judge_rag(cfg: EvaluateConfig, gold, records: dict, llm, kb, cosine) -> dict
     return out
 
 
-def evaluate(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> dict:
+def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> dict:
+    """Predict on cfg.gold, score, log everything to one MLflow run; `llm` / `kb`: already loaded ones."""
     from ..evaluate.fsku_metric import embedding_cosine, fsku_score
     from ..evaluate.text_metrics import text_scores
     from ..infer.predict import predict
@@ -134,13 +117,13 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
         from ..llm import load_llm
 
         t0 = time.perf_counter()
-        llm = load_llm(cfg.model, backend=cfg.backend, dtype=cfg.dtype, device=cfg.device,
+        llm = load_llm(tracking.resolve_model_uri(cfg.model), backend=cfg.backend, dtype=cfg.dtype, device=cfg.device,
                        max_model_len=cfg.max_model_len, batch_size=cfg.batch_size)
         load_s = time.perf_counter() - t0
     if kb is None and cfg.use_context:
         from ..kb import KnowledgeBase
 
-        kb = KnowledgeBase.load(cfg.kb)
+        kb = KnowledgeBase.load(tracking.resolve_model_uri(cfg.kb, "manifest.json"))
     test_csv = write_test_csv(gold, out / "test.csv")
     params = {k: v for k, v in dataclasses.asdict(cfg).items()}
     with tracking.run("evaluate", params, tags={"fsku.model": cfg.model, "fsku.context": cfg.context}) as active:
@@ -188,21 +171,23 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
                 metrics[f"score_{level}/{name}"] = float(grp["score"].mean())
         labels = cfg.retrieval_labels or ",".join(p for p in cfg.gold.split(",") if p.strip().endswith(".jsonl"))
         if labels and result.stats and cfg.use_context:
-            from ..config import RetrieveConfig
+            from ..evaluate.retrieval import evaluate_retrieval
             from ..kb import KnowledgeBase
-            from .build_kb import evaluate_retrieval
 
-            kb_obj = kb or KnowledgeBase.load(cfg.kb)
+            kb_obj = kb or KnowledgeBase.load(tracking.resolve_model_uri(cfg.kb, "manifest.json"))
+            # the KB's own fusion settings, as the predictions above searched it
+            rcfg = dataclasses.replace(kb_obj.retrieve_defaults(), top_k=max(5, cfg.top_k))
             for part in labels.split(","):
                 try:
-                    rmetrics, _ = evaluate_retrieval(kb_obj, part.strip(), RetrieveConfig(kb=cfg.kb, top_k=max(5, cfg.top_k)))
+                    rmetrics, _ = evaluate_retrieval(kb_obj, part.strip(), rcfg)
                 except ValueError as e:  # a gold JSONL without retrieval labels
                     log.info("no retrieval metrics for %s: %s", part, e)
                     continue
                 rmetrics.pop("curve", None)
                 metrics.update({f"retrieval_{k}": v for k, v in rmetrics.items() if isinstance(v, (int, float))})
         if cfg.judge_model:
-            metrics.update(judge_rag(cfg, gold, records, llm, kb, cosine if needs_cosine else embedding_cosine(cfg.scorer_embedding)))
+            metrics.update(judge_rag(cfg, gold, records, llm, kb,
+                                     cosine if needs_cosine else embedding_cosine(cfg.scorer_embedding)))
         tracking.log_metrics({k: v for k, v in metrics.items() if v is not None})
         tracking.log_table(table, "per_question.json")
         for name, fig in _plots(table).items():
@@ -218,25 +203,21 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
                 "tracking_uri": tracking.tracking_uri()}
 
 
-def cli(argv: list[str] | None = None) -> int:
-    a = parse_step_args(argv, EvaluateConfig, "fsku evaluate", __doc__, progress_flag=True)
-    try:
-        cfg = config_from_namespace(a, EvaluateConfig, optional_str=("kb", "cache_dir"))
-        for key in ("retrieval_labels", "judge_model"):
-            if getattr(cfg, key) in ("", "none", "None"):
-                cfg = dataclasses.replace(cfg, **{key: None})
-        res = evaluate(cfg, progress=not a.no_progress)
-    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def report(cfg: EvaluateConfig, res: dict) -> Iterator[str]:
     m = res["metrics"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    print(f"FSKU score {fmt(m['fsku_score'])} (MC accuracy {fmt(m['mc_accuracy'])}, descriptive {fmt(m['descriptive_score'])}); "
-          f"p50 {m['latency_p50_s']:.2f} s/question, projected {m['projected_minutes']:.1f} min for "
-          f"{cfg.projected_questions} questions")
-    print(f"submission: {res['submission']}\nmlflow run: {res['run_id']}  tracking: {res['tracking_uri']}")
-    return 0
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    yield (f"FSKU score {fmt(m['fsku_score'])} (MC accuracy {fmt(m['mc_accuracy'])}, descriptive "
+           f"{fmt(m['descriptive_score'])}); p50 {m['latency_p50_s']:.2f} s/question, projected "
+           f"{m['projected_minutes']:.1f} min for {cfg.projected_questions} questions")
+    yield f"submission: {res['submission']}\nmlflow run: {res['run_id']}  tracking: {res['tracking_uri']}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return step_main(argv, EvaluateConfig, "fsku evaluate", __doc__, run_step, report)
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

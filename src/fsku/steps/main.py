@@ -1,8 +1,9 @@
 """main: the whole pipeline as one MLflow run that chains the entry points.
 
 Usage:
-    mlflow run . -e main --env-manager local                  # the embedded sample corpus and tiny models
+    python -m fsku.steps.main [--recipe FILE.yaml] [--corpus DIR --teacher ID --student ID --gold FILE ...]
     fsku main --corpus DIR --teacher ID --student ID --gold FILE ...
+    mlflow run . -e main --env-manager local                  # the embedded sample corpus and tiny models
 
 build_kb -> synth_qa -> distill -> quantize -> evaluate -> promote -> package. Like MLflow's
 multistep example, a step that already FINISHED with the same parameters and the same git commit
@@ -19,10 +20,10 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from ..config import MainConfig
-from .args import config_from_namespace, parse_step_args
+from .args import step_main
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +37,30 @@ class Step:
 
 
 def plan(cfg: MainConfig) -> list[Step]:
+    """The chain. Each step runs with its recipe from `cfg.recipes` (its settings) plus what the
+    chain wires: inputs, output folders and the registry versions earlier steps created."""
+    def wired(stage: str, **params) -> dict:
+        return {"recipe": cfg.recipe_for(stage) or "", **params}
+
     return [
-        Step("build_kb", lambda r: {"corpus": cfg.corpus, "out": cfg.kb_out, "labels": cfg.labels or "none",
-                                    "register_as": "fsku-kb"}, f"{cfg.kb_out}/manifest.json", "fsku-kb"),
-        Step("synth_qa", lambda r: {"kb": cfg.kb_out, "teacher": cfg.teacher, "n_chunks": cfg.n_chunks,
-                                    "min_chunk_chars": cfg.min_chunk_chars, "questions_per_chunk": cfg.questions_per_chunk,
-                                    "max_new_tokens": cfg.synth_max_new_tokens, "temperature": cfg.synth_temperature,
-                                    "out": f"{cfg.out}/synth_qa"}, f"{cfg.out}/synth_qa/train.jsonl"),
-        Step("distill", lambda r: {"data": f"{cfg.out}/synth_qa", "teacher": cfg.teacher, "student": cfg.student,
-                                   "loss_type": cfg.loss_type, "max_steps": cfg.max_steps,
-                                   "max_new_tokens": cfg.distill_max_new_tokens, "out": f"{cfg.out}/distill"},
+        Step("build_kb", lambda r: wired("build_kb", corpus=cfg.corpus, out=cfg.kb_out, labels=cfg.labels or "none",
+                                         register_as="fsku-kb"), f"{cfg.kb_out}/manifest.json", "fsku-kb"),
+        Step("synth_qa", lambda r: wired("synth_qa", kb=cfg.kb_out, teacher=cfg.teacher, out=f"{cfg.out}/synth_qa"),
+             f"{cfg.out}/synth_qa/train.jsonl"),
+        Step("distill", lambda r: wired("distill", data=f"{cfg.out}/synth_qa", teacher=cfg.teacher, student=cfg.student,
+                                        out=f"{cfg.out}/distill", register_as="fsku-student"),
              f"{cfg.out}/distill/merged/config.json", "fsku-student"),
-        Step("quantize", lambda r: {"model": f"models:/fsku-student/{r['distill']['version']}", "method": cfg.quantize_method,
-                                    "out": f"{cfg.out}/quantize", "gold": cfg.gold, "gen_tokens": 16},
+        Step("quantize", lambda r: wired("quantize", model=f"models:/fsku-student/{r['distill']['version']}",
+                                         out=f"{cfg.out}/quantize", gold=cfg.gold, register_as="fsku-student"),
              f"{cfg.out}/quantize/model/config.json", "fsku-student"),
-        Step("evaluate", lambda r: {"model": f"models:/fsku-student/{r['quantize']['version']}", "kb": cfg.kb_out,
-                                    "gold": cfg.gold, "out_dir": f"{cfg.out}/evaluate", "max_new_tokens": cfg.answer_max_new_tokens},
+        Step("evaluate", lambda r: wired("evaluate", model=f"models:/fsku-student/{r['quantize']['version']}",
+                                         kb=cfg.kb_out, gold=cfg.gold, out_dir=f"{cfg.out}/evaluate"),
              f"{cfg.out}/evaluate/submission.csv"),
-        Step("promote", lambda r: {"candidate": r["quantize"]["version"], "kb_name": "fsku-kb",
-                                   "kb_candidate": r["build_kb"]["version"], "gold": cfg.gold,
-                                   "evaluate_recipe": cfg.evaluate_recipe or "none", "out_dir": f"{cfg.out}/promote"}),
-        Step("package", lambda r: {"settings_recipe": cfg.evaluate_recipe or "none", "out": f"{cfg.out}/package",
-                                   "verify": cfg.verify}, None),
+        Step("promote", lambda r: wired("promote", model_name="fsku-student", candidate=r["quantize"]["version"],
+                                        kb_name="fsku-kb", kb_candidate=r["build_kb"]["version"], gold=cfg.gold,
+                                        out_dir=f"{cfg.out}/promote")),
+        Step("package", lambda r: wired("package", model="models:/fsku-student@champion", kb="models:/fsku-kb@champion",
+                                        out=f"{cfg.out}/package"), None),
     ]
 
 
@@ -90,9 +93,18 @@ def run_chain(steps: list[Step], runner: Callable[[str, dict], str], finder: Cal
     return results
 
 
-def main_step(cfg: MainConfig) -> dict:
+def run_step(cfg: MainConfig, progress: bool = True) -> dict:
+    """Run the chain (each step `mlflow run -e <step>`, so `progress` does not reach them): {entry point:
+    {"run_id", "reused", "params", "version"?}, "run_id": the main run, "bundle": the zip or None}."""
     from .. import tracking
 
+    if cfg.recipes and not Path(cfg.recipes).is_dir():
+        raise FileNotFoundError(f"recipes: {cfg.recipes} is not a folder of <stage>.yaml recipes")
+    from ..config import STAGE_CONFIGS, load_recipe
+
+    for stage in STAGE_CONFIGS:  # a broken recipe fails here, before the first step runs
+        if cfg.recipe_for(stage):
+            load_recipe(cfg.recipe_for(stage))
     for path in (cfg.teacher, cfg.student):
         if not (":" in path or Path(path).exists()):
             raise FileNotFoundError(f"{path} not found: for the tiny demo models run `fsku make-tiny-models --out models/tiny "
@@ -113,21 +125,17 @@ def main_step(cfg: MainConfig) -> dict:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parse_step_args(argv, MainConfig, "fsku main", __doc__)
-    try:
-        cfg = config_from_namespace(a, MainConfig, optional_str=("labels", "evaluate_recipe"))
-        out = main_step(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def report(cfg: MainConfig, out: dict) -> Iterator[str]:
     for name, entry in out.items():
         if isinstance(entry, dict):
-            print(f"{name:9s} {'reused' if entry['reused'] else 'ran   '} run {entry['run_id']}"
-                  + (f"  version {entry['version']}" if entry.get("version") else ""))
-    print(f"submission bundle: {out['bundle']}")
-    print(f"mlflow run (main): {out['run_id']}")
-    return 0
+            yield (f"{name:9s} {'reused' if entry['reused'] else 'ran   '} run {entry['run_id']}"
+                   + (f"  version {entry['version']}" if entry.get("version") else ""))
+    yield f"submission bundle: {out['bundle']}"
+    yield f"mlflow run (main): {out['run_id']}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return step_main(argv, MainConfig, "fsku main", __doc__, run_step, report)
 
 
 if __name__ == "__main__":

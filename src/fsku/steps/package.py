@@ -1,11 +1,12 @@
 """package: the champion (student + KB) as a self-contained, rule-checked, verified submission bundle.
 
 Usage:
-    mlflow run . -e package --env-manager local [-P model=models:/fsku-student@champion -P kb=models:/fsku-kb@champion]
+    python -m fsku.steps.package [--recipe experiments/<name>/package.yaml] [--model URI_OR_DIR --kb URI_OR_DIR ...]
     fsku package --model models:/fsku-student/3 --kb outputs/kb --out outputs/package --verify fresh
+    mlflow run . -e package --env-manager local [-P model=models:/fsku-student@champion -P kb=models:/fsku-kb@champion]
 
 Bundle (folder and deterministic zip):
-    inference.py        test.csv -> submission.csv, offline, using only the bundled files
+    inference.py        test.csv -> submission.csv, offline, using only the bundled files (fsku/package/inference.py)
     requirements.txt    pinned runtime packages (torch first; + the quantization backend the model needs)
     settings.json       the inference settings (InferConfig fields)
     code/fsku/          the runtime part of fsku (no training, tracking or packaging code)
@@ -32,84 +33,43 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from ..config import InferConfig, PackageConfig, PredictConfig, load_recipe
-from ..package import (BundleFacts, RulePolicy, base_model_facts, build_manifest, check_rules, check_zip, model_card,
-                       project_seconds, scan_network_use, sha256_file, write_zip)
-from .args import config_from_namespace, parse_step_args
+from ..home import cache_path
+from ..package import (
+    BundleFacts,
+    RulePolicy,
+    base_model_facts,
+    build_manifest,
+    check_rules,
+    check_zip,
+    model_card,
+    project_seconds,
+    scan_network_use,
+    sha256_file,
+    write_zip,
+)
+from ..package import inference as bundle_inference
+from .args import step_main
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[3]
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # modules that train, track, tune or package: never needed to answer a test file
-EXCLUDED_CODE = ("steps", "synth", "distill", "tracking.py", "tune.py", "registry.py", "package.py", "cli.py", "__pycache__")
+EXCLUDED_CODE = ("steps", "synth", "distill", "tracking.py", "tune.py", "registry.py", "package", "cli.py", "__pycache__")
 RUNTIME_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub", "faiss-cpu", "onnx", "onnxruntime",
                     "bm25s", "kiwipiepy", "kiwipiepy_model", "ftfy", "charset-normalizer", "numpy", "pandas", "pyarrow",
                     "scipy", "diskcache", "PyYAML", "tqdm", "sentence-transformers")
 QUANT_PACKAGES = {"int8": ("torchao",), "bnb-8bit": ("bitsandbytes",), "bnb-nf4": ("bitsandbytes",), "gptq": ("gptqmodel",)}
 
-INFERENCE_PY = '''"""fsku submission: answer a test.csv into submission.csv with the bundled LLM and knowledge base.
-
-    python inference.py --test test.csv --out submission.csv [--restart]
-
-Offline: only files in this folder are read (HF_HUB_OFFLINE=1). Finished rows are appended to
-<out>.partial.jsonl, so the same command after a crash resumes. Settings: settings.json.
-"""
-import argparse
-import json
-import os
-import sys
-import time
-from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ["FSKU_MODELS_DIR"] = str(HERE / "models")
-sys.path.insert(0, str(HERE / "code"))
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--test", required=True, help="test.csv (ID,Question)")
-    ap.add_argument("--out", required=True, help="submission.csv to write (ID,Answer, UTF-8 with BOM)")
-    ap.add_argument("--restart", action="store_true", help="discard partial results of an earlier run")
-    ap.add_argument("--timing", help="write load/answer timings as JSON here")
-    args = ap.parse_args()
-    test, out = Path(args.test).resolve(), Path(args.out).resolve()
-    os.chdir(HERE)  # the KB refers to its embedding model by a bundle-relative path
-    from fsku.config import InferConfig
-    from fsku.infer.predict import predict, validate_submission
-
-    settings = json.loads((HERE / "settings.json").read_text(encoding="utf-8"))
-    kb = str(HERE / "kb") if (HERE / "kb" / "manifest.json").exists() else None
-    cfg = InferConfig(**{**settings, "model": str(HERE / "model"), "kb": kb, "cache_dir": ""})
-    t0 = time.perf_counter()
-    result = predict(cfg, test, out, restart=args.restart, progress=True)
-    problems = [p for p in validate_submission(out, test) if not p.startswith("warning:")]
-    if args.timing:
-        Path(args.timing).write_text(json.dumps({**{k: v for k, v in result.stats.items() if isinstance(v, (int, float))},
-                                                 "wall_s": time.perf_counter() - t0, "questions": len(result.records)}))
-    if problems:
-        print("invalid submission:\\n" + "\\n".join(problems), file=sys.stderr)
-        return 1
-    print(f"wrote {out} ({len(result.records)} answers)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-'''
-
-
 def resolve_folder(uri_or_path: str, marker: str) -> tuple[Path, dict]:
     """A registry URI (downloaded once) or a folder -> (folder, provenance)."""
     if uri_or_path.startswith("models:/"):
         from .. import tracking
-        from ..llm.resolve import MODELS_DIR
 
-        folder, name, version = tracking.download_registered_model(uri_or_path, MODELS_DIR / "registry", marker=marker)
+        folder, name, version = tracking.download_registered_model(uri_or_path, marker=marker)
         return Path(folder), {"registered_model": name, "version": version, **tracking.model_version_tags(name, version)}
     folder = Path(uri_or_path)
     if not (folder / marker).exists():
@@ -271,7 +231,9 @@ def verify_bundle(bundle: Path, mode: str, work: Path, wheelhouse: Path | None =
     return timings
 
 
-def package_step(cfg: PackageConfig, progress: bool = True) -> dict:
+def run_step(cfg: PackageConfig, progress: bool = True) -> dict:
+    """Assemble, rule-check, verify and zip the bundle (PackageRefused names the failed rules): {"bundle",
+    "zip", "zip_sha256", "problems", "facts", "llms", "network", "verification", "projected_min", "run_id"}."""
     from .. import tracking
 
     out = Path(cfg.out)
@@ -299,7 +261,7 @@ def package_step(cfg: PackageConfig, progress: bool = True) -> dict:
     copy_code(bundle / "code")
     settings = inference_settings(cfg)
     (bundle / "settings.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (bundle / "inference.py").write_text(INFERENCE_PY, encoding="utf-8")
+    shutil.copyfile(bundle_inference.__file__, bundle / "inference.py")
     (bundle / "requirements.txt").write_text("\n".join(runtime_requirements(bundle / "model")) + "\n", encoding="utf-8")
     (bundle / "sample").mkdir()
     shutil.copyfile(cfg.sample_test, bundle / "sample" / "test.csv")
@@ -320,7 +282,7 @@ def package_step(cfg: PackageConfig, progress: bool = True) -> dict:
     verification: dict = {}
     if not problems and cfg.verify != "none":
         before = {p for p in bundle.rglob("*")}
-        verification = verify_bundle(bundle, cfg.verify, out / "verify", Path(cfg.wheelhouse) if cfg.wheelhouse else None)
+        verification = verify_bundle(bundle, cfg.verify, out / "verify", cache_path(cfg.wheelhouse))
         per_q = verification["run_s"] / max(1, verification["questions"])
         bundle_facts.projected_s = project_seconds(verification.get("load_s", 0.0), per_q, cfg.n_questions, cfg.speed_factor)
         bundle_facts.projection = (f"{per_q:.2f} s/question measured on {verification['questions']} sample questions + "
@@ -349,7 +311,8 @@ def package_step(cfg: PackageConfig, progress: bool = True) -> dict:
         result["run_id"] = run.info.run_id
     if problems:
         raise PackageRefused(problems, bundle)
-    name = cfg.zip_name or f"fsku-submission-{student.get('registered_model', model_dir.name)}-v{student.get('version', 'local')}.zip"
+    name = cfg.zip_name or (f"fsku-submission-{student.get('registered_model', model_dir.name)}"
+                            f"-v{student.get('version', 'local')}.zip")
     zip_path = write_zip(bundle, out / name)
     check_zip(zip_path)
     result["zip"] = str(zip_path)
@@ -363,21 +326,16 @@ class PackageRefused(RuntimeError):
         super().__init__(f"refused to package {bundle}:\n  - " + "\n  - ".join(problems))
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parse_step_args(argv, PackageConfig, "fsku package", __doc__)
-    try:
-        cfg = config_from_namespace(a, PackageConfig, optional_str=("kb", "settings_recipe", "base_model", "base_model_license",
-                                                                    "base_model_release_date", "zip_name", "wheelhouse"))
-        out = package_step(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def report(cfg: PackageConfig, out: dict) -> Iterator[str]:
     v = out["verification"]
-    print(f"bundle: {out['zip']} (sha256 {out['zip_sha256'][:16]}…)")
+    yield f"bundle: {out['zip']} (sha256 {out['zip_sha256'][:16]}…)"
     if v:
-        print(f"verified ({v['mode']} venv, isolation: {v['isolation']}): {v['questions']} sample questions valid; "
-              f"projected {cfg.n_questions} questions: {out['projected_min']} min (budget {cfg.budget_min:g})")
-    return 0
+        yield (f"verified ({v['mode']} venv, isolation: {v['isolation']}): {v['questions']} sample questions valid; "
+               f"projected {cfg.n_questions} questions: {out['projected_min']} min (budget {cfg.budget_min:g})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return step_main(argv, PackageConfig, "fsku package", __doc__, run_step, report)
 
 
 if __name__ == "__main__":

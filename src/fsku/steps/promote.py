@@ -1,6 +1,7 @@
 """promote: move the registry alias `champion` to a candidate only when it evaluates better.
 
 Usage:
+    python -m fsku.steps.promote [--recipe experiments/<name>/promote.yaml] [--candidate N --gold FILE ...] [--no-progress]
     fsku promote --model-name fsku-student --candidate latest --gold evaluation/sample_qa.csv --margin 0.005
     fsku promote --kb-name fsku-kb --kb-candidate latest            # a joint student + KB release
     mlflow run . -e promote --env-manager local -P candidate=7 -P metric=mc_accuracy
@@ -15,18 +16,18 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from ..config import EvaluateConfig, PromoteConfig, load_recipe
-from .args import config_from_namespace, parse_step_args
+from .args import step_main
 
 log = logging.getLogger(__name__)
 
 
-def evaluation_scorer(cfg: PromoteConfig):
+def evaluation_scorer(cfg: PromoteConfig, progress: bool = False):
     """release -> cfg.metric of the evaluate step on cfg.gold (the student by URI, its KB by URI or cfg.kb)."""
     from .. import tracking
-    from ..llm.resolve import MODELS_DIR
-    from .evaluate import evaluate
+    from .evaluate import run_step as evaluate_step
 
     base = load_recipe(cfg.evaluate_recipe) if cfg.evaluate_recipe else EvaluateConfig()
     if cfg.evaluate_recipe and not isinstance(base, EvaluateConfig):
@@ -35,46 +36,49 @@ def evaluation_scorer(cfg: PromoteConfig):
     def score(release) -> float:
         kb = cfg.kb
         if cfg.kb_name and release.kb_version:
-            kb = str(tracking.download_registered_model(f"models:/{cfg.kb_name}/{release.kb_version}",
-                                                        MODELS_DIR / "registry", marker="manifest.json")[0])
+            kb = tracking.resolve_model_uri(f"models:/{cfg.kb_name}/{release.kb_version}", "manifest.json")
         label = f"{cfg.model_name}-v{release.model_version}" + (f"-kb{release.kb_version}" if release.kb_version else "")
         run_cfg = dataclasses.replace(base, model=f"models:/{cfg.model_name}/{release.model_version}", kb=kb,
                                       gold=cfg.gold, out_dir=str(Path(cfg.out_dir) / label))
-        metrics = evaluate(run_cfg, progress=False)["metrics"]
+        metrics = evaluate_step(run_cfg, progress=progress)["metrics"]
         if metrics.get(cfg.metric) is None:
-            raise ValueError(f"evaluate produced no {cfg.metric!r} on {cfg.gold}; available: {sorted(k for k, v in metrics.items() if v is not None)}")
+            raise ValueError(f"evaluate produced no {cfg.metric!r} on {cfg.gold}; "
+                             f"available: {sorted(k for k, v in metrics.items() if v is not None)}")
         return float(metrics[cfg.metric])
 
     return score
 
 
-def promote_step(cfg: PromoteConfig, score=None) -> dict:
+def run_step(cfg: PromoteConfig, progress: bool = True, score=None) -> dict:
+    """Score candidate and champion (`score`: release -> float; default: the evaluate step), move the
+    aliases when the candidate wins, and log the decision: registry.promote_release's dict."""
     from .. import tracking
     from ..registry import Release, promote_release
 
     version = tracking.parse_model_uri(f"models:/{cfg.model_name}/{cfg.candidate}")[1]
     kb_version = tracking.parse_model_uri(f"models:/{cfg.kb_name}/{cfg.kb_candidate}")[1] if cfg.kb_name else None
-    out = promote_release(cfg.model_name, Release(version, kb_version), score or evaluation_scorer(cfg),
+    out = promote_release(cfg.model_name, Release(version, kb_version), score or evaluation_scorer(cfg, progress),
                           margin=cfg.margin, kb_name=cfg.kb_name, higher_is_better=cfg.higher_is_better, metric=cfg.metric)
     d = out["decision"]
     with tracking.run("promote", dataclasses.asdict(cfg), tags={"fsku.promotion": "promoted" if d["promote"] else "kept champion",
                                                                 "fsku.promotion_reason": d["reason"]}):
-        tracking.log_metrics({k: v for k, v in (("candidate_score", d["candidate_score"]), ("champion_score", d["champion_score"]))
+        tracking.log_metrics({k: v for k, v in (("candidate_score", d["candidate_score"]),
+                                                ("champion_score", d["champion_score"]))
                               if v is not None and v == v})
         tracking.log_dict(out, "promotion.json")
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parse_step_args(argv, PromoteConfig, "fsku promote", __doc__)
-    cfg = config_from_namespace(a, PromoteConfig, optional_str=("kb_name", "kb", "evaluate_recipe"))
-    out = promote_step(cfg)
+def report(cfg: PromoteConfig, out: dict) -> Iterator[str]:
     d, champ = out["decision"], out["champion"]
     verdict = "promoted" if d["promote"] else "kept the champion"
-    print(f"{verdict}: {d['reason']} ({cfg.metric}: candidate {d['candidate_score']}, champion {d['champion_score']})")
-    print(f"champion: models:/{cfg.model_name}/{champ['model_version']}"
-          + (f" with models:/{cfg.kb_name}/{champ['kb_version']}" if cfg.kb_name and champ.get("kb_version") else ""))
-    return 0
+    yield f"{verdict}: {d['reason']} ({cfg.metric}: candidate {d['candidate_score']}, champion {d['champion_score']})"
+    yield (f"champion: models:/{cfg.model_name}/{champ['model_version']}"
+           + (f" with models:/{cfg.kb_name}/{champ['kb_version']}" if cfg.kb_name and champ.get("kb_version") else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return step_main(argv, PromoteConfig, "fsku promote", __doc__, run_step, report)
 
 
 if __name__ == "__main__":

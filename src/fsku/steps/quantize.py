@@ -1,6 +1,7 @@
 """quantize: shrink a student (by default the registry's champion) and prove what it cost.
 
 Usage:
+    python -m fsku.steps.quantize [--recipe experiments/<name>/quantize.yaml] [--model URI_OR_DIR --method M ...] [--no-progress]
     mlflow run . -e quantize --env-manager local -P model=models:/fsku-student@champion -P method=int8
     fsku quantize --model outputs/distill/merged --method bnb-nf4 --gold ../shared/data/fsku-benchmark/mcq_dev.csv
 
@@ -21,11 +22,12 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
 from ..config import QuantizeConfig
-from .args import config_from_namespace, parse_step_args
+from .args import step_main
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +38,12 @@ MEASURE_KEYS = ("gold", "max_questions", "debias", "rotations", "batch_size", "m
 def resolve_source(model: str) -> tuple[Path, dict[str, str]]:
     """A local folder for `model` and what is known about where it came from (registry name and
     version, and that version's tags, for a models:/ URI)."""
-    from ..llm.resolve import MODELS_DIR, resolve_model
+    from ..llm.resolve import resolve_model
 
     if model.startswith("models:/"):
         from .. import tracking
 
-        folder, name, version = tracking.download_registered_model(model, MODELS_DIR / "registry")
+        folder, name, version = tracking.download_registered_model(model)
         return folder, {"source": model, "source_model": name, "source_version": version,
                         **{f"source.{k}": v for k, v in tracking.model_version_tags(name, version).items()}}
     if (Path(model) / "adapter_config.json").is_file():  # a LoRA adapter: the caller merges it
@@ -103,11 +105,22 @@ def comparison_figure(summary: dict):
     return fig
 
 
-def quantize_step(cfg: QuantizeConfig, progress: bool = True) -> dict:
+def run_step(cfg: QuantizeConfig, progress: bool = True) -> dict:
+    """Quantize, measure both models, log and register: {"summary", "table", "model_dir", "version",
+    "run_id", "registered_as", "tracking_uri"}."""
     from .. import tracking
-    from ..quantize import (METHODS, QUANT_INFO_FILE, compare, comparison_set, folder_identity, measure_model,
-                            merged_source, quantize_model, run_isolated)
-    from .evaluate import load_gold_sets
+    from ..evaluate.fsku_metric import load_gold_sets
+    from ..quantize import (
+        METHODS,
+        QUANT_INFO_FILE,
+        compare,
+        comparison_set,
+        folder_identity,
+        measure_model,
+        merged_source,
+        quantize_model,
+        run_isolated,
+    )
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,8 +188,10 @@ def quantize_step(cfg: QuantizeConfig, progress: bool = True) -> dict:
     gold_options = [g for _, g in data.mc]
     summary = compare(results["original"], results["quantized"], gold_options)
     summary["quantize_s"] = info.get("quantize_s", 0.0)
-    rows = [{"metric": k.removeprefix("original_"), "original": v, "quantized": summary.get(f"quantized_{k.removeprefix('original_')}"),
-             "ratio": summary.get(f"{k.removeprefix('original_')}_ratio")} for k, v in summary.items() if k.startswith("original_")]
+    rows = [{"metric": k.removeprefix("original_"), "original": v,
+             "quantized": summary.get(f"quantized_{k.removeprefix('original_')}"),
+             "ratio": summary.get(f"{k.removeprefix('original_')}_ratio")}
+            for k, v in summary.items() if k.startswith("original_")]
     table = pd.DataFrame(rows)
     table.to_csv(out / "comparison.csv", index=False)
     questions = pd.DataFrame({"ID": [q.question_id for q, _ in data.mc], "gold": gold_options,
@@ -201,25 +216,23 @@ def quantize_step(cfg: QuantizeConfig, progress: bool = True) -> dict:
                 "mc_accuracy_original": summary.get("original_mc_accuracy", "")})
         run_id = active.info.run_id
     return {"summary": summary, "table": table, "model_dir": model_dir, "version": version, "run_id": run_id,
-            "registered_as": cfg.register_as}
+            "registered_as": cfg.register_as, "tracking_uri": tracking.tracking_uri()}
+
+
+def report(cfg: QuantizeConfig, result: dict) -> Iterator[str]:
+    pd.set_option("display.width", 160)
+    yield result["table"].to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    s = result["summary"]
+    if "correct_lost" in s:
+        yield (f"multiple choice: {s['original_mc_correct']} -> {s['quantized_mc_correct']} correct of "
+               f"{s['original_n_mc']} ({s['correct_lost']} lost, {s['correct_gained']} gained)")
+    where = f"models:/{result['registered_as']}/{result['version']}" if result["version"] else "(not registered)"
+    yield (f"quantized ({cfg.method}): {result['model_dir']}  registered: {where}  mlflow run: {result['run_id']}  "
+           f"tracking: {result['tracking_uri']}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_step_args(argv, QuantizeConfig, "fsku quantize", __doc__, progress_flag=True)
-    cfg = config_from_namespace(a, QuantizeConfig, optional_str=("calibration", "register_as"))
-    from .. import tracking
-
-    result = quantize_step(cfg, progress=not a.no_progress)
-    pd.set_option("display.width", 160)
-    print(result["table"].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    s = result["summary"]
-    if "correct_lost" in s:
-        print(f"multiple choice: {s['original_mc_correct']} -> {s['quantized_mc_correct']} correct of {s['original_n_mc']} "
-              f"({s['correct_lost']} lost, {s['correct_gained']} gained)")
-    where = f"models:/{result['registered_as']}/{result['version']}" if result["version"] else "(not registered)"
-    print(f"quantized ({cfg.method}): {result['model_dir']}  registered: {where}  mlflow run: {result['run_id']}  "
-          f"tracking: {tracking.tracking_uri()}")
-    return 0
+    return step_main(argv, QuantizeConfig, "fsku quantize", __doc__, run_step, report)
 
 
 if __name__ == "__main__":

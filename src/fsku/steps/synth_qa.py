@@ -1,6 +1,7 @@
 """synth_qa: a teacher LLM writes FSKU-style questions from KB chunks; filters keep the good ones.
 
 Usage:
+    python -m fsku.steps.synth_qa [--recipe experiments/<name>/synth_qa.yaml] [--kb DIR --n-chunks N ...] [--no-progress]
     fsku synth-qa --kb outputs/kb --teacher offline:qwen2.5-coder-1.5b-instruct --n-chunks 40 --out outputs/synth_qa
     fsku synth-qa --recipe experiments/default/synth_qa.yaml --n-chunks 10
     mlflow run . -e synth_qa --env-manager local -P kb=outputs/kb -P teacher=... -P n_chunks=40
@@ -15,11 +16,12 @@ import logging
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
 from ..config import SynthQAConfig
-from .args import config_from_namespace, parse_step_args
+from .args import step_main
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +69,16 @@ def _plots(stats: dict, accepted: pd.DataFrame) -> dict:
     return figs
 
 
-def synth_qa(cfg: SynthQAConfig, progress: bool = True):
+def run_step(cfg: SynthQAConfig, progress: bool = True) -> dict:
+    """Synthesize, filter and split QA items, logged to one MLflow run: {"result" (SynthResult), "run_id",
+    "tracking_uri"}."""
     from .. import tracking
     from ..synth.pipeline import synthesize
     from ..synth.split import SPLIT_NAMES
 
     params = dataclasses.asdict(cfg)
     with tracking.run("synth_qa", params, tags={"fsku.teacher": cfg.teacher}) as active:
-        result = synthesize(cfg, progress=progress)
+        result = synthesize(tracking.resolve_model_fields(cfg, "teacher", "judge_model"), progress=progress)
         s = result.stats
         tracking.log_metrics({k: v for k, v in s.items() if isinstance(v, (int, float)) and v is not None})
         tracking.log_metrics({f"rejected_{k}": v for k, v in s["rejected_by_reason"].items()})
@@ -100,20 +104,19 @@ def synth_qa(cfg: SynthQAConfig, progress: bool = True):
         for name in ["accepted.jsonl", "rejected.jsonl"] + [f"{split}.parquet" for split in SPLIT_NAMES]:
             tracking.log_artifact(Path(cfg.out) / name, "synth_qa")
         run_id = active.info.run_id
-    return result, run_id
+    return {"result": result, "run_id": run_id, "tracking_uri": tracking.tracking_uri()}
+
+
+def report(cfg: SynthQAConfig, out: dict) -> Iterator[str]:
+    result = out["result"]
+    s = result.stats
+    yield (f"synth_qa: {s['accepted']} accepted of {s['generated']} generated ({s['acceptance_rate']:.0%}); "
+           f"by split {s['accepted_by_split']}; rejections {s['rejected_by_reason']}")
+    yield f"outputs: {result.out}  mlflow run: {out['run_id']}  tracking: {out['tracking_uri']}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse_step_args(argv, SynthQAConfig, "fsku synth-qa", __doc__, progress_flag=True)
-    cfg = config_from_namespace(a, SynthQAConfig, optional_str=("judge_model",))
-    from .. import tracking
-
-    result, run_id = synth_qa(cfg, progress=not a.no_progress)
-    s = result.stats
-    print(f"synth_qa: {s['accepted']} accepted of {s['generated']} generated ({s['acceptance_rate']:.0%}); "
-          f"by split {s['accepted_by_split']}; rejections {s['rejected_by_reason']}")
-    print(f"outputs: {result.out}  mlflow run: {run_id}  tracking: {tracking.tracking_uri()}")
-    return 0
+    return step_main(argv, SynthQAConfig, "fsku synth-qa", __doc__, run_step, report)
 
 
 if __name__ == "__main__":

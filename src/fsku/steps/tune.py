@@ -1,6 +1,7 @@
 """tune: an Optuna study whose trials are nested MLflow runs; the best trial becomes a recipe.
 
 Usage:
+    python -m fsku.steps.tune [--recipe experiments/<name>/tune.yaml] [--study retrieval|distill --n-trials N ...] [--no-progress]
     mlflow run . -e tune --env-manager local -P study=retrieval -P n_trials=30 \\
         -P corpus=../shared/data/law-pdf -P labels=../shared/data/fsku-benchmark/retrieval_dev.jsonl
     fsku tune --study distill --n-trials 6 --data outputs/synth_qa        # tiny teacher/student by default
@@ -25,11 +26,11 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
-from ..config import BuildKBConfig, DistillConfig, TuneConfig, load_recipe
-from ..tune import (baseline_params, distill_space, parse_choices, recipes_from_params, retrieval_space, suggest,
-                    write_recipes)
-from .args import config_from_namespace, parse_step_args
+from ..config import BuildKBConfig, TuneConfig
+from ..tune import baseline_params, distill_space, parse_choices, recipes_from_params, retrieval_space, suggest, write_recipes
+from .args import step_main
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ def open_study(cfg: TuneConfig):
     if cfg.pruner == "median":
         pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=cfg.eval_every)
     elif cfg.pruner == "hyperband":
-        pruner = optuna.pruners.HyperbandPruner(min_resource=cfg.eval_every, max_resource=cfg.max_steps)
+        max_steps = cfg.base_config().max_steps if cfg.study == "distill" else 100
+        pruner = optuna.pruners.HyperbandPruner(min_resource=cfg.eval_every, max_resource=max(max_steps, cfg.eval_every))
     else:
         pruner = optuna.pruners.NopPruner()
     study = optuna.create_study(study_name=cfg.study_name, storage=storage, sampler=sampler, pruner=pruner,
@@ -86,8 +88,9 @@ def build_objective(cfg: TuneConfig, progress: bool):
     """(objective, search space, baseline params, base stage config) for the study."""
     from ..tune import DistillObjective, RetrievalObjective
 
+    base = cfg.base_config()
     if cfg.study == "retrieval":
-        base = BuildKBConfig(corpus=cfg.corpus, embedding_model=cfg.embedding_model, register_as=None, top_k=cfg.eval_k)
+        base = dataclasses.replace(base, register_as=None, top_k=cfg.eval_k)
         sizes, overlaps = parse_choices(cfg.chunk_sizes, int), parse_choices(cfg.chunk_overlaps, int)
         space = retrieval_space(sizes, overlaps, parse_choices(cfg.bm25_tokenizers, str))
         for size in sizes:
@@ -96,11 +99,7 @@ def build_objective(cfg: TuneConfig, progress: bool):
         objective = RetrievalObjective(base, cfg.labels, Path(cfg.out) / "kbs", cfg.metric, cfg.eval_k, progress=progress)
         defaults = dataclasses.asdict(BuildKBConfig())
         return objective, space, baseline_params(space, defaults), base
-    base = load_recipe(cfg.distill_recipe) if cfg.distill_recipe else DistillConfig()
-    if not isinstance(base, DistillConfig):
-        raise ValueError(f"{cfg.distill_recipe}: expected a distill recipe")
-    base = dataclasses.replace(base, data=cfg.data, teacher=cfg.teacher, student=cfg.student, max_steps=cfg.max_steps,
-                               max_new_tokens=cfg.max_new_tokens, save_steps=max(cfg.max_steps, 1), register_as=None)
+    base = dataclasses.replace(base, save_steps=max(base.max_steps, 1), register_as=None)
     from ..distill.losses import LOSS_TYPES
 
     losses = parse_choices(cfg.loss_types, str)
@@ -141,7 +140,8 @@ def _plots(study, distill: bool) -> dict:
     return figures
 
 
-def tune_step(cfg: TuneConfig, progress: bool = True) -> dict:
+def run_step(cfg: TuneConfig, progress: bool = True) -> dict:
+    """Run `n_trials` more trials of the study under one parent MLflow run; summarize's dict + run_id."""
     import optuna
 
     from .. import tracking
@@ -227,7 +227,8 @@ def summarize(study, cfg: TuneConfig, base, started: float) -> dict:
         folder = Path(f"experiments/tuned-{cfg.study}" if cfg.recipe_out == "auto" else cfg.recipe_out)
         header = (f"best trial {best.number} of Optuna study {cfg.study_name!r} ({redact(cfg.storage)}): "
                   f"{cfg.metric if cfg.study == 'retrieval' else 'validation_kl'} = {best.value:.4f}"
-                  + (f" (default configuration: {metrics['baseline_value']:.4f})" if metrics["baseline_value"] is not None else "")
+                  + (f" (default configuration: {metrics['baseline_value']:.4f})"
+                     if metrics["baseline_value"] is not None else "")
                   + f"\nwritten by `fsku tune` on {time.strftime('%Y-%m-%d')}; {len(complete)} completed trials")
         recipes = recipes_from_params(cfg.study, best.params, build=base if cfg.study == "retrieval" else None,
                                       distill=base if cfg.study == "distill" else None)
@@ -235,24 +236,19 @@ def summarize(study, cfg: TuneConfig, base, started: float) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parse_step_args(argv, TuneConfig, "fsku tune", __doc__, progress_flag=True)
-    try:
-        cfg = config_from_namespace(a, TuneConfig, optional_str=("study_name", "distill_recipe"))
-        out = tune_step(cfg, progress=not a.no_progress)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def report(cfg: TuneConfig, out: dict) -> Iterator[str]:
     m = out["metrics"]
     base = f" (default configuration {m['baseline_value']:.4f})" if m["baseline_value"] is not None else ""
-    print(f"study {out['study']}: best trial {out['best_trial']} = {m['best_value']:.4f}{base}; "
-          f"{m['trials_complete']} complete, {m['trials_pruned']} pruned, {m['trials_failed']} failed of {m['trials_total']}")
-    print(f"best params: {out['best_params']}")
+    yield (f"study {out['study']}: best trial {out['best_trial']} = {m['best_value']:.4f}{base}; "
+           f"{m['trials_complete']} complete, {m['trials_pruned']} pruned, {m['trials_failed']} failed of {m['trials_total']}")
+    yield f"best params: {out['best_params']}"
     if out.get("recipes"):
-        print("recipes: " + ", ".join(out["recipes"]))
-    print(f"mlflow run: {out['run_id']}  tracking: {out['tracking_uri']}")
-    return 0
+        yield "recipes: " + ", ".join(out["recipes"])
+    yield f"mlflow run: {out['run_id']}  tracking: {out['tracking_uri']}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return step_main(argv, TuneConfig, "fsku tune", __doc__, run_step, report)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import pandas as pd
 
-from ..infer.cache import AnswerCache, digest
-from ..infer.orchestrate import ResultLog
+from ..stores import AnswerCache, ResultLog, digest
 from .templates import PromptTemplate
 
 log = logging.getLogger(__name__)

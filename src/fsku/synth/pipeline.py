@@ -20,8 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import SynthQAConfig
-from ..infer.cache import AnswerCache, digest
-from ..infer.orchestrate import ResultLog
+from ..stores import AnswerCache, ResultLog, digest
 from .generate import GenerationSettings, load_chunks, plan_tasks, run_generation, sample_chunks
 from .process import FilterSettings, Outcome, process
 from .records import write_jsonl
@@ -159,7 +158,8 @@ def synthesize(cfg: SynthQAConfig, progress: bool = True) -> SynthResult:
         "teacher_tokens": sum(r.get("n_tokens", 0) for r in raw),
         "teacher_seconds": teacher_s, "seconds_per_accepted": teacher_s / len(acc) if acc else None,
         "load_s": load_s, "generation_wall_s": gen_s, "filter_s": filter_s,
-        "teacher": cfg.teacher, "kb_version": manifest.get("corpus_sha256", "")[:12], "eval_files": [str(p) for p in eval_files], "eval_questions": len(eval_questions),
+        "teacher": cfg.teacher, "kb_version": manifest.get("corpus_sha256", "")[:12],
+        "eval_files": [str(p) for p in eval_files], "eval_questions": len(eval_questions),
     }
     (out / "stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
     return SynthResult(out, outcome, stats, raw, [str(p) for p in eval_files])

@@ -4,8 +4,9 @@ Pure parts (tested on their own): the competition's rule checks (`check_rules`: 
 licence and release date, no network use in the bundled code, projected time within the budget),
 the static network scan (`scan_network_use`), base-model facts (`base_model_facts`), the manifest
 (sha256 per file) and a deterministic, safe zip (`write_zip`: sorted entries, fixed timestamps and
-modes, no absolute paths or `..`). The step (`fsku.steps.package`) assembles the folder, refuses with
-the reasons when a rule fails, and verifies the bundle in a fresh virtualenv without network.
+modes, no absolute paths or `..`). `fsku.package.inference` is the bundle's entry point, copied into
+it as inference.py. The step (`fsku.steps.package`) assembles the folder, refuses with the reasons
+when a rule fails, and verifies the bundle in a fresh virtualenv without network.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from datetime import date
 from pathlib import Path, PurePosixPath
 from typing import Optional, Sequence
 
-from .llm.resolve import sha256_file
+from ..llm.resolve import sha256_file
 
 COMPETITION_CUTOFF = "2025-07-31"
 PERMITTED_LICENSES = ("apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc-by-4.0")
