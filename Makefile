@@ -53,6 +53,8 @@ demo: models
 	@echo "Submission (sample test, $(DEMO_MODEL)): $(CURDIR)/outputs/submission.csv"
 
 test: models
+	$(BIN)/ruff check .
+	$(BIN)/fsku mlproject --check
 	$(BIN)/python -m pytest -q -x -rs; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 bench: models
