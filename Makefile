@@ -62,7 +62,7 @@ bench: models
 
 # real-model answering on the FSKU dev sets (needs ../shared and `make llm-models`; about an hour per model on 2 CPU cores)
 bench-answering: llm-models
-	$(BIN)/fsku build-kb --corpus ../shared/data/law-pdf --out outputs/lawkb --register-as ""
+	$(BIN)/fsku build-kb --corpus ../shared/data/law-pdf --out outputs/lawkb --register-as none
 	$(BIN)/python benchmarks/bench_answering.py --model offline:qwen2.5-coder-1.5b-instruct --kb outputs/lawkb
 	$(BIN)/python benchmarks/bench_answering.py --model offline:qwen2.5-coder-0.5b-instruct --kb outputs/lawkb
 	$(BIN)/python benchmarks/bench_predict.py

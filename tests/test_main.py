@@ -114,3 +114,20 @@ def test_main_config_and_missing_models():
         run_step(MainConfig(teacher="no/such/teacher-folder-x"))
     with pytest.raises(FileNotFoundError, match="not a folder of <stage>.yaml recipes"):
         run_step(MainConfig(recipes="no/such/recipes"))
+
+
+def test_reuse_compares_the_recipe_settings_too(tmp_path):
+    from fsku.steps.main import expected_params
+
+    recipe = tmp_path / "distill.yaml"
+    recipe.write_text("max_steps: 3\nloss_type: kd\n")
+    assert expected_params({"recipe": str(recipe), "out": "o"}) == {"max_steps": 3, "loss_type": "kd",
+                                                                    "recipe": str(recipe), "out": "o"}
+    assert expected_params({"recipe": "", "out": "o"}) == {"recipe": "", "out": "o"}
+
+
+def test_mlflow_quoted_parameters_match():
+    from fsku.tracking import _same_param
+
+    # MLflow logs entry-point parameters shell-quoted: '' for an empty value, 'a b' for one with spaces
+    assert _same_param("''", "") and _same_param("'a b'", "a b") and not _same_param("''", "x")

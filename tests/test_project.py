@@ -114,7 +114,7 @@ def test_command_line_values_mlflow_style(tmp_path):
     with pytest.raises(ValueError, match="recipe .*nope/build_kb.yaml not found"):
         parse(BuildKBConfig, "--recipe", str(tmp_path / "nope" / "build_kb.yaml"))
     recipe.write_text("chunk_size: many\n")
-    with pytest.raises(ValueError, match="build_kb.yaml: chunk_size must be a int, got 'many'"):
+    with pytest.raises(ValueError, match="build_kb.yaml: chunk_size must be an integer, got 'many'"):
         parse(BuildKBConfig, "--recipe", str(recipe))
 
 

@@ -352,3 +352,13 @@ def test_set_experiment_survives_a_concurrent_creation(monkeypatch):
     monkeypatch.setattr(mlflow, "set_experiment", broken)
     with pytest.raises(mlflow.exceptions.MlflowException, match="permission denied"):
         tracking.set_experiment("fsku-race")
+
+
+def test_distill_study_needs_steps_in_its_base_recipe(tmp_path):
+    from fsku.steps.tune import build_objective
+
+    recipe = tmp_path / "distill.yaml"
+    recipe.write_text("max_steps: 0\nepochs: 1.0\n")
+    cfg = TuneConfig(study="distill", storage=f"sqlite:///{tmp_path}/o.db", base_recipe=str(recipe))
+    with pytest.raises(ValueError, match="needs max_steps >= 1 in its base recipe"):
+        build_objective(cfg, progress=False)

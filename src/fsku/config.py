@@ -45,9 +45,6 @@ class Block:
     block's own fields and calls ``super().__post_init__()``, so a stage built from several blocks
     runs every block's checks once."""
 
-    # the MLproject parameters of a stage's entry point (the ones users vary; any other field can
-    # still be passed with -P, MLflow forwards it as an extra flag)
-
     def __post_init__(self):
         pass
 
@@ -233,7 +230,7 @@ class BuildKBConfig(FusionSettings):
     workers: int = param(2, "Parallel workers for tokenisation.")
     labels: Optional[str] = param(None, "Labelled retrieval queries (JSONL) evaluated after the build.")
     top_k: int = param(10, "Hits evaluated per labelled query.")
-    register_as: Optional[str] = param("fsku-kb", "Registered model name for the KB ('' or None: do not register).")
+    register_as: Optional[str] = param("fsku-kb", "Registered model name for the KB (none: do not register).")
 
     def __post_init__(self):
         _check(self.chunk_size >= 16, f"chunk_size must be >= 16, got {self.chunk_size}")
@@ -501,8 +498,8 @@ class DistillConfig(with_defaults(LLMSettings, max_model_len=1024, batch_size=2)
     rounds: int = param(1, "Rounds; each regenerates the student responses with the student of the round before.")
     logging_steps: int = param(1, "Log loss terms, alpha, lr and grad norm every this many steps.")
     save_steps: int = param(25, "Checkpoint every this many steps (a killed run resumes from the last one).")
-    register_as: Optional[str] = param("fsku-student", "Registered model name of the merged student ('' or None: do "
-                                                       "not register).")
+    register_as: Optional[str] = param("fsku-student", "Registered model name of the merged student (none: do not "
+                                                       "register).")
     cache_dir: Optional[str] = param(".cache/distill", "diskcache of responses (none disables).")
     restart: bool = param(False, "Discard earlier responses and checkpoints in `out`.")
 
@@ -547,8 +544,8 @@ class QuantizeConfig(LLMSettings, DebiasSettings):
     n_calibration: int = param(128, "Calibration prompts for gptq.")
     isolate: bool = param(True, "Measure each model in its own process, so peak memory is per model and the first "
                                 "model's memory is freed.")
-    register_as: Optional[str] = param("fsku-student", "Registered model name for the quantized version ('' or None: "
-                                                       "do not register).")
+    register_as: Optional[str] = param("fsku-student", "Registered model name for the quantized version (none: do "
+                                                       "not register).")
     restart: bool = param(False, "Quantize and measure again even when `out` holds results for the same source, method"
                                  " and settings.")
 
@@ -761,17 +758,20 @@ def field_kind(cls, name: str) -> tuple[type, bool]:
     return kind, optional
 
 
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
 def check_value(cls, name: str, value: Any, source: str) -> Any:
     """`value` for field `name` of `cls`, type-checked (ints are accepted for floats)."""
     kind, optional = field_kind(cls, name)
     if value is None:
         if optional:
             return None
-        raise ValueError(f"{source}: {name} must be a {kind.__name__}, got null")
+        raise ValueError(f"{source}: {name} must be {_TYPE_NAMES[kind]}, got null")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"{source}: {name} must be a {kind.__name__}, got {value!r}")
+        raise ValueError(f"{source}: {name} must be {_TYPE_NAMES[kind]}, got {value!r}")
     return value
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .chunk import chunk_documents, dense_text, make_length_fn
-from .config import BuildKBConfig, RetrieveConfig
+from .config import BuildKBConfig, FusionSettings, RetrieveConfig
 from .home import cache_path
 from .index.dense import build_faiss, embed_with_cache, get_embedder, load_faiss, resolve_backend, resolve_model, save_faiss
 from .index.sparse import BM25Index, get_tokenizer
@@ -231,7 +231,7 @@ class KnowledgeBase:
     def retrieve_defaults(self) -> RetrieveConfig:
         """The retrieval settings the KB was built (or tuned) with: fusion, weights and priors from its
         manifest, RetrieveConfig's defaults for anything an older manifest lacks."""
-        keys = ("fusion", "w_bm25", "rrf_k", "w_law", "w_article")
+        keys = [f.name for f in dataclasses.fields(FusionSettings)]
         return RetrieveConfig(kb=str(self.folder), **{k: self.params[k] for k in keys if k in self.params})
 
     def search(self, questions: Sequence[str], cfg: Optional[RetrieveConfig] = None, **overrides) -> list[list[Hit]]:

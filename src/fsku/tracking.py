@@ -381,7 +381,10 @@ def git_commit() -> Optional[str]:
 
 
 def _same_param(stored: Optional[str], wanted: str) -> bool:
-    if stored == wanted:
+    import shlex
+
+    # MLflow logs an entry point's parameters shell-quoted ('' for an empty value, 'a b' for spaces)
+    if stored == wanted or stored == shlex.quote(wanted):
         return True
     # `path` parameters are stored absolute
     return stored is not None and ("/" in wanted or Path(wanted).exists()) and \

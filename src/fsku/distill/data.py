@@ -54,6 +54,15 @@ def build_prompts(records: Sequence[SyntheticQA], contexts: Optional[Sequence[st
     return out
 
 
+def response_fingerprint(settings: ResponseSettings) -> dict:
+    """The sampling settings that make a response what it is. Keys as written before the config
+    blocks existed (`batch_size` for gen_batch_size), so earlier response logs and caches stay valid."""
+    values = asdict(block_view(settings, ResponseSettings))
+    return {"max_new_tokens": values["max_new_tokens"], "mc_max_new_tokens": values["mc_max_new_tokens"],
+            "temperature": values["temperature"], "top_p": values["top_p"], "batch_size": values["gen_batch_size"],
+            "seed": values["seed"]}
+
+
 def generate_responses(prompt_rows: Sequence[dict], llm, settings: ResponseSettings, out_path: Path,
                        cache: Optional[AnswerCache] = None, restart: bool = False,
                        progress: Optional[Callable[[int], None]] = None) -> dict[str, dict]:
@@ -62,7 +71,7 @@ def generate_responses(prompt_rows: Sequence[dict], llm, settings: ResponseSetti
     A run started again with the same model and settings skips prompt ids already there; a changed
     model or setting is refused (delete the file or restart). Multiple-choice prompts get
     `mc_max_new_tokens` (the answer is a number)."""
-    fingerprint = {"model": llm.fingerprint(), "settings": asdict(block_view(settings, ResponseSettings))}
+    fingerprint = {"model": llm.fingerprint(), "settings": response_fingerprint(settings)}
     results = ResultLog(out_path, fingerprint, restart=restart)
     if cache is not None and not cache.enabled:
         cache = None

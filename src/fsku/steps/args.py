@@ -73,7 +73,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] 
     return parser
 
 
-def config_from_namespace(args: argparse.Namespace, cls, optional_str: tuple[str, ...] = ()) -> Any:
+def config_from_namespace(args: argparse.Namespace, cls) -> Any:
     """The config: dataclass defaults, then the recipe (if any), then the flags that were given."""
     given: dict[str, Optional[Any]] = {}
     for f in dataclasses.fields(cls):
@@ -91,7 +91,7 @@ def config_from_namespace(args: argparse.Namespace, cls, optional_str: tuple[str
 def parse_step_args(argv: list[str] | None, cls, prog: str, doc: str | None, progress_flag: bool = False
                     ) -> argparse.Namespace:
     """What every step's `main` starts with: INFO logging, one flag per `cls` field (+ --recipe),
-    optionally --no-progress (MLflow entry points pass it), parsed from `argv`."""
+    optionally --no-progress, parsed from `argv`."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if progress_flag:

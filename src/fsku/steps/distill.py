@@ -5,7 +5,7 @@ Usage:
     python -m fsku.steps.distill [--recipe experiments/<name>/distill.yaml] [--data DIR --max-steps N ...] [--no-progress]
     fsku distill --data outputs/synth_qa --teacher offline:qwen2.5-coder-1.5b-instruct \\
         --student offline:qwen2.5-coder-0.5b-instruct --loss-type distillm_v2 --alpha 0.1 --beta 1.0 --max-steps 50
-    fsku distill --recipe experiments/default/distill.yaml --max-steps 10
+    fsku distill --recipe experiments/demo/distill.yaml --teacher models/tiny/teacher --student models/tiny/student
     mlflow run . -e distill --env-manager local -P loss_type=distillm_v2 -P alpha=0.1 -P beta=1.0
 
 Responses are appended to <out>/responses_*.jsonl and training checkpoints to

@@ -93,6 +93,16 @@ def run_chain(steps: list[Step], runner: Callable[[str, dict], str], finder: Cal
     return results
 
 
+def expected_params(params: dict) -> dict:
+    """What a finished run of a step must have logged to be reused: the parameters the chain passes
+    plus every setting its recipe changes (each step logs its whole config), so a recipe edited since
+    that run, even without a commit, runs the step again."""
+    from ..config import load_recipe, recipe_values
+
+    recipe = params.get("recipe")
+    return {**recipe_values(load_recipe(recipe)), **params} if recipe else dict(params)
+
+
 def run_step(cfg: MainConfig, progress: bool = True) -> dict:
     """Run the chain (each step `mlflow run -e <step>`, so `progress` does not reach them): {entry point:
     {"run_id", "reused", "params", "version"?}, "run_id": the main run, "bundle": the zip or None}."""
@@ -115,7 +125,8 @@ def run_step(cfg: MainConfig, progress: bool = True) -> dict:
             tracking.set_tags({f"main.{name}.run_id": entry["run_id"], f"main.{name}.reused": entry["reused"],
                                **({f"main.{name}.version": entry["version"]} if "version" in entry else {})})
 
-        results = run_chain(plan(cfg), tracking.run_entry_point, lambda e, p: tracking.find_finished_run(e, p, commit),
+        results = run_chain(plan(cfg), tracking.run_entry_point,
+                            lambda e, p: tracking.find_finished_run(e, expected_params(p), commit),
                             tracking.registered_version_of_run, log_fn)
         tracking.log_dict(results, "main/steps.json")
         tracking.log_metrics({"steps_reused": sum(v["reused"] for v in results.values()), "steps": len(results)})

@@ -3,7 +3,7 @@
 Usage:
     python -m fsku.steps.synth_qa [--recipe experiments/<name>/synth_qa.yaml] [--kb DIR --n-chunks N ...] [--no-progress]
     fsku synth-qa --kb outputs/kb --teacher offline:qwen2.5-coder-1.5b-instruct --n-chunks 40 --out outputs/synth_qa
-    fsku synth-qa --recipe experiments/default/synth_qa.yaml --n-chunks 10
+    fsku synth-qa --recipe experiments/demo/synth_qa.yaml --n-chunks 10
     mlflow run . -e synth_qa --env-manager local -P kb=outputs/kb -P teacher=... -P n_chunks=40
 
 Teacher responses are appended to <out>/raw.jsonl as they arrive and cached in .cache/synth; a

@@ -3,8 +3,8 @@
 Usage:
     python -m fsku.steps.tune [--recipe experiments/<name>/tune.yaml] [--study retrieval|distill --n-trials N ...] [--no-progress]
     mlflow run . -e tune --env-manager local -P study=retrieval -P n_trials=30 \\
-        -P corpus=../shared/data/law-pdf -P labels=../shared/data/fsku-benchmark/retrieval_dev.jsonl
-    fsku tune --study distill --n-trials 6 --data outputs/synth_qa        # tiny teacher/student by default
+        -P base_recipe=experiments/<name>/build_kb.yaml -P labels=../shared/data/fsku-benchmark/retrieval_dev.jsonl
+    fsku tune --study distill --n-trials 6 --base-recipe experiments/tune_tiny/distill.yaml   # the tiny models
     fsku tune --study retrieval --storage postgresql://user:pw@db/optuna  # workers on many machines
 
 A study is identified by its name in its storage: starting the command again (or on another
@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-from ..config import BuildKBConfig, TuneConfig
+from ..config import TuneConfig
 from ..tune import baseline_params, distill_space, parse_choices, recipes_from_params, retrieval_space, suggest, write_recipes
 from .args import step_main
 
@@ -97,9 +97,15 @@ def build_objective(cfg: TuneConfig, progress: bool):
             for ov in overlaps:
                 dataclasses.replace(base, chunk_size=size, chunk_overlap=ov)  # range checks before any trial
         objective = RetrievalObjective(base, cfg.labels, Path(cfg.out) / "kbs", cfg.metric, cfg.eval_k, progress=progress)
-        defaults = dataclasses.asdict(BuildKBConfig())
-        return objective, space, baseline_params(space, defaults), base
-    base = dataclasses.replace(base, save_steps=max(base.max_steps, 1), register_as=None)
+        return objective, space, baseline_params(space, dataclasses.asdict(base)), base
+    if base.max_steps < 1:
+        raise ValueError(f"a distill study needs max_steps >= 1 in its base recipe (trials are compared at equal "
+                         f"steps), got {base.max_steps}")
+    from .. import tracking
+
+    # registry URIs (models:/...) become local folders once, before the trials load them
+    base = tracking.resolve_model_fields(base, "teacher", "student")
+    base = dataclasses.replace(base, save_steps=base.max_steps, register_as=None)
     from ..distill.losses import LOSS_TYPES
 
     losses = parse_choices(cfg.loss_types, str)
