@@ -77,7 +77,8 @@ class NetworkFinding:
 
 def scan_network_use(source: str, filename: str) -> list[NetworkFinding]:
     """Imports of network libraries and calls of download functions in one Python file. A call
-    whose line carries `# offline: <reason>` is reported as guarded (reviewed), not as a violation."""
+    whose line carries `# offline: <reason>`, or whose line right above is that comment, is reported
+    as guarded (reviewed), not as a violation."""
     try:
         tree = ast.parse(source, filename=filename)
     except SyntaxError as exc:
@@ -87,6 +88,9 @@ def scan_network_use(source: str, filename: str) -> list[NetworkFinding]:
 
     def add(node, what):
         text = lines[node.lineno - 1] if 0 < node.lineno <= len(lines) else ""
+        above = lines[node.lineno - 2].strip() if 1 < node.lineno <= len(lines) + 1 else ""
+        if GUARD_MARKER not in text and above.startswith(GUARD_MARKER):
+            text = above  # the marker as a comment line right above the call (a long line wrapped)
         guarded = GUARD_MARKER in text
         reason = text.split(GUARD_MARKER, 1)[1].strip() if guarded else ""
         found.append(NetworkFinding(filename, node.lineno, what, guarded, reason))
