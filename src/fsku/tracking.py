@@ -82,13 +82,24 @@ def set_experiment(name: str, attempts: int = 5) -> None:
             time.sleep(0.2 * (attempt + 1))
 
 
+# the run `mlflow run` started for this process: MLflow deletes MLFLOW_RUN_ID from the environment the
+# first time a run starts on it, so a step that opens several blocks (promote: two evaluations, then the
+# decision) must name it explicitly, or every block after the first lands in a new, unparented run
+_ENTRY_POINT_RUN_ID = os.environ.get("MLFLOW_RUN_ID")
+
+
+def _entry_point_run_id() -> Optional[str]:
+    return os.environ.get("MLFLOW_RUN_ID") or _ENTRY_POINT_RUN_ID
+
+
 @contextlib.contextmanager
 def run(step: str, params: dict, tags: Optional[dict] = None) -> Iterator[mlflow.ActiveRun]:
     """Start (or, under `mlflow run`, attach to) a run for one pipeline step."""
     _store()
-    if not os.environ.get("MLFLOW_RUN_ID"):
+    entry = _entry_point_run_id()
+    if not entry:
         set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
-    with mlflow.start_run(run_name=step if not os.environ.get("MLFLOW_RUN_ID") else None) as active:
+    with mlflow.start_run(run_id=entry, run_name=None if entry else step) as active:
         mlflow.set_tags({"fsku.step": step, **(tags or {})})
         # under `mlflow run` the entry point's parameters are already logged; add only the rest
         logged = mlflow.get_run(active.info.run_id).data.params
