@@ -48,7 +48,6 @@ def _read_queries(path: Path) -> list[dict]:
     return rows
 
 
-FUSION_FLAGS = ("fusion", "w_bm25", "rrf_k", "w_law", "w_article")
 
 
 def _fusion_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -65,7 +64,10 @@ def retrieve_config(kb, a: argparse.Namespace):
     """The KB's retrieval defaults (fusion settings from its manifest), top_k from `a`, and the fusion flags given."""
     import dataclasses
 
-    given = {k: getattr(a, k) for k in FUSION_FLAGS if getattr(a, k) is not None}
+    from .config import FusionSettings
+
+    fusion = [f.name for f in dataclasses.fields(FusionSettings)]
+    given = {k: getattr(a, k) for k in fusion if getattr(a, k) is not None}
     return dataclasses.replace(kb.retrieve_defaults(), top_k=a.top_k, candidates=max(50, a.top_k), **given)
 
 

@@ -3,8 +3,8 @@ spelt ``--field_name``, which is how MLflow forwards a ``-P`` parameter the entr
 declare), help text and default from the field, plus ``--recipe``.
 
 Values on the command line (and MLflow parameters, which are always strings):
-- an empty string means "not given": the recipe's value, else the dataclass default, applies (the
-  generated MLproject's parameters default to "", so ``mlflow run`` can use a recipe);
+- an empty string means "not given": the recipe's value, else the dataclass default, applies (so
+  MLproject's `recipe` parameter defaults to "");
 - ``none`` gives None to a field whose type is Optional (for example ``kb=none``: no retrieval);
 - integers accept ``10`` or ``10.0`` (MLflow float parameters) but not ``10.5``; booleans accept
   true/false, yes/no, 1/0.
@@ -96,7 +96,7 @@ def parse_step_args(argv: list[str] | None, cls, prog: str, doc: str | None, pro
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if progress_flag:
         p.add_argument("--no-progress", "--no_progress", action="store_true",
-                       help="no progress bars (MLflow entry points)")
+                       help="no progress bars")
     add_config_args(p, cls)
     return p.parse_args(argv)
 
