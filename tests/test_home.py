@@ -174,3 +174,10 @@ def test_registry_uris_are_resolved_by_tracking_into_the_models_dir(tiny_models,
     assert tracking.resolve_model_fields(local, "model") is local  # nothing left to resolve
     with pytest.raises(ValueError, match="resolve_model_uri"):
         resolve_model(uri)
+
+
+def test_none_as_a_cache_value_means_no_cache(tmp_path, monkeypatch):
+    """'none' written in a recipe or passed from Python disables a cache, as `--cache-dir none` does."""
+    monkeypatch.setenv(home.HOME_ENV, str(tmp_path))
+    assert home.cache_path("none") is None and home.cache_path("None") is None and home.cache_path(" ") is None
+    assert home.cache_path("nonesuch") == tmp_path / "nonesuch"

@@ -128,3 +128,15 @@ def test_every_answer_affecting_field_is_in_the_cache_key():
     for change in ({"gate_scope": "passage"}, {"repetition_penalty": 1.1}, {"gate_threshold": 0.8}, {"debias": "none"}):
         assert answer_config_hash(dataclasses.replace(base, **change)) != answer_config_hash(base), change
     assert answer_config_hash(dataclasses.replace(base, time_limit_s=5.0, batch_size=2)) == answer_config_hash(base)
+
+
+def test_cached_retrievals_come_back_as_the_same_hits(tiny_llm, sample_kb, tmp_path):
+    """Retrievals are cached as JSON and rebuilt into Hits: the second run answers from identical context."""
+    kb = sample_kb[0]
+    cfg = InferConfig(model="tiny", kb=str(kb.folder), context="always", cache_dir=str(tmp_path / "cache"))
+    cache = AnswerCache(cfg.cache_dir)
+    qs = [classify_question("R1", "전자금융거래법상 접근매체의 정의로 옳은 것은?\n1 가\n2 나\n3 다\n4 라")]
+    first = Orchestrator(Answerer(tiny_llm, cfg, kb), cfg, cache)._retrieve(qs)
+    again = Orchestrator(Answerer(tiny_llm, cfg, kb), cfg, cache)._retrieve(qs)
+    assert cache.hits >= 1 and first[0][0] and type(again[0][0][0]) is type(first[0][0][0])
+    assert [h.to_dict() for h in again[0][0]] == [h.to_dict() for h in first[0][0]] and again[0][1] == first[0][1]

@@ -96,9 +96,9 @@ _warned: set[str] = set()
 
 
 def cache_path(path: Union[str, Path, None]) -> Optional[Path]:
-    """A cache folder: '' or None -> None (no cache); absolute -> itself; relative -> <home>/path.
+    """A cache folder: '', 'none' or None -> None (no cache); absolute -> itself; relative -> <home>/path.
     Without a home a relative cache is switched off (warned once) rather than created in the cwd."""
-    if path is None or str(path) == "":
+    if path is None or str(path).strip().lower() in ("", "none"):  # 'none' as a recipe/Python value, not a folder
         return None
     path = Path(path).expanduser()
     if path.is_absolute():

@@ -1,5 +1,5 @@
 """Ground-floor stores: a cache-aside key/value cache for retrieval results, answers and teacher
-responses (diskcache), an append-only resumable result log (JSONL), and the `digest` both key on.
+responses (JSON in SQLite), an append-only resumable result log (JSONL), and the `digest` both key on.
 
 Cache keys are readable so that they can be invalidated by pattern::
 
@@ -17,11 +17,11 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any, Optional
 
 log = logging.getLogger(__name__)
-_MISSING = object()
 
 
 def digest(value: Any, n: int = 16) -> str:
@@ -37,52 +37,79 @@ def make_key(kind: str, **parts: str) -> str:
 
 
 class AnswerCache:
+    """Cache-aside store of JSON values (retrievals, answers, teacher responses) in one SQLite file,
+    ``<directory>/fsku_cache.sqlite``. Values are JSON, never pickles: a cache folder that was
+    shared or copied from someone else can hold wrong answers at worst, never code (diskcache, used
+    before, unpickled whatever its folder held). Safe for several processes at once (SQLite WAL)."""
+
+    FILENAME = "fsku_cache.sqlite"
+
     def __init__(self, directory: Optional[str]):
         from .home import cache_path
 
         resolved = cache_path(directory)
         self.directory = str(resolved) if resolved is not None else None
-        self._cache = None
+        self._db: Optional[sqlite3.Connection] = None
         self.hits = self.misses = 0
         if self.directory:
-            import diskcache
-
-            self._cache = diskcache.Cache(self.directory)
+            folder = Path(self.directory)
+            folder.mkdir(parents=True, exist_ok=True)
+            if (folder / "cache.db").exists():
+                log.info("%s: ignoring cache.db (the old pickle-based diskcache format); answers are recomputed", folder)
+            self._db = sqlite3.connect(folder / self.FILENAME, timeout=60, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
     @property
     def enabled(self) -> bool:
-        return self._cache is not None
+        return self._db is not None
 
     def get(self, key: str):
-        if self._cache is None:
+        if self._db is None:
             return None
-        value = self._cache.get(key, default=_MISSING)
-        if value is _MISSING:
-            self.misses += 1
-            return None
-        self.hits += 1
-        return value
+        row = self._db.execute("SELECT value FROM entries WHERE key = ?", (key,)).fetchone()
+        if row is not None:
+            try:  # text only: bytes (a pickle someone wrote here) are never decoded, let alone unpickled
+                value = json.loads(row[0]) if isinstance(row[0], str) else None
+            except ValueError:
+                value = None
+            if value is None:
+                log.warning("%s: unreadable cache entry %r ignored", self.directory, key[:80])
+            else:
+                self.hits += 1
+                return value
+        self.misses += 1
+        return None
 
     def set(self, key: str, value) -> None:
-        if self._cache is not None:
-            self._cache.set(key, value)
+        """Store a JSON-serialisable value (ValueError otherwise: the caller converts its objects)."""
+        if self._db is None:
+            return
+        try:
+            blob = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"cache value for {key[:80]!r} is not JSON: {exc}") from None
+        self._db.execute("INSERT OR REPLACE INTO entries (key, value) VALUES (?, ?)", (key, blob))
+
+    def keys(self) -> list[str]:
+        return [] if self._db is None else [k for (k,) in self._db.execute("SELECT key FROM entries")]
 
     def invalidate(self, pattern: str) -> int:
         """Delete every key matching the shell-style `pattern`; returns how many."""
-        if self._cache is None:
+        if self._db is None:
             return 0
-        doomed = [k for k in self._cache.iterkeys() if isinstance(k, str) and fnmatch.fnmatchcase(k, pattern)]
-        for k in doomed:
-            self._cache.delete(k)
+        doomed = [k for k in self.keys() if fnmatch.fnmatchcase(k, pattern)]
+        self._db.executemany("DELETE FROM entries WHERE key = ?", [(k,) for k in doomed])
         log.info("cache: invalidated %d keys matching %r", len(doomed), pattern)
         return len(doomed)
 
     def __len__(self) -> int:
-        return 0 if self._cache is None else len(self._cache)
+        return 0 if self._db is None else self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
 
     def close(self) -> None:
-        if self._cache is not None:
-            self._cache.close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
 
 class ResultLog:

@@ -288,7 +288,7 @@ def validation_kl(model, features: Sequence[dict], vocab_size: int, batch_size: 
 class DistillObjective:
     """Held-out KL(teacher ‖ student) of one distillation configuration (lower is better).
 
-    The teacher answers the validation prompts once (diskcache-backed) and its top-k log-probabilities
+    The teacher answers the validation prompts once (cached) and its top-k log-probabilities
     are kept in memory; each trial trains with `fsku.distill.distill` and a callback that measures the
     validation KL every `eval_every` steps, reports it to Optuna and stops a trial the pruner rejects."""
 

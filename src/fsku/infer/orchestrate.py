@@ -13,6 +13,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from ..config import InferConfig
+from ..retrieve import Hit
 from ..stores import AnswerCache, ResultLog, digest, make_key
 from .answer import Answer, Answerer
 from .classify import ClassifiedQuestion
@@ -99,13 +100,15 @@ class Orchestrator:
             return [([], 1) for _ in questions]
         rcfg = digest({f: getattr(self.cfg, f) for f in RETRIEVAL_FIELDS} | {"gate_signal": self.cfg.gate_signal})
         keys = [make_key("retrieval", kb=self.kb_version, cfg=rcfg, q=digest(q.parsed_question)) for q in questions]
+        # cached as JSON ([hit dicts], terms), rebuilt into Hits: a cache holds data, never objects
         out: list = [self.cache.get(k) for k in keys]
+        out = [None if v is None else ([Hit(**h) for h in v[0]], int(v[1])) for v in out]
         todo = [i for i, v in enumerate(out) if v is None]
         if todo:
             fresh = self.answerer.retrieve([questions[i].parsed_question for i in todo])
-            for i, value in zip(todo, fresh, strict=True):
-                out[i] = value
-                self.cache.set(keys[i], value)
+            for i, (hits, terms) in zip(todo, fresh, strict=True):
+                out[i] = (hits, terms)
+                self.cache.set(keys[i], [[h.to_dict() for h in hits], terms])
         return out
 
     def answer_one(self, q: ClassifiedQuestion, hits: list, terms: int, fast: bool = False) -> Answer:

@@ -61,7 +61,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 EXCLUDED_CODE = ("steps", "synth", "distill", "tracking.py", "tune.py", "registry.py", "package", "cli.py", "__pycache__")
 RUNTIME_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub", "faiss-cpu", "onnx", "onnxruntime",
                     "bm25s", "kiwipiepy", "kiwipiepy_model", "ftfy", "charset-normalizer", "numpy", "pandas", "pyarrow",
-                    "scipy", "diskcache", "PyYAML", "tqdm", "sentence-transformers")
+                    "scipy", "PyYAML", "tqdm", "sentence-transformers")
 QUANT_PACKAGES = {"int8": ("torchao",), "bnb-8bit": ("bitsandbytes",), "bnb-nf4": ("bitsandbytes",), "gptq": ("gptqmodel",)}
 
 def resolve_folder(uri_or_path: str, marker: str) -> tuple[Path, dict]:
