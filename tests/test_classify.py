@@ -97,3 +97,14 @@ def test_retrieval_dev_questions_split_into_63_mcq_and_2_descriptive():
     kinds = [classify_question(r["qid"], r["question"]) for r in rows]
     assert sum(k.question_type == "multiple_choice" for k in kinds) == 63
     assert all((k.question_type == "multiple_choice") == str(r.get("answer", "")).isdigit() for k, r in zip(kinds, rows))
+
+
+def test_two_digit_numbers_in_the_stem_are_not_options_and_blank_lines_between_options_are_skipped():
+    stem = "다음은 10 가지 원칙 중 일부이다.\n12 개 기관이 참여하였다.\n다음 중 옳은 것은?"
+    q = classify_question("x", stem + "\n1 가\n\n2 나\n3 다\n\n4 라")
+    assert q.question_type == "multiple_choice" and q.parsed_question == stem
+    assert q.choices == {"1": "가", "2": "나", "3": "다", "4": "라"}
+    # a run must count down to 1 without gaps: 9 then 11 is no run of two-digit options
+    broken = classify_question("y", "다음 중 옳은 것은?\n" + "\n".join(f"{j} 보기" for j in (*range(1, 10), 11)))
+    assert broken.question_type == "descriptive"
+    assert classify_question("d", "2024 년 개정 사항을 설명하시오.\n10 개 조항").question_type == "descriptive"

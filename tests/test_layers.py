@@ -30,9 +30,10 @@ FLOORS: dict[str, int] = {
     "fsku": 0,  # the package __init__ (version only)
     "fsku.choices": 0, "fsku.config": 0, "fsku.home": 0, "fsku.stores": 0, "fsku.jsonl": 0,
     "fsku.ingest": 0, "fsku.chunk": 0, "fsku.retrieve": 0, "fsku.index": 0, "fsku.llm": 0,
+    "fsku.outputs": 0,  # outputs that never overwrite an input nor replace a folder another wrote
     # 1: the knowledge base (built from the ground floor) and tracking, the only MLflow importer (its
-    # pyfunc wrappers load a KB or an LLM)
-    "fsku.kb": 1, "fsku.tracking": 1,
+    # pyfunc wrappers load a KB or an LLM); bulk retrieval over a loaded KB
+    "fsku.kb": 1, "fsku.tracking": 1, "fsku.bulk_retrieve": 1,
     # 2: the stages
     "fsku.infer": 2, "fsku.synth": 2, "fsku.distill": 2, "fsku.quantize": 2, "fsku.evaluate": 2,
     "fsku.tune": 2, "fsku.package": 2, "fsku.registry": 2,

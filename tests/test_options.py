@@ -69,6 +69,12 @@ def test_choice_confidence():
     ("정답: 7", 4, None),
     ("", 4, None),
     ("잘 모르겠습니다", 4, None),
+    ("정답: 12", 12, 12),  # 10+ options: the whole number, not its first digit
+    ("정답: 12", 5, None),
+    ("따라서 11번이 옳다", 12, 11),
+    ("정답: ⑫", 12, 12),
+    ("10", 10, 10),
+    ("제113번 문항의 정답: 3", 4, 3),
 ])
 def test_parse_choice(text, n, expected):
     assert opt.parse_choice(text, n) == expected

@@ -4,6 +4,7 @@
     fsku build-kb --corpus DIR --out DIR [--chunk-size N] [--chunk-overlap N] [--embedding-model ID_OR_PATH]
                   [--bm25-tokenizer NAME]
     fsku retrieve --kb DIR --queries FILE.jsonl --top-k K --out FILE.jsonl [--fusion minmax|rrf] [--w-bm25 F ...]
+                  [--query-batch N] [--restart]   (streamed; progress in <out>.partial.jsonl, resumable)
     fsku ingest --corpus DIR --out FILE.jsonl
     fsku eval-retrieval --kb DIR --labels FILE.jsonl [--top-k K] [--fusion ...] [--w-bm25 F ...]   (default: the KB's fusion)
     fsku prepare-models [--models-dir DIR]
@@ -32,22 +33,9 @@ import logging
 import sys
 from pathlib import Path
 
+from .outputs import check_not_input
+
 log = logging.getLogger("fsku")
-
-
-def _read_queries(path: Path) -> list[dict]:
-    from .jsonl import iter_jsonl
-
-    rows = []
-    for lineno, row in iter_jsonl(path):
-        if "qid" not in row or not str(row.get("question", "")).strip():
-            raise ValueError(f'{path}:{lineno}: expected {{"qid": ..., "question": "..."}}')
-        rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no queries")
-    return rows
-
-
 
 
 def _fusion_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -71,38 +59,74 @@ def retrieve_config(kb, a: argparse.Namespace):
     return dataclasses.replace(kb.retrieve_defaults(), top_k=a.top_k, candidates=max(50, a.top_k), **given)
 
 
+def _config_flags(p: argparse.ArgumentParser, cls, *names: str) -> argparse.ArgumentParser:
+    """--field-name flags for some fields of config class `cls`: type, default and help from the field's
+    declaration (a bool flag alone means true; `--restart false` also parses)."""
+    import dataclasses
+
+    from .config import field_kind
+    from .steps.args import convert
+
+    for f in dataclasses.fields(cls):
+        if f.name not in names:
+            continue
+        kind, optional = field_kind(cls, f.name)
+
+        def parse(value: str, kind=kind, optional=optional, default=f.default):
+            parsed = convert(kind, optional, value)
+            return default if parsed is None else parsed  # "" means not given, as for the step flags
+
+        parse.__name__ = kind.__name__  # argparse names the type in its error message
+        extra = {"nargs": "?", "const": True} if kind is bool else {}
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, metavar=kind.__name__.upper(),
+                       type=parse, help=f.metadata["help"] + f" (default: {f.default})", **extra)
+    return p
+
+
 def cmd_retrieve(argv: list[str]) -> int:
+    import dataclasses
+
+    from .bulk_retrieve import retrieve_file
+    from .config import RetrieveConfig
     from .kb import KnowledgeBase
 
-    p = argparse.ArgumentParser(prog="fsku retrieve", description="Ranked hits for each query line.")
+    p = argparse.ArgumentParser(prog="fsku retrieve", description="Ranked hits for each query line, searched in batches "
+                                "and appended to <out>.partial.jsonl; <out> appears when all are done, and a killed "
+                                "run started again resumes (--restart starts over).")
     p.add_argument("--kb", required=True)
-    p.add_argument("--queries", required=True, type=Path, help='JSONL lines {"qid": ..., "question": ...}')
+    p.add_argument("--queries", required=True, type=Path, help='JSONL lines {"qid": ..., "question": ...} (unique qids)')
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _config_flags(p, RetrieveConfig, "query_batch", "restart")
     a = _fusion_args(p).parse_args(argv)
-    queries = _read_queries(a.queries)
+    check_not_input(a.out, {"--queries": a.queries, "--kb": a.kb}, "--out")
     kb = KnowledgeBase.load(a.kb)
-    hits = kb.search([str(q["question"]) for q in queries], retrieve_config(kb, a))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    with a.out.open("w", encoding="utf-8") as fh:
-        for q, hs in zip(queries, hits, strict=False):
-            fh.write(json.dumps({"qid": q["qid"], "hits": [
-                {"chunk_id": h.chunk_id, "source": h.source, "text": h.text, "score": h.score, "path": h.path,
-                 "method": h.method} for h in hs]}, ensure_ascii=False) + "\n")
-    print(f"wrote {len(queries)} result lines to {a.out}")
+    cfg = dataclasses.replace(retrieve_config(kb, a), query_batch=a.query_batch, restart=a.restart)
+    stats = retrieve_file(kb, a.queries, a.out, cfg, progress=not a.no_progress)
+    print(f"wrote {stats['queries']} result lines to {a.out}" + (f" ({stats['resumed']} resumed)" if stats["resumed"] else ""))
     return 0
 
 
 def cmd_ingest(argv: list[str]) -> int:
-    from .ingest import ingest_corpus
+    import dataclasses
+
+    from .config import BuildKBConfig
+    from .ingest import LIMIT_FIELDS, ingest_corpus
 
     p = argparse.ArgumentParser(prog="fsku ingest", description="Parse and clean a corpus into documents JSONL.")
     p.add_argument("--corpus", required=True)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--manifest")
-    p.add_argument("--max-file-mb", type=float, default=16.0)
+    fields = {f.name: f for f in dataclasses.fields(BuildKBConfig)}
+    for name in LIMIT_FIELDS:  # declared once, in BuildKBConfig (max_chunks_per_file: records of JSON/JSONL/XML here)
+        f = fields[name]
+        p.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"{f.metadata['help']} (default: {f.default})")
     a = p.parse_args(argv)
-    docs, skipped = ingest_corpus(a.corpus, a.manifest, a.max_file_mb)
+    check_not_input(a.out, {"--corpus": a.corpus, "--manifest": a.manifest}, "--out")
+    limits = BuildKBConfig(**{name: getattr(a, name) for name in LIMIT_FIELDS})  # range-checked there
+    docs, skipped = ingest_corpus(a.corpus, a.manifest, limits=limits)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     with a.out.open("w", encoding="utf-8") as fh:
         for d in docs:
@@ -164,6 +188,7 @@ def cmd_classify(argv: list[str]) -> int:
     p.add_argument("--input", required=True, type=Path, help="CSV with ID,Question columns (test.csv format)")
     p.add_argument("--out", required=True, type=Path)
     a = p.parse_args(argv)
+    check_not_input(a.out, {"--input": a.input}, "--out")
     rows = [classify_question(qid, text) for qid, text in read_questions_csv(a.input)]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     with a.out.open("w", encoding="utf-8") as fh:
@@ -317,10 +342,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .steps import STEP_ERRORS, error_line
+
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except STEP_ERRORS as exc:  # one line and exit 2, never a traceback
+        print(error_line(exc), file=sys.stderr)
         return 2
 
 

@@ -201,10 +201,21 @@ class BuildKBConfig(FusionSettings):
 
 
     corpus: str = param("data/sample_corpus", "Folder of source documents (pdf, html, txt, md, xml, json, jsonl).")
-    out: str = param("outputs/kb", "Output folder of the knowledge base (overwritten).")
+    out: str = param("outputs/kb", "Output folder of the knowledge base, built beside it and swapped in whole; an "
+                                   "existing folder is replaced only if it is empty or a knowledge base, and it must "
+                                   "not be, contain or lie inside the corpus.")
     manifest: Optional[str] = param(None, "Licence/provenance manifest (CSV/JSON/YAML); default: <corpus>/manifest.* "
                                           "if present.")
     max_file_mb: float = param(16.0, "Text-like files larger than this are skipped (reason too_large).")
+    max_pdf_mb: float = param(64.0, "PDFs larger than this are skipped (reason too_large); fonts and images make PDFs "
+                                    "larger per character than text files.")
+    max_pages_per_file: int = param(1000, "PDFs with more pages are skipped whole, not truncated (reason "
+                                          "too_many_pages); the largest shared statute has 130.")
+    max_chars_per_file: int = param(3_000_000, "Files whose extracted text is longer are skipped whole, not truncated "
+                                               "(reason too_many_chars); the largest shared statute has about 255,000.")
+    max_chunks_per_file: int = param(5000, "Documents that make more chunks are skipped whole (reason "
+                                           "too_many_chunks); JSON/JSONL/XML with more records (a chunk each) are "
+                                           "rejected before chunking. The largest shared statute makes about 500.")
     chunk_size: int = param(480, "Maximum chunk length in `length_unit`s (path prefix excluded).")
     chunk_overlap: int = param(32, "Overlap between consecutive pieces of the recursive fallback splitter.")
     length_unit: str = param("tokens", "'tokens' (of `length_tokenizer`) or 'chars'.")
@@ -239,6 +250,10 @@ class BuildKBConfig(FusionSettings):
         _check(self.statute_mode in ("auto", "always", "never"),
                f"statute_mode must be auto|always|never, got {self.statute_mode!r}")
         _check(self.max_file_mb > 0, "max_file_mb must be > 0")
+        _check(self.max_pdf_mb > 0, "max_pdf_mb must be > 0")
+        _check(self.max_pages_per_file >= 1, f"max_pages_per_file must be >= 1, got {self.max_pages_per_file}")
+        _check(self.max_chars_per_file >= 1, f"max_chars_per_file must be >= 1, got {self.max_chars_per_file}")
+        _check(self.max_chunks_per_file >= 1, f"max_chunks_per_file must be >= 1, got {self.max_chunks_per_file}")
         _check(self.bm25_k1 > 0 and 0 <= self.bm25_b <= 1, "bm25_k1 must be > 0 and bm25_b in [0, 1]")
         _check(self.embedding_batch_tokens >= 64, "embedding_batch_tokens must be >= 64")
         _check(16 <= self.embedding_max_tokens <= 8192, "embedding_max_tokens must be in [16, 8192]")
@@ -255,10 +270,14 @@ class RetrieveConfig(FusionSettings):
     kb: str = param("outputs/kb", "Knowledge-base folder written by build_kb.")
     top_k: int = param(5, "Hits per question.")
     candidates: int = param(50, "Candidates taken from each retriever before fusion.")
+    query_batch: int = param(256, "fsku retrieve: queries searched (and embedded) together; each batch's results are "
+                                  "appended to <out>.partial.jsonl when it finishes, so memory is bounded by the batch.")
+    restart: bool = param(False, "fsku retrieve: discard the partial results of an earlier run instead of resuming.")
 
     def __post_init__(self):
         _check(self.top_k >= 1, "top_k must be >= 1")
         _check(self.candidates >= self.top_k, "candidates must be >= top_k")
+        _check(self.query_batch >= 1, f"query_batch must be >= 1, got {self.query_batch}")
         super().__post_init__()
 
 
@@ -307,7 +326,7 @@ class InferConfig(LLMSettings, DebiasSettings):
                                       "half-open trial.")
     time_budget_min: float = param(270.0, "Whole-run budget; when the projected time exceeds it, remaining questions "
                                           "use the fast path.")
-    cache_dir: Optional[str] = param(".cache/answers", "diskcache folder for retrieval results and answers (none "
+    cache_dir: Optional[str] = param(".cache/answers", "Cache folder (JSON in SQLite) for retrieval results and answers (none "
                                                        "disables caching).")
     seed: int = param(0, "Random seed for sampling.")
 
@@ -430,7 +449,7 @@ class SynthQAConfig(with_defaults(LLMSettings, batch_size=4)):
                                            "it contaminated.")
     split_ratios: str = param("0.8,0.1,0.1", "train,validation,test shares; split by source article.")
     out: str = param("outputs/synth_qa", "Output folder (raw log, accepted/rejected JSONL, split parquet files).")
-    cache_dir: Optional[str] = param(".cache/synth", "diskcache of teacher responses (none disables).")
+    cache_dir: Optional[str] = param(".cache/synth", "Cache folder (JSON in SQLite) of teacher responses (none disables).")
     restart: bool = param(False, "Discard the raw log of an earlier run instead of resuming.")
     seed: int = param(0, "Seed of chunk sampling, task planning, sampling and the split.")
 
@@ -500,7 +519,7 @@ class DistillConfig(with_defaults(LLMSettings, max_model_len=1024, batch_size=2)
     save_steps: int = param(25, "Checkpoint every this many steps (a killed run resumes from the last one).")
     register_as: Optional[str] = param("fsku-student", "Registered model name of the merged student (none: do not "
                                                        "register).")
-    cache_dir: Optional[str] = param(".cache/distill", "diskcache of responses (none disables).")
+    cache_dir: Optional[str] = param(".cache/distill", "Cache folder (JSON in SQLite) of responses (none disables).")
     restart: bool = param(False, "Discard earlier responses and checkpoints in `out`.")
 
     def __post_init__(self):

@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,8 +28,9 @@ from .config import BuildKBConfig, FusionSettings, RetrieveConfig
 from .home import cache_path
 from .index.dense import build_faiss, embed_with_cache, get_embedder, load_faiss, resolve_backend, resolve_model, save_faiss
 from .index.sparse import BM25Index, get_tokenizer
-from .ingest import ingest_corpus
+from .ingest import NoUsableDocuments, SkippedFile, ingest_corpus
 from .ingest.clean import clean_text
+from .outputs import Marker, begin_staging, check_not_input, check_replaceable, replace_folder
 from .retrieve import FUSIONS, Hit, ReferenceIndex, rank_fused, top_candidates
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,10 @@ SCHEMA_VERSION = 1
 CHUNK_COLUMNS = {"chunk_id": "object", "doc_id": "object", "source": "object", "title": "object", "path": "object",
                  "article": "object", "text": "object", "n_tokens": "int", "n_chars": "int", "start_char": "int",
                  "page": "int"}
+
+
+# what proves a folder is a knowledge base this module wrote (so a rebuild may replace it)
+KB_MARKERS = (Marker("manifest.json", "schema_version"),)
 
 
 class KBFormatError(ValueError):
@@ -60,9 +64,14 @@ def validate_chunks(df: pd.DataFrame, where: str) -> None:
 def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["KnowledgeBase", dict]:
     """Run ingest -> chunk -> BM25 -> embeddings/FAISS and write the KB folder to cfg.out.
     Returns the loaded KB and build statistics (counts, timings, skipped reasons)."""
+    out = Path(cfg.out)
+    # refused before the work, not after it: an output that is an input, or a folder that is not a KB
+    check_not_input(out, {"--corpus": cfg.corpus, "--manifest": cfg.manifest, "--user-dict": cfg.user_dict,
+                          "--labels": cfg.labels}, "--out")
+    check_replaceable(out, KB_MARKERS, "--out")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    docs, skipped = ingest_corpus(cfg.corpus, cfg.manifest, cfg.max_file_mb, progress, timings)
+    docs, skipped = ingest_corpus(cfg.corpus, cfg.manifest, cfg.max_file_mb, progress, timings, limits=cfg)
 
     dense = cfg.embedding_model.lower() != "none"
     length_tok = cfg.length_tokenizer or (resolve_model(cfg.embedding_model) if dense else None)
@@ -70,7 +79,23 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
         raise ValueError("length_unit='tokens' needs length_tokenizer when embedding_model is 'none'")
     t = time.perf_counter()
     length = make_length_fn(cfg.length_unit, length_tok)
-    chunks, n_dupes = chunk_documents(docs, cfg.chunk_size, cfg.chunk_overlap, length, cfg.statute_mode, progress)
+    cap = cfg.max_chunks_per_file
+    while True:  # documents over the cap are skipped whole and the rest chunked again (rarely more than once)
+        chunks, n_dupes = chunk_documents(docs, cfg.chunk_size, cfg.chunk_overlap, length, cfg.statute_mode, progress)
+        per_doc: dict[str, int] = {}
+        for c in chunks:
+            per_doc[c.doc_id] = per_doc.get(c.doc_id, 0) + 1
+        # counted after cross-document dedup; a chunk lost as the duplicate of a dropped document's comes back
+        # on the next pass and may put its own document over the cap, hence the loop
+        over = {d: n for d, n in per_doc.items() if n > cap}
+        if not over:
+            break
+        skipped.extend(SkippedFile(d.source, "too_many_chunks", f"{over[d.doc_id]} chunks > max_chunks_per_file={cap}")
+                       for d in docs if d.doc_id in over)
+        docs = [d for d in docs if d.doc_id not in over]
+        if not docs:
+            raise NoUsableDocuments(f"no usable document in {cfg.corpus}: every document makes more than {cap} chunks "
+                                    "(max_chunks_per_file)")
     timings["chunk"] = time.perf_counter() - t
     if not chunks:
         raise ValueError(f"{cfg.corpus}: documents were read but produced no chunks")
@@ -88,11 +113,7 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
     bm25 = BM25Index.build(corpus_tokens, cfg.bm25_tokenizer, cfg.bm25_k1, cfg.bm25_b)
     timings["bm25_index"] = time.perf_counter() - t
 
-    out = Path(cfg.out)
-    staging = out.with_name(out.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    staging = begin_staging(out, KB_MARKERS, "--out")
     faiss_info: dict = {}
     n_embedded = 0
     backend = None
@@ -144,9 +165,7 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
         "stats": stats,
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)  # the KB appears whole or not at all
+    replace_folder(staging, out, KB_MARKERS, "--out")  # the KB appears whole or not at all
     return KnowledgeBase.load(out), stats
 
 
@@ -207,10 +226,13 @@ class KnowledgeBase:
     def _candidates(self, questions: list[str], k_cand: int, use_bm25: bool, use_dense: bool) -> list[tuple]:
         """(full BM25 score array or None, {retriever: (ids, scores)}) per question. Memoised: the
         query side does not depend on fusion settings, so re-ranking the same questions with other
-        weights (a tuning trial) costs only the fusion. Bounded to ~40 MB of score arrays."""
+        weights (a tuning trial) costs only the fusion. Bounded to ~5 M floats (20 MB), or one call's
+        questions if more: each entry counts as its score array plus 1024 floats for its question key
+        and candidate arrays (3.6 KB measured for an 800-character question), which dominate on a
+        small KB, so a stream of many calls (fsku retrieve) stays bounded too."""
         keys = [(q, k_cand, use_bm25, use_dense) for q in questions]
         todo_q = list(dict.fromkeys(key[0] for key in keys if key not in self._memo))
-        if len(self._memo) + len(todo_q) > max(64, 5_000_000 // max(1, len(self._ids))):
+        if len(self._memo) + len(todo_q) > max(64, 5_000_000 // (len(self._ids) + 1024)):
             self._memo.clear()
             todo_q = list(dict.fromkeys(questions))
         if todo_q:

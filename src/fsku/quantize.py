@@ -20,7 +20,6 @@ import importlib.util
 import json
 import logging
 import math
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +28,12 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .choices import QUANT_METHODS, QuantSpec
+from .outputs import check_not_input, staged_folder
 
 log = logging.getLogger(__name__)
 
 QUANT_INFO_FILE = "fsku_quantization.json"
+QUANT_MARKERS = (QUANT_INFO_FILE,)  # what proves a folder is a quantized model written here (so it may be replaced)
 
 
 @dataclass(frozen=True)
@@ -134,25 +135,26 @@ def quantize_model(model_path: str | Path, method: str, out_dir: str | Path, dty
     model_path, out_dir = Path(model_path), Path(out_dir)
     if not (model_path / "config.json").exists() and not (model_path / "adapter_config.json").exists():
         raise FileNotFoundError(f"{model_path}: not a model folder (no config.json or adapter_config.json)")
+    check_not_input(out_dir, {"the source model": model_path}, "quantized model folder")
     dtype = dtype or torch.float32
-    with tempfile.TemporaryDirectory(prefix="fsku-quantize-") as tmp:
+    # written beside out_dir and swapped in whole; an existing out_dir is replaced only when it is a quantized model
+    with tempfile.TemporaryDirectory(prefix="fsku-quantize-") as tmp, \
+            staged_folder(out_dir, QUANT_MARKERS, "quantized model folder") as staging:
         source = merged_source(model_path, Path(tmp), dtype)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
         impl = IMPLEMENTATIONS[method]
         if impl.run is not None:
-            impl.run(source, out_dir, dtype, device, calibration)
+            impl.run(source, staging, dtype, device, calibration)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, quantization_config=impl.build(dtype, calibration),
                                                          device_map=device if kind == "cpu" else {"": 0})
-            model.save_pretrained(out_dir)
-        AutoTokenizer.from_pretrained(source).save_pretrained(out_dir)
+            model.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(source).save_pretrained(staging)
         try:
-            GenerationConfig.from_pretrained(source).save_pretrained(out_dir)
+            GenerationConfig.from_pretrained(source).save_pretrained(staging)
         except OSError:
             pass  # the source has no generation_config.json
-    info = {"method": method, "bits": spec.bits, "source": str(model_path), "compute_dtype": str(dtype).replace("torch.", "")}
-    (out_dir / QUANT_INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
+        info = {"method": method, "bits": spec.bits, "source": str(model_path), "compute_dtype": str(dtype).replace("torch.", "")}
+        (staging / QUANT_INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
     return out_dir
 
 

@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 
 from ..config import DistillConfig, InferConfig
 from ..jsonl import write_jsonl
+from ..outputs import check_not_input, check_replaceable, remove_ours, staged_folder
 from ..stores import AnswerCache
 from ..synth.records import read_jsonl
 from .data import build_prompts, generate_responses, make_pairs
@@ -40,6 +41,10 @@ from .trainer import (
 )
 
 log = logging.getLogger(__name__)
+# what proves a folder is a distill output written here (prompts.jsonl comes first, stats.json last), and
+# that merged/ is a model: only such folders are resumed into, restarted or replaced
+OUT_MARKERS = ("stats.json", "prompts.jsonl")
+MODEL_MARKERS = ("config.json",)
 LogFn = Callable[[dict, int], None]
 
 
@@ -112,8 +117,11 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
     from ..llm.resolve import resolve_model
 
     out = Path(cfg.out)
-    if cfg.restart and out.exists():
-        shutil.rmtree(out)
+    check_not_input(out, {"--data": cfg.data, "--teacher": cfg.teacher, "--student": cfg.student, "--kb": cfg.kb}, "--out")
+    check_replaceable(out, OUT_MARKERS, "--out")
+    check_replaceable(out / "merged", MODEL_MARKERS, "--out merged folder")
+    if cfg.restart:
+        remove_ours(out, OUT_MARKERS, "--out")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     device, torch_dtype = pick_device_dtype(cfg.device, cfg.dtype)
@@ -242,9 +250,8 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
         del trainer, student, teacher_for_training
         _release_memory()
 
-    if merged.exists():
-        shutil.rmtree(merged)
-    shutil.copytree(current_student, merged)
+    with staged_folder(merged, MODEL_MARKERS, "--out merged folder") as staging:
+        shutil.copytree(current_student, staging, dirs_exist_ok=True)
     del teacher_model, teacher_llm
     _release_memory()
     stats["total_s"] = round(time.perf_counter() - t_start, 1)

@@ -2,13 +2,29 @@
 with debiasing for multiple choice, keyword-aware generation for descriptive questions.
 
 Every answer comes from the model. The fallback (`fast=True`) asks the SAME model again with no
-context and a single option order / a shorter answer; it is never a fixed string."""
+context and a single option order / a shorter answer; it is never a fixed string. The last resort
+(`minimal=True`) asks it once more with the shortest prompt: no worked examples, one order, the stem
+cut to LAST_RESORT_STEM_TOKENS and each option to LAST_RESORT_OPTION_TOKENS.
+
+Questions longer than the model's window (`max_model_len`) are cut to fit, never refused: every
+prompt a path sends (with its context, worked examples and the tokens it generates) is measured
+with an empty stem and empty options, and what is left is the budget for the question. The stem is
+cut first; the options stay whole unless they alone exceed the budget less the stem's minimum
+(MIN_STEM_TOKENS, or the whole stem if shorter), and then only the long ones are clipped, to one
+common cap (`prompts.allocate_tokens`). A cut stem keeps its start and, twice as long, its end, the
+part nearest the options where the question is asked (`prompts.keep_ends`). The answer says so:
+`truncated`, with `question_tokens` as written and `kept_tokens` as asked. Such an answer is not
+cached: it depends on max_model_len, which is not part of the cache key.
+
+Ten or more options are scored digit by digit where the tokenizer splits "10" into "1", "0"
+(`two_digit_label_logprobs`); self-consistency votes still only parse the option numbers 1-9."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -20,6 +36,11 @@ from .classify import ClassifiedQuestion
 
 log = logging.getLogger(__name__)
 FALLBACK_SAMPLES = 2  # sampled retries when the fallback's greedy answer is empty
+LAST_RESORT_STEM_TOKENS = 96
+LAST_RESORT_OPTION_TOKENS = 24
+LAST_RESORT_NEW_TOKENS = 32
+FIT_MARGIN = 8  # tokens for merges where the question meets the template, plus 2 per option
+FIT_ATTEMPTS = 4  # re-measure after cutting: tokenisation at the cuts is not exactly additive
 
 
 @dataclass
@@ -37,9 +58,21 @@ class Answer:
     scores: list[float] = field(default_factory=list)  # aggregated option scores (multiple choice)
     raw_choice: Optional[int] = None  # the argmax of the original order alone, before debiasing
     error: str = ""
+    truncated: bool = False  # the stem (and, only if they alone did not fit, the options) cut to fit the model
+    question_tokens: int = 0  # stem + option tokens as written
+    kept_tokens: int = 0  # stem + option tokens in the prompt (< question_tokens when truncated)
+    path: str = "primary"  # primary | fallback | minimal | none (no model answer: see fsku.infer.orchestrate)
+    duplicate_of: str = ""  # the ID whose answer this copies (the same question text earlier in the run)
 
     def to_record(self) -> dict:
         return dict(self.__dict__)
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Answer":
+        """An Answer from a record (a cached one may come from an older or newer version: unknown keys
+        are ignored, missing ones take their defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in names})
 
 
 def gate_signal(hit, cfg: InferConfig, query_terms: int = 1) -> Optional[float]:
@@ -102,31 +135,152 @@ class Answerer:
                 break
         return (prompts.format_context(passages) if passages else ""), ids
 
+    # -- fitting a question into the model's window
+    def _encode(self, text: str) -> list:
+        tok = getattr(self.llm, "tokenizer", None)
+        # a backend without a tokenizer (test stand-ins) is measured in characters
+        return list(text) if tok is None else tok(text, add_special_tokens=False)["input_ids"]
+
+    def _decode(self, ids: list) -> str:
+        tok = getattr(self.llm, "tokenizer", None)
+        text = "".join(ids) if tok is None else tok.decode(ids, skip_special_tokens=True)
+        return text.replace("\ufffd", "")  # a cut inside a multi-byte character
+
+    def _count(self, text: str) -> int:
+        return len(self._encode(text))
+
+    def _mc_style(self, mode: str) -> str:
+        """The multiple-choice prompt style of a path: the last resort drops the worked examples."""
+        style = self.cfg.mc_prompt
+        if mode == "minimal" and prompts.mc_style(style).examples:
+            return "prefill" if prompts.mc_style(style).prefill else "plain"
+        return style
+
+    def _max_new(self, mode: str) -> int:
+        cfg = self.cfg
+        if mode == "full":
+            return cfg.max_new_tokens
+        fast = max(32, cfg.max_new_tokens // 2)
+        return min(fast, LAST_RESORT_NEW_TOKENS) if mode == "minimal" else fast
+
+    def prompt_forms(self, q: ClassifiedQuestion, context: str, mode: str = "full"
+                     ) -> list[tuple[Callable[[str, list[str]], str], int]]:
+        """(render(stem, option texts) -> the prompt as tokenised, tokens added after it) for every
+        prompt the path `mode` (full | fast | minimal) sends for `q`."""
+        cfg, llm = self.cfg, self.llm
+        if q.question_type != "multiple_choice":
+            return [(lambda s, o: llm.render_chat(prompts.desc_messages(s, context)), self._max_new(mode))]
+        style = self._mc_style(mode)
+
+        def label(s: str, o: list[str]) -> str:
+            prefix, suffix = prompts.mc_prompt_parts(llm.render_chat(prompts.mc_messages(s, o, context, style=style)), style)
+            return prefix + suffix
+
+        forms: list[tuple[Callable[[str, list[str]], str], int]] = [(label, 1)]  # 1: a two-digit label's second digit
+        if mode == "full" and "cloze" in cfg.mc_scoring:
+            # the option text follows this prompt; the budget counts all options, so the longest fits
+            forms.append((lambda s, o: llm.render_chat(prompts.cloze_messages(s, context)), 0))
+        if mode == "full" and cfg.self_consistency:
+            forms.append((lambda s, o: llm.render_chat(prompts.mc_messages(s, o, context, reasoning=True))
+                          .replace(prompts.SPLIT, ""), cfg.sc_max_new_tokens))
+        return forms
+
+    def _clip_stem(self, text: str, ids: list, budget: int) -> str:
+        if len(ids) <= budget:
+            return text
+        gap = self._count(prompts.STEM_GAP)
+        if budget <= 2 * gap:  # too little for both ends: the end, nearest the options
+            return self._decode(ids[len(ids) - budget:] if budget > 0 else []).strip()
+        head, tail = prompts.keep_ends(ids, budget - gap)
+        return self._decode(head).strip() + prompts.STEM_GAP + self._decode(tail).strip()
+
+    def fit(self, q: ClassifiedQuestion, context: str = "", mode: str = "full") -> tuple[ClassifiedQuestion, dict]:
+        """(`q` cut so that every prompt of the path fits `max_model_len`, the Answer fields truncated /
+        question_tokens / kept_tokens). ValueError when not even an empty question fits (the context or
+        the template alone fill the window: the fallback, without context, may still fit)."""
+        limit = self.llm.max_model_len
+        forms = self.prompt_forms(q, context, mode)
+        texts = q.option_texts
+        stem = q.parsed_question.strip()
+        stem_ids, opt_ids = self._encode(stem), [self._encode(t) for t in texts]
+        total = len(stem_ids) + sum(len(o) for o in opt_ids)
+        fixed = max(self._count(render("", [""] * len(texts))) + extra for render, extra in forms)
+        budget = limit - fixed - FIT_MARGIN - 2 * len(texts)
+        minimal = mode == "minimal"
+        if total <= budget and not minimal:
+            return q, {"truncated": False, "question_tokens": total, "kept_tokens": total}
+        for _ in range(FIT_ATTEMPTS):
+            if budget < 1 + len(texts):
+                break
+            stem_budget, opt_budgets = prompts.allocate_tokens(len(stem_ids), [len(o) for o in opt_ids], budget)
+            if minimal:
+                stem_budget = min(stem_budget, LAST_RESORT_STEM_TOKENS)
+                opt_budgets = [min(b, LAST_RESORT_OPTION_TOKENS) for b in opt_budgets]
+            new_stem = self._clip_stem(stem, stem_ids, stem_budget)
+            new_texts = [t if len(ids) <= b else self._decode(ids[:b]).strip()
+                         for t, ids, b in zip(texts, opt_ids, opt_budgets, strict=True)]
+            over = max(self._count(render(new_stem, new_texts)) + extra for render, extra in forms) - limit
+            if over <= 0:
+                truncated = new_stem != stem or new_texts != texts
+                kept = self._count(new_stem) + sum(self._count(t) for t in new_texts) if truncated else total
+                if truncated:
+                    log.info("%s: question of %d tokens cut to %d to fit max_model_len %d (%s path)",
+                             q.question_id, total, kept, limit, mode)
+                keys = sorted(q.choices, key=int)
+                fitted = dataclasses.replace(q, parsed_question=new_stem, choices=dict(zip(keys, new_texts, strict=True)))
+                return fitted, {"truncated": truncated, "question_tokens": total, "kept_tokens": kept}
+            budget -= over + FIT_MARGIN
+        raise ValueError(f"question {q.question_id!r}: the prompt does not fit max_model_len {limit} even with the "
+                         f"question cut ({fixed} tokens of template, context and answer)")
+
     # -- multiple choice
-    def content_free_logp(self, n: int) -> np.ndarray:
-        key = (self.cfg.mc_prompt, n)
+    def _labels_share_first_tokens(self, n: int) -> bool:
+        try:
+            self.llm.label_token_ids([str(j) for j in range(1, n + 1)])
+        except ValueError:
+            return True
+        except (AttributeError, TypeError):  # no tokenizer: the backend scores labels its own way
+            return False
+        return False
+
+    def label_logprobs(self, prefix: str, suffixes: list[str], n: int, deadline: Optional[float] = None) -> np.ndarray:
+        """(len(suffixes), n) log-probs of the labels 1..n after prefix + each suffix. On a tokenizer that
+        splits digits (Qwen's) "10" starts with the token of "1", so 10+ options are scored digit by
+        digit (`two_digit_label_logprobs`): one more pass per leading digit."""
+        labels = [str(j) for j in range(1, n + 1)]
+        if n < 10 or not self._labels_share_first_tokens(n):
+            return self.llm.option_logprobs(OptionRequest(prefix, suffixes, labels), deadline)
+        if n > 99:
+            raise ValueError(f"{n} options: labels beyond 99 are not scored")
+        digits = [str(d) for d in range(10)]
+        first = self.llm.option_logprobs(OptionRequest(prefix, suffixes, digits[1:]), deadline)
+        second = {h: self.llm.option_logprobs(OptionRequest(prefix, [s + str(h) for s in suffixes], digits), deadline)
+                  for h in range(1, n // 10 + 1)}
+        return two_digit_label_logprobs(first, second, n)
+
+    def content_free_logp(self, n: int, style: Optional[str] = None) -> np.ndarray:
+        style = style or self.cfg.mc_prompt
+        key = (style, n)
         if key not in self._content_free:
-            msgs = prompts.mc_messages(prompts.CONTENT_FREE, [prompts.CONTENT_FREE] * n, style=self.cfg.mc_prompt)
-            prefix, suffix = prompts.mc_prompt_parts(self.llm.render_chat(msgs), self.cfg.mc_prompt)
-            self._content_free[key] = self.llm.option_logprobs(
-                OptionRequest(prefix, [suffix], [str(j) for j in range(1, n + 1)]))[0]
+            msgs = prompts.mc_messages(prompts.CONTENT_FREE, [prompts.CONTENT_FREE] * n, style=style)
+            prefix, suffix = prompts.mc_prompt_parts(self.llm.render_chat(msgs), style)
+            self._content_free[key] = self.label_logprobs(prefix, [suffix], n)[0]
         return self._content_free[key]
 
     def display_logprobs(self, q: ClassifiedQuestion, context: str, orders: list[list[int]],
-                         deadline: Optional[float] = None) -> np.ndarray:
+                         deadline: Optional[float] = None, style: Optional[str] = None) -> np.ndarray:
         """(len(orders), n) label log-probs per display position, one option order per row."""
+        style = style or self.cfg.mc_prompt
         texts = q.option_texts
         suffixes, prefix = [], None
         for perm in orders:
             p, s = prompts.mc_prompt_parts(self.llm.render_chat(
-                prompts.mc_messages(q.parsed_question, [texts[i] for i in perm], context, style=self.cfg.mc_prompt)),
-                self.cfg.mc_prompt)
+                prompts.mc_messages(q.parsed_question, [texts[i] for i in perm], context, style=style)), style)
             if prefix is not None and p != prefix:
                 raise AssertionError("option orders must share the prompt prefix")
             prefix = p
             suffixes.append(s)
-        labels = [str(j) for j in range(1, len(texts) + 1)]
-        return self.llm.option_logprobs(OptionRequest(prefix, suffixes, labels), deadline)
+        return self.label_logprobs(prefix, suffixes, len(texts), deadline)
 
     def option_text_logprobs(self, q: ClassifiedQuestion, context: str, content_free: bool = False,
                              deadline: Optional[float] = None) -> list[np.ndarray]:
@@ -146,16 +300,19 @@ class Answerer:
 
     def score_options(self, q: ClassifiedQuestion, context: str, debias: str, rotations: int,
                       deadline: Optional[float] = None, reverse: bool = False,
-                      scoring: str = "label") -> tuple[np.ndarray, int]:
+                      scoring: str = "label", style: Optional[str] = None) -> tuple[np.ndarray, int]:
         """(aggregated scores per original option, raw argmax of the original order, 1-based)."""
         n = len(q.choices)
+        if "cloze" in scoring and not all(q.option_texts):
+            log.warning("%s: an empty option has no text to score; option labels only", q.question_id)
+            scoring = "label"
         if scoring in ("cloze", "cloze-pmi"):
             scores = opt.normalize_logprobs(self.cloze(q, context, deadline))
             return scores, int(np.argmax(scores)) + 1
         orders = opt.option_orders(n, rotations, reverse) if "rotate" in debias else [list(range(n))]
-        display = self.display_logprobs(q, context, orders, deadline)
+        display = self.display_logprobs(q, context, orders, deadline, **({"style": style} if style else {}))
         if "calibrate" in debias:
-            cf = self.content_free_logp(n)
+            cf = self.content_free_logp(n, style)
             display = np.stack([opt.calibrate(row, cf) for row in display])
         raw_choice = int(np.argmax(display[0])) + 1  # orders[0] is the identity
         scores = opt.aggregate_orders(display, orders)
@@ -164,14 +321,18 @@ class Answerer:
         return scores, raw_choice
 
     def answer_mc(self, q: ClassifiedQuestion, hits: list, fast: bool = False, deadline: Optional[float] = None,
-                  query_terms: int = 1) -> Answer:
+                  query_terms: int = 1, minimal: bool = False) -> Answer:
         cfg = self.cfg
+        mode = _mode(fast, minimal)
+        fast = fast or minimal
         context, ctx_ids = ("", []) if fast else self.context_text(hits, query_terms)
-        debias = cfg.debias if not fast else ("calibrate" if "calibrate" in cfg.debias else "none")
+        q, fitted = self.fit(q, context, mode)
+        debias = cfg.debias if not fast else ("calibrate" if "calibrate" in cfg.debias and not minimal else "none")
         # the fallback scores option numbers in one order only (one forward pass)
         scores, raw_choice = self.score_options(q, context, debias, 1 if fast else cfg.rotations, deadline,
                                                 reverse=cfg.reverse_orders and not fast,
-                                                scoring="label" if fast else cfg.mc_scoring)
+                                                scoring="label" if fast else cfg.mc_scoring,
+                                                style=self._mc_style(mode) if minimal else None)
         best, conf = opt.choice_confidence(scores)
         choice = best + 1
         if cfg.self_consistency and not fast:
@@ -186,16 +347,20 @@ class Answerer:
                 votes.append(opt.parse_choice(gen.text, len(texts)))
             choice, conf = opt.majority_vote(votes, scores)
         return Answer(q.question_id, str(choice), q.question_type, round(conf, 4), n_context=len(ctx_ids),
-                      context_ids=ctx_ids, scores=[round(float(s), 4) for s in scores], raw_choice=raw_choice, used_fallback=fast)
+                      context_ids=ctx_ids, scores=[round(float(s), 4) for s in scores], raw_choice=raw_choice,
+                      used_fallback=fast, path=_PATHS[mode], **fitted)
 
     # -- descriptive
     def answer_descriptive(self, q: ClassifiedQuestion, hits: list, fast: bool = False,
-                           deadline: Optional[float] = None, query_terms: int = 1) -> Answer:
+                           deadline: Optional[float] = None, query_terms: int = 1, minimal: bool = False) -> Answer:
         cfg = self.cfg
+        mode = _mode(fast, minimal)
+        fast = fast or minimal
         context, ctx_ids = ("", []) if fast else self.context_text(hits, query_terms)
+        q, fitted = self.fit(q, context, mode)
         prompt = self.llm.render_chat(prompts.desc_messages(q.parsed_question, context))
         check_deadline(deadline)
-        max_new = cfg.max_new_tokens if not fast else max(32, cfg.max_new_tokens // 2)
+        max_new = self._max_new(mode)
         gen = self.llm.generate([prompt], max_new, temperature=cfg.temperature, seed=cfg.seed,
                                 max_time=None if fast else _remaining(deadline),
                                 repetition_penalty=cfg.repetition_penalty)[0]
@@ -210,15 +375,46 @@ class Answerer:
             if text:
                 break
         return Answer(q.question_id, text, q.question_type, round(float(np.exp(gen.mean_logprob)), 4),
-                      n_context=len(ctx_ids), context_ids=ctx_ids, used_fallback=fast)
+                      n_context=len(ctx_ids), context_ids=ctx_ids, used_fallback=fast, path=_PATHS[mode], **fitted)
 
     def answer(self, q: ClassifiedQuestion, hits: list, fast: bool = False, deadline: Optional[float] = None,
-               query_terms: int = 1) -> Answer:
+               query_terms: int = 1, minimal: bool = False) -> Answer:
+        """The model's answer on the full path, the fallback (`fast`) or the last resort (`minimal`:
+        the shortest prompt, see the module docstring)."""
         t0 = time.perf_counter()
         fn = self.answer_mc if q.question_type == "multiple_choice" else self.answer_descriptive
-        a = fn(q, hits, fast=fast, deadline=deadline, query_terms=query_terms)
+        a = fn(q, hits, fast=fast, deadline=deadline, query_terms=query_terms, minimal=minimal)
         a.inference_time = round(time.perf_counter() - t0, 3)
         return a
+
+
+_PATHS = {"full": "primary", "fast": "fallback", "minimal": "minimal"}
+
+
+def _mode(fast: bool, minimal: bool) -> str:
+    return "minimal" if minimal else "fast" if fast else "full"
+
+
+def two_digit_label_logprobs(first: np.ndarray, second: dict[int, np.ndarray], n: int) -> np.ndarray:
+    """(R, n) log-probs of the labels 1..n (10 <= n <= 99) scored digit by digit: `first` (R, 9) holds
+    log P(d) of the first digit d = 1..9, `second[h]` (R, 10) log P(k | h) of a second digit k = 0..9
+    after h, for every h that starts a two-digit label. Label "hk" gets log P(h) + log P(k | h); a
+    one-digit label h that starts two-digit ones must also stop after h: log P(h) + log(1 - sum_k
+    P(k | h)) (floored at 1e-6: a model sure to go on still leaves h a finite score)."""
+    if not 10 <= n <= 99:
+        raise ValueError(f"two-digit labels need 10 <= n <= 99, got {n}")
+    first = np.asarray(first, dtype=np.float64)
+    out = np.empty((first.shape[0], n), dtype=np.float64)
+    for j in range(1, n + 1):
+        if j < 10:
+            out[:, j - 1] = first[:, j - 1]
+            if j in second:
+                stop = 1.0 - np.exp(np.asarray(second[j], dtype=np.float64)).sum(axis=1)
+                out[:, j - 1] += np.log(np.clip(stop, 1e-6, 1.0))
+        else:
+            h, k = divmod(j, 10)
+            out[:, j - 1] = first[:, h - 1] + np.asarray(second[h], dtype=np.float64)[:, k]
+    return out
 
 
 def _remaining(deadline: Optional[float]) -> Optional[float]:

@@ -2,9 +2,18 @@
 
 The competition format puts options on the last lines as ``1 text`` .. ``5 text``; other Korean
 exams use ``1.``, ``1)``, ``(1)`` or ``①`` markers, sometimes all options on one line. Options
-are the LAST run of consecutive markers numbered 1..n (n >= 2) in one marker style, so numbers
-inside the stem ("제14조", "1,000명", "3억원", a numbered list followed by the question) are
-never taken for options.
+are the LAST run of consecutive markers numbered 1..n (n >= 2, up to 99; circled up to ⑳) in one
+marker style, so numbers inside the stem ("제14조", "1,000명", "3억원", a numbered list followed
+by the question) are never taken for options. An option line may be empty (``2`` alone: the model
+can still pick it) as long as two options in the run have text. Line endings (CRLF, CR alone,
+mixed) are normalised first.
+
+`read_questions_csv` reads the competition CSV strictly: quoting errors, an unterminated quote
+(which would swallow the rows after it), extra fields and unreadable paths are ValueErrors naming
+the file and the physical line a row starts on. Control characters (C0 except tab and newlines,
+DEL, C1) are removed from a Question with a warning naming the row (the line-separator ones, VT FF
+FS GS RS NEL, become newlines); an ID holding one is refused, since a cleaned ID would no longer be
+the one the grader expects.
 """
 from __future__ import annotations
 
@@ -14,22 +23,27 @@ from dataclasses import asdict, dataclass, field
 
 log = logging.getLogger(__name__)
 
-CIRCLED = "①②③④⑤⑥⑦⑧⑨"
+CIRCLED = "①②③④⑤⑥⑦⑧⑨⑩⑪⑫⑬⑭⑮⑯⑰⑱⑲⑳"
+_NUM = r"[1-9][0-9]?"  # 1..99: two digits for 10+ options; never three (years, amounts)
 
-# marker styles: (name, regex for a line start, regex for inline splitting)
+# marker styles: (name, regex for a line start, regex for inline splitting); group 2 is the option
+# text, absent for an empty option ("2" alone on its line)
 _LINE_MARKERS = {
-    "space": re.compile(r"^\s*([1-9])\s+(?![.)])(\S.*)$"),  # "1 text" (the competition's own)
-    "dot": re.compile(r"^\s*([1-9])\.\s*(\S.*)$"),
-    "paren": re.compile(r"^\s*([1-9])\)\s*(\S.*)$"),
-    "wrapped": re.compile(r"^\s*\(([1-9])\)\s*(\S.*)$"),
-    "circled": re.compile(r"^\s*([①-⑨])\s*(\S.*)$"),
+    "space": re.compile(rf"^\s*({_NUM})(?:\s+(?![.)])(\S.*?))?\s*$"),  # "1 text" (the competition's own)
+    "dot": re.compile(rf"^\s*({_NUM})\.(?:\s*(\S.*?))?\s*$"),
+    "paren": re.compile(rf"^\s*({_NUM})\)(?:\s*(\S.*?))?\s*$"),
+    "wrapped": re.compile(rf"^\s*\(({_NUM})\)(?:\s*(\S.*?))?\s*$"),
+    "circled": re.compile(r"^\s*([①-⑳])(?:\s*(\S.*?))?\s*$"),
 }
 _INLINE_MARKERS = {
-    "circled": re.compile(r"([①-⑨])"),
-    "wrapped": re.compile(r"\(([1-9])\)"),
-    "paren": re.compile(r"(?:(?<=\s)|^)([1-9])\)"),
+    "circled": re.compile(r"([①-⑳])"),
+    "wrapped": re.compile(rf"\(({_NUM})\)"),
+    "paren": re.compile(rf"(?:(?<=\s)|^)({_NUM})\)"),
 }
-MIN_OPTIONS = 2
+MIN_OPTIONS = 2  # options in a run, and options with text in it
+# C0 controls except tab/LF/CR, DEL and C1; the line-separator ones among them become newlines
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_LINE_CONTROLS = "\x0b\x0c\x1c\x1d\x1e\x85"
 QUESTION_CUES = re.compile(r"(\?|것은|것을|고르|옳|틀린|아닌|무엇|해당하는|적절한)")
 
 
@@ -61,7 +75,9 @@ def _number(marker: str) -> int:
 
 
 def _trailing_option_block(lines: list[str]) -> tuple[int, dict[str, str], str] | None:
-    """(index where options start, options, style) for the last consecutive 1..n marker run."""
+    """(index where options start, options, style) for the last consecutive 1..n marker run (blank lines
+    between options allowed) with at least MIN_OPTIONS options, MIN_OPTIONS of them with text (a run of
+    bare numbers is no question)."""
     best = None
     for style, pattern in _LINE_MARKERS.items():
         end = len(lines)
@@ -71,18 +87,22 @@ def _trailing_option_block(lines: list[str]) -> tuple[int, dict[str, str], str] 
         i = end - 1
         expected = None
         while i >= 0:
+            if options and not lines[i].strip():  # a blank line between two options
+                i -= 1
+                continue
             m = pattern.match(lines[i])
             if not m:
                 break
             num = _number(m.group(1))
             if expected is not None and num != expected:
                 break
-            options.insert(0, (num, m.group(2).strip()))
+            options.insert(0, (num, (m.group(2) or "").strip()))
             expected = num - 1
             i -= 1
             if num == 1:
                 break
-        if options and options[0][0] == 1 and len(options) >= MIN_OPTIONS:
+        if options and options[0][0] == 1 and len(options) >= MIN_OPTIONS \
+                and sum(bool(text) for _, text in options) >= MIN_OPTIONS:
             start = i + 1
             if best is None or start < best[0]:
                 best = (start, {str(n): text for n, text in options}, style)
@@ -110,12 +130,30 @@ def _inline_options(line: str) -> tuple[str, dict[str, str]] | None:
     return None
 
 
+def split_lines(text: str) -> list[str]:
+    """The lines of `text` with CRLF, CR alone, LF and the other Unicode line breaks all ending a line."""
+    return text.splitlines()
+
+
+def strip_control(text: str) -> tuple[str, int]:
+    """(text without control characters, how many there were); the line-separator controls become
+    newlines, the rest (NUL, ESC, DEL, C1, ...) are removed. Tab, LF and CR stay."""
+    found = len(CONTROL_CHARS.findall(text))
+    if not found:
+        return text, 0
+    return CONTROL_CHARS.sub(lambda m: "\n" if m.group(0) in _LINE_CONTROLS else "", text), found
+
+
 def classify_question(question_id: str, text: str) -> ClassifiedQuestion:
     """Parse one question. Confidence drops when the evidence for options is weak (no question
-    cue in the stem, only two options, or options found inline)."""
+    cue in the stem, only two options, an empty option, or options found inline). The stem and
+    options never hold control characters (`original_text` stays as given: it keys the cache)."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"question {question_id!r}: empty question text")
-    lines = text.strip().replace("\r\n", "\n").split("\n")
+    cleaned, _ = strip_control(text)
+    lines = split_lines(cleaned.strip())
+    if not "".join(lines).strip():
+        raise ValueError(f"question {question_id!r}: empty question text (only control characters)")
     block = _trailing_option_block(lines)
     if block and block[0] == 0 and len(block[1]) >= 3:
         raise ValueError(f"question {question_id!r}: options ({len(block[1])} lines '1 ...') but no question stem before them")
@@ -127,6 +165,8 @@ def classify_question(question_id: str, text: str) -> ClassifiedQuestion:
             confidence -= 0.3
         if len(options) < 3:
             confidence -= 0.3
+        if not all(options.values()):
+            confidence -= 0.1
         if confidence >= 0.5:
             return ClassifiedQuestion(question_id, text, "multiple_choice", stem, options, round(confidence, 2))
     inline = _inline_options(lines[-1])
@@ -136,16 +176,55 @@ def classify_question(question_id: str, text: str) -> ClassifiedQuestion:
         if stem:
             confidence = 0.8 if QUESTION_CUES.search(stem) else 0.5
             return ClassifiedQuestion(question_id, text, "multiple_choice", stem, options, confidence)
-    return ClassifiedQuestion(question_id, text, "descriptive", text.strip(), {}, 0.9 if block else 1.0)
+    return ClassifiedQuestion(question_id, text, "descriptive", "\n".join(lines).strip(), {}, 0.9 if block else 1.0)
 
 
-def read_questions_csv(path) -> list[tuple[str, str]]:
-    """(ID, Question) rows of a competition CSV (UTF-8 with or without BOM); errors name the row."""
+def field_size_limit_for(chars: int, maxsize: int | None = None) -> int:
+    """The csv field-size limit that admits every field of a text of `chars` characters (no field is
+    longer than the whole text), never below csv's default 131072 and capped at `maxsize`."""
+    import sys
+
+    return min(max(chars + 1, 131072), sys.maxsize if maxsize is None else maxsize)
+
+
+def _set_field_size_limit(limit: int) -> None:
     import csv
+
+    try:
+        csv.field_size_limit(limit)
+    except OverflowError:  # a 32-bit C long (Windows): the largest it takes
+        csv.field_size_limit(field_size_limit_for(limit, 2**31 - 1))
+
+
+def _id_shape(qid: str):
+    """A pattern for IDs shaped like `qid` (digit runs generalised: TEST_003 -> TEST_[0-9]+) followed
+    by a comma, i.e. a CSV row start; None when `qid` has no letter (plain numbers are too common)."""
+    if not re.search(r"[^\W\d_]", qid) or not re.search(r"\d", qid):
+        return None
+    return re.compile("^" + re.sub(r"\d+", "[0-9]+", re.escape(qid)) + ",")
+
+
+def read_question_rows(path) -> list[tuple[int, str, str]]:
+    """(line, ID, Question) rows of a competition CSV (UTF-8 with or without BOM, or cp949 with a
+    warning), `line` being the physical line the row starts on (a quoted Question spans several).
+
+    Strict: a quoting error, an unterminated quote, a row with more fields than the header, a
+    quoted field holding a line that starts like another row (``TEST_004,``: an unterminated quote
+    closed by a later one), an empty/duplicate ID or empty Question, and a directory or unreadable
+    path are ValueErrors naming the file and row. Fields may be as long as the file."""
+    import csv
+    import io
     from pathlib import Path
 
     path = Path(path)
-    raw = path.read_bytes()
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; expected a CSV file with columns ID,Question")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -155,26 +234,71 @@ def read_questions_csv(path) -> list[tuple[str, str]]:
         except UnicodeDecodeError:
             raise ValueError(f"{path}: not UTF-8 (with or without BOM) nor cp949 text") from None
         log.warning("%s: read as cp949 (not UTF-8)", path)
-    import io
 
-    with io.StringIO(text, newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"ID", "Question"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; expected ID,Question (got {reader.fieldnames})")
-        rows = []
-        for lineno, row in enumerate(reader, start=2):
-            if not (row.get("ID") or "").strip() or not (row.get("Question") or "").strip():
-                raise ValueError(f"{path}: row {lineno} has an empty ID or Question")
-            rows.append((row["ID"].strip(), row["Question"]))
-    ids = [r[0] for r in rows]
-    if len(set(ids)) != len(ids):
-        seen, dup = set(), []
-        for lineno, i in enumerate(ids, start=2):
-            if i in seen:
-                dup.append(f"{i!r} (row {lineno})")
-            seen.add(i)
+    old_limit = csv.field_size_limit()
+    _set_field_size_limit(field_size_limit_for(len(text)))  # csv's default stops at 128 K characters
+    records: list[tuple[int, list[str]]] = []
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    start = 1
+    try:
+        for row in reader:
+            if row:  # blank lines are no rows (as csv.DictReader has it)
+                records.append((start, row))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        if "unexpected end of data" in str(e):
+            raise ValueError(f"{path}: row {start}: unterminated quoted field: a '\"' opened in the row starting on "
+                             f"line {start} is never closed (it runs to the end of the file, line {reader.line_num})"
+                             ) from None
+        raise ValueError(f"{path}: row {start}: malformed CSV ({e}; at line {reader.line_num}); quote a Question that "
+                         "holds commas, quotes or newlines, doubling the quotes inside it") from None
+    finally:
+        csv.field_size_limit(old_limit)
+    if not records:
+        raise ValueError(f"{path}: no questions (empty file)")
+    header = records[0][1]
+    missing = {"ID", "Question"} - set(header)
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {sorted(missing)}; expected ID,Question (got {header})")
+    id_col, q_col = header.index("ID"), header.index("Question")
+    rows: list[tuple[int, str, str]] = []
+    for lineno, row in records[1:]:
+        if len(row) > len(header):
+            raise ValueError(f"{path}: row {lineno}: {len(row)} fields but the header has {len(header)} (an unquoted comma"
+                             " in the Question?); quote the field")
+        raw_id = row[id_col] if id_col < len(row) else ""
+        question = row[q_col] if q_col < len(row) else ""
+        _, bad = strip_control(raw_id)  # before strip(), which would drop some of them (FS, GS, RS) silently
+        if bad:
+            raise ValueError(f"{path}: row {lineno}: ID {raw_id!r} contains {bad} control character(s); an ID must be "
+                             "exactly what the grader expects, so it is not cleaned")
+        qid = raw_id.strip()
+        question, bad = strip_control(question)
+        if bad:
+            log.warning("%s: row %d (ID %s): removed %d control character(s) from the Question", path, lineno, qid, bad)
+        if not qid or not question.strip():
+            raise ValueError(f"{path}: row {lineno} has an empty ID or Question")
+        shape = _id_shape(qid)
+        if shape is not None and "\n" in question:
+            for k, line in enumerate(question.split("\n")[1:], start=1):
+                if shape.match(line):
+                    raise ValueError(f"{path}: row {lineno}: the Question holds a line that starts like a row "
+                                     f"({line[:30]!r}, line {lineno + k}): an unterminated quote probably merged "
+                                     "the rows after it")
+        rows.append((lineno, qid, question))
+    seen: set[str] = set()
+    dup = []
+    for lineno, qid, _ in rows:
+        if qid in seen:
+            dup.append(f"{qid!r} (row {lineno})")
+        seen.add(qid)
+    if dup:
         raise ValueError(f"{path}: duplicate IDs {', '.join(dup[:5])}; every ID must appear once")
     if not rows:
         raise ValueError(f"{path}: no questions")
     return rows
+
+
+def read_questions_csv(path) -> list[tuple[str, str]]:
+    """(ID, Question) rows of a competition CSV; see `read_question_rows`."""
+    return [(qid, question) for _, qid, question in read_question_rows(path)]

@@ -94,11 +94,14 @@ def choice_confidence(scores: np.ndarray) -> tuple[int, float]:
     return best, float(p[best])
 
 
+# option numbers 1..99 (a question may have 10+ options) and circled ①..⑳, never part of a longer number
+_NUM = r"(?<!\d)([1-9][0-9]?|[①-⑳])(?!\d)"
 _ANSWER_PATTERNS = [
-    re.compile(r"정답\s*(?:은|는|:|：)?\s*(?:번호\s*)?[\(\[]?\s*([1-9①-⑨])"),
-    re.compile(r"(?:answer|Answer|ANSWER)\s*(?:is|:)?\s*[\(\[]?([1-9])"),
-    re.compile(r"([1-9①-⑨])\s*번(?:이|입니다|이다|\b)"),
+    re.compile(r"정답\s*(?:은|는|:|：)?\s*(?:번호\s*)?[\(\[]?\s*" + _NUM),
+    re.compile(r"(?:answer|Answer|ANSWER)\s*(?:is|:)?\s*[\(\[]?" + _NUM),
+    re.compile(_NUM + r"\s*번(?:이|입니다|이다|\b)"),
 ]
+_CIRCLED = "①②③④⑤⑥⑦⑧⑨⑩⑪⑫⑬⑭⑮⑯⑰⑱⑲⑳"
 
 
 def parse_choice(text: str, n: int) -> Optional[int]:
@@ -108,17 +111,16 @@ def parse_choice(text: str, n: int) -> Optional[int]:
     first), then a text that is only a number."""
     if not text:
         return None
-    circled = "①②③④⑤⑥⑦⑧⑨"
 
     def value(tok: str) -> int:
-        return circled.index(tok) + 1 if tok in circled else int(tok)
+        return _CIRCLED.index(tok) + 1 if tok in _CIRCLED else int(tok)
 
     for pattern in _ANSWER_PATTERNS:
         found = [value(m.group(1)) for m in pattern.finditer(text)]
         found = [v for v in found if 1 <= v <= n]
         if found:
             return found[-1]
-    m = re.fullmatch(r"\s*[\(\[]?([1-9])[\)\].]?\s*", text)
+    m = re.fullmatch(r"\s*[\(\[]?([1-9][0-9]?)[\)\].]?\s*", text)
     if m and 1 <= int(m.group(1)) <= n:
         return int(m.group(1))
     return None

@@ -3,6 +3,19 @@ circuit breaker, a whole-run time budget, the cache, and incremental (resumable)
 
 The fallback always asks the SAME model again (no context, one option order, a shorter answer):
 answers must come from the LLM, so there is no fixed fallback string.
+
+One question never ends the run. Each answer records its `path`:
+- primary: the configured path (context, every option order, ...). A question too long for the
+  model is cut to fit first (`truncated`, see fsku.infer.answer) and still asked.
+- fallback: the primary failed (error, time limit, open circuit breaker) or the run is over its
+  time budget: the same model without context, one option order (`used_fallback`, `error`).
+- minimal: the fallback failed too: the same model once more with the shortest prompt (no worked
+  examples, the stem cut hard, options clipped).
+- none: even that failed. The record says so (`error` names every failure, confidence 0) and holds
+  an empty descriptive answer, or for multiple choice option 1 (`placeholder_answer`): not the
+  model's choice, a fixed stated rule, only so that the submission still validates.
+Errors name the question ID in the log. The same question text under several IDs is answered once
+per run; the other IDs get a copy (`duplicate_of`).
 """
 from __future__ import annotations
 
@@ -89,7 +102,8 @@ class Orchestrator:
         self.kb_version = kb_version(answerer.kb if cfg.use_context else None)
         self.model_tag = digest(answerer.llm.fingerprint(), 12)
         self.cfg_hash = answer_config_hash(cfg)
-        self.stats = {"fallback": 0, "timeouts": 0, "errors": 0, "breaker_opened": 0, "cache_hits": 0, "budget_fast": 0}
+        self.stats = {"fallback": 0, "timeouts": 0, "errors": 0, "breaker_opened": 0, "cache_hits": 0, "budget_fast": 0,
+                      "fallback_errors": 0, "unanswered": 0, "truncated": 0, "duplicates": 0, "retrieval_errors": 0}
 
     def fingerprint(self, input_sha256: str) -> dict:
         return {"input_sha256": input_sha256, "kb": self.kb_version, "model": self.answerer.llm.fingerprint(),
@@ -111,27 +125,47 @@ class Orchestrator:
                 self.cache.set(keys[i], [[h.to_dict() for h in hits], terms])
         return out
 
+    def _fallback(self, q: ClassifiedQuestion, hits: list, terms: int, errors: list[str]) -> Answer:
+        """The fallback, then the last resort, then a recorded failure: an answer for `q` whatever happens."""
+        try:
+            return self.answerer.answer(q, hits, fast=True, query_terms=terms)
+        except Exception as e:  # one question must never end the run
+            self.stats["fallback_errors"] += 1
+            errors.append(f"fallback: {_describe(e)}")
+            log.warning("%s: fallback failed (%s); re-asking the same model with the shortest prompt", q.question_id,
+                        _describe(e), exc_info=not isinstance(e, EXPECTED))
+        try:
+            return self.answerer.answer(q, [], fast=True, minimal=True, query_terms=terms)
+        except Exception as e:
+            errors.append(f"shortest prompt: {_describe(e)}")
+            log.error("%s: no attempt of the model gave an answer (%s); recording the failure with a placeholder "
+                      "answer", q.question_id, "; ".join(errors), exc_info=not isinstance(e, EXPECTED))
+        self.stats["unanswered"] += 1
+        return placeholder_answer(q)
+
     def answer_one(self, q: ClassifiedQuestion, hits: list, terms: int, fast: bool = False) -> Answer:
         key = make_key("answer", kb=self.kb_version, model=self.model_tag, cfg=self.cfg_hash, q=digest(q.original_text))
         if not fast:
             cached = self.cache.get(key)
-            if cached is not None:
+            if cached is not None and cached.get("question_type") == q.question_type:
                 self.stats["cache_hits"] += 1
                 # keyed by the question's text: the same text under another ID gets the answer, not the ID
-                return Answer(**{**cached, "ID": q.question_id, "inference_time": 0.0})
+                return Answer.from_record({**cached, "ID": q.question_id, "inference_time": 0.0})
         t0 = self.clock()
         a: Optional[Answer] = None
-        error = ""
+        errors: list[str] = []
         if not fast and self.breaker.allow_primary():
             try:
                 a = self.answerer.answer(q, hits, deadline=t0 + self.cfg.time_limit_s, query_terms=terms)
                 self.breaker.record_success()
             except TimeoutError as e:
-                error = f"time limit {self.cfg.time_limit_s:g}s exceeded ({e})"
+                errors.append(f"time limit {self.cfg.time_limit_s:g}s exceeded ({e})")
                 self.stats["timeouts"] += 1
-            except (RuntimeError, ValueError, MemoryError) as e:
-                error = f"{type(e).__name__}: {e}"
+            except Exception as e:  # one question must never end the run
+                errors.append(_describe(e))
                 self.stats["errors"] += 1
+                if not isinstance(e, EXPECTED):
+                    log.warning("%s: unexpected error on the primary path", q.question_id, exc_info=True)
             if a is None:
                 was_open = self.breaker.state is BreakerState.OPEN
                 self.breaker.record_failure()
@@ -139,45 +173,108 @@ class Orchestrator:
                     self.stats["breaker_opened"] += 1
                     log.warning("circuit breaker OPEN after %d failures; next %d questions use the fallback",
                                 self.cfg.breaker_failures, self.cfg.breaker_cooldown)
-                log.warning("%s: primary path failed (%s); re-asking the same model without context", q.question_id, error)
+                log.warning("%s: primary path failed (%s); re-asking the same model without context", q.question_id,
+                            errors[-1])
         elif not fast:
-            error = "circuit breaker open"
+            errors.append("circuit breaker open")
         if a is None:
-            a = self.answerer.answer(q, hits, fast=True, query_terms=terms)
-            a.error = error
+            a = self._fallback(q, hits, terms, errors)
+            a.used_fallback = True
+            a.error = "; ".join(errors) if a.path != "none" else "; ".join(errors + [a.error])
             self.stats["fallback"] += 1
+        if a.truncated:
+            self.stats["truncated"] += 1
         a.inference_time = round(self.clock() - t0, 3)
-        if not a.used_fallback:
+        # a cut question's answer depends on max_model_len, which is not in the key: not cached
+        if not a.used_fallback and not a.truncated:
             self.cache.set(key, a.to_record())
         return a
 
+    def _retrieve_safely(self, batch: Sequence[ClassifiedQuestion]) -> list[tuple[list, int]]:
+        """`_retrieve`, one question at a time when the batch fails: a question whose retrieval fails is
+        answered without context (logged), never the end of the run."""
+        try:
+            return self._retrieve(batch)
+        except Exception as e:
+            log.warning("retrieval failed for a batch of %d (%s); retrying one question at a time", len(batch),
+                        _describe(e))
+        out = []
+        for q in batch:
+            try:
+                out.extend(self._retrieve([q]))
+            except Exception as e:
+                self.stats["retrieval_errors"] += 1
+                log.warning("%s: retrieval failed (%s); answering without context", q.question_id, _describe(e))
+                out.append(([], 1))
+        return out
+
     def run(self, questions: Sequence[ClassifiedQuestion], results: ResultLog, progress: bool = True) -> list[dict]:
-        """Answer every question not yet in `results`; returns the records in input order."""
+        """Answer every question not yet in `results`; returns the records in input order. A question
+        text asked again (under another ID) is answered once: the later IDs get a copy of the first
+        one's record (`duplicate_of`, inference_time 0), with or without the cache."""
         from tqdm.auto import tqdm
 
         todo = [q for q in questions if q.question_id not in results.done]
         if len(todo) < len(questions):
             log.info("resuming: %d of %d questions already answered in %s", len(questions) - len(todo), len(questions),
                      results.path)
+        first: dict[str, str] = {}  # question text -> the ID that asks it first
+        for q in questions:
+            first.setdefault(q.original_text, q.question_id)
+        ask = [q for q in todo if first[q.original_text] == q.question_id]
+        twins: dict[str, list[ClassifiedQuestion]] = {}
+        for q in todo:
+            if first[q.original_text] != q.question_id:
+                twins.setdefault(q.original_text, []).append(q)
+        bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc="answering", unit="q", disable=not progress)
+
+        def write_twins(text: str, record: dict) -> None:
+            for t in twins.pop(text, []):
+                results.append({**record, "ID": t.question_id, "inference_time": 0.0, "duplicate_of": record["ID"]})
+                self.stats["duplicates"] += 1
+                bar.update(1)
+
+        for text in list(twins):  # their first ID was answered before a resume
+            if first[text] in results.done:
+                write_twins(text, results.done[first[text]])
         budget_s = self.cfg.time_budget_min * 60
         start = self.clock()
         answered = 0
-        bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc="answering", unit="q", disable=not progress)
         bs = max(1, self.cfg.batch_size)
-        for b in range(0, len(todo), bs):
-            batch = todo[b:b + bs]
-            retrieved = self._retrieve(batch)
+        for b in range(0, len(ask), bs):
+            batch = ask[b:b + bs]
+            retrieved = self._retrieve_safely(batch)
             for q, (hits, terms) in zip(batch, retrieved, strict=True):
                 elapsed = self.clock() - start
-                remaining = len(todo) - answered
+                remaining = len(ask) - answered
                 # project the finish from the mean so far; past the budget, keep answering on the fast path
                 fast = answered > 0 and elapsed + remaining * (elapsed / answered) > budget_s
                 if fast:
                     self.stats["budget_fast"] += 1
-                a = self.answer_one(q, hits, terms, fast=fast)
-                results.append(a.to_record())
+                record = self.answer_one(q, hits, terms, fast=fast).to_record()
+                results.append(record)
                 answered += 1
                 bar.update(1)
+                write_twins(q.original_text, record)
                 bar.set_postfix(fallback=self.stats["fallback"], breaker=self.breaker.state.value)
         bar.close()
         return [results.done[q.question_id] for q in questions]
+
+
+EXPECTED = (RuntimeError, ValueError, MemoryError, TimeoutError)  # what a model call is known to raise
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def placeholder_answer(q: ClassifiedQuestion) -> Answer:
+    """The record of a question no attempt of the model answered (path 'none', confidence 0, error set):
+    an empty descriptive answer (valid, scores 0), or for multiple choice option 1, the lowest number.
+    Not the model's choice and not presented as one: a fixed, stated rule, because a submission must
+    hold a valid option for every multiple-choice ID, and any other fixed rule would pretend to know."""
+    mc = q.question_type == "multiple_choice"
+    answer = min(q.choices, key=int) if mc else ""
+    note = "no model answer: " + (f"option {answer} written by rule so the submission validates" if mc
+                                  else "empty answer written")
+    return Answer(q.question_id, answer, q.question_type, 0.0, used_fallback=True, path="none", error=note)

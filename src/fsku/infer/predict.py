@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import InferConfig
-from .classify import ClassifiedQuestion, classify_question, read_questions_csv
+from ..outputs import check_not_input
+from .classify import ClassifiedQuestion, classify_question, read_question_rows
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class PredictResult:
 
 def classify_file(path: str | Path) -> list[ClassifiedQuestion]:
     out = []
-    for lineno, (qid, text) in enumerate(read_questions_csv(path), start=2):
+    for lineno, qid, text in read_question_rows(path):  # lineno: the physical line the row starts on
         try:
             out.append(classify_question(qid, text))
         except ValueError as e:
@@ -89,6 +90,20 @@ def validate_submission(submission: str | Path, test: str | Path) -> list[str]:
     return problems
 
 
+def partial_path(out_csv: str | Path) -> Path:
+    """Where predict keeps finished rows while it runs: <out>.partial.jsonl."""
+    return Path(str(out_csv) + ".partial.jsonl")
+
+
+def check_outputs(input_csv: str | Path, out_csv: str | Path, partial: Optional[str | Path] = None,
+                  kb: Optional[str] = None, model: Optional[str] = None) -> None:
+    """Refuse (OutputRefused, a ValueError) a submission or partial file that would overwrite the test
+    file, or land inside the KB or model folder; called before anything loads."""
+    inputs = {"--input": input_csv, "--kb": kb, "--model": model}
+    check_not_input(out_csv, inputs, "--out")
+    check_not_input(Path(partial) if partial else partial_path(out_csv), inputs, f"--out's partial file (of {out_csv})")
+
+
 def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -103,6 +118,7 @@ def predict(cfg: InferConfig, input_csv: str | Path, out_csv: str | Path, restar
     from .answer import Answerer
     from .orchestrate import Orchestrator
 
+    check_outputs(input_csv, out_csv, partial, cfg.kb, cfg.model)
     questions = classify_file(input_csv)
     t0 = time.perf_counter()
     if llm is None:
@@ -113,7 +129,7 @@ def predict(cfg: InferConfig, input_csv: str | Path, out_csv: str | Path, restar
         kb = KnowledgeBase.load(cfg.kb)
     cache = AnswerCache(cfg.cache_dir)
     orch = Orchestrator(Answerer(llm, cfg, kb), cfg, cache)
-    partial = Path(partial) if partial else Path(str(out_csv) + ".partial.jsonl")
+    partial = Path(partial) if partial else partial_path(out_csv)
     results = ResultLog(partial, orch.fingerprint(file_sha256(input_csv)), restart=restart)
     t1 = time.perf_counter()
     records = orch.run(questions, results, progress=progress)

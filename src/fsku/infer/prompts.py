@@ -8,7 +8,9 @@ from typing import Sequence
 
 from ..choices import MC_STYLES, MCStyle  # noqa: F401  (the table lives on the ground floor)
 
-PROMPT_VERSION = "2026-11-24.1"
+# .2: questions with 10+ options, empty options and CR line endings became multiple choice (the
+# cache is keyed by question text: an answer cached when they were descriptive must not be served)
+PROMPT_VERSION = "2026-11-24.2"
 SPLIT = "\u2063FSKU_SPLIT\u2063"  # an invisible sentinel, removed before tokenisation
 
 SYSTEM = ("당신은 한국의 금융보안·정보보호 법령과 가이드라인에 정통한 전문가입니다. "
@@ -58,6 +60,52 @@ def mc_style(name: str) -> MCStyle:
     if name not in MC_STYLES:
         raise ValueError(f"unknown multiple-choice prompt style {name!r}; expected one of {sorted(MC_STYLES)}")
     return MC_STYLES[name]
+
+
+# -- fitting a long question into the model's window (token counts in, allowances out)
+MIN_STEM_TOKENS = 64  # the stem keeps at least this much (or all of it) before options are clipped
+HEAD_SHARE = 1 / 3  # of a clipped stem: a third from its start, two thirds from its end (nearest the options)
+STEM_GAP = " …(중략)… "  # marks where a clipped stem was cut
+
+
+def allocate_tokens(stem: int, options: Sequence[int], budget: int, min_stem: int = MIN_STEM_TOKENS
+                    ) -> tuple[int, list[int]]:
+    """(tokens for the stem, tokens per option) so that a question of `stem` + `options` tokens fits
+    `budget`. Everything fits: unchanged. Else the stem is cut first: the options stay whole while they
+    leave it min(stem, min_stem). Only options that alone exceed that are clipped, by water-filling:
+    one cap for all, the largest with sum(min(length, cap)) <= what is left, so short options stay
+    whole and only the long ones shrink. ValueError when the budget cannot give each option a token."""
+    options = list(options)
+    if stem < 0 or min(options, default=0) < 0:
+        raise ValueError("token counts must be >= 0")
+    if stem + sum(options) <= budget:
+        return stem, options
+    if budget < len(options) + (0 if options else 1):
+        raise ValueError(f"a budget of {budget} tokens cannot hold {len(options)} options and a stem")
+    floor = min(stem, min_stem, budget - len(options))
+    if sum(options) <= budget - floor:
+        return budget - sum(options), options
+    room = budget - floor
+    lo, hi = 1, max(options)  # sum(min(o, 1)) <= len(options) <= room, so cap 1 always fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(min(o, mid) for o in options) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return floor, [min(o, lo) for o in options]
+
+
+def keep_ends(seq: Sequence, keep: int, head_share: float = HEAD_SHARE) -> tuple[Sequence, Sequence]:
+    """(start, end) of `seq` holding `keep` items together: floor(keep * head_share) from the start, the
+    rest from the end; (seq, []) when it is no longer than `keep`."""
+    if keep < 0:
+        raise ValueError("keep must be >= 0")
+    if len(seq) <= keep:
+        return seq, seq[:0]
+    head = int(keep * head_share)
+    tail = keep - head
+    return seq[:head], seq[len(seq) - tail:]
 
 
 def _options_block(options: Sequence[str], instruction: str) -> str:
@@ -112,6 +160,7 @@ _LEADS = re.compile(r"^\s*(?:답변|답|정답|응답|A|Answer)\s*[:：]\s*", re
 _CHAT_TOKENS = re.compile(r"<\|[^|>]{1,40}\|>|</?s>|\[/?INST\]|###\s*(?:assistant|user|system)", re.IGNORECASE)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # never into submission.csv
 _SENTENCE = re.compile(r"(?:[^.!?。\n]|\.(?=\d))*(?:[.!?。]+|\n|$)")  # "3.5" is not a sentence end
 
 
@@ -134,9 +183,9 @@ def drop_repeated_sentences(text: str, min_chars: int = 8) -> str:
 
 
 def clean_answer(text: str, question: str = "", truncated: bool = False) -> str:
-    """A descriptive answer without chat tokens, role labels, an echoed question, repeated sentences
-    or a cut-off tail."""
-    text = _CHAT_TOKENS.sub(" ", text or "")
+    """A descriptive answer without chat tokens, control characters, role labels, an echoed question,
+    repeated sentences or a cut-off tail."""
+    text = _CONTROL.sub("", _CHAT_TOKENS.sub(" ", text or ""))
     # a model that starts a new turn: keep only the first
     text = re.split(r"\n\s*(?:user|system|assistant|질문)\s*[:：\n]", text, maxsplit=1)[0]
     text = _LEADS.sub("", text.strip())

@@ -8,7 +8,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +155,11 @@ def reflow(lines: list[tuple[int, str]]) -> list[tuple[int, str]]:
 def read_pdf(path: Path, opts: dict) -> RawText:
     import pymupdf
 
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise SkipFile("empty", "0 bytes")
+    if opts.get("max_pdf_bytes") and size > opts["max_pdf_bytes"]:
+        raise SkipFile("too_large", f"{size / 2**20:.1f} MiB > {opts['max_pdf_bytes'] / 2**20:.1f} MiB (max_pdf_mb)")
     try:
         doc = pymupdf.open(path)
     except Exception as exc:  # PyMuPDF raises several types for damaged files
@@ -164,10 +167,20 @@ def read_pdf(path: Path, opts: dict) -> RawText:
     with doc:
         if doc.needs_pass:
             raise SkipFile("encrypted", "password-protected PDF")
-        try:
-            pages = [page.get_text("text").split("\n") for page in doc]
-        except Exception as exc:
-            raise SkipFile("corrupt_pdf", str(exc)[:200]) from None
+        max_pages, max_chars = opts.get("max_pages"), opts.get("max_chars")
+        if max_pages and doc.page_count > max_pages:
+            raise SkipFile("too_many_pages", f"{doc.page_count} pages > max_pages_per_file={max_pages}")
+        pages, n_chars = [], 0
+        for no in range(doc.page_count):
+            try:
+                text = doc[no].get_text("text")
+            except Exception as exc:
+                raise SkipFile("corrupt_pdf", str(exc)[:200]) from None
+            n_chars += len(text)
+            if max_chars and n_chars > max_chars:  # stop reading: the whole file is skipped anyway
+                raise SkipFile("too_many_chars", f"over {max_chars} characters by page {no + 1} of {doc.page_count} "
+                                                 f"(max_chars_per_file)")
+            pages.append(text.split("\n"))
         title = (doc.metadata or {}).get("title") or ""
     pages = strip_running_lines(pages)
     lines = reflow([(no, ln) for no, page in enumerate(pages, start=1) for ln in page])
@@ -228,26 +241,50 @@ def read_plain(path: Path, opts: dict) -> RawText:
 
 
 # ----------------------------------------------------------------------------- structured -> prose
-def render_record(record, prefix: str = "") -> list[str]:
+class Budget:
+    """What a structured reader may still produce from one file: rendered characters (`max_chars`)
+    and record sections (`max_records`; each section becomes at least one chunk). Checked while
+    rendering, so a small file that expands (10,000 tiny records, long key paths repeated on every
+    line) is rejected before its text and chunks exist in memory."""
+
+    def __init__(self, opts: dict):
+        self.max_chars, self.max_records = opts.get("max_chars"), opts.get("max_records")
+        self.chars = self.records = 0
+
+    def line(self, text: str) -> str:
+        self.chars += len(text) + 1
+        if self.max_chars and self.chars > self.max_chars:
+            raise SkipFile("too_many_chars", f"rendered text over {self.max_chars} characters (max_chars_per_file)")
+        return text
+
+    def record(self, n_records: int) -> None:
+        self.records += 1
+        if self.max_records and self.records > self.max_records:
+            raise SkipFile("too_many_chunks", f"{n_records} records, each its own chunk > max_chunks_per_file="
+                                              f"{self.max_records}")
+
+
+def render_record(record, prefix: str = "", budget: Optional[Budget] = None) -> list[str]:
     """Render a JSON-like record as readable 'field: value' lines (nested keys joined with ' > ')."""
+    budget = budget or Budget({})
     lines: list[str] = []
     if isinstance(record, dict):
         for key, value in record.items():
             label = f"{prefix} > {key}" if prefix else str(key)
             if isinstance(value, (dict, list)):
-                lines.extend(render_record(value, label))
+                lines.extend(render_record(value, label, budget))
             elif value is not None and str(value).strip():
-                lines.append(f"{label}: {str(value).strip()}")
+                lines.append(budget.line(f"{label}: {str(value).strip()}"))
     elif isinstance(record, list):
         if all(not isinstance(v, (dict, list)) for v in record):
             vals = [str(v).strip() for v in record if v is not None and str(v).strip()]
             if vals:
-                lines.append(f"{prefix}: {', '.join(vals)}" if prefix else ", ".join(vals))
+                lines.append(budget.line(f"{prefix}: {', '.join(vals)}" if prefix else ", ".join(vals)))
         else:
             for value in record:
-                lines.extend(render_record(value, prefix))
+                lines.extend(render_record(value, prefix, budget))
     elif record is not None and str(record).strip():
-        lines.append(f"{prefix}: {record}" if prefix else str(record))
+        lines.append(budget.line(f"{prefix}: {record}" if prefix else str(record)))
     return lines
 
 
@@ -259,14 +296,20 @@ def _title_of(record) -> str:
     return ""
 
 
-def render_records(records: list, heading: str) -> str:
-    """Records -> markdown sections (one per record) so each becomes its own chunk."""
+def render_records(records: list, heading: str, budget: Optional[Budget] = None) -> str:
+    """Records -> markdown sections (one per record) so each becomes its own chunk. A list of plain
+    values (numbers, strings) is one block of lines instead: a section per value made a chunk per
+    value (a 59 KB array of 10,000 numbers became 10,000 chunks)."""
+    budget = budget or Budget({})
+    if all(not isinstance(rec, (dict, list)) for rec in records):
+        return "\n".join(budget.line(str(rec).strip()) for rec in records if rec is not None and str(rec).strip())
     parts = []
     for i, rec in enumerate(records, start=1):
         name = _title_of(rec) or f"{heading} {i}"
-        body = "\n".join(render_record(rec))
+        body = "\n".join(render_record(rec, budget=budget))
         if body:
-            parts.append(f"## {name}\n{body}")
+            budget.record(len(records))
+            parts.append(budget.line(f"## {name}") + "\n" + body)
     return "\n\n".join(parts)
 
 
@@ -277,18 +320,19 @@ def read_json(path: Path, opts: dict) -> RawText:
     except json.JSONDecodeError as exc:
         raise SkipFile("parse_error", f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     title = ""
+    budget = Budget(opts)
     if isinstance(data, dict):
         title = _title_of(data)
         lists = [v for v in data.values() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
         records = lists[0] if len(lists) == 1 else [data]
         if len(lists) == 1:
             meta = {k: v for k, v in data.items() if not isinstance(v, list)}
-            head = "\n".join(render_record(meta))
-            text = (head + "\n\n" if head else "") + render_records(records, path.stem)
+            head = "\n".join(render_record(meta, budget=budget))
+            text = (head + "\n\n" if head else "") + render_records(records, path.stem, budget)
         else:
-            text = render_records(records, path.stem)
+            text = render_records(records, path.stem, budget)
     elif isinstance(data, list):
-        text = render_records(data, path.stem)
+        text = render_records(data, path.stem, budget)
     else:
         text = str(data)
     if not text.strip():
@@ -310,7 +354,7 @@ def read_jsonl(path: Path, opts: dict) -> RawText:
         log.warning("%s: skipped %d malformed JSONL line(s): %s", path, len(bad), "; ".join(bad[:5]))
     if not records:
         raise SkipFile("parse_error", "no valid JSON line" + (f" ({bad[0]})" if bad else ""))
-    text = render_records(records, path.stem)
+    text = render_records(records, path.stem, Budget(opts))
     if not text.strip():
         raise SkipFile("no_text", "JSONL without text values")
     return RawText(text=text)
@@ -351,17 +395,18 @@ def read_xml(path: Path, opts: dict) -> RawText:
     children = [c for c in root if isinstance(c.tag, str)]
     tags = Counter(c.tag for c in children)
     title = ""
+    budget = Budget(opts)
     if children and tags.most_common(1)[0][1] > 1:  # repeated child elements are records
         rec_tag = tags.most_common(1)[0][0]
         records = [_xml_to_obj(c) for c in children if c.tag == rec_tag]
         meta = {c.tag: _xml_to_obj(c) for c in children if c.tag != rec_tag}
         title = meta.get("title", "") if isinstance(meta.get("title"), str) else ""
-        head = "\n".join(render_record(meta))
-        text = (head + "\n\n" if head else "") + render_records(records, rec_tag)
+        head = "\n".join(render_record(meta, budget=budget))
+        text = (head + "\n\n" if head else "") + render_records(records, rec_tag, budget)
     else:
         obj = _xml_to_obj(root)
         title = _title_of(obj)
-        text = "\n".join(render_record(obj))
+        text = "\n".join(render_record(obj, budget=budget))
     if not text.strip():
         raise SkipFile("no_text", "XML without text")
     return RawText(text=text, title=title)

@@ -106,14 +106,14 @@ def step_main(argv: list[str] | None, cls, prog: str, doc: str | None, run_step:
     """The `main` of every step: flags -> config -> ``run_step(cfg, progress=...)`` -> the lines of
     ``report(cfg, result)`` on stdout, 0; an expected error (bad input, missing file) -> "error: ..."
     on stderr, 2, no traceback."""
-    from . import STEP_ERRORS
+    from . import STEP_ERRORS, error_line
 
     a = parse_step_args(argv, cls, prog, doc, progress_flag=True)
     try:
         cfg = config_from_namespace(a, cls)
         result = run_step(cfg, progress=not a.no_progress)
     except STEP_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     for line in report(cfg, result):
         print(line)

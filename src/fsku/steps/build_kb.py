@@ -7,7 +7,8 @@ Usage:
     mlflow run . -e build_kb --env-manager local -P corpus=data/sample_corpus [-P chunk_size=480 ...]
 
 Output artifact: the KB folder (see fsku.kb), logged under `kb/` and registered as the
-pyfunc model `fsku-kb` (predict: questions -> ranked hits).
+pyfunc model `fsku-kb` (predict: questions -> ranked hits). Files not ingested are listed in the
+KB's skipped.jsonl and counted in the metrics `skipped_<reason>` (fsku.ingest.SKIP_REASONS).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from .. import tracking
 from ..config import BuildKBConfig
 from ..evaluate.retrieval import evaluate_retrieval
+from ..ingest import SKIP_REASONS
 from ..kb import build_knowledge_base
 from .args import step_main
 
@@ -50,6 +52,9 @@ def run_step(cfg: BuildKBConfig, progress: bool = True) -> dict:
         kb, stats = build_knowledge_base(cfg, progress=progress)
         metrics = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
         metrics.update({f"seconds_{k}": v for k, v in stats["timings"].items()})
+        # every known reason, 0 included: "no link left the corpus" is then a recorded fact that runs can be
+        # compared and searched on (metrics.skipped_symlink_outside_corpus > 0), not a missing metric
+        metrics.update({f"skipped_{k}": 0 for k in SKIP_REASONS})
         metrics.update({f"skipped_{k}": v for k, v in stats["skipped_by_reason"].items()})
         tracking.log_metrics(metrics)
         result = {"run_id": active.info.run_id, "kb": str(Path(cfg.out).resolve()), "stats": stats}

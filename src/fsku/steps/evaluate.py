@@ -107,9 +107,14 @@ def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
     from ..evaluate.fsku_metric import embedding_cosine, fsku_score
     from ..evaluate.text_metrics import text_scores
     from ..infer.predict import predict
+    from ..outputs import check_not_input
 
-    gold = load_gold_sets(cfg.gold)
     out = Path(cfg.out_dir)
+    # out_dir receives test.csv, submission.csv and records.jsonl: it must not hold (or be inside) what is read
+    check_not_input(out, {"--gold": [p.strip() for p in cfg.gold.split(",")],
+                          "--retrieval-labels": [p.strip() for p in (cfg.retrieval_labels or "").split(",")],
+                          "--kb": cfg.kb, "--model": cfg.model, "--judge-model": cfg.judge_model}, "--out-dir")
+    gold = load_gold_sets(cfg.gold)
     load_s = None
     if llm is None:
         import time

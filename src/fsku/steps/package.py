@@ -37,6 +37,7 @@ from typing import Iterator
 
 from ..config import InferConfig, PackageConfig, PredictConfig, load_recipe
 from ..home import cache_path
+from ..outputs import Marker, begin_staging, check_not_input, check_replaceable, remove_ours, replace_folder
 from ..package import (
     BundleFacts,
     RulePolicy,
@@ -62,6 +63,10 @@ EXCLUDED_CODE = ("steps", "synth", "distill", "tracking.py", "tune.py", "registr
 RUNTIME_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub", "faiss-cpu", "onnx", "onnxruntime",
                     "bm25s", "kiwipiepy", "kiwipiepy_model", "ftfy", "charset-normalizer", "numpy", "pandas", "pyarrow",
                     "scipy", "PyYAML", "tqdm", "sentence-transformers")
+# what proves a folder was written here (so a re-run may replace it): a bundle's manifest, or, before the
+# manifest is written (a run stopped during verification), the bundled fsku code; a virtualenv's pyvenv.cfg
+BUNDLE_MARKERS = ("MANIFEST.json", Marker("code/fsku/__init__.py"))
+VENV_MARKERS = ("pyvenv.cfg",)
 QUANT_PACKAGES = {"int8": ("torchao",), "bnb-8bit": ("bitsandbytes",), "bnb-nf4": ("bitsandbytes",), "gptq": ("gptqmodel",)}
 
 def resolve_folder(uri_or_path: str, marker: str) -> tuple[Path, dict]:
@@ -203,8 +208,7 @@ def verify_bundle(bundle: Path, mode: str, work: Path, wheelhouse: Path | None =
         wheelhouse = wheelhouse or work / "wheelhouse"
         timings["download_s"] = fill_wheelhouse(bundle / "requirements.txt", wheelhouse)
         venv = work / "venv"
-        if venv.exists():
-            shutil.rmtree(venv)
+        remove_ours(venv, VENV_MARKERS, "verification virtualenv")
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         python = str(venv / "bin" / "python")
@@ -237,10 +241,12 @@ def run_step(cfg: PackageConfig, progress: bool = True) -> dict:
     from .. import tracking
 
     out = Path(cfg.out)
-    bundle = out / "bundle"
-    if bundle.exists():
-        shutil.rmtree(bundle)
-    bundle.mkdir(parents=True)
+    final_bundle = out / "bundle"
+    check_not_input(out, {"--model": cfg.model, "--kb": cfg.kb, "--sample-test": cfg.sample_test,
+                          "--settings-recipe": cfg.settings_recipe}, "--out")
+    check_replaceable(out / "verify" / "venv", VENV_MARKERS, "verification virtualenv")
+    # assembled beside the old bundle and swapped in whole; an old bundle is replaced, nothing else is
+    bundle = begin_staging(final_bundle, BUNDLE_MARKERS, "--out bundle folder")
     model_dir, student = resolve_folder(cfg.model, "config.json")
     kb_dir, kb_prov = resolve_folder(cfg.kb, "manifest.json") if cfg.kb else (None, {})
 
@@ -274,6 +280,7 @@ def run_step(cfg: PackageConfig, progress: bool = True) -> dict:
         ".venv/bin/python inference.py --test test.csv --out submission.csv\n```\n\n"
         "One LLM (`model/`), its knowledge base (`kb/`, embedding model under `models/`), offline. "
         "MODEL_CARD.md says where the model comes from; MANIFEST.json holds the sha256 of every file.\n", encoding="utf-8")
+    bundle = replace_folder(bundle, final_bundle, BUNDLE_MARKERS, "--out bundle folder")
 
     network = [f for py in sorted(bundle.rglob("*.py"))
                for f in scan_network_use(py.read_text(encoding="utf-8"), py.relative_to(bundle).as_posix())]

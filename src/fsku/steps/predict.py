@@ -8,8 +8,9 @@ Usage:
 
 --records FILE.jsonl also writes every answer's record (confidence, time, fallback). predict writes
 finished rows to <out>.partial.jsonl as they finish; after a crash or `kill -9` the same command
-resumes without recomputing them (--restart starts over). `fsku validate` and `fsku score` check
-and score a submission.
+resumes without recomputing them (--restart starts over). --out, its partial file and --records
+must not be --input (nor lie inside --kb or --model): refused before the model loads. `fsku validate`
+and `fsku score` check and score a submission.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def run_step(cfg: PredictConfig, progress: bool = True, llm=None, kb=None) -> di
     """Answer cfg.input into cfg.out in one MLflow run (`llm` / `kb`: already loaded ones):
     {"result" (PredictResult), "submission", "stats", "run_id", "tracking_uri"}."""
     from .. import tracking
-    from ..infer.predict import predict
+    from ..infer.predict import check_outputs, predict
 
+    check_outputs(cfg.input, cfg.out, kb=cfg.kb, model=cfg.model)  # before the MLflow run and the model load
     with tracking.run("predict", dataclasses.asdict(cfg), tags={"fsku.model": cfg.model, "fsku.context": cfg.context}) as active:
         result = predict(tracking.resolve_model_fields(cfg, "model", "kb"), cfg.input, cfg.out, restart=cfg.restart,
                          progress=progress, llm=llm, kb=kb)
@@ -48,6 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     extra.add_argument("--records", type=Path)
     known, rest = extra.parse_known_args(argv)
 
+    def run(cfg: PredictConfig, progress: bool = True) -> dict:
+        if known.records:  # refused before answering, not after
+            from ..infer.predict import partial_path
+            from ..outputs import check_not_input
+
+            check_not_input(known.records, {"--input": cfg.input}, "--records")
+            check_not_input(known.records, {"--out": cfg.out, "--out's partial file": partial_path(cfg.out)}, "--records",
+                            missing_too=True)
+        return run_step(cfg, progress=progress)
+
     def report(cfg: PredictConfig, out: dict) -> Iterator[str]:
         result, s = out["result"], out["stats"]
         if known.records:
@@ -57,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                f"answering {s['run_s']:.1f} s)")
         yield "validator: OK"
 
-    return step_main(rest, PredictConfig, "fsku predict", __doc__, run_step, report)
+    return step_main(rest, PredictConfig, "fsku predict", __doc__, run, report)
 
 
 if __name__ == "__main__":

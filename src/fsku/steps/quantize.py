@@ -27,6 +27,7 @@ from typing import Iterator
 import pandas as pd
 
 from ..config import QuantizeConfig
+from ..outputs import check_not_input
 from .args import step_main
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ def run_step(cfg: QuantizeConfig, progress: bool = True) -> dict:
     )
 
     out = Path(cfg.out)
+    check_not_input(out, {"--model": cfg.model, "--gold": [g.strip() for g in cfg.gold.split(",") if g.strip()],
+                          "--calibration": cfg.calibration}, "--out")
     out.mkdir(parents=True, exist_ok=True)
     source, provenance = resolve_source(cfg.model)
     if (source / "adapter_config.json").is_file():

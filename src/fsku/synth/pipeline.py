@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import SynthQAConfig
+from ..outputs import check_not_input
 from ..stores import AnswerCache, ResultLog, digest
 from .generate import GenerationSettings, load_chunks, plan_tasks, run_generation, sample_chunks
 from .process import FilterSettings, Outcome, process
@@ -85,6 +86,7 @@ def synthesize(cfg: SynthQAConfig, progress: bool = True) -> SynthResult:
     from ..llm import load_llm
 
     out = Path(cfg.out)
+    check_not_input(out, {"--kb": cfg.kb, "--teacher": cfg.teacher}, "--out")
     out.mkdir(parents=True, exist_ok=True)
     chunks = load_chunks(cfg.kb)
     manifest = json.loads((Path(cfg.kb) / "manifest.json").read_text(encoding="utf-8")) \
