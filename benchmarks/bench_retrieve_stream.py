@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from fsku.config import BuildKBConfig, RetrieveConfig  # noqa: E402
+from fsku.config import BuildKBConfig, RetrieveRunSettings  # noqa: E402
 
 # the retrieve command before streaming, kept here as the baseline (same settings as the CLI's defaults)
 OLD_PATH = """
@@ -110,7 +110,7 @@ def main() -> int:
     p.add_argument("--kb", type=Path, help="knowledge base folder (default: the sample corpus, built into a temp folder)")
     p.add_argument("--chars", type=int, default=800, help="characters per query")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--query-batch", type=int, default=RetrieveConfig.query_batch)
+    p.add_argument("--query-batch", type=int, default=RetrieveRunSettings.query_batch)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bm25-only", action="store_true", help="retrieve with w_bm25=1.0 (no query embedding: much faster)")
     p.add_argument("--baseline-old", action="store_true", help="also run the old all-at-once path on each size")

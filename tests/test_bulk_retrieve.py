@@ -7,7 +7,7 @@ import pytest
 from conftest import SAMPLE_CORPUS
 from fsku.bulk_retrieve import hit_record, partial_paths, retrieve_file
 from fsku.cli import main as fsku_main
-from fsku.config import BuildKBConfig, RetrieveConfig
+from fsku.config import BuildKBConfig, RetrieveConfig, RetrieveRunSettings
 from fsku.kb import KnowledgeBase, build_knowledge_base
 
 QUESTIONS = ["망분리란?", "OTP 이체 한도", "금융회사등이 보안사고를 알게 된 때 감독기관 보고 기한",
@@ -73,13 +73,17 @@ def config(**changes):
     return dataclasses.replace(RetrieveConfig(top_k=3, w_bm25=1.0), **changes)
 
 
+def batches(n: int, restart: bool = False) -> RetrieveRunSettings:
+    return RetrieveRunSettings(query_batch=n, restart=restart)
+
+
 @pytest.mark.parametrize("batch", [1, 3, 100])
 def test_results_equal_kb_search_for_any_batch_size(bm25_kb_folder, tmp_path, batch, capsys):
     queries = write_queries(tmp_path / "q.jsonl")
     out = tmp_path / "hits.jsonl"
     kb = fresh_kb(bm25_kb_folder)
     calls = counting(kb)
-    stats = retrieve_file(kb, queries, out, config(query_batch=batch), progress=True)
+    stats = retrieve_file(kb, queries, out, config(), progress=True, run=batches(batch))
     assert read_lines(out) == expected_lines(bm25_kb_folder, config())
     assert [len(c) for c in calls] == [len(QUESTIONS[i:i + batch]) for i in range(0, len(QUESTIONS), batch)]
     assert stats["queries"] == stats["searched"] == len(QUESTIONS) and stats["resumed"] == 0
@@ -91,18 +95,18 @@ def test_lines_are_appended_per_batch_and_a_killed_run_resumes_without_recomputi
     queries = write_queries(tmp_path / "q.jsonl")
     out = tmp_path / "hits.jsonl"
     partial, run_file = partial_paths(out)
-    cfg = config(query_batch=3)
+    cfg = config()
     kb = fresh_kb(bm25_kb_folder)
     calls = counting(kb, fail_on_call=3)
     with pytest.raises(KeyboardInterrupt):
-        retrieve_file(kb, queries, out, cfg, progress=False)
+        retrieve_file(kb, queries, out, cfg, progress=False, run=batches(3))
     want = expected_lines(bm25_kb_folder, config())
     assert read_lines(partial) == want[:6] and run_file.exists() and not out.exists()  # two batches, on disk
     assert len(calls) == 2
 
     kb = fresh_kb(bm25_kb_folder)
     calls = counting(kb)
-    stats = retrieve_file(kb, queries, out, dataclasses.replace(cfg, query_batch=2), progress=False)  # batch size is free
+    stats = retrieve_file(kb, queries, out, cfg, progress=False, run=batches(2))  # batch size is free
     assert [q for c in calls for q in c] == QUESTIONS[6:]
     assert (stats["resumed"], stats["searched"]) == (6, 4)
     assert read_lines(out) == want and not partial.exists() and not run_file.exists()
@@ -113,18 +117,18 @@ def test_a_truncated_last_line_is_recomputed(bm25_kb_folder, tmp_path, cut):
     queries = write_queries(tmp_path / "q.jsonl")
     out = tmp_path / "hits.jsonl"
     partial, _ = partial_paths(out)
-    cfg = config(query_batch=3)
+    cfg = config()
     kb = fresh_kb(bm25_kb_folder)
     counting(kb, fail_on_call=3)
     with pytest.raises(KeyboardInterrupt):
-        retrieve_file(kb, queries, out, cfg, progress=False)
+        retrieve_file(kb, queries, out, cfg, progress=False, run=batches(3))
     data = partial.read_bytes()
     last = data[:-1].rindex(b"\n") + 1
     partial.write_bytes(data[:last + (len(data) - last) // 2] if cut == "half a line" else data[:-1])
 
     kb = fresh_kb(bm25_kb_folder)
     calls = counting(kb)
-    stats = retrieve_file(kb, queries, out, cfg, progress=False)
+    stats = retrieve_file(kb, queries, out, cfg, progress=False, run=batches(3))
     assert [q for c in calls for q in c] == QUESTIONS[5:] and stats["resumed"] == 5
     assert read_lines(out) == expected_lines(bm25_kb_folder, config())
 
@@ -136,7 +140,7 @@ def test_another_runs_partial_results_are_refused_unless_restart(bm25_kb_folder,
     kb = fresh_kb(bm25_kb_folder)
     counting(kb, fail_on_call=2)
     with pytest.raises(KeyboardInterrupt):
-        retrieve_file(kb, queries, out, config(query_batch=4), progress=False)
+        retrieve_file(kb, queries, out, config(), progress=False, run=batches(4))
     kept = partial.read_bytes()
 
     with pytest.raises(ValueError, match=r"hits.jsonl.partial.jsonl: holds results of a different run \(retrieval changed\)"):
@@ -148,7 +152,7 @@ def test_another_runs_partial_results_are_refused_unless_restart(bm25_kb_folder,
 
     kb = fresh_kb(bm25_kb_folder)
     calls = counting(kb)
-    stats = retrieve_file(kb, edited, out, config(top_k=2, restart=True), progress=False)
+    stats = retrieve_file(kb, edited, out, config(top_k=2), progress=False, run=RetrieveRunSettings(restart=True))
     assert stats["resumed"] == 0 and sum(len(c) for c in calls) == len(QUESTIONS)
     assert read_lines(out) == expected_lines(bm25_kb_folder, config(top_k=2), [q + "?" for q in QUESTIONS])
 
@@ -165,11 +169,11 @@ def test_a_damaged_line_before_the_end_is_an_error_naming_it(bm25_kb_folder, tmp
     kb = fresh_kb(bm25_kb_folder)
     counting(kb, fail_on_call=3)
     with pytest.raises(KeyboardInterrupt):
-        retrieve_file(kb, queries, out, config(query_batch=2), progress=False)
+        retrieve_file(kb, queries, out, config(), progress=False, run=batches(2))
     lines = partial.read_text(encoding="utf-8").splitlines(keepends=True)
     partial.write_text(lines[0] + lines[1][:20] + "\n" + "".join(lines[2:]), encoding="utf-8")
     with pytest.raises(ValueError, match=r"hits.jsonl.partial.jsonl:2: not a result line"):
-        retrieve_file(fresh_kb(bm25_kb_folder), queries, out, config(query_batch=2), progress=False)
+        retrieve_file(fresh_kb(bm25_kb_folder), queries, out, config(), progress=False, run=batches(2))
 
 
 def test_duplicate_qids_are_an_error_before_any_search(bm25_kb_folder, tmp_path):
@@ -220,7 +224,7 @@ def test_cli_retrieve_resumes_refuses_another_run_and_restarts(bm25_kb_folder, t
         kb = fresh_kb(bm25_kb_folder)
         counting(kb, fail_on_call=3)
         with pytest.raises(KeyboardInterrupt):
-            retrieve_file(kb, queries, out, config(query_batch=3), progress=False)
+            retrieve_file(kb, queries, out, config(), progress=False, run=batches(3))
 
     def retrieve(*flags):
         return fsku_main(["retrieve", "--kb", str(bm25_kb_folder), "--queries", str(queries), "--w-bm25", "1.0",
@@ -258,3 +262,47 @@ def test_the_progress_files_never_overwrite_the_queries(tmp_path):
     with pytest.raises(ValueError, match="--out .* is .*--queries"):
         retrieve_file(NoKB(), queries, tmp_path / "hits.jsonl", RetrieveConfig(kb=str(tmp_path / "kb")), progress=False)
     assert queries.read_bytes() == before
+
+
+def test_run_control_is_not_a_retrieval_setting():
+    """query_batch/restart steer one `fsku retrieve` run; RetrieveConfig (shared by tune, the pyfunc
+    model and the KB's defaults) holds only what the hits depend on."""
+    run_fields = {f.name for f in dataclasses.fields(RetrieveRunSettings)}
+    assert run_fields == {"query_batch", "restart"}
+    assert not run_fields & {f.name for f in dataclasses.fields(RetrieveConfig)}
+    assert all(f.metadata.get("help") for f in dataclasses.fields(RetrieveRunSettings))
+    with pytest.raises(ValueError, match="query_batch must be >= 1"):
+        RetrieveRunSettings(query_batch=0)
+
+
+def test_an_out_folder_is_refused_before_any_work(bm25_kb_folder, tmp_path):
+    from fsku.outputs import OutputRefused
+
+    queries = write_queries(tmp_path / "q.jsonl")
+    out = tmp_path / "hits"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep\n")
+    kb = fresh_kb(bm25_kb_folder)
+    calls = counting(kb)
+    with pytest.raises(OutputRefused, match=r"--out .*hits is a folder: give the result file to write"):
+        retrieve_file(kb, queries, out, config(), progress=False)
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["hits", "q.jsonl"]
+    assert (out / "mine.txt").read_text() == "keep\n"
+    link = tmp_path / "link"
+    link.symlink_to(out, target_is_directory=True)
+    with pytest.raises(OutputRefused, match="is a folder"):  # a link to a folder too
+        retrieve_file(kb, queries, link, config(), progress=False)
+
+
+def test_a_symlinked_out_keeps_its_link(bm25_kb_folder, tmp_path):
+    queries = write_queries(tmp_path / "q.jsonl")
+    real = tmp_path / "disk" / "hits.jsonl"
+    real.parent.mkdir()
+    real.write_text("an older result\n", encoding="utf-8")
+    link = tmp_path / "hits.jsonl"
+    link.symlink_to(real)
+    retrieve_file(fresh_kb(bm25_kb_folder), queries, link, config(), progress=False)
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert read_lines(real) == expected_lines(bm25_kb_folder, config())
+    assert sorted(p.name for p in real.parent.iterdir()) == ["hits.jsonl"]  # no progress files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "hits.jsonl", "q.jsonl"]

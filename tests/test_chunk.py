@@ -112,6 +112,44 @@ def test_identical_chunks_are_deduplicated():
     assert isinstance(chunks[0], Chunk) and chunks[0].n_tokens == len(chunks[0].text)
 
 
+def test_chunk_cap_leaves_the_other_documents_chunks_as_they_were():
+    """The sample corpus: a cap no document exceeds changes nothing (ids, order, dedup count); a cap
+    the largest document exceeds drops exactly it, and the rest is what chunking them alone gives."""
+    from conftest import SAMPLE_CORPUS
+    from fsku.ingest import ingest_corpus
+
+    docs, _ = ingest_corpus(SAMPLE_CORPUS, progress=False)
+    uncapped, dupes = chunk_documents(docs, 120, 16, char_length, progress=False)
+    sizes = [len(chunk_document(d, 120, 16, char_length)) for d in docs]
+    assert len(docs) >= 3 and max(sizes) > sorted(sizes)[-2]  # the largest document stands alone
+    oversized: list = []
+    at_cap, at_cap_dupes = chunk_documents(docs, 120, 16, char_length, progress=False, max_chunks_per_doc=max(sizes),
+                                           oversized=oversized)
+    assert [c.chunk_id for c in at_cap] == [c.chunk_id for c in uncapped] and at_cap_dupes == dupes
+    assert [c.to_row() for c in at_cap] == [c.to_row() for c in uncapped] and oversized == []
+
+    largest = docs[sizes.index(max(sizes))]
+    capped, _ = chunk_documents(docs, 120, 16, char_length, progress=False, max_chunks_per_doc=max(sizes) - 1,
+                                oversized=oversized)
+    assert oversized == [(largest, max(sizes))]
+    rest, _ = chunk_documents([d for d in docs if d is not largest], 120, 16, char_length, progress=False)
+    assert [c.chunk_id for c in capped] == [c.chunk_id for c in rest] and largest.doc_id not in {c.doc_id for c in capped}
+
+
+def test_chunk_cap_counts_a_documents_own_chunks_whatever_the_order():
+    """Counted before deduplication: a document over the cap is dropped even when most of its chunks
+    repeat another document's, and its chunks never hide the other document's."""
+    a = Doc(text="첫째 문단이다.\n\n둘째 문단이다.", source="/x/a.txt", title="a", doc_id="a")
+    c = Doc(text="첫째 문단이다.\n\n둘째 문단이다.\n\n셋째 문단만 새롭다.", source="/x/c.txt", title="c", doc_id="c")
+    assert len(chunk_document(a, 10, 0, char_length)) == 2 and len(chunk_document(c, 10, 0, char_length)) == 3
+    for order in ([a, c], [c, a]):
+        oversized: list = []
+        chunks, dropped = chunk_documents(order, 10, 0, char_length, progress=False, max_chunks_per_doc=2,
+                                          oversized=oversized)
+        assert [(d.doc_id, n) for d, n in oversized] == [("c", 3)]
+        assert {ch.doc_id for ch in chunks} == {"a"} and len(chunks) == 2 and dropped == 0
+
+
 def test_strip_amendment_notes():
     assert strip_amendment_notes("본문이다. <개정 2020. 2. 4., 2021. 1. 1.>") == "본문이다."
     assert strip_amendment_notes("[본조신설 2013. 5. 22.]") == ""

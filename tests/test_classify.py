@@ -4,7 +4,7 @@ import pytest
 
 from conftest import needs_shared
 from fsku.cli import main as fsku_main
-from fsku.infer.classify import classify_question, read_questions_csv
+from fsku.infer.classify import FLAG_EMPTY, FLAG_NO_STEM, classify_question, read_questions_csv
 
 
 def test_competition_format():
@@ -48,12 +48,37 @@ def test_a_descriptive_question_ending_in_a_numbered_list_stays_descriptive():
     assert q.question_type == "descriptive" and q.choices == {}
 
 
-def test_empty_question_is_an_error():
-    with pytest.raises(ValueError, match="empty question"):
-        classify_question("x", "  ")
+def test_an_empty_question_is_flagged_not_refused():
+    for text in ("  ", "", "\x00\x01", None):
+        q = classify_question("x", text)
+        assert (q.question_type, q.parsed_question, q.choices, q.confidence, q.flag) == \
+            ("descriptive", "", {}, 0.0, FLAG_EMPTY)
+    assert classify_question("x", "").to_record() == {"ID": "x", "question_type": "descriptive", "stem": "",
+                                                      "choices": {}, "flag": "empty question"}
 
 
-def test_classify_command_and_csv_errors(tmp_path):
+def test_options_without_a_stem_are_multiple_choice_with_an_empty_stem():
+    for text in ("1 가\n2 나\n3 다\n4 라", "① 가 ② 나 ③ 다"):
+        q = classify_question("x", text)
+        assert q.question_type == "multiple_choice" and q.parsed_question == "" and q.flag == FLAG_NO_STEM
+        assert q.confidence == 0.3 and q.choices["1"] == "가" and q.choices["3"] == "다"
+    assert classify_question("x", "다음 중 옳은 것은?\n1 가\n2 나\n3 다").flag == ""
+
+
+def test_empty_options_only_between_options_with_text():
+    # a stray trailing number is no empty fifth option: the run is cut before it
+    q = classify_question("x", "다음 중 옳은 것은?\n1 A\n2 B\n3 C\n4 D\n5")
+    assert q.question_type == "multiple_choice" and q.choices == {"1": "A", "2": "B", "3": "C", "4": "D"}
+    assert q.parsed_question == "다음 중 옳은 것은?" and q.confidence == 1.0  # no empty option left: full confidence
+    two = classify_question("x", "다음 중 옳은 것은?\n1 A\n2 B\n3 C\n4\n5 ")  # several trailing ones
+    assert two.choices == {"1": "A", "2": "B", "3": "C"}
+    mid = classify_question("x", "다음 중 옳은 것은?\n1 A\n2\n3 C\n4 D")  # between: kept
+    assert mid.choices == {"1": "A", "2": "", "3": "C", "4": "D"} and mid.confidence == 0.9
+    # a run that starts with an empty option is no option block
+    assert classify_question("x", "다음 중 옳은 것은?\n1\n2 B\n3 C\n4 D").question_type == "descriptive"
+
+
+def test_classify_command_and_csv_errors(tmp_path, capsys, caplog):
     csv_path = tmp_path / "test.csv"
     csv_path.write_text('ID,Question\nTEST_000,"보안책임자는?\n1 임원\n2 직원\n3 외부인\n4 없음"\n'
                         'TEST_001,망분리의 목적을 설명하세요.\n',
@@ -67,9 +92,22 @@ def test_classify_command_and_csv_errors(tmp_path):
     bad.write_text("id,text\n1,x\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"missing column\(s\) \['ID', 'Question'\]"):
         read_questions_csv(bad)
-    bad.write_text('ID,Question\nA,ok\nB,\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="row 3 has an empty ID or Question"):
+    bad.write_text('ID,Question\nA,ok\n,x\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{bad}: row 3 has an empty ID"):
         read_questions_csv(bad)
+    assert fsku_main(["classify", "--input", str(bad), "--out", str(out)]) == 2  # the file and row, one line
+    assert capsys.readouterr().err.strip() == f"error: {bad}: row 3 has an empty ID"
+    # row CONTENT is no error: an empty Question and options without a stem are classified and flagged
+    flagged = tmp_path / "flagged.csv"
+    flagged.write_text('ID,Question\nA,설명하세요.\nB,\nC,"1 가\n2 나\n3 다"\n', encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        assert fsku_main(["classify", "--input", str(flagged), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r.get("flag", "") for r in rows] == ["", "empty question", "options but no question stem"]
+    assert rows[2]["question_type"] == "multiple_choice" and rows[2]["stem"] == ""
+    assert f"{flagged}: row 3 (ID B): empty question" in caplog.text
+    assert f"{flagged}: row 4 (ID C): options but no question stem" in caplog.text
+    assert "flagged (see the warnings): ['B', 'C']" in capsys.readouterr().out
 
 
 def test_fsku_dev_sets_classify_correctly():

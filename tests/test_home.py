@@ -181,3 +181,29 @@ def test_none_as_a_cache_value_means_no_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(home.HOME_ENV, str(tmp_path))
     assert home.cache_path("none") is None and home.cache_path("None") is None and home.cache_path(" ") is None
     assert home.cache_path("nonesuch") == tmp_path / "nonesuch"
+
+
+def test_a_registry_download_never_replaces_a_folder_it_did_not_write(tiny_models, tmp_path, monkeypatch):
+    import shutil
+
+    from fsku import tracking
+    from fsku.outputs import SENTINEL, OutputRefused
+
+    with tracking.run("distill", {}):
+        version = tracking.register_student(tiny_models["student"], "home-test-download", {})
+    uri, root = f"models:/home-test-download/{version}", tmp_path / "dl"
+    dest = root / "home-test-download" / version
+    (dest / "sub").mkdir(parents=True)
+    (dest / "sub" / "mine.txt").write_text("not a download\n")
+    with pytest.raises(OutputRefused, match=r"registry download folder of .*is a non-empty folder without \.fsku-downloaded"):
+        tracking.download_registered_model(uri, root)
+    assert [p.name for p in dest.rglob("*")] == ["sub", "mine.txt"] and os.listdir(dest.parent) == [version]
+    shutil.rmtree(dest)
+    folder, _, _ = tracking.download_registered_model(uri, root)
+    assert (folder / "config.json").exists() and (dest / tracking.DOWNLOADED_MARKER).exists()
+    assert not (dest / SENTINEL).exists() and os.listdir(dest.parent) == [version]
+    # an earlier download from another store under the same name and version is ours: replaced whole
+    (dest / tracking.DOWNLOADED_MARKER).write_text("another store", encoding="utf-8")
+    (dest / "stray.txt").write_text("from the other store")
+    folder, _, _ = tracking.download_registered_model(uri, root)
+    assert (folder / "config.json").exists() and not (dest / "stray.txt").exists() and os.listdir(dest.parent) == [version]

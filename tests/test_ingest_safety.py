@@ -219,6 +219,45 @@ def test_default_caps_pass_every_shared_statute():
         assert sum(len(page.get_text("text")) for page in doc) * 5 <= cfg.max_chars_per_file
 
 
+def test_a_file_that_cannot_be_read_is_unreadable_not_a_reader_error(corpus, monkeypatch):
+    """A PermissionError (any OSError) while reading is `unreadable`; other exceptions stay `reader_error`."""
+    import errno
+
+    from fsku.ingest import readers
+
+    real_read = readers.READERS[".md"]
+
+    def read(path, opts):
+        if path.name == "locked.md":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        if path.name == "buggy.md":
+            raise RuntimeError("reader bug")
+        return real_read(path, opts)
+
+    monkeypatch.setitem(readers.READERS, ".md", read)
+    (corpus / "locked.md").write_text(BODY + "locked", encoding="utf-8")
+    (corpus / "buggy.md").write_text(BODY + "buggy", encoding="utf-8")
+    docs, skipped = ingest_corpus(corpus, progress=False)
+    assert reasons_by_name(skipped, corpus) == {"locked.md": "unreadable", "buggy.md": "reader_error"}
+    assert "Permission denied" in next(s.detail for s in skipped if s.reason == "unreadable")
+    assert [Path(d.source).name for d in docs] == ["good.md"]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads a mode-000 file anyway")
+def test_mode_000_files_are_unreadable(corpus):
+    (corpus / "locked.md").write_text(BODY + "locked", encoding="utf-8")
+    make_pdf(corpus / "locked.pdf", 1)  # PyMuPDF alone would call it a damaged file (corrupt_pdf)
+    for name in ("locked.md", "locked.pdf"):
+        (corpus / name).chmod(0)
+    try:
+        docs, skipped = ingest_corpus(corpus, progress=False)
+    finally:
+        for name in ("locked.md", "locked.pdf"):
+            (corpus / name).chmod(0o644)
+    assert reasons_by_name(skipped, corpus) == {"locked.md": "unreadable", "locked.pdf": "unreadable"}
+    assert [Path(d.source).name for d in docs] == ["good.md"]
+
+
 def test_chunk_cap_skips_a_whole_document(corpus):
     (corpus / "good.md").unlink()
     sections = "\n\n".join(f"## 항목 {i}\n항목 {i}의 고유한 설명 문장이다." for i in range(40))

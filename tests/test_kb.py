@@ -73,3 +73,29 @@ def test_config_range_checks():
         RetrieveConfig(w_bm25=1.5)
     with pytest.raises(ValueError, match="fusion"):
         RetrieveConfig(fusion="max")
+
+
+@pytest.mark.parametrize("where", ["embedder", "write"])
+def test_a_failed_rebuild_leaves_the_old_kb_and_no_staging(where, tmp_path, monkeypatch):
+    import fsku.kb as K
+
+    out = tmp_path / "kb"
+    cfg = BuildKBConfig(corpus=str(SAMPLE_CORPUS), out=str(out), embedding_model="none", length_unit="chars",
+                        chunk_size=300, cache_dir="")
+    build_knowledge_base(cfg, progress=False)
+    before = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(f"{where} failed")
+
+    if where == "embedder":  # a dense rebuild whose embedding model fails to load
+        monkeypatch.setattr(K, "resolve_model", lambda name: None)
+        monkeypatch.setattr(K, "resolve_backend", lambda name: "torch")
+        monkeypatch.setattr(K, "get_embedder", fail)
+        cfg = BuildKBConfig(**{**cfg.__dict__, "embedding_model": "some/embedder"})
+    else:  # a failure while the staging folder is being written
+        monkeypatch.setattr(K.BM25Index, "save", fail)
+    with pytest.raises(RuntimeError, match=f"{where} failed"):
+        build_knowledge_base(cfg, progress=False)
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kb"]

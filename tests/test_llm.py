@@ -214,3 +214,42 @@ def test_vllm_backend_logic_with_a_stand_in_engine(monkeypatch, tiny_models):
     assert (gen.text, gen.n_tokens, gen.mean_logprob, gen.truncated) == ("답", 2, -0.5, False)
     b.generate(["x"], max_new_tokens=8, repetition_penalty=1.2)
     assert calls[-1][2]["repetition_penalty"] == 1.2
+
+
+def test_gguf_conversion_never_replaces_a_folder_it_did_not_write(tiny_models, tmp_path, monkeypatch):
+    """<models dir>/<gguf stem> is written staged and swapped in; a user's model folder of that name is refused."""
+    import importlib.util
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fsku.outputs import SENTINEL, OutputRefused
+
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF not really")
+    models = tmp_path / "models"
+    mine = models / "tiny"
+    mine.mkdir(parents=True)
+    (mine / "config.json").write_text("{}")
+    (mine / "model.safetensors").write_bytes(b"my weights")
+    with pytest.raises(OutputRefused, match=r"converted model folder for tiny.gguf .*tiny is a non-empty folder without "
+                                            r"\.fsku-converted"):
+        res.resolve_model(str(gguf), models)
+    with pytest.raises(OutputRefused, match="non-empty folder without .fsku-converted"):  # refused before any download
+        res.resolve_model("offline:tiny", models)
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "model.safetensors"]
+    assert (mine / "model.safetensors").read_bytes() == b"my weights" and os.listdir(models) == ["tiny"]
+
+    # a conversion (transformers' GGUF reader stood in for by the tiny model) appears whole, without its sentinel
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"])
+    tok = AutoTokenizer.from_pretrained(tiny_models["student"])
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: model)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "gguf" else real(name, *a))
+    out = tmp_path / "converted"
+    out.mkdir()  # an empty folder may be written
+    assert res.convert_gguf(gguf, out, "float32") == out
+    assert (out / res.CONVERTED_MARKER).exists() and (out / "config.json").exists() and not (out / SENTINEL).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "models", "tiny.gguf"]
+    assert res.convert_gguf(gguf, out) == out  # reused

@@ -14,14 +14,17 @@ import pytest
 from conftest import ROOT, SAMPLE_CORPUS
 from fsku.cli import main as fsku_main
 from fsku.outputs import (
+    SENTINEL,
     Marker,
     OutputRefused,
     begin_staging,
     check_not_input,
     check_replaceable,
+    discard_staging,
     relation,
     remove_ours,
     replace_folder,
+    sentinel,
     staged_folder,
 )
 
@@ -44,6 +47,15 @@ def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def _leftover(folder: Path, role: str, out: Path, pid: int, **override) -> Path:
+    """A staging (`partial`) or set-aside (`old`) folder of `out` as a run of process `pid` leaves it."""
+    folder.mkdir()
+    (folder / "f.txt").write_text(folder.name)
+    info = {**sentinel(role, os.path.realpath(out), pid), **override}
+    (folder / SENTINEL).write_text(json.dumps(info), encoding="utf-8")
+    return folder
 
 
 def _beside(out: Path) -> list[str]:
@@ -176,26 +188,105 @@ def test_a_symlinked_output_keeps_its_link(tmp_path):
 def test_stale_staging_is_removed_only_when_it_is_ours(tmp_path):
     out = tmp_path / "kb"
     dead, alive = _dead_pid(), os.getppid()
-    for name in (f"kb.partial-{dead}", f"kb.partial-{os.getpid()}", f"kb.partial-{alive}", "kb.partial", "kb.partial-notes"):
+    for pid in (dead, os.getpid(), alive):
+        _leftover(tmp_path / f"kb.partial-{pid}", "partial", out, pid)
+    for name in ("kb.partial", "kb.partial-notes"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "f.txt").write_text(name)
     with staged_folder(out, ("m.json",)) as staging:
+        assert json.loads((staging / SENTINEL).read_text())["target"] == os.path.realpath(out)
         (staging / "m.json").write_text("{}")
     # a dead run's and this process' leftovers go; a live run's staging and the user's look-alikes stay
     assert _beside(out) == sorted([f"kb.partial-{alive}", "kb.partial", "kb.partial-notes"])
     assert (tmp_path / "kb.partial" / "f.txt").read_text() == "kb.partial"
+    assert sorted(p.name for p in out.iterdir()) == ["m.json"]  # the sentinel does not stay in the output
+
+
+def test_folders_only_named_like_leftovers_are_never_touched(tmp_path):
+    out = tmp_path / "kb"
+    dead = _dead_pid()
+    # the user's own backups, named like ours but without a sentinel: never deleted, never renamed into out
+    for name in ("kb.old-1", f"kb.old-{dead}", "kb.partial-1", f"kb.partial-{dead}"):
+        _user_folder(tmp_path / name)
+        (tmp_path / name / "m.json").write_text('{"theirs": true}')  # even with our marker in it
+    # a sentinel naming another target, or another role, proves nothing either
+    _leftover(tmp_path / f"kb.partial-{dead + 1}", "partial", tmp_path / "other", dead + 1)
+    _leftover(tmp_path / f"kb.old-{dead + 2}", "partial", out, dead + 2)
+    _leftover(tmp_path / f"kb.partial-{dead + 3}", "partial", out, dead + 4)  # not the pid in its name
+    before = {name: _snapshot(tmp_path / name) for name in _beside(out)}
+    with staged_folder(out, ("m.json",)) as staging:
+        (staging / "m.json").write_text('{"new": true}')
+    assert json.loads((out / "m.json").read_text()) == {"new": True}
+    assert {name: _snapshot(tmp_path / name) for name in _beside(out)} == before
+
+
+def test_leftovers_of_another_host_are_left_alone(tmp_path, caplog):
+    out = tmp_path / "kb"
+    dead = _dead_pid()
+    partial = _leftover(tmp_path / f"kb.partial-{dead}", "partial", out, dead, host="another-machine")
+    old = _leftover(tmp_path / f"kb.old-{dead}", "old", out, dead, host="another-machine")
+    (old / "m.json").write_text('{"previous": true}')
+    other_ns = _leftover(tmp_path / f"kb.partial-{dead + 1}", "partial", out, dead + 1, pidns="pid:[1]")
+    with caplog.at_level("INFO", logger="fsku.outputs"):
+        staging = begin_staging(out, ("m.json",))
+    # the pid says nothing about a process on another machine or in another container: not removed, not restored
+    assert partial.exists() and old.exists() and other_ns.exists() and not out.exists()
+    assert f"leaving {partial} alone: written by process {dead} on host 'another-machine'" in caplog.text
+    discard_staging(staging)
+    assert not staging.exists()
 
 
 def test_a_swap_interrupted_between_its_renames_is_restored(tmp_path):
     out = tmp_path / "kb"
-    old = tmp_path / f"kb.old-{_dead_pid()}"
-    old.mkdir()
+    dead = _dead_pid()
+    old = _leftover(tmp_path / f"kb.old-{dead}", "old", out, dead)
     (old / "m.json").write_text('{"previous": true}')
     staging = begin_staging(out, ("m.json",))  # the previous folder is back before anything else happens
     assert json.loads((out / "m.json").read_text()) == {"previous": True} and not old.exists()
+    assert not (out / SENTINEL).exists()
     (staging / "m.json").write_text('{"new": true}')
     replace_folder(staging, out, ("m.json",))
     assert json.loads((out / "m.json").read_text()) == {"new": True} and _beside(out) == []
+    assert sorted(p.name for p in out.iterdir()) == ["m.json"]
+
+
+def test_a_set_aside_folder_without_a_marker_is_not_restored(tmp_path):
+    out = tmp_path / "kb"
+    dead = _dead_pid()
+    old = _leftover(tmp_path / f"kb.old-{dead}", "old", out, dead)  # a sentinel, but none of the markers
+    staging = begin_staging(out, ("m.json",))
+    assert not out.exists() and (old / "f.txt").exists()
+    discard_staging(staging)
+
+
+def test_a_failed_swap_keeps_the_old_folder_without_a_sentinel(tmp_path, monkeypatch):
+    out = tmp_path / "kb"
+    out.mkdir()
+    (out / "m.json").write_text('{"old": true}')
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith("kb.partial-"):
+            raise OSError("disk gone")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="disk gone"):
+        with staged_folder(out, ("m.json",)) as staging:
+            (staging / "m.json").write_text('{"new": true}')
+    assert sorted(p.name for p in out.iterdir()) == ["m.json"] and json.loads((out / "m.json").read_text()) == {"old": True}
+    assert _beside(out) == []
+
+
+def test_discard_staging_removes_only_this_process_staging(tmp_path):
+    out = tmp_path / "kb"
+    staging = begin_staging(out, ("m.json",))
+    mine = _user_folder(tmp_path / f"kb.partial-{os.getpid() + 1}")
+    discard_staging(mine)  # no sentinel: stays
+    discard_staging(tmp_path / "missing")
+    assert (mine / "notes.txt").exists()
+    discard_staging(staging)
+    assert not staging.exists()
 
 
 def test_remove_ours(tmp_path):
@@ -241,10 +332,13 @@ def test_rebuilding_a_kb_into_its_folder_replaces_it(tmp_path):
                         chunk_size=300, cache_dir=str(tmp_path / "cache"))
     build_knowledge_base(cfg, progress=False)
     (out / "stray.txt").write_text("from the first build")
-    (tmp_path / f"kb.partial-{_dead_pid()}").mkdir()  # a build killed earlier
+    dead = _dead_pid()
+    _leftover(tmp_path / f"kb.partial-{dead}", "partial", out, dead)  # a build killed earlier
+    _user_folder(tmp_path / f"kb.old-{dead}")  # the user's backup, named like ours
     kb, stats = build_knowledge_base(cfg, progress=False)
     assert not (out / "stray.txt").exists() and (out / "manifest.json").exists() and len(kb.chunks) == stats["chunks"]
-    assert _beside(out) == []
+    assert _beside(out) == [f"kb.old-{dead}"] and (tmp_path / f"kb.old-{dead}" / "notes.txt").exists()
+    assert not (out / SENTINEL).exists()
 
 
 def test_predict_refuses_to_overwrite_its_input(tmp_path, capsys):

@@ -172,6 +172,9 @@ def test_bundle_answers_its_sample_with_only_its_own_files(tiny_models, bm25_kb,
     assert manifest["rules"]["passed"] and manifest["projected_min"] is not None
     for rel, meta in manifest["files"].items():
         assert sha256_file(bundle / rel) == meta["sha256"], rel
+    # verified where it was assembled, then moved: no file names the staging folder, and its sentinel is gone
+    assert {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} == {*manifest["files"], "MANIFEST.json"}
+    assert not [p for p in bundle.rglob("*") if p.is_file() and b"bundle.partial-" in p.read_bytes()]
     with zipfile.ZipFile(out["zip"]) as zf:
         names = zf.namelist()
     assert names == sorted(names) and "inference.py" in names and "MANIFEST.json" in names
@@ -214,8 +217,58 @@ def test_package_step_refuses_with_the_reason(rule, tiny_models, bm25_kb, tmp_pa
     assert any(expect in p for p in err.value.problems), err.value.problems
     assert expect in str(err.value)
     assert not list((tmp_path / "pkg").glob("*.zip"))
-    manifest = json.loads((tmp_path / "pkg" / "bundle" / "MANIFEST.json").read_text(encoding="utf-8"))
+    # the refused bundle is kept aside, clearly named, never as the bundle
+    assert not (tmp_path / "pkg" / "bundle").exists() and str(tmp_path / "pkg" / "bundle.refused") in str(err.value)
+    manifest = json.loads((tmp_path / "pkg" / "bundle.refused" / "MANIFEST.json").read_text(encoding="utf-8"))
     assert manifest["rules"]["passed"] is False
+    assert _beside(tmp_path / "pkg" / "bundle") == ["bundle.refused"]
+
+
+def _beside(bundle: Path) -> list[str]:
+    return sorted(p.name for p in bundle.parent.iterdir() if p.name.startswith(bundle.name) and p.name != bundle.name)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_package_keeps_the_last_good_bundle(tiny_models, bm25_kb, tmp_path):
+    from fsku.outputs import SENTINEL
+    from fsku.steps.package import PackageRefused, run_step
+
+    good = run_step(_cfg(tmp_path, tiny_models["student"], bm25_kb), progress=False)
+    pkg = tmp_path / "pkg"
+    bundle, zip_bytes = _snapshot(pkg / "bundle"), Path(good["zip"]).read_bytes()
+    assert SENTINEL not in bundle and SENTINEL not in json.loads(bundle["MANIFEST.json"])["files"]
+    model = tmp_path / "m"
+    shutil.copytree(tiny_models["student"], model)
+    (model / "modeling_custom.py").write_text("import requests\n")
+    with pytest.raises(PackageRefused, match="network access in bundled code"):
+        run_step(_cfg(tmp_path, model, bm25_kb), progress=False)
+    assert _snapshot(pkg / "bundle") == bundle and Path(good["zip"]).read_bytes() == zip_bytes
+    assert (pkg / "bundle.refused" / "model" / "modeling_custom.py").exists()
+    assert not (pkg / "bundle.refused" / SENTINEL).exists() and _beside(pkg / "bundle") == ["bundle.refused"]
+    # the next good run replaces the bundle and drops the stale refused one
+    again = run_step(_cfg(tmp_path, tiny_models["student"], bm25_kb), progress=False)
+    assert _beside(pkg / "bundle") == [] and again["problems"] == [] and again["bundle"] == str(pkg / "bundle")
+    assert json.loads((pkg / "bundle" / "MANIFEST.json").read_text(encoding="utf-8"))["rules"]["passed"]
+
+
+@pytest.mark.parametrize("where", ["resolve_folder", "copy_code", "verify_bundle"])
+def test_an_error_while_packaging_leaves_no_staging_and_the_old_bundle(where, tiny_models, bm25_kb, tmp_path, monkeypatch):
+    from fsku.steps import package as P
+
+    P.run_step(_cfg(tmp_path, tiny_models["student"], bm25_kb), progress=False)
+    pkg = tmp_path / "pkg"
+    before = _snapshot(pkg / "bundle")
+
+    def fail(*args, **kwargs):
+        raise OSError(f"{where} failed")
+
+    monkeypatch.setattr(P, where, fail)
+    with pytest.raises(OSError, match=f"{where} failed"):
+        P.run_step(_cfg(tmp_path, tiny_models["student"], bm25_kb, verify="current"), progress=False)
+    assert _snapshot(pkg / "bundle") == before and _beside(pkg / "bundle") == []
 
 
 def test_bundle_inference_arguments():

@@ -70,15 +70,19 @@ def test_validator_reports_each_problem(tmp_path):
                                                                           SAMPLE_TEST)
 
 
-def test_bad_input_files_get_clear_errors(tmp_path):
+def test_bad_input_files_get_clear_errors(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"missing column\(s\) \['Question'\]"):
         classify_file(_write(tmp_path / "a.csv", [("1", "x")], header=("ID", "Text")))
-    with pytest.raises(ValueError, match="row 3 has an empty ID or Question"):
-        classify_file(_write(tmp_path / "b.csv", [("1", "질문?"), ("2", "  ")]))
+    with pytest.raises(ValueError, match="row 3 has an empty ID"):
+        classify_file(_write(tmp_path / "b.csv", [("1", "질문?"), ("  ", "또 질문?")]))
     with pytest.raises(ValueError, match=r"duplicate IDs 'A' \(row 3\)"):
         classify_file(_write(tmp_path / "c.csv", [("A", "질문?"), ("A", "또 질문?")]))
-    with pytest.raises(ValueError, match=r"row 2: question 'X': options \(4 lines '1 \.\.\.'\) but no question stem"):
-        classify_file(_write(tmp_path / "d.csv", [("X", "1 가\n2 나\n3 다\n4 라")]))
+    # row content is no error: flagged, warned about with the file and row
+    with caplog.at_level("WARNING"):
+        flagged = classify_file(_write(tmp_path / "d.csv", [("X", "1 가\n2 나\n3 다\n4 라"), ("Y", "  ")]))
+    assert [(q.question_type, q.flag) for q in flagged] == [("multiple_choice", "options but no question stem"),
+                                                           ("descriptive", "empty question")]
+    assert "d.csv: row 2 (ID X): options but no question stem" in caplog.text and "row 6 (ID Y): empty question" in caplog.text
     # documented handling: cp949 (Excel) and BOM-less UTF-8 files are read
     cp = classify_file(_write(tmp_path / "e.csv", [("K", "옳은 것은?\n1 가\n2 나\n3 다")], encoding="cp949"))
     assert cp[0].choices == {"1": "가", "2": "나", "3": "다"}

@@ -118,6 +118,40 @@ def test_command_line_values_mlflow_style(tmp_path):
         parse(BuildKBConfig, "--recipe", str(recipe))
 
 
+def test_a_boolean_flag_alone_means_true():
+    from fsku.config import DistillConfig
+
+    def qlora(*argv):
+        return config_from_namespace(parse_step_args(list(argv), DistillConfig, "t", None), DistillConfig).qlora
+
+    assert qlora() is False and qlora("--qlora") is True and qlora("--qlora", "--lora-r", "8") is True
+    assert qlora("--qlora", "false") is False and qlora("--qlora", "true") is True and qlora("--qlora", "") is False
+
+
+def test_a_command_can_take_some_fields_of_a_config():
+    """`fsku ingest` takes BuildKBConfig's per-file caps only: flags for those fields, no --recipe, and
+    the command's own --out is not read as the config's `out`."""
+    import argparse
+
+    from fsku.config import BuildKBConfig
+    from fsku.ingest import LIMIT_FIELDS
+    from fsku.steps.args import add_config_args
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--out")
+    add_config_args(p, BuildKBConfig, only=LIMIT_FIELDS, recipe=False)
+    a = p.parse_args(["--out", "docs.jsonl", "--max-pages-per-file", "7.0", "--max_file_mb", ""])
+    assert not hasattr(a, "recipe") and not hasattr(a, "chunk_size")
+    cfg = config_from_namespace(a, BuildKBConfig, only=LIMIT_FIELDS)
+    assert (cfg.max_pages_per_file, cfg.max_file_mb, cfg.out) == (7, BuildKBConfig.max_file_mb, BuildKBConfig.out)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--chunk-size", "100"])
+    with pytest.raises(ValueError, match="max_pages_per_file must be >= 1"):
+        config_from_namespace(p.parse_args(["--max-pages-per-file", "0"]), BuildKBConfig, only=LIMIT_FIELDS)
+    with pytest.raises(TypeError, match=r"no field\(s\) \['nope'\]"):
+        add_config_args(argparse.ArgumentParser(), BuildKBConfig, only=("nope",))
+
+
 SHARED_FIELDS = ("backend", "dtype", "device", "max_model_len", "batch_size", "fusion", "w_bm25", "rrf_k", "lora_r",
                  "lora_alpha", "loss_type", "alpha", "beta", "embedding_model")
 

@@ -129,6 +129,34 @@ def test_a_lora_adapter_is_merged_before_quantizing(wide_tiny, tmp_path):
     assert Q.max_logit_difference(_logits(wide_tiny, ids), _logits(out, ids)) > TOLERANCE["int8"]
 
 
+def test_a_merged_adapter_is_written_staged_and_replaces_only_a_model_folder(wide_tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fsku.outputs import SENTINEL, OutputRefused
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(wide_tiny),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(wide_tiny).save_pretrained(adapter)
+    work = tmp_path / "q"
+    (work / "merged").mkdir(parents=True)
+    (work / "merged" / "notes.txt").write_text("mine\n")  # not a model folder: refused, left as it was
+    with pytest.raises(OutputRefused, match="merged model folder .*merged is a non-empty folder without config.json"):
+        Q.merged_source(adapter, work, torch.float32)
+    assert [p.name for p in (work / "merged").iterdir()] == ["notes.txt"]
+    (work / "merged" / "notes.txt").unlink()
+    # an earlier merge (restarted after a crash) with a shard the new one does not write: nothing of it survives
+    (work / "merged" / "config.json").write_text("{}")
+    (work / "merged" / "model-00002-of-00002.safetensors").write_bytes(b"stale shard")
+    out = Q.merged_source(adapter, work, torch.float32)
+    assert out == work / "merged" and (out / "config.json").read_text() != "{}"
+    names = {p.name for p in out.iterdir()}
+    assert "model-00002-of-00002.safetensors" not in names and SENTINEL not in names
+    assert sorted(p.name for p in work.iterdir()) == ["merged"]
+
+
 def test_bad_source_and_device_are_clear(tmp_path, wide_tiny):
     pytest.importorskip("torchao")
     with pytest.raises(FileNotFoundError, match="not a model folder"):

@@ -25,9 +25,9 @@ import os
 import time
 from pathlib import Path
 
-from .config import FusionSettings, RetrieveConfig
+from .config import FusionSettings, RetrieveConfig, RetrieveRunSettings
 from .jsonl import iter_jsonl
-from .outputs import check_not_input
+from .outputs import OutputRefused, check_not_input
 from .stores import digest
 
 log = logging.getLogger(__name__)
@@ -130,28 +130,36 @@ def hit_record(h) -> dict:
             "method": h.method}
 
 
-def retrieve_file(kb, queries: str | Path, out: str | Path, cfg: RetrieveConfig, progress: bool = True) -> dict:
+def retrieve_file(kb, queries: str | Path, out: str | Path, cfg: RetrieveConfig, progress: bool = True,
+                  run: RetrieveRunSettings | None = None) -> dict:
     """Ranked hits for every line ``{"qid", "question"}`` of `queries` into `out`, one line
     ``{"qid", "hits": [{chunk_id, source, text, score, path, method}]}`` per query in input order.
 
     The queries file is checked whole first (a bad line or duplicate qid fails before any search,
-    naming file:line), then read again lazily: `cfg.query_batch` queries at a time go through
+    naming file:line), then read again lazily: `run.query_batch` queries at a time go through
     ``kb.search(batch, cfg)`` and their lines are appended to ``<out>.partial.jsonl`` (flushed and
     fsync'd) as each batch finishes; a tqdm bar counts queries. When all are done the partial file is
     renamed to `out` (replacing an older one), so `out` is complete or absent. The fingerprint
     (``run_fingerprint``) sits in ``<out>.partial.run.json``; a run started again with the same one
     resumes after the last complete line, another run's partial results are refused unless
-    `cfg.restart`. Returns counts and timings."""
+    `run.restart` (`run`: RetrieveRunSettings, default its defaults). An `out` that is a folder is
+    refused before any work; a symlinked `out` stays a link (the file it points to is written, its
+    progress files beside that). Returns counts and timings."""
     from tqdm.auto import tqdm
 
     queries, out = Path(queries), Path(out)
+    if out.is_dir():  # refused now, not by the rename after all the work
+        raise OutputRefused(f"--out {out} is a folder: give the result file to write, e.g. {out / 'hits.jsonl'}")
+    if out.is_symlink():  # the link stays a link: the result (and its progress files) go where it points
+        out = Path(os.path.realpath(out))
     partial, run_file = partial_paths(out)
     for path in (out, partial, run_file):  # neither the result nor its progress files may overwrite an input
         check_not_input(path, {"--queries": queries, "--kb": getattr(kb, "folder", None)}, "--out")
     t0 = time.perf_counter()
     total = scan_queries(queries)
     fingerprint = run_fingerprint(kb, queries, cfg)
-    done, last_qid = _resume(partial, run_file, fingerprint, cfg.restart)
+    run = run or RetrieveRunSettings()
+    done, last_qid = _resume(partial, run_file, fingerprint, run.restart)
     if done > total:
         raise ValueError(f"{partial}: {done} result lines for {total} queries; delete it or pass --restart")
     if done:
@@ -179,7 +187,7 @@ def retrieve_file(kb, queries: str | Path, out: str | Path, cfg: RetrieveConfig,
                 continue
             batch.append((row["qid"], str(row["question"])))
             searched += 1
-            if len(batch) >= cfg.query_batch:
+            if len(batch) >= run.query_batch:
                 flush()
         if batch:
             flush()

@@ -397,15 +397,26 @@ def page_of(pages: list, char: int) -> int:
 
 
 def chunk_documents(docs, size: int, overlap: int, length: LengthFn, statute_mode: str = "auto",
-                    progress: bool = True) -> tuple[list[Chunk], int]:
-    """All documents -> deduplicated chunks; returns (chunks, number of duplicates dropped)."""
+                    progress: bool = True, max_chunks_per_doc: Optional[int] = None,
+                    oversized: Optional[list] = None) -> tuple[list[Chunk], int]:
+    """All documents -> deduplicated chunks; returns (chunks, number of duplicates dropped).
+
+    Each document is chunked once. One that makes more than `max_chunks_per_doc` chunks (counted
+    before deduplication, so the verdict depends on the document alone, not on the others or their
+    order) is left out whole: its chunks take no part in deduplication, and ``(doc, n_chunks)`` is
+    appended to `oversized`. The other documents' chunks are exactly what they would be without it."""
     from tqdm.auto import tqdm
 
     seen: set[str] = set()
     out: list[Chunk] = []
     dropped = 0
     for doc in tqdm(docs, desc="chunk", unit="doc", disable=not progress):
-        for ch in chunk_document(doc, size, overlap, length, statute_mode):
+        chunks = chunk_document(doc, size, overlap, length, statute_mode)
+        if max_chunks_per_doc is not None and len(chunks) > max_chunks_per_doc:
+            if oversized is not None:
+                oversized.append((doc, len(chunks)))
+            continue
+        for ch in chunks:
             key = re.sub(r"\s+", "", ch.text.split("\n", 1)[-1])
             if key in seen:
                 dropped += 1

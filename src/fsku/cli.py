@@ -59,36 +59,11 @@ def retrieve_config(kb, a: argparse.Namespace):
     return dataclasses.replace(kb.retrieve_defaults(), top_k=a.top_k, candidates=max(50, a.top_k), **given)
 
 
-def _config_flags(p: argparse.ArgumentParser, cls, *names: str) -> argparse.ArgumentParser:
-    """--field-name flags for some fields of config class `cls`: type, default and help from the field's
-    declaration (a bool flag alone means true; `--restart false` also parses)."""
-    import dataclasses
-
-    from .config import field_kind
-    from .steps.args import convert
-
-    for f in dataclasses.fields(cls):
-        if f.name not in names:
-            continue
-        kind, optional = field_kind(cls, f.name)
-
-        def parse(value: str, kind=kind, optional=optional, default=f.default):
-            parsed = convert(kind, optional, value)
-            return default if parsed is None else parsed  # "" means not given, as for the step flags
-
-        parse.__name__ = kind.__name__  # argparse names the type in its error message
-        extra = {"nargs": "?", "const": True} if kind is bool else {}
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, metavar=kind.__name__.upper(),
-                       type=parse, help=f.metadata["help"] + f" (default: {f.default})", **extra)
-    return p
-
-
 def cmd_retrieve(argv: list[str]) -> int:
-    import dataclasses
-
     from .bulk_retrieve import retrieve_file
-    from .config import RetrieveConfig
+    from .config import RetrieveRunSettings
     from .kb import KnowledgeBase
+    from .steps.args import add_config_args, config_from_namespace
 
     p = argparse.ArgumentParser(prog="fsku retrieve", description="Ranked hits for each query line, searched in batches "
                                 "and appended to <out>.partial.jsonl; <out> appears when all are done, and a killed "
@@ -98,34 +73,30 @@ def cmd_retrieve(argv: list[str]) -> int:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _config_flags(p, RetrieveConfig, "query_batch", "restart")
+    add_config_args(p, RetrieveRunSettings, recipe=False)  # --query-batch, --restart
     a = _fusion_args(p).parse_args(argv)
+    run = config_from_namespace(a, RetrieveRunSettings)  # range-checked there
     check_not_input(a.out, {"--queries": a.queries, "--kb": a.kb}, "--out")
     kb = KnowledgeBase.load(a.kb)
-    cfg = dataclasses.replace(retrieve_config(kb, a), query_batch=a.query_batch, restart=a.restart)
-    stats = retrieve_file(kb, a.queries, a.out, cfg, progress=not a.no_progress)
+    stats = retrieve_file(kb, a.queries, a.out, retrieve_config(kb, a), progress=not a.no_progress, run=run)
     print(f"wrote {stats['queries']} result lines to {a.out}" + (f" ({stats['resumed']} resumed)" if stats["resumed"] else ""))
     return 0
 
 
 def cmd_ingest(argv: list[str]) -> int:
-    import dataclasses
-
     from .config import BuildKBConfig
     from .ingest import LIMIT_FIELDS, ingest_corpus
+    from .steps.args import add_config_args, config_from_namespace
 
     p = argparse.ArgumentParser(prog="fsku ingest", description="Parse and clean a corpus into documents JSONL.")
     p.add_argument("--corpus", required=True)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--manifest")
-    fields = {f.name: f for f in dataclasses.fields(BuildKBConfig)}
-    for name in LIMIT_FIELDS:  # declared once, in BuildKBConfig (max_chunks_per_file: records of JSON/JSONL/XML here)
-        f = fields[name]
-        p.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"{f.metadata['help']} (default: {f.default})")
+    # the per-file caps, declared once in BuildKBConfig (max_chunks_per_file: records of JSON/JSONL/XML here)
+    add_config_args(p, BuildKBConfig, only=LIMIT_FIELDS, recipe=False)
     a = p.parse_args(argv)
+    limits = config_from_namespace(a, BuildKBConfig, only=LIMIT_FIELDS)  # range-checked there
     check_not_input(a.out, {"--corpus": a.corpus, "--manifest": a.manifest}, "--out")
-    limits = BuildKBConfig(**{name: getattr(a, name) for name in LIMIT_FIELDS})  # range-checked there
     docs, skipped = ingest_corpus(a.corpus, a.manifest, limits=limits)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     with a.out.open("w", encoding="utf-8") as fh:
@@ -182,21 +153,23 @@ def cmd_prepare_models(argv: list[str]) -> int:
 def cmd_classify(argv: list[str]) -> int:
     from collections import Counter
 
-    from .infer.classify import classify_question, read_questions_csv
+    from .infer.predict import classify_file
 
     p = argparse.ArgumentParser(prog="fsku classify", description="Multiple choice vs descriptive, with stem and options.")
     p.add_argument("--input", required=True, type=Path, help="CSV with ID,Question columns (test.csv format)")
     p.add_argument("--out", required=True, type=Path)
     a = p.parse_args(argv)
     check_not_input(a.out, {"--input": a.input}, "--out")
-    rows = [classify_question(qid, text) for qid, text in read_questions_csv(a.input)]
+    rows = classify_file(a.input)  # as predict reads it: errors name the file and row, flagged rows are warned about
     a.out.parent.mkdir(parents=True, exist_ok=True)
     with a.out.open("w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row.to_record(), ensure_ascii=False) + "\n")
     counts = Counter(r.question_type for r in rows)
     low = [r.question_id for r in rows if r.confidence < 0.8]
-    print(f"{len(rows)} questions -> {a.out}: {dict(counts)}" + (f"; low confidence: {low[:10]}" if low else ""))
+    flagged = [r.question_id for r in rows if r.flag]
+    print(f"{len(rows)} questions -> {a.out}: {dict(counts)}" + (f"; low confidence: {low[:10]}" if low else "")
+          + (f"; flagged (see the warnings): {flagged[:10]}" if flagged else ""))
     return 0
 
 
@@ -341,14 +314,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
             return 2
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .steps import STEP_ERRORS, error_line
+    from .errors import STEP_ERRORS, log_level, print_error
 
+    logging.basicConfig(level=log_level(), format="%(levelname)s %(name)s: %(message)s")  # FSKU_DEBUG=1: DEBUG
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except STEP_ERRORS as exc:  # one line and exit 2, never a traceback
-        print(error_line(exc), file=sys.stderr)
-        return 2
+    except STEP_ERRORS as exc:  # one line and exit 2, never a traceback (logged at DEBUG)
+        return print_error(exc)
 
 
 if __name__ == "__main__":

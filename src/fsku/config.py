@@ -270,13 +270,24 @@ class RetrieveConfig(FusionSettings):
     kb: str = param("outputs/kb", "Knowledge-base folder written by build_kb.")
     top_k: int = param(5, "Hits per question.")
     candidates: int = param(50, "Candidates taken from each retriever before fusion.")
-    query_batch: int = param(256, "fsku retrieve: queries searched (and embedded) together; each batch's results are "
-                                  "appended to <out>.partial.jsonl when it finishes, so memory is bounded by the batch.")
-    restart: bool = param(False, "fsku retrieve: discard the partial results of an earlier run instead of resuming.")
 
     def __post_init__(self):
         _check(self.top_k >= 1, "top_k must be >= 1")
         _check(self.candidates >= self.top_k, "candidates must be >= top_k")
+        super().__post_init__()
+
+
+@dataclass
+class RetrieveRunSettings(Block):
+    """How `fsku retrieve` runs through a queries file (run control, not retrieval settings: the
+    hits do not depend on them, so they stay out of RetrieveConfig, which tune, the pyfunc model and
+    the KB's defaults share)."""
+
+    query_batch: int = param(256, "Queries searched (and embedded) together; each batch's results are appended to "
+                                  "<out>.partial.jsonl when it finishes, so memory is bounded by the batch.")
+    restart: bool = param(False, "Discard the partial results of an earlier run instead of resuming.")
+
+    def __post_init__(self):
         _check(self.query_batch >= 1, f"query_batch must be >= 1, got {self.query_batch}")
         super().__post_init__()
 
@@ -329,6 +340,9 @@ class InferConfig(LLMSettings, DebiasSettings):
     cache_dir: Optional[str] = param(".cache/answers", "Cache folder (JSON in SQLite) for retrieval results and answers (none "
                                                        "disables caching).")
     seed: int = param(0, "Random seed for sampling.")
+    max_unanswered_share: float = param(0.02, "Largest share of questions left with no model answer (path none: every "
+                                              "attempt raised; empty questions not counted) that predict accepts; above "
+                                              "it the run fails (exit 2) after writing the submission and records.")
 
     def __post_init__(self):
         _check(self.context in CONTEXT_MODES, f"context must be one of {CONTEXT_MODES}, got {self.context!r}")
@@ -348,6 +362,8 @@ class InferConfig(LLMSettings, DebiasSettings):
         _check(self.time_limit_s > 0, "time_limit_s must be > 0")
         _check(self.breaker_failures >= 1 and self.breaker_cooldown >= 1, "breaker_failures and breaker_cooldown must be >= 1")
         _check(self.time_budget_min > 0, "time_budget_min must be > 0")
+        _check(0.0 <= self.max_unanswered_share <= 1.0,
+               f"max_unanswered_share must be in [0, 1], got {self.max_unanswered_share}")
         super().__post_init__()
 
     @property

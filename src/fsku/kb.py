@@ -30,7 +30,7 @@ from .index.dense import build_faiss, embed_with_cache, get_embedder, load_faiss
 from .index.sparse import BM25Index, get_tokenizer
 from .ingest import NoUsableDocuments, SkippedFile, ingest_corpus
 from .ingest.clean import clean_text
-from .outputs import Marker, begin_staging, check_not_input, check_replaceable, replace_folder
+from .outputs import Marker, begin_staging, check_not_input, check_replaceable, discard_staging, replace_folder
 from .retrieve import FUSIONS, Hit, ReferenceIndex, rank_fused, top_candidates
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
     check_replaceable(out, KB_MARKERS, "--out")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    docs, skipped = ingest_corpus(cfg.corpus, cfg.manifest, cfg.max_file_mb, progress, timings, limits=cfg)
+    docs, skipped = ingest_corpus(cfg.corpus, cfg.manifest, progress=progress, timings=timings, limits=cfg)
 
     dense = cfg.embedding_model.lower() != "none"
     length_tok = cfg.length_tokenizer or (resolve_model(cfg.embedding_model) if dense else None)
@@ -80,19 +80,14 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
     t = time.perf_counter()
     length = make_length_fn(cfg.length_unit, length_tok)
     cap = cfg.max_chunks_per_file
-    while True:  # documents over the cap are skipped whole and the rest chunked again (rarely more than once)
-        chunks, n_dupes = chunk_documents(docs, cfg.chunk_size, cfg.chunk_overlap, length, cfg.statute_mode, progress)
-        per_doc: dict[str, int] = {}
-        for c in chunks:
-            per_doc[c.doc_id] = per_doc.get(c.doc_id, 0) + 1
-        # counted after cross-document dedup; a chunk lost as the duplicate of a dropped document's comes back
-        # on the next pass and may put its own document over the cap, hence the loop
-        over = {d: n for d, n in per_doc.items() if n > cap}
-        if not over:
-            break
-        skipped.extend(SkippedFile(d.source, "too_many_chunks", f"{over[d.doc_id]} chunks > max_chunks_per_file={cap}")
-                       for d in docs if d.doc_id in over)
-        docs = [d for d in docs if d.doc_id not in over]
+    oversized: list = []  # documents over the cap are skipped whole (one chunking pass; see chunk_documents)
+    chunks, n_dupes = chunk_documents(docs, cfg.chunk_size, cfg.chunk_overlap, length, cfg.statute_mode, progress,
+                                      max_chunks_per_doc=cap, oversized=oversized)
+    if oversized:
+        skipped.extend(SkippedFile(d.source, "too_many_chunks", f"{n} chunks > max_chunks_per_file={cap}")
+                       for d, n in oversized)
+        dropped = {id(d) for d, _ in oversized}
+        docs = [d for d in docs if id(d) not in dropped]
         if not docs:
             raise NoUsableDocuments(f"no usable document in {cfg.corpus}: every document makes more than {cap} chunks "
                                     "(max_chunks_per_file)")
@@ -113,7 +108,6 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
     bm25 = BM25Index.build(corpus_tokens, cfg.bm25_tokenizer, cfg.bm25_k1, cfg.bm25_b)
     timings["bm25_index"] = time.perf_counter() - t
 
-    staging = begin_staging(out, KB_MARKERS, "--out")
     faiss_info: dict = {}
     n_embedded = 0
     backend = None
@@ -131,41 +125,48 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
         timings["embed"] = time.perf_counter() - t
         t = time.perf_counter()
         index, faiss_info = build_faiss(vectors, cfg.faiss_ivf_threshold, cfg.faiss_nlist, cfg.faiss_nprobe)
-        save_faiss(index, staging / "dense.faiss", faiss_info)
         timings["faiss_index"] = time.perf_counter() - t
 
-    bm25.save(staging / "bm25")
-    chunk_df = pd.DataFrame([c.to_row() for c in chunks])
-    validate_chunks(chunk_df, "chunks")
-    chunk_df.to_parquet(staging / "chunks.parquet", index=False)
-    pd.DataFrame([{k: v for k, v in d.to_row().items() if k != "text"} for d in docs]).to_parquet(
-        staging / "documents.parquet", index=False)
-    with (staging / "skipped.jsonl").open("w", encoding="utf-8") as fh:
-        for s in skipped:
-            fh.write(json.dumps(dataclasses.asdict(s), ensure_ascii=False) + "\n")
-    timings["total"] = time.perf_counter() - t0
+    # the folder is written beside out and swapped in whole; on any error it goes and out stays as it was
+    staging = begin_staging(out, KB_MARKERS, "--out")
+    try:
+        if dense:
+            save_faiss(index, staging / "dense.faiss", faiss_info)
+        bm25.save(staging / "bm25")
+        chunk_df = pd.DataFrame([c.to_row() for c in chunks])
+        validate_chunks(chunk_df, "chunks")
+        chunk_df.to_parquet(staging / "chunks.parquet", index=False)
+        pd.DataFrame([{k: v for k, v in d.to_row().items() if k != "text"} for d in docs]).to_parquet(
+            staging / "documents.parquet", index=False)
+        with (staging / "skipped.jsonl").open("w", encoding="utf-8") as fh:
+            for s in skipped:
+                fh.write(json.dumps(dataclasses.asdict(s), ensure_ascii=False) + "\n")
+        timings["total"] = time.perf_counter() - t0
 
-    reasons: dict[str, int] = {}
-    for s in skipped:
-        reasons[s.reason] = reasons.get(s.reason, 0) + 1
-    corpus_hash = hashlib.sha256("".join(sorted(d.sha256 for d in docs)).encode()).hexdigest()
-    stats = {
-        "documents": len(docs), "chunks": len(chunks), "duplicate_chunks": n_dupes,
-        "characters": int(sum(d.n_chars for d in docs)), "chunk_chars_mean": float(np.mean([c.n_chars for c in chunks])),
-        "chunk_tokens_mean": float(np.mean([c.n_tokens for c in chunks])), "skipped": len(skipped),
-        "skipped_by_reason": reasons, "embedded_new": n_embedded, "timings": timings,
-    }
-    manifest = {
-        "schema_version": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "params": dataclasses.asdict(cfg), "embedding": {
-            "model": cfg.embedding_model if dense else None, "backend": backend if dense else None,
-            "fingerprint": fingerprint, "max_tokens": cfg.embedding_max_tokens},
-        "faiss": faiss_info, "length_tokenizer": length_tok, "corpus_sha256": corpus_hash,
-        "documents": [{"source": d.source, "sha256": d.sha256, "title": d.title, "license": d.license} for d in docs],
-        "stats": stats,
-    }
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-    replace_folder(staging, out, KB_MARKERS, "--out")  # the KB appears whole or not at all
+        reasons: dict[str, int] = {}
+        for s in skipped:
+            reasons[s.reason] = reasons.get(s.reason, 0) + 1
+        corpus_hash = hashlib.sha256("".join(sorted(d.sha256 for d in docs)).encode()).hexdigest()
+        stats = {
+            "documents": len(docs), "chunks": len(chunks), "duplicate_chunks": n_dupes,
+            "characters": int(sum(d.n_chars for d in docs)), "chunk_chars_mean": float(np.mean([c.n_chars for c in chunks])),
+            "chunk_tokens_mean": float(np.mean([c.n_tokens for c in chunks])), "skipped": len(skipped),
+            "skipped_by_reason": reasons, "embedded_new": n_embedded, "timings": timings,
+        }
+        manifest = {
+            "schema_version": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "params": dataclasses.asdict(cfg), "embedding": {
+                "model": cfg.embedding_model if dense else None, "backend": backend if dense else None,
+                "fingerprint": fingerprint, "max_tokens": cfg.embedding_max_tokens},
+            "faiss": faiss_info, "length_tokenizer": length_tok, "corpus_sha256": corpus_hash,
+            "documents": [{"source": d.source, "sha256": d.sha256, "title": d.title, "license": d.license} for d in docs],
+            "stats": stats,
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        replace_folder(staging, out, KB_MARKERS, "--out")  # the KB appears whole or not at all
+    except BaseException:
+        discard_staging(staging)
+        raise
     return KnowledgeBase.load(out), stats
 
 

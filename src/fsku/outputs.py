@@ -4,12 +4,23 @@
     check_replaceable(out, markers, what)   refuse to replace an existing folder that is not recognisably ours
     staged_folder(out, markers, what)       write a folder beside `out` and swap it in whole
     begin_staging / replace_folder          the same in two calls, for code that cannot be one `with` block
+    discard_staging(staging)                (with those) remove this process' staging folder after an error
     remove_ours(path, markers, what)        delete a folder only when it is recognisably ours
 
 A folder is "ours" when it holds one of the command's marker files (a knowledge base's manifest.json
 with schema_version, a quantized model's fsku_quantization.json, ...). An empty or missing folder may
 always be written; a file where a folder should go, or a non-empty folder without a marker, is refused
 with its files left as they were.
+
+Staging: the replacement is written to ``<out>.partial-<pid>`` beside `out`; the swap renames the old
+folder to ``<out>.old-<pid>``, the new one into place, then deletes the old one. Each of these folders
+holds a sentinel, ``.fsku-staging`` (JSON: role, target, host, pid namespace, pid, created), written
+when the staging folder is made and into the old folder just before it is renamed aside; the sentinel
+is removed from the folder that ends up as `out`, so it never reaches a KB, a model or a bundle. A
+later run clears such leftovers of a run that stopped only when the sentinel proves them: it names
+this role and this target, was written on this host (and pid namespace) by a process that has ended,
+and (an old folder) the folder also holds one of the markers. A folder merely named like a leftover
+(a user's ``kb.old-1``), or one written on another host or container, is left alone.
 """
 from __future__ import annotations
 
@@ -18,7 +29,9 @@ import glob
 import json
 import logging
 import os
+import platform
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence, Union
@@ -155,27 +168,90 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
+    except (OverflowError, ValueError):  # no such pid can exist: not ours to judge, so kept
+        return True
     return True
 
 
-def _leftovers(out: Path, kind: str) -> Iterator[tuple[Path, int]]:
-    """Our staging (`partial`) or set-aside (`old`) folders beside `out`, named <out>.<kind>-<pid>,
-    whose process has ended (or is this one)."""
-    for path in out.parent.glob(f"{glob.escape(out.name)}.{kind}-*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and path.is_dir() and not path.is_symlink() and (int(pid) == os.getpid() or not _alive(int(pid))):
-            yield path, int(pid)
+# ---------------------------------------------------------------- sentinels of staging and set-aside folders
+
+SENTINEL = ".fsku-staging"  # in every staging (`partial`) and set-aside (`old`) folder; never in a finished one
 
 
-def _clear_leftovers(out: Path) -> None:
-    for old, _ in sorted(_leftovers(out, "old")):
+def _pid_namespace() -> Optional[str]:
+    # containers sharing a host name (--network host) still have their own pid numbers
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def sentinel(role: str, target: PathLike, pid: Optional[int] = None) -> dict:
+    """The sentinel a `role` ("partial" or "old") folder of `target` gets from this process."""
+    return {"role": role, "target": str(target), "host": platform.node(), "pidns": _pid_namespace(),
+            "pid": os.getpid() if pid is None else pid, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _write_sentinel(folder: Path, role: str, target: Path) -> None:
+    (folder / SENTINEL).write_text(json.dumps(sentinel(role, target)), encoding="utf-8")
+
+
+def _drop_sentinel(folder: Path) -> None:
+    (folder / SENTINEL).unlink(missing_ok=True)
+
+
+def _read_sentinel(folder: Path) -> Optional[dict]:
+    try:
+        data = json.loads((folder / SENTINEL).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _why_kept(path: Path, kind: str, target: Path, markers: Sequence[Marker]) -> Optional[str]:
+    """Why `path`, named <target>.<kind>-<pid>, is not a leftover of ours that may go (None: it may):
+    its sentinel must name this role and target, come from this host and pid namespace and from a
+    process that has ended (or this one); an `old` folder must also hold a marker."""
+    pid = path.name.rsplit("-", 1)[-1]
+    if not pid.isdigit() or path.is_symlink() or not path.is_dir():
+        return "not a folder named <out>.<kind>-<pid>"
+    info = _read_sentinel(path)
+    if info is None or info.get("role") != kind or info.get("target") != str(target) or info.get("pid") != int(pid):
+        return f"no {SENTINEL} naming it the {kind} folder of {target}"
+    if info.get("host") != platform.node() or info.get("pidns") != _pid_namespace():
+        return (f"written by process {info.get('pid')} on host {info.get('host')!r} (pid namespace {info.get('pidns')}), "
+                "whose state cannot be seen from here")
+    if int(pid) != os.getpid() and _alive(int(pid)):
+        return f"process {pid} is still running"
+    if kind == "old" and not is_ours(path, markers):
+        return f"holds none of {', '.join(map(str, markers))}"
+    return None
+
+
+def _leftovers(out: Path, kind: str, markers: Sequence[Marker]) -> Iterator[Path]:
+    """Our staging (`partial`) or set-aside (`old`) folders beside `out` that a run which stopped
+    left behind, proved by their sentinel; look-alikes are logged and left alone."""
+    for path in sorted(out.parent.glob(f"{glob.escape(out.name)}.{kind}-*")):
+        why = _why_kept(path, kind, out, markers)
+        if why is None:
+            yield path
+        elif (path / SENTINEL).exists():
+            log.info("leaving %s alone: %s", path, why)
+        else:
+            log.debug("leaving %s alone: %s", path, why)
+
+
+def _clear_leftovers(out: Path, markers: Sequence[Marker]) -> None:
+    for old in _leftovers(out, "old", markers):
         if not out.exists() and not out.is_symlink():
             # a crash between the two renames of a swap: the previous folder goes back where it was
             log.warning("restoring %s from %s (an earlier run stopped while replacing it)", out, old)
             old.rename(out)
+            _drop_sentinel(out)
         else:
+            log.info("removing %s, set aside by an earlier run that stopped", old)
             shutil.rmtree(old, ignore_errors=True)
-    for partial, _ in _leftovers(out, "partial"):
+    for partial in _leftovers(out, "partial", markers):
         log.info("removing %s, left by an earlier run that stopped", partial)
         shutil.rmtree(partial, ignore_errors=True)
 
@@ -187,20 +263,37 @@ def staging_path(out: PathLike) -> Path:
 
 
 def begin_staging(out: PathLike, markers: Sequence[MarkerLike], what: str = "output folder") -> Path:
-    """Check that `out` may be replaced, clear our own leftovers beside it, and return a new empty
-    staging folder to write the replacement into (then call replace_folder)."""
-    target = _target(out)
-    check_replaceable(target, markers, what)
-    _clear_leftovers(target)
+    """Check that `out` may be replaced, clear our own leftovers beside it, and return a new staging
+    folder (holding only its sentinel) to write the replacement into; then call replace_folder, or
+    discard_staging on an error."""
+    ms, target = _markers(markers), _target(out)
+    check_replaceable(target, ms, what)
+    _clear_leftovers(target, ms)
     staging = staging_path(target)
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+    except FileExistsError:
+        raise OutputRefused(f"{staging} is in the way of the staging folder for {what} {out} and holds no {SENTINEL} of "
+                            "this process: move it away") from None
+    _write_sentinel(staging, "partial", target)
     return staging
+
+
+def discard_staging(staging: PathLike) -> None:
+    """Delete a staging folder begin_staging made (after an error): only when its sentinel is this
+    process' (so a folder that was swapped in meanwhile, or another's, stays)."""
+    staging = Path(staging)
+    info = _read_sentinel(staging)
+    if info and info.get("role") == "partial" and info.get("pid") == os.getpid() \
+            and info.get("host") == platform.node() and staging.name.endswith(f".partial-{os.getpid()}"):
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def replace_folder(staging: PathLike, out: PathLike, markers: Sequence[MarkerLike], what: str = "output folder") -> Path:
     """Swap the finished `staging` folder in as `out`: the old folder is renamed aside, the new one
-    renamed into place, then the old one deleted, so a crash leaves one of the two. Refuses (again:
-    it may have changed meanwhile) an `out` check_replaceable refuses. Returns `out`."""
+    renamed into place, then the old one deleted, so a crash leaves one of the two (each with a
+    sentinel saying what it is, for the next run to clean up). The sentinel does not stay in `out`.
+    Refuses (again: it may have changed meanwhile) an `out` check_replaceable refuses. Returns `out`."""
     ms, staging, target = _markers(markers), Path(staging), _target(out)
     if not is_ours(staging, ms):
         # the next run would refuse to replace what this one wrote
@@ -208,14 +301,30 @@ def replace_folder(staging: PathLike, out: PathLike, markers: Sequence[MarkerLik
     check_replaceable(target, ms, what)
     if target.exists():
         old = target.with_name(f"{target.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)  # ours by name and pid: an earlier swap in this process that failed
-        target.rename(old)
-        staging.rename(target)
+        if old.exists() or old.is_symlink():
+            why = _why_kept(old, "old", target, ms)
+            if why:
+                raise OutputRefused(f"{old} is in the way of replacing {what} {out} and is not a folder fsku set aside "
+                                    f"({why}): move it away")
+            shutil.rmtree(old)  # an earlier swap in this process that failed
+        _write_sentinel(target, "old", target)  # so a run after a crash here knows what it is
+        try:
+            target.rename(old)
+        except BaseException:
+            _drop_sentinel(target)
+            raise
+        try:
+            staging.rename(target)
+        except BaseException:
+            old.rename(target)
+            _drop_sentinel(target)
+            raise
+        _drop_sentinel(target)
         shutil.rmtree(old, ignore_errors=True)
     else:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(target)
+        _drop_sentinel(target)
     return Path(out)
 
 
@@ -226,10 +335,10 @@ def staged_folder(out: PathLike, markers: Sequence[MarkerLike], what: str = "out
     staging = begin_staging(out, markers, what)
     try:
         yield staging
+        replace_folder(staging, out, markers, what)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
         raise
-    replace_folder(staging, out, markers, what)
 
 
 def remove_ours(path: PathLike, markers: Sequence[MarkerLike], what: str = "output folder") -> bool:

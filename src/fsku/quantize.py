@@ -28,12 +28,13 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .choices import QUANT_METHODS, QuantSpec
-from .outputs import check_not_input, staged_folder
+from .outputs import check_not_input, check_replaceable, staged_folder
 
 log = logging.getLogger(__name__)
 
 QUANT_INFO_FILE = "fsku_quantization.json"
 QUANT_MARKERS = (QUANT_INFO_FILE,)  # what proves a folder is a quantized model written here (so it may be replaced)
+MERGED_MARKERS = ("config.json",)  # a merged adapter's folder is a model folder
 
 
 @dataclass(frozen=True)
@@ -105,17 +106,21 @@ def get_method(name: str) -> QuantSpec:
 # ---------------------------------------------------------------- quantize
 
 def merged_source(model_path: Path, work: Path, dtype) -> Path:
-    """`model_path` itself, or (a LoRA adapter folder) its base with the adapter merged, saved to `work`/merged."""
+    """`model_path` itself, or (a LoRA adapter folder) its base with the adapter merged, saved to `work`/merged:
+    written beside it and swapped in whole (no shard of an earlier merge survives); an existing `work`/merged
+    is replaced only when it is a model folder (config.json)."""
     if not (model_path / "adapter_config.json").exists():
         return model_path
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
+    out = work / "merged"
+    check_replaceable(out, MERGED_MARKERS, "merged model folder")  # before loading the model
     log.info("merging the LoRA adapter in %s into its base model", model_path)
     model = AutoPeftModelForCausalLM.from_pretrained(model_path, dtype=dtype).merge_and_unload()
-    out = work / "merged"
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(model_path).save_pretrained(out)
+    with staged_folder(out, MERGED_MARKERS, "merged model folder") as staging:
+        model.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(model_path).save_pretrained(staging)
     return out
 
 

@@ -22,6 +22,7 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 from . import home
 from .config import RetrieveConfig
+from .outputs import staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -327,25 +328,27 @@ def set_version_tags(name: str, version: str, tags: dict) -> None:
         client.set_model_version_tag(name, version, key, str(value))
 
 
+DOWNLOADED_MARKER = ".fsku-downloaded"  # the origin of a finished registry download: the folder is ours
+
+
 def download_registered_model(uri: str, dest_root: str | Path | None = None,
                               marker: str = "config.json") -> tuple[Path, str, str]:
     """Download a registered pyfunc model (a student, possibly quantized, or with marker
     'manifest.json' a knowledge base) once into ``dest_root/<name>/<version>`` (default: the
     project's models/registry) and return (the folder inside its artifacts that holds `marker`,
-    name, version)."""
-    import shutil
-
+    name, version). The download is staged beside the folder and swapped in whole; an existing folder
+    is replaced only when it is an earlier download (it holds .fsku-downloaded), never a folder of
+    someone else's that happens to sit there."""
     name, version = parse_model_uri(uri)
     dest = Path(dest_root if dest_root is not None else home.models_dir() / "registry") / name / version
-    done = dest / ".fsku-downloaded"
+    done = dest / DOWNLOADED_MARKER
     # another tracking store can hold a different model under the same name and version
     origin = f"{tracking_uri()} {mlflow.MlflowClient().get_model_version(name, version).source}"
-    if not done.exists() or done.read_text(encoding="utf-8") != origin:
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.mkdir(parents=True)
-        log.info("downloading models:/%s/%s to %s", name, version, dest)
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest))
-        done.write_text(origin, encoding="utf-8")
+    if not done.is_file() or done.read_text(encoding="utf-8") != origin:
+        with staged_folder(dest, (DOWNLOADED_MARKER,), f"registry download folder of models:/{name}/{version}") as tmp:
+            log.info("downloading models:/%s/%s to %s", name, version, dest)
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
+            (tmp / DOWNLOADED_MARKER).write_text(origin, encoding="utf-8")
     folders = [p.parent for p in dest.rglob(marker) if "artifacts" in p.parts]
     if len(folders) != 1:
         raise ValueError(f"{uri}: expected one folder with {marker} among the artifacts in {dest}, found "

@@ -6,18 +6,22 @@ context and a single option order / a shorter answer; it is never a fixed string
 (`minimal=True`) asks it once more with the shortest prompt: no worked examples, one order, the stem
 cut to LAST_RESORT_STEM_TOKENS and each option to LAST_RESORT_OPTION_TOKENS.
 
-Questions longer than the model's window (`max_model_len`) are cut to fit, never refused: every
-prompt a path sends (with its context, worked examples and the tokens it generates) is measured
-with an empty stem and empty options, and what is left is the budget for the question. The stem is
-cut first; the options stay whole unless they alone exceed the budget less the stem's minimum
-(MIN_STEM_TOKENS, or the whole stem if shorter), and then only the long ones are clipped, to one
-common cap (`prompts.allocate_tokens`). A cut stem keeps its start and, twice as long, its end, the
-part nearest the options where the question is asked (`prompts.keep_ends`). The answer says so:
-`truncated`, with `question_tokens` as written and `kept_tokens` as asked. Such an answer is not
-cached: it depends on max_model_len, which is not part of the cache key.
+Questions longer than the model's window (`max_model_len`) are fitted, never refused: every prompt
+a path sends (with its context, worked examples and the tokens it generates) is measured with an
+empty stem and empty options, and what is left is the budget for the question. On the context path
+the retrieved context gives way first: it is rebuilt with a smaller token budget (`context_text`),
+down to no context at all, so that the question fits whole (`fit_with_context`). Only a question
+that does not fit even without context is cut: the stem first; the options stay whole unless they
+alone exceed the budget less the stem's minimum (MIN_STEM_TOKENS, or the whole stem if shorter),
+and then only the long ones are clipped, to one common cap (`prompts.allocate_tokens`). A cut stem
+keeps its start and, twice as long, its end, the part nearest the options where the question is
+asked (`prompts.keep_ends`). The answer says so: `truncated`, with `question_tokens` as written and
+`kept_tokens` as asked. Such an answer is not cached: it depends on max_model_len, which is not part
+of the cache key.
 
 Ten or more options are scored digit by digit where the tokenizer splits "10" into "1", "0"
-(`two_digit_label_logprobs`); self-consistency votes still only parse the option numbers 1-9."""
+(`two_digit_label_logprobs`); self-consistency votes parse the option numbers 1-99 and ①-⑳
+(`options.parse_choice`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -35,12 +39,16 @@ from . import prompts
 from .classify import ClassifiedQuestion
 
 log = logging.getLogger(__name__)
-FALLBACK_SAMPLES = 2  # sampled retries when the fallback's greedy answer is empty
-LAST_RESORT_STEM_TOKENS = 96
-LAST_RESORT_OPTION_TOKENS = 24
-LAST_RESORT_NEW_TOKENS = 32
-FIT_MARGIN = 8  # tokens for merges where the question meets the template, plus 2 per option
-FIT_ATTEMPTS = 4  # re-measure after cutting: tokenisation at the cuts is not exactly additive
+# Internal constants, not user tunables: they shape the fallback paths and the fitting arithmetic,
+# which only run when the configured path failed or a question overflows max_model_len (the knobs a
+# user has are max_new_tokens, context_tokens and max_model_len).
+FALLBACK_SAMPLES = 2  # internal: sampled retries when the fallback's greedy answer is empty
+LAST_RESORT_STEM_TOKENS = 96  # internal: the last resort is the shortest prompt that still asks the question
+LAST_RESORT_OPTION_TOKENS = 24  # internal: ... and names every option
+LAST_RESORT_NEW_TOKENS = 32  # internal: ... and a short answer (a descriptive one of a sentence or two)
+FIT_MARGIN = 8  # internal: tokens for merges where the question meets the template, plus 2 per option
+FIT_ATTEMPTS = 4  # internal: re-measure after cutting: tokenisation at the cuts is not exactly additive
+MIN_PASSAGE_TOKENS = 16  # internal: a passage cut shorter than this says nothing; context_text stops there
 
 
 @dataclass
@@ -63,6 +71,7 @@ class Answer:
     kept_tokens: int = 0  # stem + option tokens in the prompt (< question_tokens when truncated)
     path: str = "primary"  # primary | fallback | minimal | none (no model answer: see fsku.infer.orchestrate)
     duplicate_of: str = ""  # the ID whose answer this copies (the same question text earlier in the run)
+    question_flag: str = ""  # the classifier's flag of the question (a row content problem, fsku.infer.classify)
 
     def to_record(self) -> dict:
         return dict(self.__dict__)
@@ -119,21 +128,27 @@ class Answerer:
             terms = [1] * len(questions)
         return list(zip(hits, terms, strict=True))
 
-    def context_text(self, hits: list, query_terms: int = 1) -> tuple[str, list[str]]:
-        """The context block for the prompt and the chunk ids it holds ('' and [] when the gate closes)."""
-        passages, ids = [], []
-        budget = self.cfg.context_tokens
+    def context_text(self, hits: list, query_terms: int = 1, budget: Optional[int] = None) -> tuple[str, list[str]]:
+        """The context block for the prompt and the chunk ids it holds ('' and [] when the gate closes);
+        its passages hold at most `budget` tokens together (default: cfg.context_tokens)."""
+        text, ids, _ = self._context(hits, query_terms, self.cfg.context_tokens if budget is None else budget)
+        return text, ids
+
+    def _context(self, hits: list, query_terms: int, budget: int) -> tuple[str, list[str], int]:
+        """(context block, chunk ids, passage tokens used) within `budget` passage tokens."""
+        passages, ids, total = [], [], 0
         for h in gate_passages(hits, self.cfg, query_terms):
+            if budget < MIN_PASSAGE_TOKENS:
+                break
             text = self.llm.truncate_tokens(h.text, min(self.cfg.passage_tokens, budget))
             used = self.llm.count_tokens(text)
-            if used < 16:
+            if used < MIN_PASSAGE_TOKENS:
                 break
             passages.append({"text": text, "source": h.source})
             ids.append(h.chunk_id)
             budget -= used
-            if budget < 16:
-                break
-        return (prompts.format_context(passages) if passages else ""), ids
+            total += used
+        return (prompts.format_context(passages) if passages else ""), ids, total
 
     # -- fitting a question into the model's window
     def _encode(self, text: str) -> list:
@@ -194,6 +209,41 @@ class Answerer:
         head, tail = prompts.keep_ends(ids, budget - gap)
         return self._decode(head).strip() + prompts.STEM_GAP + self._decode(tail).strip()
 
+    def _room(self, q: ClassifiedQuestion, forms) -> tuple[int, int]:
+        """(tokens of the longest prompt of `forms` with an empty question, tokens left for the question)."""
+        n = len(q.choices)
+        fixed = max(self._count(render("", [""] * n)) + extra for render, extra in forms)
+        return fixed, self.llm.max_model_len - fixed - FIT_MARGIN - 2 * n
+
+    def _question_tokens(self, q: ClassifiedQuestion) -> int:
+        return self._count(q.parsed_question.strip()) + sum(self._count(t) for t in q.option_texts)
+
+    def fit_with_context(self, q: ClassifiedQuestion, hits: list, query_terms: int = 1, mode: str = "full"
+                         ) -> tuple[ClassifiedQuestion, dict, str, list[str]]:
+        """(`q` fitted, the `fit` fields, context block, its chunk ids) for the path `mode`. The fast paths
+        have no context. On the full path the context gives way first: when the whole question does not
+        fit beside it, the context is rebuilt with its passage budget cut by the overflow, down to none;
+        only a question that does not fit even without context is cut (`fit`)."""
+        if mode != "full":
+            return (*self.fit(q, "", mode), "", [])
+        context, ids, used = self._context(hits, query_terms, self.cfg.context_tokens)
+        if context:
+            total = self._question_tokens(q)
+            for attempt in range(FIT_ATTEMPTS + 1):
+                over = total - self._room(q, self.prompt_forms(q, context, mode))[1]
+                if over <= 0:
+                    break
+                if attempt == FIT_ATTEMPTS:  # still over: no context rather than a cut question
+                    context, ids = "", []
+                    break
+                context, ids, new_used = self._context(hits, query_terms, used - over)  # shrinks by >= the overflow
+                log.info("%s: context cut from %d to %d passage tokens so the question (%d tokens) fits max_model_len "
+                         "%d", q.question_id, used, new_used, total, self.llm.max_model_len)
+                used = new_used
+                if not context:
+                    break
+        return (*self.fit(q, context, mode), context, ids)
+
     def fit(self, q: ClassifiedQuestion, context: str = "", mode: str = "full") -> tuple[ClassifiedQuestion, dict]:
         """(`q` cut so that every prompt of the path fits `max_model_len`, the Answer fields truncated /
         question_tokens / kept_tokens). ValueError when not even an empty question fits (the context or
@@ -204,8 +254,7 @@ class Answerer:
         stem = q.parsed_question.strip()
         stem_ids, opt_ids = self._encode(stem), [self._encode(t) for t in texts]
         total = len(stem_ids) + sum(len(o) for o in opt_ids)
-        fixed = max(self._count(render("", [""] * len(texts))) + extra for render, extra in forms)
-        budget = limit - fixed - FIT_MARGIN - 2 * len(texts)
+        fixed, budget = self._room(q, forms)
         minimal = mode == "minimal"
         if total <= budget and not minimal:
             return q, {"truncated": False, "question_tokens": total, "kept_tokens": total}
@@ -325,8 +374,7 @@ class Answerer:
         cfg = self.cfg
         mode = _mode(fast, minimal)
         fast = fast or minimal
-        context, ctx_ids = ("", []) if fast else self.context_text(hits, query_terms)
-        q, fitted = self.fit(q, context, mode)
+        q, fitted, context, ctx_ids = self.fit_with_context(q, hits, query_terms, mode)
         debias = cfg.debias if not fast else ("calibrate" if "calibrate" in cfg.debias and not minimal else "none")
         # the fallback scores option numbers in one order only (one forward pass)
         scores, raw_choice = self.score_options(q, context, debias, 1 if fast else cfg.rotations, deadline,
@@ -356,8 +404,7 @@ class Answerer:
         cfg = self.cfg
         mode = _mode(fast, minimal)
         fast = fast or minimal
-        context, ctx_ids = ("", []) if fast else self.context_text(hits, query_terms)
-        q, fitted = self.fit(q, context, mode)
+        q, fitted, context, ctx_ids = self.fit_with_context(q, hits, query_terms, mode)
         prompt = self.llm.render_chat(prompts.desc_messages(q.parsed_question, context))
         check_deadline(deadline)
         max_new = self._max_new(mode)

@@ -5,15 +5,26 @@ exams use ``1.``, ``1)``, ``(1)`` or ``①`` markers, sometimes all options on o
 are the LAST run of consecutive markers numbered 1..n (n >= 2, up to 99; circled up to ⑳) in one
 marker style, so numbers inside the stem ("제14조", "1,000명", "3억원", a numbered list followed
 by the question) are never taken for options. An option line may be empty (``2`` alone: the model
-can still pick it) as long as two options in the run have text. Line endings (CRLF, CR alone,
-mixed) are normalised first.
+can still pick it) only BETWEEN options with text, and two options in the run need text: a run that
+ends in empty options is cut before them (a stray trailing ``5`` is no fifth option) and a run that
+starts with one is no option block. Line endings (CRLF, CR alone, mixed) are normalised first.
 
-`read_questions_csv` reads the competition CSV strictly: quoting errors, an unterminated quote
-(which would swallow the rows after it), extra fields and unreadable paths are ValueErrors naming
-the file and the physical line a row starts on. Control characters (C0 except tab and newlines,
-DEL, C1) are removed from a Question with a warning naming the row (the line-separator ones, VT FF
-FS GS RS NEL, become newlines); an ID holding one is refused, since a cleaned ID would no longer be
-the one the grader expects.
+Row CONTENT never ends a run: `classify_question` returns a question for any text, and a problem
+sets `flag` (`classify_file` in fsku.infer.predict logs it as a warning naming the file and row):
+- FLAG_EMPTY: an empty Question, or one of only control characters: descriptive with an empty
+  stem, confidence 0. predict does not ask the model; the row gets the recorded placeholder (path
+  ``none``, empty answer, valid but scoring 0) and is counted apart from the model's failures.
+- FLAG_NO_STEM: three or more options and nothing before them: multiple choice with an empty stem
+  at confidence 0.3; the model still picks an option.
+
+`read_question_rows` reads the competition CSV strictly for its STRUCTURE: an unterminated quote
+(which would swallow the rows after it), extra fields, an empty, duplicate or control-character ID
+and unreadable paths are ValueErrors naming the file and the physical line a row starts on. Quote
+placement is read as csv.reader always read it (``A,"망분리"란 무엇인가?`` -> ``망분리란 무엇인가?``),
+with a warning naming the row. Control characters (C0 except tab and newlines, DEL, C1) are removed
+from a Question with a warning naming the row (the line-separator ones, VT FF FS GS RS NEL, become
+newlines); an ID holding one is refused, since a cleaned ID would no longer be the one the grader
+expects.
 """
 from __future__ import annotations
 
@@ -23,27 +34,33 @@ from dataclasses import asdict, dataclass, field
 
 log = logging.getLogger(__name__)
 
+# the one definition of option numbers and control characters in fsku.infer (options.py and
+# prompts.py import them): 1..99 in digits (two for 10+ options; never three: years, amounts), ①..⑳
 CIRCLED = "①②③④⑤⑥⑦⑧⑨⑩⑪⑫⑬⑭⑮⑯⑰⑱⑲⑳"
-_NUM = r"[1-9][0-9]?"  # 1..99: two digits for 10+ options; never three (years, amounts)
+OPTION_NUMBER = r"[1-9][0-9]?"
+CIRCLED_CLASS = f"[{CIRCLED[0]}-{CIRCLED[-1]}]"
 
 # marker styles: (name, regex for a line start, regex for inline splitting); group 2 is the option
 # text, absent for an empty option ("2" alone on its line)
 _LINE_MARKERS = {
-    "space": re.compile(rf"^\s*({_NUM})(?:\s+(?![.)])(\S.*?))?\s*$"),  # "1 text" (the competition's own)
-    "dot": re.compile(rf"^\s*({_NUM})\.(?:\s*(\S.*?))?\s*$"),
-    "paren": re.compile(rf"^\s*({_NUM})\)(?:\s*(\S.*?))?\s*$"),
-    "wrapped": re.compile(rf"^\s*\(({_NUM})\)(?:\s*(\S.*?))?\s*$"),
-    "circled": re.compile(r"^\s*([①-⑳])(?:\s*(\S.*?))?\s*$"),
+    "space": re.compile(rf"^\s*({OPTION_NUMBER})(?:\s+(?![.)])(\S.*?))?\s*$"),  # "1 text" (the competition's own)
+    "dot": re.compile(rf"^\s*({OPTION_NUMBER})\.(?:\s*(\S.*?))?\s*$"),
+    "paren": re.compile(rf"^\s*({OPTION_NUMBER})\)(?:\s*(\S.*?))?\s*$"),
+    "wrapped": re.compile(rf"^\s*\(({OPTION_NUMBER})\)(?:\s*(\S.*?))?\s*$"),
+    "circled": re.compile(rf"^\s*({CIRCLED_CLASS})(?:\s*(\S.*?))?\s*$"),
 }
 _INLINE_MARKERS = {
-    "circled": re.compile(r"([①-⑳])"),
-    "wrapped": re.compile(rf"\(({_NUM})\)"),
-    "paren": re.compile(rf"(?:(?<=\s)|^)({_NUM})\)"),
+    "circled": re.compile(rf"({CIRCLED_CLASS})"),
+    "wrapped": re.compile(rf"\(({OPTION_NUMBER})\)"),
+    "paren": re.compile(rf"(?:(?<=\s)|^)({OPTION_NUMBER})\)"),
 }
 MIN_OPTIONS = 2  # options in a run, and options with text in it
 # C0 controls except tab/LF/CR, DEL and C1; the line-separator ones among them become newlines
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _LINE_CONTROLS = "\x0b\x0c\x1c\x1d\x1e\x85"
+FLAG_EMPTY = "empty question"  # ClassifiedQuestion.flag values (row content problems, see the module docstring)
+FLAG_NO_STEM = "options but no question stem"
+NO_STEM_CONFIDENCE = 0.3
 QUESTION_CUES = re.compile(r"(\?|것은|것을|고르|옳|틀린|아닌|무엇|해당하는|적절한)")
 
 
@@ -55,6 +72,7 @@ class ClassifiedQuestion:
     parsed_question: str  # the stem
     choices: dict[str, str] = field(default_factory=dict)
     confidence: float = 1.0
+    flag: str = ""  # a row content problem (FLAG_EMPTY, FLAG_NO_STEM); "" for a normal question
 
     @property
     def option_texts(self) -> list[str]:
@@ -62,22 +80,25 @@ class ClassifiedQuestion:
         return [self.choices[k] for k in sorted(self.choices, key=int)]
 
     def to_record(self) -> dict:
-        """The `fsku classify` line: {"ID", "question_type", "stem", "choices"}."""
-        return {"ID": self.question_id, "question_type": self.question_type, "stem": self.parsed_question,
-                "choices": self.choices}
+        """The `fsku classify` line: {"ID", "question_type", "stem", "choices"} (+ "flag" when set)."""
+        record = {"ID": self.question_id, "question_type": self.question_type, "stem": self.parsed_question,
+                  "choices": self.choices}
+        return {**record, "flag": self.flag} if self.flag else record
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _number(marker: str) -> int:
+def option_number(marker: str) -> int:
+    """"7" -> 7, "⑦" -> 7."""
     return CIRCLED.index(marker) + 1 if marker in CIRCLED else int(marker)
 
 
 def _trailing_option_block(lines: list[str]) -> tuple[int, dict[str, str], str] | None:
     """(index where options start, options, style) for the last consecutive 1..n marker run (blank lines
     between options allowed) with at least MIN_OPTIONS options, MIN_OPTIONS of them with text (a run of
-    bare numbers is no question)."""
+    bare numbers is no question). Empty options only between options with text: trailing ones are
+    dropped (their lines belong to neither stem nor options), and a run whose option 1 is empty is none."""
     best = None
     for style, pattern in _LINE_MARKERS.items():
         end = len(lines)
@@ -93,7 +114,7 @@ def _trailing_option_block(lines: list[str]) -> tuple[int, dict[str, str], str] 
             m = pattern.match(lines[i])
             if not m:
                 break
-            num = _number(m.group(1))
+            num = option_number(m.group(1))
             if expected is not None and num != expected:
                 break
             options.insert(0, (num, (m.group(2) or "").strip()))
@@ -101,7 +122,9 @@ def _trailing_option_block(lines: list[str]) -> tuple[int, dict[str, str], str] 
             i -= 1
             if num == 1:
                 break
-        if options and options[0][0] == 1 and len(options) >= MIN_OPTIONS \
+        while options and not options[-1][1]:  # "…\n4 D\n5": a stray number is no empty fifth option
+            options.pop()
+        if options and options[0][0] == 1 and options[0][1] and len(options) >= MIN_OPTIONS \
                 and sum(bool(text) for _, text in options) >= MIN_OPTIONS:
             start = i + 1
             if best is None or start < best[0]:
@@ -113,7 +136,7 @@ def _inline_options(line: str) -> tuple[str, dict[str, str]] | None:
     """Options written on one line ('... ① A ② B ③ C ④ D'): (text before them, options)."""
     for pattern in _INLINE_MARKERS.values():
         marks = list(pattern.finditer(line))
-        nums = [_number(m.group(1)) for m in marks]
+        nums = [option_number(m.group(1)) for m in marks]
         # the last run 1..n in order
         for start in range(len(nums) - 1, -1, -1):
             if nums[start] == 1 and nums[start:] == list(range(1, len(nums) - start + 1)):
@@ -145,18 +168,19 @@ def strip_control(text: str) -> tuple[str, int]:
 
 
 def classify_question(question_id: str, text: str) -> ClassifiedQuestion:
-    """Parse one question. Confidence drops when the evidence for options is weak (no question
-    cue in the stem, only two options, an empty option, or options found inline). The stem and
-    options never hold control characters (`original_text` stays as given: it keys the cache)."""
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"question {question_id!r}: empty question text")
+    """Parse one question; never raises on its content. Confidence drops when the evidence for options
+    is weak (no question cue in the stem, only two options, an empty option, or options found inline).
+    An empty (or control-only) text is descriptive with `flag` FLAG_EMPTY and confidence 0; options with
+    nothing before them are multiple choice with an empty stem, `flag` FLAG_NO_STEM, confidence 0.3.
+    The stem and options never hold control characters (`original_text` stays as given: it keys the cache)."""
+    text = text if isinstance(text, str) else ""  # a missing cell (None, pandas NaN) is an empty question
     cleaned, _ = strip_control(text)
     lines = split_lines(cleaned.strip())
     if not "".join(lines).strip():
-        raise ValueError(f"question {question_id!r}: empty question text (only control characters)")
+        return ClassifiedQuestion(question_id, text, "descriptive", "", {}, 0.0, flag=FLAG_EMPTY)
     block = _trailing_option_block(lines)
     if block and block[0] == 0 and len(block[1]) >= 3:
-        raise ValueError(f"question {question_id!r}: options ({len(block[1])} lines '1 ...') but no question stem before them")
+        return ClassifiedQuestion(question_id, text, "multiple_choice", "", block[1], NO_STEM_CONFIDENCE, flag=FLAG_NO_STEM)
     if block and block[0] > 0:
         start, options, style = block
         stem = "\n".join(lines[:start]).strip()
@@ -173,9 +197,11 @@ def classify_question(question_id: str, text: str) -> ClassifiedQuestion:
     if inline:
         before, options = inline
         stem = "\n".join(lines[:-1] + ([before] if before else [])).strip()
-        if stem:
-            confidence = 0.8 if QUESTION_CUES.search(stem) else 0.5
-            return ClassifiedQuestion(question_id, text, "multiple_choice", stem, options, confidence)
+        if not stem:  # "① A ② B ③ C" and nothing else
+            return ClassifiedQuestion(question_id, text, "multiple_choice", "", options, NO_STEM_CONFIDENCE,
+                                      flag=FLAG_NO_STEM)
+        confidence = 0.8 if QUESTION_CUES.search(stem) else 0.5
+        return ClassifiedQuestion(question_id, text, "multiple_choice", stem, options, confidence)
     return ClassifiedQuestion(question_id, text, "descriptive", "\n".join(lines).strip(), {}, 0.9 if block else 1.0)
 
 
@@ -196,24 +222,69 @@ def _set_field_size_limit(limit: int) -> None:
         csv.field_size_limit(field_size_limit_for(limit, 2**31 - 1))
 
 
-def _id_shape(qid: str):
-    """A pattern for IDs shaped like `qid` (digit runs generalised: TEST_003 -> TEST_[0-9]+) followed
-    by a comma, i.e. a CSV row start; None when `qid` has no letter (plain numbers are too common)."""
+def _id_shape(qid: str) -> str | None:
+    """`qid` with every digit as 0 (TEST_003 -> TEST_000: same prefix, same digit count); None when it
+    has no letter or no digit (plain numbers such as "1,000" start too many lines to mean a row)."""
     if not re.search(r"[^\W\d_]", qid) or not re.search(r"\d", qid):
         return None
-    return re.compile("^" + re.sub(r"\d+", "[0-9]+", re.escape(qid)) + ",")
+    return re.sub(r"\d", "0", qid)
+
+
+_PHYSICAL_LINE = re.compile(r"\r\n|\r|\n")  # the line breaks csv counts in reader.line_num
+_END_MARK = "\ue000fsku-end-of-file\ue000"  # a last line no CSV holds: swallowed only by a quote left open
+
+
+def _csv_records(path, text: str) -> list[tuple[int, list[str]]]:
+    """(physical line the record starts on, fields) for every non-blank record of `text`, read as
+    csv.reader (and csv.DictReader) always read it, not strict about quote placement: a field such as
+    ``"망분리"란 무엇인가?`` reads ``망분리란 무엇인가?``, with a warning naming the row. A quote left open to
+    the end of the file is a ValueError (found by a mark line appended after the text: only an open
+    quote swallows it)."""
+    import csv
+    import io
+
+    old_limit = csv.field_size_limit()
+    _set_field_size_limit(field_size_limit_for(len(text) + len(_END_MARK) + 2))  # csv's default stops at 128 K
+    lines = io.StringIO(text, newline="").readlines()
+    reader = csv.reader(io.StringIO(text + "\n" + _END_MARK + "\n", newline=""))
+    records: list[tuple[int, list[str]]] = []
+    start = 1
+    try:
+        for row in reader:
+            if row == [_END_MARK]:
+                break
+            if any(_END_MARK in f for f in row):
+                raise ValueError(f"{path}: row {start}: unterminated quoted field: a '\"' opened in the row starting "
+                                 f"on line {start} is never closed (it runs to the end of the file, line {len(lines)})")
+            if row:  # blank lines are no rows (as csv.DictReader has it)
+                raw = "".join(lines[start - 1:reader.line_num])
+                if '"' in raw:
+                    try:
+                        list(csv.reader(io.StringIO(raw, newline=""), strict=True))
+                    except csv.Error as e:
+                        log.warning("%s: row %d: misplaced quote (%s); read as csv.reader reads it: %r", path, start,
+                                    e, ",".join(row)[:80])
+                records.append((start, row))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise ValueError(f"{path}: row {start}: malformed CSV ({e}; at line {reader.line_num}); quote a Question that "
+                         "holds commas, quotes or newlines, doubling the quotes inside it") from None
+    finally:
+        csv.field_size_limit(old_limit)
+    return records
 
 
 def read_question_rows(path) -> list[tuple[int, str, str]]:
     """(line, ID, Question) rows of a competition CSV (UTF-8 with or without BOM, or cp949 with a
     warning), `line` being the physical line the row starts on (a quoted Question spans several).
 
-    Strict: a quoting error, an unterminated quote, a row with more fields than the header, a
-    quoted field holding a line that starts like another row (``TEST_004,``: an unterminated quote
-    closed by a later one), an empty/duplicate ID or empty Question, and a directory or unreadable
-    path are ValueErrors naming the file and row. Fields may be as long as the file."""
-    import csv
-    import io
+    Strict about STRUCTURE: an unterminated quote, a row with more fields than the header, a quoted
+    field holding a line that starts like a row that is missing (``TEST_004,``, shaped exactly like the
+    file's IDs, same prefix and digit count, and no ID of the file: an unterminated quote closed by a
+    later one swallowed it), an empty, duplicate or control-character ID, and a directory or unreadable
+    path are ValueErrors naming the file and row. Quote placement is read leniently (see
+    `_csv_records`). Row CONTENT is no error: an empty Question is returned as "" (the classifier flags
+    it). Fields may be as long as the file."""
     from pathlib import Path
 
     path = Path(path)
@@ -235,25 +306,7 @@ def read_question_rows(path) -> list[tuple[int, str, str]]:
             raise ValueError(f"{path}: not UTF-8 (with or without BOM) nor cp949 text") from None
         log.warning("%s: read as cp949 (not UTF-8)", path)
 
-    old_limit = csv.field_size_limit()
-    _set_field_size_limit(field_size_limit_for(len(text)))  # csv's default stops at 128 K characters
-    records: list[tuple[int, list[str]]] = []
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    start = 1
-    try:
-        for row in reader:
-            if row:  # blank lines are no rows (as csv.DictReader has it)
-                records.append((start, row))
-            start = reader.line_num + 1
-    except csv.Error as e:
-        if "unexpected end of data" in str(e):
-            raise ValueError(f"{path}: row {start}: unterminated quoted field: a '\"' opened in the row starting on "
-                             f"line {start} is never closed (it runs to the end of the file, line {reader.line_num})"
-                             ) from None
-        raise ValueError(f"{path}: row {start}: malformed CSV ({e}; at line {reader.line_num}); quote a Question that "
-                         "holds commas, quotes or newlines, doubling the quotes inside it") from None
-    finally:
-        csv.field_size_limit(old_limit)
+    records = _csv_records(path, text)
     if not records:
         raise ValueError(f"{path}: no questions (empty file)")
     header = records[0][1]
@@ -273,18 +326,11 @@ def read_question_rows(path) -> list[tuple[int, str, str]]:
             raise ValueError(f"{path}: row {lineno}: ID {raw_id!r} contains {bad} control character(s); an ID must be "
                              "exactly what the grader expects, so it is not cleaned")
         qid = raw_id.strip()
+        if not qid:
+            raise ValueError(f"{path}: row {lineno} has an empty ID")
         question, bad = strip_control(question)
         if bad:
             log.warning("%s: row %d (ID %s): removed %d control character(s) from the Question", path, lineno, qid, bad)
-        if not qid or not question.strip():
-            raise ValueError(f"{path}: row {lineno} has an empty ID or Question")
-        shape = _id_shape(qid)
-        if shape is not None and "\n" in question:
-            for k, line in enumerate(question.split("\n")[1:], start=1):
-                if shape.match(line):
-                    raise ValueError(f"{path}: row {lineno}: the Question holds a line that starts like a row "
-                                     f"({line[:30]!r}, line {lineno + k}): an unterminated quote probably merged "
-                                     "the rows after it")
         rows.append((lineno, qid, question))
     seen: set[str] = set()
     dup = []
@@ -296,7 +342,25 @@ def read_question_rows(path) -> list[tuple[int, str, str]]:
         raise ValueError(f"{path}: duplicate IDs {', '.join(dup[:5])}; every ID must appear once")
     if not rows:
         raise ValueError(f"{path}: no questions")
+    _check_swallowed_rows(path, rows, seen)
     return rows
+
+
+def _check_swallowed_rows(path, rows: list[tuple[int, str, str]], ids: set[str]) -> None:
+    """ValueError when a Question holds a line that starts like a row of this file that is not there:
+    ``<ID>,`` with the ID shaped exactly like the file's IDs (`_id_shape`) and no ID of the file.
+    A Question quoting a real ID (``TEST_001, TEST_002 항목``) or another shape (``TEST_1,`` in a file of
+    TEST_000 IDs) is never an error."""
+    shapes = {shape for qid in ids if (shape := _id_shape(qid)) is not None}
+    if not shapes:
+        return
+    for lineno, _, question in rows:
+        for k, line in enumerate(_PHYSICAL_LINE.split(question)[1:], start=1):
+            head, comma, _ = line.partition(",")
+            if comma and head not in ids and _id_shape(head) in shapes:
+                raise ValueError(f"{path}: row {lineno}: the Question holds a line that starts like a row "
+                                 f"({line[:30]!r}, line {lineno + k}) whose ID is nowhere else in the file: an "
+                                 "unterminated quote probably merged the rows after it")
 
 
 def read_questions_csv(path) -> list[tuple[str, str]]:

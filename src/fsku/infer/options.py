@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .classify import CIRCLED_CLASS, OPTION_NUMBER, option_number
+
 
 def cyclic_orders(n: int, k: int = 0) -> list[list[int]]:
     """k cyclic rotations of range(n), evenly spaced (k = 0 or k >= n: all n). The first is the identity."""
@@ -95,13 +97,12 @@ def choice_confidence(scores: np.ndarray) -> tuple[int, float]:
 
 
 # option numbers 1..99 (a question may have 10+ options) and circled ①..⑳, never part of a longer number
-_NUM = r"(?<!\d)([1-9][0-9]?|[①-⑳])(?!\d)"
+_ANSWER_NUMBER = rf"(?<!\d)({OPTION_NUMBER}|{CIRCLED_CLASS})(?!\d)"
 _ANSWER_PATTERNS = [
-    re.compile(r"정답\s*(?:은|는|:|：)?\s*(?:번호\s*)?[\(\[]?\s*" + _NUM),
-    re.compile(r"(?:answer|Answer|ANSWER)\s*(?:is|:)?\s*[\(\[]?" + _NUM),
-    re.compile(_NUM + r"\s*번(?:이|입니다|이다|\b)"),
+    re.compile(r"정답\s*(?:은|는|:|：)?\s*(?:번호\s*)?[\(\[]?\s*" + _ANSWER_NUMBER),
+    re.compile(r"(?:answer|Answer|ANSWER)\s*(?:is|:)?\s*[\(\[]?" + _ANSWER_NUMBER),
+    re.compile(_ANSWER_NUMBER + r"\s*번(?:이|입니다|이다|\b)"),
 ]
-_CIRCLED = "①②③④⑤⑥⑦⑧⑨⑩⑪⑫⑬⑭⑮⑯⑰⑱⑲⑳"
 
 
 def parse_choice(text: str, n: int) -> Optional[int]:
@@ -111,16 +112,12 @@ def parse_choice(text: str, n: int) -> Optional[int]:
     first), then a text that is only a number."""
     if not text:
         return None
-
-    def value(tok: str) -> int:
-        return _CIRCLED.index(tok) + 1 if tok in _CIRCLED else int(tok)
-
     for pattern in _ANSWER_PATTERNS:
-        found = [value(m.group(1)) for m in pattern.finditer(text)]
+        found = [option_number(m.group(1)) for m in pattern.finditer(text)]
         found = [v for v in found if 1 <= v <= n]
         if found:
             return found[-1]
-    m = re.fullmatch(r"\s*[\(\[]?([1-9][0-9]?)[\)\].]?\s*", text)
+    m = re.fullmatch(rf"\s*[\(\[]?({OPTION_NUMBER})[\)\].]?\s*", text)
     if m and 1 <= int(m.group(1)) <= n:
         return int(m.group(1))
     return None

@@ -13,7 +13,10 @@ One question never ends the run. Each answer records its `path`:
   examples, the stem cut hard, options clipped).
 - none: even that failed. The record says so (`error` names every failure, confidence 0) and holds
   an empty descriptive answer, or for multiple choice option 1 (`placeholder_answer`): not the
-  model's choice, a fixed stated rule, only so that the submission still validates.
+  model's choice, a fixed stated rule, only so that the submission still validates. An empty
+  question (`flag` "empty question", see fsku.infer.classify) takes this path at once, without a
+  model call (there is nothing to ask), and is counted as `empty_questions`, not `unanswered`;
+  predict refuses a run whose `unanswered` share exceeds `max_unanswered_share` (after writing it).
 Errors name the question ID in the log. The same question text under several IDs is answered once
 per run; the other IDs get a copy (`duplicate_of`).
 """
@@ -29,7 +32,7 @@ from ..config import InferConfig
 from ..retrieve import Hit
 from ..stores import AnswerCache, ResultLog, digest, make_key
 from .answer import Answer, Answerer
-from .classify import ClassifiedQuestion
+from .classify import FLAG_EMPTY, ClassifiedQuestion
 from .prompts import PROMPT_VERSION
 
 log = logging.getLogger(__name__)
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 # every InferConfig field changes the answer cache key except these (runtime, limits, places);
 # a new field is part of the key by default, so it can never serve stale answers
 NON_ANSWER_FIELDS = ("backend", "device", "max_model_len", "batch_size", "kb", "time_limit_s", "breaker_failures",
-                     "breaker_cooldown", "time_budget_min", "cache_dir")
+                     "breaker_cooldown", "time_budget_min", "cache_dir", "max_unanswered_share")
 ANSWER_FIELDS = tuple(f.name for f in dataclasses.fields(InferConfig) if f.name not in NON_ANSWER_FIELDS)
 RETRIEVAL_FIELDS = ("top_k",)
 
@@ -103,7 +106,8 @@ class Orchestrator:
         self.model_tag = digest(answerer.llm.fingerprint(), 12)
         self.cfg_hash = answer_config_hash(cfg)
         self.stats = {"fallback": 0, "timeouts": 0, "errors": 0, "breaker_opened": 0, "cache_hits": 0, "budget_fast": 0,
-                      "fallback_errors": 0, "unanswered": 0, "truncated": 0, "duplicates": 0, "retrieval_errors": 0}
+                      "fallback_errors": 0, "unanswered": 0, "empty_questions": 0, "truncated": 0, "duplicates": 0,
+                      "retrieval_errors": 0}
 
     def fingerprint(self, input_sha256: str) -> dict:
         return {"input_sha256": input_sha256, "kb": self.kb_version, "model": self.answerer.llm.fingerprint(),
@@ -117,6 +121,9 @@ class Orchestrator:
         # cached as JSON ([hit dicts], terms), rebuilt into Hits: a cache holds data, never objects
         out: list = [self.cache.get(k) for k in keys]
         out = [None if v is None else ([Hit(**h) for h in v[0]], int(v[1])) for v in out]
+        for i, q in enumerate(questions):
+            if out[i] is None and not q.parsed_question.strip():  # an empty stem is no query
+                out[i] = ([], 1)
         todo = [i for i, v in enumerate(out) if v is None]
         if todo:
             fresh = self.answerer.retrieve([questions[i].parsed_question for i in todo])
@@ -144,6 +151,14 @@ class Orchestrator:
         return placeholder_answer(q)
 
     def answer_one(self, q: ClassifiedQuestion, hits: list, terms: int, fast: bool = False) -> Answer:
+        a = self._answer_one(q, hits, terms, fast)
+        a.question_flag = q.flag
+        return a
+
+    def _answer_one(self, q: ClassifiedQuestion, hits: list, terms: int, fast: bool = False) -> Answer:
+        if q.flag == FLAG_EMPTY:
+            self.stats["empty_questions"] += 1
+            return placeholder_answer(q, "empty question: nothing to ask the model")
         key = make_key("answer", kb=self.kb_version, model=self.model_tag, cfg=self.cfg_hash, q=digest(q.original_text))
         if not fast:
             cached = self.cache.get(key)
@@ -268,13 +283,14 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def placeholder_answer(q: ClassifiedQuestion) -> Answer:
+def placeholder_answer(q: ClassifiedQuestion, reason: str = "") -> Answer:
     """The record of a question no attempt of the model answered (path 'none', confidence 0, error set):
     an empty descriptive answer (valid, scores 0), or for multiple choice option 1, the lowest number.
     Not the model's choice and not presented as one: a fixed, stated rule, because a submission must
-    hold a valid option for every multiple-choice ID, and any other fixed rule would pretend to know."""
+    hold a valid option for every multiple-choice ID, and any other fixed rule would pretend to know.
+    `reason` leads the error when the model was not asked at all (an empty question)."""
     mc = q.question_type == "multiple_choice"
     answer = min(q.choices, key=int) if mc else ""
-    note = "no model answer: " + (f"option {answer} written by rule so the submission validates" if mc
-                                  else "empty answer written")
+    note = (f"{reason}; " if reason else "") + "no model answer: " + (
+        f"option {answer} written by rule so the submission validates" if mc else "empty answer written")
     return Answer(q.question_id, answer, q.question_type, 0.0, used_fallback=True, path="none", error=note)

@@ -13,7 +13,7 @@ from typing import Optional
 
 from ..config import InferConfig
 from ..outputs import check_not_input
-from .classify import ClassifiedQuestion, classify_question, read_question_rows
+from .classify import FLAG_EMPTY, FLAG_NO_STEM, ClassifiedQuestion, classify_question, read_question_rows
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,21 @@ class PredictResult:
     stats: dict
 
 
-def classify_file(path: str | Path) -> list[ClassifiedQuestion]:
+_FLAG_OUTCOME = {FLAG_EMPTY: "not asked: recorded with an empty answer (path none; valid, scores 0)",
+                 FLAG_NO_STEM: "read as multiple choice with an empty stem (the model still picks an option)"}
+
+
+def classify_file(path: str | Path, warn: bool = True) -> list[ClassifiedQuestion]:
+    """The classified questions of a competition CSV. Its structure is read strictly (a ValueError
+    naming the file and row, see `read_question_rows`); a row's CONTENT never ends the run: an empty
+    question or options without a stem get a `flag` (see fsku.infer.classify) and, with `warn`, a
+    warning naming the file, row and ID."""
     out = []
     for lineno, qid, text in read_question_rows(path):  # lineno: the physical line the row starts on
-        try:
-            out.append(classify_question(qid, text))
-        except ValueError as e:
-            raise ValueError(f"{path}: row {lineno}: {e}") from None
+        q = classify_question(qid, text)
+        if q.flag and warn:
+            log.warning("%s: row %d (ID %s): %s; %s", path, lineno, qid, q.flag, _FLAG_OUTCOME[q.flag])
+        out.append(q)
     return out
 
 
@@ -52,10 +60,11 @@ def write_submission(path: str | Path, rows: list[tuple[str, str]]) -> Path:
 
 def validate_submission(submission: str | Path, test: str | Path) -> list[str]:
     """Problems of a submission against its test.csv (empty list = valid): columns ID,Answer; every
-    test ID exactly once and in order; a valid option number for multiple choice. An empty descriptive
-    answer is reported as a ``warning:`` line (allowed, scores 0)."""
+    test ID exactly once and in order; a valid option number for multiple choice (also for options
+    without a stem). An empty descriptive answer, the one an empty question gets, is reported as a
+    ``warning:`` line (allowed, scores 0)."""
     problems: list[str] = []
-    questions = {q.question_id: q for q in classify_file(test)}
+    questions = {q.question_id: q for q in classify_file(test, warn=False)}  # predict has warned about flags
     order = list(questions)
     raw = Path(submission).read_bytes()
     if not raw.startswith(b"\xef\xbb\xbf"):
@@ -81,7 +90,8 @@ def validate_submission(submission: str | Path, test: str | Path) -> list[str]:
             if ans not in q.choices:
                 problems.append(f"row {lineno}: {qid}: answer {ans!r} is not one of options {sorted(q.choices, key=int)}")
         elif not ans:
-            problems.append(f"warning: row {lineno}: {qid}: empty descriptive answer (valid, but scores 0)")
+            why = " to an empty question" if q.flag == FLAG_EMPTY else ""
+            problems.append(f"warning: row {lineno}: {qid}: empty descriptive answer{why} (valid, but scores 0)")
     missing = [i for i in order if i not in seen]
     if missing:
         problems.append(f"{len(missing)} test IDs missing, e.g. {missing[:5]}")
@@ -108,10 +118,55 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def outcome_counts(records: list[dict], questions: list[ClassifiedQuestion]) -> dict:
+    """What a reader of the submission must know, over all its rows (resumed ones included):
+    {"unanswered": rows no attempt of the model answered (path none, the question not empty),
+    "empty_questions": empty questions (path none, never asked), "truncated", "duplicates",
+    "unanswered_ids": the unanswered IDs in input order, "none_ids": every path-none ID}."""
+    empty = {q.question_id for q in questions if q.flag == FLAG_EMPTY}
+    none_ids = [r["ID"] for r in records if r.get("path") == "none"]
+    unanswered = [i for i in none_ids if i not in empty]
+    return {"unanswered": len(unanswered), "empty_questions": len(none_ids) - len(unanswered),
+            "truncated": sum(bool(r.get("truncated")) for r in records),
+            "duplicates": sum(bool(r.get("duplicate_of")) for r in records),
+            "unanswered_ids": unanswered, "none_ids": none_ids}
+
+
+def outcome_lines(stats: dict) -> list[str]:
+    """The placeholder counts of a predict run as printed by `fsku predict` and the bundle's inference.py."""
+    lines = [f"unanswered {stats['unanswered']} (path none: no model answer), empty questions {stats['empty_questions']}, "
+             f"truncated {stats['truncated']}, duplicates {stats['duplicates']}"]
+    if stats["none_ids"]:
+        lines.append(f"path none IDs (first 10): {', '.join(stats['none_ids'][:10])}")
+    return lines
+
+
+def unanswered_problem(records: list[dict], counts: dict, max_share: float, where: str = "") -> str:
+    """"" when the share of unanswered rows (`counts` of `outcome_counts`) is at most `max_share`, else
+    one line naming how many, the first IDs and their errors."""
+    n, total = counts["unanswered"], max(1, len(records))
+    if n / total <= max_share:
+        return ""
+    errors = {r["ID"]: r.get("error", "") for r in records}
+    first = "; ".join(f"{i}: {errors[i][:160]}" for i in counts["unanswered_ids"][:3])
+    return (f"{where + ': ' if where else ''}{n} of {len(records)} questions ({n / total:.1%}) got no model answer "
+            f"(path none), more than max_unanswered_share {max_share:g}; the submission and records are written, "
+            f"but check the model: {first}" + (" ..." if n > 3 else ""))
+
+
 def predict(cfg: InferConfig, input_csv: str | Path, out_csv: str | Path, restart: bool = False,
-            progress: bool = True, llm=None, kb=None, partial: Optional[str | Path] = None) -> PredictResult:
-    """Answer every row of `input_csv` into `out_csv`. Finished rows go to ``<out>.partial.jsonl`` as
-    they finish, so the same command after a crash or kill resumes without recomputing them."""
+            progress: bool = True, llm=None, kb=None, partial: Optional[str | Path] = None,
+            records_out: Optional[str | Path] = None, enforce: bool = True) -> PredictResult:
+    """Answer every row of `input_csv` into `out_csv` (and every record into `records_out`, JSONL).
+    Finished rows go to ``<out>.partial.jsonl`` as they finish, so the same command after a crash or
+    kill resumes without recomputing them.
+
+    Placeholders are loud: the stats hold `unanswered`, `empty_questions`, `truncated`, `duplicates`
+    and `unanswered_ids` (over the whole submission), a WARNING sums them up, and with `enforce` a
+    share of unanswered rows over `cfg.max_unanswered_share` raises RuntimeError (one line: how many,
+    the first IDs and errors) AFTER the submission and records are written, so the user can still
+    decide; without it the line is in `stats["unanswered_problem"]` for the caller to raise."""
+    from ..jsonl import write_jsonl
     from ..kb import KnowledgeBase
     from ..llm import load_llm
     from ..stores import AnswerCache, ResultLog
@@ -135,6 +190,8 @@ def predict(cfg: InferConfig, input_csv: str | Path, out_csv: str | Path, restar
     records = orch.run(questions, results, progress=progress)
     run_s = time.perf_counter() - t1
     sub = write_submission(out_csv, [(r["ID"], r["answer"]) for r in records])
+    if records_out is not None:
+        write_jsonl(records, records_out)
     problems = validate_submission(sub, input_csv)
     for p in problems:
         log.warning("%s: %s", sub, p)
@@ -142,6 +199,16 @@ def predict(cfg: InferConfig, input_csv: str | Path, out_csv: str | Path, restar
     if errors:
         raise RuntimeError(f"{sub}: the written submission does not validate: {errors[:5]}")
     cache.close()
-    stats = {**orch.stats, "questions": len(questions), "load_s": load_s, "run_s": run_s,
+    counts = outcome_counts(records, questions)
+    stats = {**orch.stats, **counts, "questions": len(questions), "load_s": load_s, "run_s": run_s,
              "breaker_state": orch.breaker.state.value, "cache_entries": len(cache)}
+    if counts["unanswered"] or counts["empty_questions"] or counts["truncated"]:
+        log.warning("%s: %d of %d answers are placeholders (path none: %d unanswered by the model, %d empty "
+                    "questions%s), %d questions were cut to fit the model, %d copied from an identical question",
+                    sub, len(counts["none_ids"]), len(records), counts["unanswered"], counts["empty_questions"],
+                    f"; IDs {counts['none_ids'][:10]}" if counts["none_ids"] else "", counts["truncated"],
+                    counts["duplicates"])
+    stats["unanswered_problem"] = unanswered_problem(records, counts, cfg.max_unanswered_share, str(sub))
+    if enforce and stats["unanswered_problem"]:
+        raise RuntimeError(stats["unanswered_problem"])
     return PredictResult(sub, records, questions, stats)

@@ -7,6 +7,7 @@ import re
 from typing import Sequence
 
 from ..choices import MC_STYLES, MCStyle  # noqa: F401  (the table lives on the ground floor)
+from .classify import CONTROL_CHARS  # never into submission.csv
 
 # .2: questions with 10+ options, empty options and CR line endings became multiple choice (the
 # cache is keyed by question text: an answer cached when they were descriptive must not be served)
@@ -63,8 +64,10 @@ def mc_style(name: str) -> MCStyle:
 
 
 # -- fitting a long question into the model's window (token counts in, allowances out)
-MIN_STEM_TOKENS = 64  # the stem keeps at least this much (or all of it) before options are clipped
-HEAD_SHARE = 1 / 3  # of a clipped stem: a third from its start, two thirds from its end (nearest the options)
+# Internal constants, not user tunables (the user's knob is max_model_len): they only shape a cut
+# that happens when a question alone is longer than the window.
+MIN_STEM_TOKENS = 64  # internal: the stem keeps this much (or all of it) before options are clipped, so it still asks
+HEAD_SHARE = 1 / 3  # internal: a clipped stem keeps a third from its start, two thirds from its end (nearest the options)
 STEM_GAP = " …(중략)… "  # marks where a clipped stem was cut
 
 
@@ -160,7 +163,6 @@ _LEADS = re.compile(r"^\s*(?:답변|답|정답|응답|A|Answer)\s*[:：]\s*", re
 _CHAT_TOKENS = re.compile(r"<\|[^|>]{1,40}\|>|</?s>|\[/?INST\]|###\s*(?:assistant|user|system)", re.IGNORECASE)
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # never into submission.csv
 _SENTENCE = re.compile(r"(?:[^.!?。\n]|\.(?=\d))*(?:[.!?。]+|\n|$)")  # "3.5" is not a sentence end
 
 
@@ -185,7 +187,7 @@ def drop_repeated_sentences(text: str, min_chars: int = 8) -> str:
 def clean_answer(text: str, question: str = "", truncated: bool = False) -> str:
     """A descriptive answer without chat tokens, control characters, role labels, an echoed question,
     repeated sentences or a cut-off tail."""
-    text = _CONTROL.sub("", _CHAT_TOKENS.sub(" ", text or ""))
+    text = CONTROL_CHARS.sub("", _CHAT_TOKENS.sub(" ", text or ""))
     # a model that starts a new turn: keep only the first
     text = re.split(r"\n\s*(?:user|system|assistant|질문)\s*[:：\n]", text, maxsplit=1)[0]
     text = _LEADS.sub("", text.strip())

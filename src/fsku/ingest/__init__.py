@@ -40,7 +40,7 @@ SKIP_REASONS = {
     "symlink_loop": "symlink that loops (a -> b -> a) or points at a folder that contains it",
     "dangling_symlink": "symlink whose target does not exist",
     "not_regular_file": "FIFO, socket or device (never opened: reading a FIFO blocks)",
-    "unreadable": "no permission to list or read",
+    "unreadable": "no permission to list or read (or another OS error while reading it)",
     "unsupported_extension": "no reader for the extension",
     "empty": "0 bytes or only whitespace",
     "too_large": "file larger than max_file_mb (PDF: max_pdf_mb)",
@@ -125,6 +125,8 @@ def find_manifest(corpus: Path) -> Optional[Path]:
 
 
 def _inside(real: str, root: str) -> bool:
+    """`real` is `root` or under it; both already realpath'd (a string test: the walk calls it per entry,
+    where fsku.outputs' samefile checks would stat every ancestor)."""
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
@@ -220,14 +222,14 @@ def iter_corpus_files(corpus: Path, skipped: Optional[list] = None) -> Iterator[
             yield path
 
 
-def limits_options(limits: Any = None, max_file_mb: Optional[float] = None) -> dict:
+def limits_options(limits: Any = None) -> dict:
     """The readers' per-file limits from a BuildKBConfig (or anything with the LIMIT_FIELDS
-    attributes; default: BuildKBConfig's defaults). `max_file_mb`, if given, overrides."""
+    attributes; default: BuildKBConfig's defaults)."""
     if limits is None:
         from ..config import BuildKBConfig
 
         limits = BuildKBConfig()
-    return {"max_file_bytes": int((max_file_mb or limits.max_file_mb) * 2**20),
+    return {"max_file_bytes": int(limits.max_file_mb * 2**20),
             "max_pdf_bytes": int(limits.max_pdf_mb * 2**20), "max_pages": int(limits.max_pages_per_file),
             "max_chars": int(limits.max_chars_per_file), "max_records": int(limits.max_chunks_per_file)}
 
@@ -277,18 +279,17 @@ def ingest_file(path: Path, corpus: Path, manifest: dict, opts: dict, timings: O
     )
 
 
-def ingest_corpus(corpus: str | Path, manifest: str | Path | None = None, max_file_mb: Optional[float] = None,
-                  progress: bool = True, timings: Optional[dict] = None, limits: Any = None,
-                  ) -> tuple[list[Document], list[SkippedFile]]:
+def ingest_corpus(corpus: str | Path, manifest: str | Path | None = None, progress: bool = True,
+                  timings: Optional[dict] = None, limits: Any = None) -> tuple[list[Document], list[SkippedFile]]:
     """Read every file under `corpus`; returns (documents, skipped files). `limits`: per-file caps
-    (a BuildKBConfig or anything with its LIMIT_FIELDS; default BuildKBConfig's), `max_file_mb`
-    overrides its field. `timings` (if given) receives seconds spent in 'extract' and 'clean'."""
+    (a BuildKBConfig or anything with its LIMIT_FIELDS; default BuildKBConfig's). `timings` (if
+    given) receives seconds spent in 'extract' and 'clean'."""
     corpus = Path(corpus)
     if not corpus.is_dir():
         raise NotADirectoryError(f"corpus folder not found: {corpus}")
     man_path = Path(manifest) if manifest else find_manifest(corpus)
     man = load_manifest(man_path) if man_path else {}
-    opts = limits_options(limits, max_file_mb)
+    opts = limits_options(limits)
     docs: list[Document] = []
     skipped: list[SkippedFile] = []
     seen: dict[str, str] = {}
@@ -299,6 +300,11 @@ def ingest_corpus(corpus: str | Path, manifest: str | Path | None = None, max_fi
         except SkipFile as exc:
             log.warning("skipped %s: %s", path, exc)
             skipped.append(SkippedFile(str(path), exc.reason, exc.detail))
+            continue
+        except OSError as exc:  # no permission to read it (or an I/O error): not a reader bug
+            detail = f"{type(exc).__name__}: {exc.strerror or exc}"[:300]
+            log.warning("skipped %s: unreadable %s", path, detail)
+            skipped.append(SkippedFile(str(path), "unreadable", detail))
             continue
         except Exception as exc:  # a reader bug must not lose the rest of the build
             log.exception("skipped %s: unexpected %s", path, type(exc).__name__)

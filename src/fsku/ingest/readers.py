@@ -160,6 +160,8 @@ def read_pdf(path: Path, opts: dict) -> RawText:
         raise SkipFile("empty", "0 bytes")
     if opts.get("max_pdf_bytes") and size > opts["max_pdf_bytes"]:
         raise SkipFile("too_large", f"{size / 2**20:.1f} MiB > {opts['max_pdf_bytes'] / 2**20:.1f} MiB (max_pdf_mb)")
+    with path.open("rb"):  # no permission -> PermissionError ('unreadable'); PyMuPDF would call it a damaged file
+        pass
     try:
         doc = pymupdf.open(path)
     except Exception as exc:  # PyMuPDF raises several types for damaged files

@@ -15,7 +15,6 @@ import hashlib
 import importlib.util
 import logging
 import re
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from ..home import cache_path
 from ..home import models_dir as home_models_dir
+from ..outputs import check_replaceable, staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +120,20 @@ def assemble_offline_gguf(name: str, models_dir: Path | None = None, wheel_dir: 
     return target
 
 
+CONVERTED_MARKER = ".fsku-converted"  # written last into a finished conversion: the folder is ours and complete
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
-    """Dequantise a GGUF into a transformers folder once (`out_dir`; reused when complete)."""
+    """Dequantise a GGUF into a transformers folder once (`out_dir`; reused when complete). The folder is
+    written beside `out_dir` and swapped in whole; an `out_dir` that is not an earlier conversion (a
+    model folder of the user's under the models dir with the GGUF's name) is refused, never replaced."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    done = out_dir / ".fsku-converted"
-    if done.exists():
+    if (out_dir / CONVERTED_MARKER).exists():
         return out_dir
+    what = f"converted model folder for {gguf_path.name}"
+    check_replaceable(out_dir, (CONVERTED_MARKER,), what)  # before minutes of conversion
     if importlib.util.find_spec("gguf") is None:  # transformers needs it to read GGUF files
         raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf")
     log.info("converting %s -> %s (%s; once)", gguf_path, out_dir, dtype)
@@ -137,14 +143,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Pat
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "SOURCE").write_text(f"converted from {gguf_path.name} (sha256 {sha256_file(gguf_path)})\n")
-    (tmp / ".fsku-converted").write_text("ok\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with staged_folder(out_dir, (CONVERTED_MARKER,), what) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"converted from {gguf_path.name} (sha256 {sha256_file(gguf_path)})\n")
+        (tmp / CONVERTED_MARKER).write_text("ok\n")
     return out_dir
 
 
@@ -170,8 +173,10 @@ def resolve_model(model: str, models_dir: Path | None = None) -> str:
         models_dir = Path(models_dir) if models_dir is not None else home_models_dir()
         name = model.split(":", 1)[1]
         folder = models_dir / name
-        if (folder / ".fsku-converted").exists():
+        if (folder / CONVERTED_MARKER).exists():
             return str(folder)
+        # a folder of that name that no conversion wrote is refused before the download, not after it
+        check_replaceable(folder, (CONVERTED_MARKER,), f"converted model folder for {model}")
         return str(convert_gguf(assemble_offline_gguf(name, models_dir), folder))
     path = Path(model)
     if path.suffix == ".gguf":

@@ -38,19 +38,33 @@ def offline_environment(bundle: Path) -> None:
 
 
 def main(argv=None, bundle: Path = HERE) -> int:
-    """Answer --test into --out with the model, KB and settings.json of `bundle` (this file's folder)."""
+    """Answer --test into --out with the model, KB and settings.json of `bundle` (this file's folder).
+    A bad test.csv, a missing file or too many unanswered questions: one ``error: ...`` line on stderr
+    and exit 2 (the traceback is logged at DEBUG: FSKU_DEBUG=1)."""
     args = parse_args(argv)
     offline_environment(bundle)
+    import logging
+
+    from fsku.errors import STEP_ERRORS, log_level, print_error
+
+    logging.basicConfig(level=log_level(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return answer(args, bundle)
+    except STEP_ERRORS as exc:
+        return print_error(exc)
+
+
+def answer(args: argparse.Namespace, bundle: Path) -> int:
     test, out = Path(args.test).resolve(), Path(args.out).resolve()
     os.chdir(bundle)  # the KB refers to its embedding model by a bundle-relative path
     from fsku.config import InferConfig
-    from fsku.infer.predict import predict, validate_submission
+    from fsku.infer.predict import outcome_lines, predict, validate_submission
 
     settings = json.loads((bundle / "settings.json").read_text(encoding="utf-8"))
     kb = str(bundle / "kb") if (bundle / "kb" / "manifest.json").exists() else None
     cfg = InferConfig(**{**settings, "model": str(bundle / "model"), "kb": kb, "cache_dir": ""})
     t0 = time.perf_counter()
-    result = predict(cfg, test, out, restart=args.restart, progress=True)
+    result = predict(cfg, test, out, restart=args.restart, progress=True, enforce=False)
     problems = [p for p in validate_submission(out, test) if not p.startswith("warning:")]
     if args.timing:
         Path(args.timing).write_text(json.dumps({**{k: v for k, v in result.stats.items() if isinstance(v, (int, float))},
@@ -59,6 +73,10 @@ def main(argv=None, bundle: Path = HERE) -> int:
         print("invalid submission:\n" + "\n".join(problems), file=sys.stderr)
         return 1
     print(f"wrote {out} ({len(result.records)} answers)")
+    for line in outcome_lines(result.stats):
+        print(line)
+    if result.stats["unanswered_problem"]:
+        raise RuntimeError(result.stats["unanswered_problem"])
     return 0
 
 

@@ -14,15 +14,5 @@ promote, package, main) has the same shape:
 so each runs as ``python -m fsku.steps.<stage> [--recipe FILE.yaml] [--field-name VALUE ...] [--no-progress]``
 (the MLproject entry points) and as ``fsku <stage-name> ...`` (fsku.cli dispatches to its main).
 """
-import csv
-
-# expected failures of a command (bad input or files, exhausted limits): one "error: ..." line and exit 2.
-# OSError covers FileNotFoundError, IsADirectoryError, PermissionError; UnicodeError is a ValueError, named
-# for the reader; csv.Error and OverflowError come from malformed or huge inputs
-STEP_ERRORS = (ValueError, UnicodeError, OSError, csv.Error, OverflowError, RuntimeError)
-
-
-def error_line(exc: BaseException) -> str:
-    """One line for an expected error: its message (its type when it has none), newlines folded."""
-    text = " ".join(str(exc).split("\n")).strip()
-    return f"error: {text or type(exc).__name__}"
+# the expected errors live on the ground floor (the bundle's inference.py uses them, without fsku.steps)
+from ..errors import STEP_ERRORS, error_line, print_error  # noqa: F401  (re-exported)

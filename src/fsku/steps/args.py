@@ -7,17 +7,21 @@ Values on the command line (and MLflow parameters, which are always strings):
   MLproject's `recipe` parameter defaults to "");
 - ``none`` gives None to a field whose type is Optional (for example ``kb=none``: no retrieval);
 - integers accept ``10`` or ``10.0`` (MLflow float parameters) but not ``10.5``; booleans accept
-  true/false, yes/no, 1/0.
+  true/false, yes/no, 1/0, and a boolean flag given alone (``--restart``) means true.
+
+Commands that take only some fields of a config (``fsku ingest``: BuildKBConfig's per-file caps)
+pass ``only=`` to both ``add_config_args`` and ``config_from_namespace``, and ``recipe=False`` where
+a recipe makes no sense.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
-import sys
 from typing import Any, Callable, Iterable, Optional
 
 from ..config import config_from_dict, field_kind, load_recipe
+from ..errors import STEP_ERRORS, log_level, print_error
 
 NONE_STRINGS = ("none", "None", "null")
 
@@ -58,25 +62,39 @@ def _converter(kind: type, optional: bool):
     return parse
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
-    if not any(a.dest == "recipe" for a in parser._actions):
+def _selected(cls, only: Optional[Iterable[str]], skip: Iterable[str] = ()) -> list[dataclasses.Field]:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if only is None:
+        return [f for f in fields.values() if f.name not in skip]
+    only = tuple(only)
+    unknown = sorted(set(only) - set(fields))
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {unknown}")
+    return [fields[name] for name in only if name not in skip]
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
+                    only: Optional[Iterable[str]] = None, recipe: bool = True) -> argparse.ArgumentParser:
+    """One flag per field of `cls` (only those named in `only`, if given; none named in `skip`),
+    plus ``--recipe`` unless `recipe` is false. Every flag defaults to None: "not given"."""
+    if recipe and not any(a.dest == "recipe" for a in parser._actions):
         parser.add_argument("--recipe", default=None,
                             help=f"experiments/<name>/<stage>.yaml for {cls.__name__}; flags override it ('' = none)")
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
+    for f in _selected(cls, only, skip):
         kind, optional = field_kind(cls, f.name)
         flags = ["--" + f.name.replace("_", "-")] + (["--" + f.name] if "_" in f.name else [])
+        alone = {"nargs": "?", "const": True} if kind is bool else {}  # `--restart` alone = `--restart true`
         parser.add_argument(*flags, dest=f.name, type=_converter(kind, optional), default=None,
                             metavar=kind.__name__.upper(),
-                            help=f.metadata.get("help", "") + f" (default: {f.default})")
+                            help=f.metadata.get("help", "") + f" (default: {f.default})", **alone)
     return parser
 
 
-def config_from_namespace(args: argparse.Namespace, cls) -> Any:
-    """The config: dataclass defaults, then the recipe (if any), then the flags that were given."""
+def config_from_namespace(args: argparse.Namespace, cls, only: Optional[Iterable[str]] = None) -> Any:
+    """The config: dataclass defaults, then the recipe (if any), then the flags that were given
+    (of the fields named in `only`, if given: other attributes of `args` are the command's own)."""
     given: dict[str, Optional[Any]] = {}
-    for f in dataclasses.fields(cls):
+    for f in _selected(cls, only):
         value = getattr(args, f.name, None)
         if value is dataclasses.MISSING:
             given[f.name] = None
@@ -92,7 +110,7 @@ def parse_step_args(argv: list[str] | None, cls, prog: str, doc: str | None, pro
                     ) -> argparse.Namespace:
     """What every step's `main` starts with: INFO logging, one flag per `cls` field (+ --recipe),
     optionally --no-progress, parsed from `argv`."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level(), format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if progress_flag:
         p.add_argument("--no-progress", "--no_progress", action="store_true",
@@ -105,16 +123,13 @@ def step_main(argv: list[str] | None, cls, prog: str, doc: str | None, run_step:
               report: Callable[[Any, dict], Iterable[str]]) -> int:
     """The `main` of every step: flags -> config -> ``run_step(cfg, progress=...)`` -> the lines of
     ``report(cfg, result)`` on stdout, 0; an expected error (bad input, missing file) -> "error: ..."
-    on stderr, 2, no traceback."""
-    from . import STEP_ERRORS, error_line
-
+    on stderr, 2, no traceback (logged at DEBUG)."""
     a = parse_step_args(argv, cls, prog, doc, progress_flag=True)
     try:
         cfg = config_from_namespace(a, cls)
         result = run_step(cfg, progress=not a.no_progress)
     except STEP_ERRORS as exc:
-        print(error_line(exc), file=sys.stderr)
-        return 2
+        return print_error(exc)
     for line in report(cfg, result):
         print(line)
     return 0

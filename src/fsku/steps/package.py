@@ -21,6 +21,11 @@ network use in the bundled code (static scan; reviewed sites carry `# offline:`)
 515-question time within 270 minutes (measured by the verification run, scaled by --speed-factor).
 Verification (`--verify fresh`): a new virtualenv, `pip install -r requirements.txt` and the sample
 run inside a network namespace without network (`unshare -n`, when permitted), then the validator.
+
+Output folder: the bundle is assembled, rule-checked and verified in <out>/bundle.partial-<pid>; only a
+bundle that passed replaces <out>/bundle and is zipped. A refused bundle goes to <out>/bundle.refused
+(its MANIFEST.json lists the failed rules) and the last good <out>/bundle and zip stay as they were; an
+error on the way (a failed copy or verification) removes the staging folder and changes nothing else.
 """
 from __future__ import annotations
 
@@ -37,7 +42,17 @@ from typing import Iterator
 
 from ..config import InferConfig, PackageConfig, PredictConfig, load_recipe
 from ..home import cache_path
-from ..outputs import Marker, begin_staging, check_not_input, check_replaceable, remove_ours, replace_folder
+from ..outputs import (
+    SENTINEL,
+    Marker,
+    begin_staging,
+    check_not_input,
+    check_replaceable,
+    discard_staging,
+    is_ours,
+    remove_ours,
+    replace_folder,
+)
 from ..package import (
     BundleFacts,
     RulePolicy,
@@ -237,16 +252,22 @@ def verify_bundle(bundle: Path, mode: str, work: Path, wheelhouse: Path | None =
 
 def run_step(cfg: PackageConfig, progress: bool = True) -> dict:
     """Assemble, rule-check, verify and zip the bundle (PackageRefused names the failed rules): {"bundle",
-    "zip", "zip_sha256", "problems", "facts", "llms", "network", "verification", "projected_min", "run_id"}."""
+    "zip", "zip_sha256", "problems", "facts", "llms", "network", "verification", "projected_min", "run_id"}.
+
+    The bundle is assembled in <out>/bundle.partial-<pid>, and rule-checked and verified there; only a
+    bundle that passed replaces <out>/bundle (and is zipped). A refused one is moved to
+    <out>/bundle.refused (replacing an earlier refused one; its MANIFEST.json says why) while the last
+    good <out>/bundle and its zip stay as they were; a later successful run removes bundle.refused.
+    On any error before that (a failed download or copy, a failed verification) the staging folder is
+    removed and <out>/bundle is left as it was."""
     from .. import tracking
 
     out = Path(cfg.out)
-    final_bundle = out / "bundle"
+    final_bundle, refused_bundle = out / "bundle", out / "bundle.refused"
     check_not_input(out, {"--model": cfg.model, "--kb": cfg.kb, "--sample-test": cfg.sample_test,
                           "--settings-recipe": cfg.settings_recipe}, "--out")
     check_replaceable(out / "verify" / "venv", VENV_MARKERS, "verification virtualenv")
-    # assembled beside the old bundle and swapped in whole; an old bundle is replaced, nothing else is
-    bundle = begin_staging(final_bundle, BUNDLE_MARKERS, "--out bundle folder")
+    check_replaceable(refused_bundle, BUNDLE_MARKERS, "--out refused bundle folder")
     model_dir, student = resolve_folder(cfg.model, "config.json")
     kb_dir, kb_prov = resolve_folder(cfg.kb, "manifest.json") if cfg.kb else (None, {})
 
@@ -260,6 +281,42 @@ def run_step(cfg: PackageConfig, progress: bool = True) -> dict:
     policy = RulePolicy(permitted_licenses=[x.strip() for x in cfg.permitted_licenses.split(",") if x.strip()],
                         cutoff=cfg.cutoff, budget_min=cfg.budget_min, n_questions=cfg.n_questions)
 
+    # assembled, checked and verified beside the old bundle; swapped in only when it passed
+    staging = begin_staging(final_bundle, BUNDLE_MARKERS, "--out bundle folder")
+    try:
+        result, manifest, problems = _assemble_and_check(cfg, staging, out, model_dir, student, kb_dir, kb_prov, facts,
+                                                         policy)
+        bundle = replace_folder(staging, refused_bundle if problems else final_bundle, BUNDLE_MARKERS,
+                                "--out refused bundle folder" if problems else "--out bundle folder")
+    except BaseException:
+        discard_staging(staging)
+        raise
+    result["bundle"] = str(bundle)
+    if not problems and is_ours(refused_bundle, BUNDLE_MARKERS):
+        log.info("removing %s: an earlier run's refused bundle, superseded by %s", refused_bundle, bundle)
+        remove_ours(refused_bundle, BUNDLE_MARKERS, "--out refused bundle folder")
+
+    with tracking.run("package", dataclasses.asdict(cfg), tags={"fsku.package": "refused" if problems else "ok"}) as run:
+        tracking.log_dict(manifest, "package/MANIFEST.json")
+        tracking.log_metrics({"bundle_bytes": manifest["total_bytes"], "bundle_files": len(manifest["files"]),
+                              **({"projected_min": result["projected_min"]} if result["projected_min"] is not None else {}),
+                              **{f"verify_{k}": v for k, v in result["verification"].items() if isinstance(v, (int, float))}})
+        result["run_id"] = run.info.run_id
+    if problems:
+        raise PackageRefused(problems, bundle)
+    name = cfg.zip_name or (f"fsku-submission-{student.get('registered_model', model_dir.name)}"
+                            f"-v{student.get('version', 'local')}.zip")
+    zip_path = write_zip(bundle, out / name)
+    check_zip(zip_path)
+    result["zip"] = str(zip_path)
+    result["zip_sha256"] = sha256_file(zip_path)
+    return result
+
+
+def _assemble_and_check(cfg: PackageConfig, bundle: Path, out: Path, model_dir: Path, student: dict, kb_dir, kb_prov: dict,
+                        facts: dict, policy: RulePolicy) -> tuple[dict, dict, list[str]]:
+    """Write the bundle into the staging folder `bundle`, check the rules, verify it (when they pass)
+    and write its MANIFEST.json: (result, manifest, problems)."""
     shutil.copytree(model_dir, bundle / "model", ignore=shutil.ignore_patterns("__pycache__", "MLmodel", "*.pkl"))
     kb_info = copy_kb(kb_dir, bundle) if kb_dir else {}
     if kb_prov:
@@ -280,7 +337,6 @@ def run_step(cfg: PackageConfig, progress: bool = True) -> dict:
         ".venv/bin/python inference.py --test test.csv --out submission.csv\n```\n\n"
         "One LLM (`model/`), its knowledge base (`kb/`, embedding model under `models/`), offline. "
         "MODEL_CARD.md says where the model comes from; MANIFEST.json holds the sha256 of every file.\n", encoding="utf-8")
-    bundle = replace_folder(bundle, final_bundle, BUNDLE_MARKERS, "--out bundle folder")
 
     network = [f for py in sorted(bundle.rglob("*.py"))
                for f in scan_network_use(py.read_text(encoding="utf-8"), py.relative_to(bundle).as_posix())]
@@ -288,6 +344,8 @@ def run_step(cfg: PackageConfig, progress: bool = True) -> dict:
     problems = check_rules(bundle_facts, policy)
     verification: dict = {}
     if not problems and cfg.verify != "none":
+        # run where it was assembled: inference.py finds its files from its own location, and every file the
+        # run creates in the bundle is removed below, so no path of the staging folder stays in the bundle
         before = {p for p in bundle.rglob("*")}
         verification = verify_bundle(bundle, cfg.verify, out / "verify", cache_path(cfg.wheelhouse))
         per_q = verification["run_s"] / max(1, verification["questions"])
@@ -300,31 +358,18 @@ def run_step(cfg: PackageConfig, progress: bool = True) -> dict:
             if path.exists():
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         verification["files_created_by_run"] = len(created)
-    result = {"bundle": str(bundle), "problems": problems, "facts": facts, "llms": list(bundle_facts.llms),
+    result = {"problems": problems, "facts": facts, "llms": list(bundle_facts.llms),
               "network": [str(f) for f in network], "verification": verification,
               "projected_min": round(bundle_facts.projected_s / 60, 2) if bundle_facts.projected_s is not None else None}
     manifest = {"created_by": "fsku package", "model": cfg.model, "kb": cfg.kb, "student": student, "kb_info": kb_info,
                 "base_model": facts, "rules": {"passed": not problems, "problems": problems,
                                                "policy": dataclasses.asdict(policy)},
                 "llms": list(bundle_facts.llms), "network_sites": [str(f) for f in network],
-                "verification": verification, "projected_min": result["projected_min"], **build_manifest(bundle)}
+                "verification": verification, "projected_min": result["projected_min"],
+                # the staging sentinel is removed when the bundle is swapped in: not one of its files
+                **build_manifest(bundle, exclude=("MANIFEST.json", SENTINEL))}
     (bundle / "MANIFEST.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False, sort_keys=True), encoding="utf-8")
-
-    with tracking.run("package", dataclasses.asdict(cfg), tags={"fsku.package": "refused" if problems else "ok"}) as run:
-        tracking.log_dict(manifest, "package/MANIFEST.json")
-        tracking.log_metrics({"bundle_bytes": manifest["total_bytes"], "bundle_files": len(manifest["files"]),
-                              **({"projected_min": result["projected_min"]} if result["projected_min"] is not None else {}),
-                              **{f"verify_{k}": v for k, v in verification.items() if isinstance(v, (int, float))}})
-        result["run_id"] = run.info.run_id
-    if problems:
-        raise PackageRefused(problems, bundle)
-    name = cfg.zip_name or (f"fsku-submission-{student.get('registered_model', model_dir.name)}"
-                            f"-v{student.get('version', 'local')}.zip")
-    zip_path = write_zip(bundle, out / name)
-    check_zip(zip_path)
-    result["zip"] = str(zip_path)
-    result["zip_sha256"] = sha256_file(zip_path)
-    return result
+    return result, manifest, problems
 
 
 class PackageRefused(RuntimeError):

@@ -27,7 +27,7 @@ from typing import Iterator
 import pandas as pd
 
 from ..config import QuantizeConfig
-from ..outputs import check_not_input
+from ..outputs import check_not_input, check_replaceable
 from .args import step_main
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ def run_step(cfg: QuantizeConfig, progress: bool = True) -> dict:
     from ..quantize import (
         METHODS,
         QUANT_INFO_FILE,
+        QUANT_MARKERS,
         compare,
         comparison_set,
         folder_identity,
@@ -126,6 +127,7 @@ def run_step(cfg: QuantizeConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
     check_not_input(out, {"--model": cfg.model, "--gold": [g.strip() for g in cfg.gold.split(",") if g.strip()],
                           "--calibration": cfg.calibration}, "--out")
+    check_replaceable(out / "model", QUANT_MARKERS, "quantized model folder")  # refused before the download and merge
     out.mkdir(parents=True, exist_ok=True)
     source, provenance = resolve_source(cfg.model)
     if (source / "adapter_config.json").is_file():

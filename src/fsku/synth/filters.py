@@ -52,9 +52,8 @@ def check_format(item: SyntheticQA, min_options: int = 4, max_options: int = 5,
             return "option_repeats_stem"
         if item.qtype == "negative" and not is_negative_stem(item.stem):
             return "negative_without_negative_stem"
-        try:
-            parsed = classify_question(item.qa_id, item.question)
-        except ValueError:
+        parsed = classify_question(item.qa_id, item.question)
+        if parsed.flag:  # an empty question, or options without a stem
             return "classifier_rejects"
         if parsed.question_type != "multiple_choice" or parsed.choices != item.choices \
                 or normalize(parsed.parsed_question) != stem:
