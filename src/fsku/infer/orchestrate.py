@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 # the config fields that change an answer (others, e.g. cache_dir or time limits, do not)
 # every InferConfig field changes the answer cache key except these (runtime, limits, places);
 # a new field is part of the key by default, so it can never serve stale answers
-NON_ANSWER_FIELDS = ("backend", "device", "max_model_len", "batch_size", "kb", "time_limit_s", "breaker_failures",
-                     "breaker_cooldown", "time_budget_min", "cache_dir", "max_unanswered_share")
+NON_ANSWER_FIELDS = ("backend", "device", "max_model_len", "batch_size", "threads", "token_batch", "kb", "time_limit_s",
+                     "breaker_failures", "breaker_cooldown", "time_budget_min", "cache_dir", "max_unanswered_share")
 ANSWER_FIELDS = tuple(f.name for f in dataclasses.fields(InferConfig) if f.name not in NON_ANSWER_FIELDS)
 RETRIEVAL_FIELDS = ("top_k",)
 

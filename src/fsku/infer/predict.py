@@ -177,8 +177,7 @@ def predict(cfg: InferConfig, input_csv: str | Path, out_csv: str | Path, restar
     questions = classify_file(input_csv)
     t0 = time.perf_counter()
     if llm is None:
-        llm = load_llm(cfg.model, backend=cfg.backend, dtype=cfg.dtype, device=cfg.device,
-                       max_model_len=cfg.max_model_len, batch_size=cfg.batch_size)
+        llm = load_llm(cfg.model, **cfg.llm_kwargs())
     load_s = time.perf_counter() - t0
     if kb is None and cfg.use_context:
         kb = KnowledgeBase.load(cfg.kb)

@@ -60,23 +60,32 @@ class LLMBackend:
         text = "".join(f"### {m['role']}\n{m['content']}\n" for m in messages)
         return text + ("### assistant\n" if add_generation_prompt else "")
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` as it stands in a prompt: no BOS/EOS added, special-token text
+        (``<|im_start|>``) read as the special token."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids, special tokens left out."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(self.encode(text))
 
     def truncate_tokens(self, text: str, max_tokens: int) -> str:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.encode(text)
         if len(ids) <= max_tokens:
             return text
-        return self.tokenizer.decode(ids[:max(0, max_tokens)], skip_special_tokens=True)
+        return self.decode(ids[:max(0, max_tokens)])
 
     def label_token_ids(self, labels: Sequence[str]) -> list[int]:
         """The single token that starts each label right after the assistant header."""
         out = []
         for label in labels:
-            ids = self.tokenizer(label, add_special_tokens=False)["input_ids"]
+            ids = self.encode(label)
             if not ids:
                 raise ValueError(f"{self.model_id}: label {label!r} encodes to no token")
-            out.append(ids[-1] if len(ids) > 1 and self.tokenizer.decode(ids[:-1]).strip() == "" else ids[0])
+            out.append(ids[-1] if len(ids) > 1 and self.decode(ids[:-1]).strip() == "" else ids[0])
         if len(set(out)) != len(out):
             raise ValueError(f"{self.model_id}: option labels {list(labels)} share first tokens {out}; "
                              "option scoring needs distinct ones")

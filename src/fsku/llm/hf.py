@@ -40,10 +40,13 @@ class TransformersBackend(LLMBackend):
     name = "transformers"
 
     def __init__(self, model: str, dtype: str = "auto", device: str = "auto", max_model_len: int = 4096,
-                 batch_size: int = 8):
+                 batch_size: int = 8, threads: int = 0):
         super().__init__(model, dtype, device, max_model_len)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
 
         self.torch = torch
         self.device = pick_device(device)
@@ -72,14 +75,11 @@ class TransformersBackend(LLMBackend):
         ident = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.exists()]
         return f"{self.name}:{self.model_id}:{self.dtype}:{digest(ident, 12) if ident else 'hub'}"
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def option_logprobs(self, request: OptionRequest, deadline: Optional[float] = None) -> np.ndarray:
         torch = self.torch
         label_ids = self.label_token_ids(request.labels)
-        prefix = self._ids(request.prefix)
-        suffixes = [self._ids(s) for s in request.suffixes]
+        prefix = self.encode(request.prefix)
+        suffixes = [self.encode(s) for s in request.suffixes]
         if not suffixes or any(not s for s in suffixes):
             raise ValueError("option scoring needs non-empty suffixes")
         total = len(prefix) + max(len(s) for s in suffixes)
@@ -116,7 +116,7 @@ class TransformersBackend(LLMBackend):
 
     def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[np.ndarray]:
         torch = self.torch
-        pairs = [(self._ids(p), self._ids(c)) for p, c in zip(prompts, continuations, strict=True)]
+        pairs = [(self.encode(p), self.encode(c)) for p, c in zip(prompts, continuations, strict=True)]
         for i, (p, c) in enumerate(pairs):
             if not p or not c:
                 raise ValueError(f"continuation {i}: prompt and continuation must both encode to tokens")

@@ -159,6 +159,42 @@ def check_not_registry_uri(model: str) -> None:
                          "first with fsku.tracking.resolve_model_uri (the steps do this for their model arguments)")
 
 
+def is_gguf_model(model: str) -> bool:
+    """`model` names a GGUF file (``offline:<name>`` or a path or hub file ending in .gguf): the
+    llama.cpp backend can load it as it is."""
+    return str(model).startswith("offline:") or str(model).endswith(".gguf")
+
+
+def resolve_gguf(model: str, models_dir: Path | None = None) -> str:
+    """The local GGUF file the llama.cpp backend loads:
+
+    - ``offline:<name>`` (see OFFLINE_GGUFS): <models dir>/gguf/<name>.gguf, assembled on first use;
+    - a local ``.gguf`` file: itself;
+    - ``<owner>/<repo>/<file>.gguf``: that file of a hub repository (downloaded once into the
+      Hugging Face cache; offline, it must be there already);
+    - anything else (a transformers folder, a hub id of one): a ValueError saying what to do."""
+    check_not_registry_uri(model)
+    if model.startswith("offline:"):
+        return str(assemble_offline_gguf(model.split(":", 1)[1], models_dir))
+    path = Path(model)
+    if path.suffix == ".gguf":
+        if path.is_file():
+            return str(path)
+        parts = model.split("/")
+        if len(parts) >= 3 and not model.startswith((".", "/")):
+            from huggingface_hub import hf_hub_download
+
+            try:
+                return hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]))
+            except Exception as e:  # offline and not cached, unknown repo or file
+                raise ModelNotFound(f"{model}: GGUF file not found locally nor on the hub ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ModelNotFound(f"{model}: GGUF file not found")
+    raise ValueError(f"{model}: backend 'llamacpp' loads GGUF files (a .gguf path, <owner>/<repo>/<file>.gguf or "
+                     "offline:<name>), not a transformers folder or hub id; use backend 'transformers' for it, or "
+                     "convert it with llama.cpp's convert_hf_to_gguf.py")
+
+
 def resolve_model(model: str, models_dir: Path | None = None) -> str:
     """A path or hub id that transformers/vLLM can load.
 

@@ -76,8 +76,7 @@ def judge_rag(cfg: EvaluateConfig, gold, records: dict, llm, kb, cosine) -> dict
     from ..llm import load_llm
 
     judge_llm = llm if cfg.judge_model in ("same", cfg.model) else load_llm(tracking.resolve_model_uri(cfg.judge_model),
-                                                                             backend=cfg.backend, dtype=cfg.dtype,
-                                                                             device=cfg.device)
+                                                                             **cfg.llm_kwargs())
     rows_gold = [g for g in gold if g.question_type == "descriptive"][: cfg.judge_rows]
     if not rows_gold:
         return {}
@@ -122,8 +121,7 @@ def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
         from ..llm import load_llm
 
         t0 = time.perf_counter()
-        llm = load_llm(tracking.resolve_model_uri(cfg.model), backend=cfg.backend, dtype=cfg.dtype, device=cfg.device,
-                       max_model_len=cfg.max_model_len, batch_size=cfg.batch_size)
+        llm = load_llm(tracking.resolve_model_uri(cfg.model), **cfg.llm_kwargs())
         load_s = time.perf_counter() - t0
     if kb is None and cfg.use_context:
         from ..kb import KnowledgeBase

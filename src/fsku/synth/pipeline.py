@@ -100,8 +100,7 @@ def synthesize(cfg: SynthQAConfig, progress: bool = True) -> SynthResult:
         tasks = tasks[:cfg.n_questions]
     templates = load_templates()
     t0 = time.perf_counter()
-    llm = load_llm(cfg.teacher, backend=cfg.backend, dtype=cfg.dtype, device=cfg.device,
-                   max_model_len=cfg.max_model_len, batch_size=cfg.batch_size)
+    llm = load_llm(cfg.teacher, **cfg.llm_kwargs())
     load_s = time.perf_counter() - t0
     settings = GenerationSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size, cfg.max_chunk_tokens)
     fingerprint = {"teacher": llm.fingerprint(), "kb": manifest.get("corpus_sha256", ""),
@@ -124,8 +123,7 @@ def synthesize(cfg: SynthQAConfig, progress: bool = True) -> SynthResult:
     if cfg.judge_model:
         from .judge import LLMJudge
 
-        judge_llm = llm if cfg.judge_model == "teacher" else load_llm(cfg.judge_model, backend=cfg.backend, dtype=cfg.dtype,
-                                                                      device=cfg.device, max_model_len=cfg.max_model_len)
+        judge_llm = llm if cfg.judge_model == "teacher" else load_llm(cfg.judge_model, **cfg.llm_kwargs())
         judge = LLMJudge(judge_llm, cfg.max_chunk_tokens, cfg.judge_reading)
     eval_files = eval_files_for(cfg)
     eval_questions = read_eval_questions(eval_files)
