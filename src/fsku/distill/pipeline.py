@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ..config import DistillConfig, InferConfig
+from ..config import DistillConfig, InferConfig, LLMSettings
 from ..jsonl import write_jsonl
 from ..outputs import check_not_input, check_replaceable, remove_ours, staged_folder
 from ..stores import AnswerCache
@@ -140,7 +140,8 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
     if not records:
         raise ValueError(f"{cfg.data}/train.jsonl holds no records")
     cache = AnswerCache(cfg.cache_dir)
-    gen_kw = cfg.llm_kwargs(max_model_len=cfg.max_model_len + cfg.max_new_tokens)
+    # batch_size is distill's training batch; generation keeps the LLM layer's default batch
+    gen_kw = cfg.llm_kwargs(max_model_len=cfg.max_model_len + cfg.max_new_tokens, batch_size=LLMSettings.batch_size)
     stats: dict = {"train_records": len(records), "vocab_size": vocab_size, "device": device,
                    "dtype": str(torch_dtype).replace("torch.", ""), "rounds": []}
 

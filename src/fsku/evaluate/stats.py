@@ -41,9 +41,9 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 10000
                      level: float = 0.95) -> dict:
     """Mean of the paired differences a - b with a percentile bootstrap interval over questions:
     {"mean_diff", "low", "high", "n"}."""
-    x = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if len(a) != len(b):
         raise ValueError(f"paired scores of different lengths: {len(a)} and {len(b)}")
+    x = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if len(x) == 0:
         return {"mean_diff": 0.0, "low": 0.0, "high": 0.0, "n": 0}
     rng = np.random.default_rng(seed)

@@ -11,7 +11,7 @@ from .classify import CONTROL_CHARS  # never into submission.csv
 
 # .2: questions with 10+ options, empty options and CR line endings became multiple choice (the
 # cache is keyed by question text: an answer cached when they were descriptive must not be served)
-PROMPT_VERSION = "2026-11-24.2"
+PROMPT_VERSION = "2026-12-02.1"  # self-consistency: the k samples in one generate call
 SPLIT = "\u2063FSKU_SPLIT\u2063"  # an invisible sentinel, removed before tokenisation
 
 SYSTEM = ("당신은 한국의 금융보안·정보보호 법령과 가이드라인에 정통한 전문가입니다. "

@@ -13,6 +13,9 @@ The backend drives llama.cpp's batch API directly, so it can share work between 
 - continuation log-probabilities (cloze scoring, the synth_qa judge) come from the logits of every
   continuation token, evaluated in one pass after the prompt.
 
+Generation stops at any of the vocabulary's end-of-generation tokens (llama.cpp's list: for Qwen2.5
+also ``<|fim_pad|>``, ``<|repo_name|>`` and ``<|file_sep|>`` besides ``<|im_end|>`` and ``<|endoftext|>``).
+
 All that logic talks to an `engine` with six calls (tokenize, detokenize, decode a batch, remove
 and copy sequence ranges, end-of-generation test); `LlamaCppEngine` implements it with llama.cpp,
 the tests with a numpy model. Sampling (temperature, top-p, repetition penalty, seed) is done here
@@ -20,6 +23,7 @@ in numpy on the logits, as transformers does it, so both backends read the same 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -37,6 +41,40 @@ LLAMACPP_PIN = "llama-cpp-python==0.3.36"
 INSTALL_HINT = (f"backend 'llamacpp' needs the llamacpp extra: pip install '{LLAMACPP_PIN}' (compiles llama.cpp, "
                 "~7 min on 2 cores; `make llm-models` does it), or use backend 'transformers'")
 TOP_P_CANDIDATES = 2048  # top-p looks at the best tokens first; the full vocabulary only if they fall short
+
+# x86 CPU flags (/proc/cpuinfo) -> the ggml CMake options that use them. AMX is never switched on: its
+# kernels crash (SIGSEGV in ggml_backend_amx_mul_mat, seen here) on virtual CPUs that advertise AMX, and
+# -march=native (GGML_NATIVE) would turn it on wherever the flag is present.
+GGML_X86_OPTIONS = (
+    ("GGML_SSE42", ("sse4_2",)), ("GGML_F16C", ("f16c",)), ("GGML_FMA", ("fma",)), ("GGML_BMI2", ("bmi2",)),
+    ("GGML_AVX", ("avx",)), ("GGML_AVX2", ("avx2",)), ("GGML_AVX_VNNI", ("avx_vnni",)),
+    ("GGML_AVX512", ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")),
+    ("GGML_AVX512_VBMI", ("avx512vbmi",)), ("GGML_AVX512_VNNI", ("avx512_vnni",)), ("GGML_AVX512_BF16", ("avx512_bf16",)),
+)
+
+
+def cmake_args(cpu_flags: Optional[set[str]]) -> list[str]:
+    """CMAKE_ARGS for building llama-cpp-python on this CPU: every ISA extension it has except AMX
+    (`GGML_X86_OPTIONS`); None (no /proc/cpuinfo, not x86): llama.cpp's own -march=native."""
+    if cpu_flags is None:
+        return ["-DGGML_NATIVE=ON"]
+    args = ["-DGGML_NATIVE=OFF"]
+    for option, needs in GGML_X86_OPTIONS:
+        args.append(f"-D{option}={'ON' if all(f in cpu_flags for f in needs) else 'OFF'}")
+    return args + ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+
+
+def read_cpu_flags(path: str = "/proc/cpuinfo") -> Optional[set[str]]:
+    """The x86 feature flags of the first CPU in `path`; None when there are none (other systems)."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return None
 
 
 # -- pure functions (numpy), tested against hand-computed values
@@ -107,11 +145,8 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def render_template(template: str, messages: Sequence[dict], add_generation_prompt: bool = True,
-                    bos_token: str = "", eos_token: str = "") -> str:
-    """A chat template (Jinja, as stored in a GGUF's ``tokenizer.chat_template``) rendered the way
-    transformers renders it: sandboxed, trim_blocks/lstrip_blocks, ``raise_exception`` and
-    ``strftime_now`` available, ``tojson`` keeping non-ASCII text."""
+@functools.lru_cache(maxsize=8)
+def _compiled_template(template: str):
     import json
     from datetime import datetime
 
@@ -120,12 +155,23 @@ def render_template(template: str, messages: Sequence[dict], add_generation_prom
     def raise_exception(message):
         raise ValueError(f"chat template: {message}")
 
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
-                                                                                  ensure_ascii=ensure_ascii)
+    env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                            bos_token=bos_token, eos_token=eos_token)
+    return env.from_string(template)
+
+
+def render_template(template: str, messages: Sequence[dict], add_generation_prompt: bool = True,
+                    bos_token: str = "", eos_token: str = "") -> str:
+    """A chat template (Jinja, as stored in a GGUF's ``tokenizer.chat_template``) rendered the way
+    transformers renders it: sandboxed, trim_blocks/lstrip_blocks, ``raise_exception`` and
+    ``strftime_now`` available, ``tojson`` keeping non-ASCII text, ``tools``/``documents`` none.
+    (transformers' ``{% generation %}`` tag, used only for training masks, is not supported.)"""
+    return _compiled_template(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                               bos_token=bos_token, eos_token=eos_token, tools=None, documents=None)
 
 
 # -- the engine: what the backend needs from llama.cpp
@@ -169,11 +215,12 @@ class LlamaCppEngine:
         cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.kv_unified = True  # copied prefixes share their cells
         self.ctx = _internals.LlamaContext(model=self.model, params=cparams, verbose=False)
+        # what llama.cpp made of the request: n_ctx padded, n_batch clamped to it (a larger decode aborts the process)
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx.ctx)
-        self.n_batch = n_batch
-        self.n_seq_max = int(cparams.n_seq_max)
+        self.n_batch = min(n_batch, llama_cpp.llama_n_batch(self.ctx.ctx))
+        self.n_seq_max = int(llama_cpp.llama_n_seq_max(self.ctx.ctx))
         self.n_vocab = self.model.n_vocab()
-        self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
         self.metadata = self.model.metadata()
 
     def tokenize(self, text: str) -> list[int]:
@@ -222,8 +269,10 @@ class LlamaCppEngine:
             rows[r] = np.ctypeslib.as_array(self.ctx.get_logits_ith(i), shape=(self.n_vocab,))
         return rows
 
-    def seq_rm(self, seq: int, p0: int, p1: int = -1) -> None:
-        self._llama.llama_memory_seq_rm(self.ctx.memory, seq, p0, p1)
+    def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:
+        """Remove positions [p0, p1) of `seq` (p1 < 0: to the end); False when the memory cannot drop a
+        part of a sequence (recurrent models)."""
+        return bool(self._llama.llama_memory_seq_rm(self.ctx.memory, seq, p0, p1))
 
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         self._llama.llama_memory_seq_cp(self.ctx.memory, src, dst, p0, p1)
@@ -298,14 +347,22 @@ class LlamaCppBackend(LLMBackend):
         keep = common_prefix(self._cached, tokens)
         if need_logits and keep == len(tokens):
             keep -= 1  # the last token is evaluated again to read its logits
-        self.engine.seq_rm(0, keep, -1)
+        if not self.engine.seq_rm(0, keep, -1):  # the memory keeps whole sequences only: start over
+            self.engine.seq_rm(0, 0, -1)
+            keep = 0
         self._cached = self._cached[:keep]
         todo = [Entry(t, keep + i, 0) for i, t in enumerate(tokens[keep:])]
         if todo and need_logits:
             todo[-1].logits = True
-        rows = self._decode_all(todo, deadline)
-        self._cached = list(tokens)
-        return rows[-1] if need_logits else None
+        last = None
+        for start in range(0, len(todo), self.engine.n_batch):
+            check_deadline(deadline)
+            chunk = todo[start:start + self.engine.n_batch]
+            rows = self.engine.decode(chunk)
+            self._cached = list(tokens[:chunk[-1].pos + 1])  # a deadline between chunks keeps what was read
+            if len(rows):
+                last = rows[-1]
+        return last if need_logits else None
 
     def _check_fits(self, n: int, what: str) -> None:
         if n > self.max_model_len:
@@ -433,3 +490,7 @@ class LlamaCppBackend(LLMBackend):
             self._clear_seqs(range(1, k + 1))
         return [Generation(self.engine.detokenize(new[s]), len(new[s]), float(np.mean(lps[s])) if lps[s] else 0.0,
                            not done[s]) for s in range(k)]
+
+
+if __name__ == "__main__":  # `python -m fsku.llm.llamacpp`: the CMAKE_ARGS `make llm-models` builds llama.cpp with
+    print(" ".join(cmake_args(read_cpu_flags())))

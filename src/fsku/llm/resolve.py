@@ -185,6 +185,7 @@ def resolve_gguf(model: str, models_dir: Path | None = None) -> str:
             from huggingface_hub import hf_hub_download
 
             try:
+                # offline: only for a hub GGUF name; bundles load their own model folder and set HF_HUB_OFFLINE=1
                 return hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]))
             except Exception as e:  # offline and not cached, unknown repo or file
                 raise ModelNotFound(f"{model}: GGUF file not found locally nor on the hub ({type(e).__name__}: "

@@ -43,9 +43,11 @@ class VLLMBackend(LLMBackend):
                  top_p: float = 1.0, seed: Optional[int] = None, max_time: Optional[float] = None,
                  repetition_penalty: float = 1.0) -> list[Generation]:
         # vLLM has no wall-clock stop; the orchestrator's deadline is checked between calls
-        params = self._vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
-                                           top_p=top_p if temperature > 0 else 1.0, seed=seed, logprobs=0,
-                                           repetition_penalty=repetition_penalty)
+        # vLLM seeds each request on its own: one seed for all would make k samples of a prompt identical
+        params = [self._vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
+                                            top_p=top_p if temperature > 0 else 1.0,
+                                            seed=None if seed is None else seed + i, logprobs=0,
+                                            repetition_penalty=repetition_penalty) for i in range(len(prompts))]
         outs = self.engine.generate(list(prompts), params, use_tqdm=False)
         results = []
         for o in outs:

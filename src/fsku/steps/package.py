@@ -175,6 +175,9 @@ def inference_settings(cfg: PackageConfig) -> dict:
     base = load_recipe(cfg.settings_recipe) if cfg.settings_recipe else PredictConfig()
     if not isinstance(base, InferConfig):
         raise ValueError(f"{cfg.settings_recipe}: expected a predict or evaluate recipe")
+    if base.backend == "llamacpp":  # the bundle holds a transformers folder, which llama.cpp cannot load
+        raise ValueError(f"{cfg.settings_recipe}: backend llamacpp loads GGUF files, but the bundle carries the model as "
+                         "a transformers folder; package with backend auto or transformers")
     names = {f.name for f in dataclasses.fields(InferConfig)} - {"model", "kb", "cache_dir"}
     return {k: v for k, v in dataclasses.asdict(base).items() if k in names}
 

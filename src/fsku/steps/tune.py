@@ -61,7 +61,12 @@ def open_study(cfg: TuneConfig):
                                                      grace_period=180)
             break
         except Exception as exc:  # workers starting together on a new database race to create its tables
-            if "IntegrityError" not in type(exc).__name__ and "OperationalError" not in type(exc).__name__ or attempt == 4:
+            name = type(exc).__name__
+            # PostgreSQL: a unique violation (IntegrityError) or "type ... already exists" (ProgrammingError,
+            # two CREATE TYPE for the direction enum at once); SQLite: a locked database (OperationalError)
+            racing = ("IntegrityError" in name or "OperationalError" in name
+                      or ("ProgrammingError" in name and "already exists" in str(exc)))
+            if not racing or attempt == 4:
                 raise
             log.info("storage is being initialised by another worker (%s); retrying", type(exc).__name__)
             time.sleep(1.0 + attempt)
