@@ -112,8 +112,7 @@ def worker(a: argparse.Namespace) -> int:
     if speed_file.exists():
         speed = json.loads(speed_file.read_text())
     else:
-        first = next(g for g in gold_rows(1, 0))
-        speed = measure_speed(llm, *speed_prompts(llm, kb, first.question))
+        speed = measure_speed(llm, *speed_prompts(llm, kb, gold_rows(1, 0)[0].question))
         speed_file.write_text(json.dumps(speed))
     result = predict(cfg, cfg.input, cfg.out, restart=a.restart, llm=llm, kb=kb, records_out=out / "records.jsonl",
                      progress=True, enforce=False)

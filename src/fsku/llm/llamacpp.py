@@ -86,10 +86,10 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
 
 
-def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+def apply_repetition_penalty(logits: np.ndarray, seen: Optional[np.ndarray], penalty: float) -> np.ndarray:
     """transformers' RepetitionPenaltyLogitsProcessor: the logits of tokens in `seen` (the prompt and
     the tokens generated so far) are divided by `penalty` when positive, multiplied when negative."""
-    if penalty == 1.0 or not len(seen):
+    if penalty == 1.0 or seen is None or not len(seen):
         return logits
     out = np.array(logits, dtype=np.float64)
     values = out[seen]
@@ -123,13 +123,12 @@ def sample_token(logits: np.ndarray, rng: Optional[np.random.Generator], tempera
     """(token, its log-probability) from one row of next-token logits: the repetition penalty, then
     greedy (temperature 0) or sampling at `temperature` within `top_p`. The log-probability is taken
     from the distribution the token was drawn from (as transformers' scores with normalize_logits)."""
-    x = apply_repetition_penalty(logits, seen if seen is not None else np.empty(0, dtype=np.int64),
-                                 repetition_penalty)
+    x = apply_repetition_penalty(logits, seen, repetition_penalty)
     if temperature <= 0:
         lp = log_softmax(x)
         token = int(np.argmax(x))
         return token, float(lp[token])
-    lp = top_p_mask(log_softmax(np.asarray(x, dtype=np.float64) / temperature), top_p)
+    lp = top_p_mask(log_softmax(np.asarray(x) / temperature), top_p)
     lp = log_softmax(lp)  # renormalised over the kept tokens
     p = np.exp(lp)
     token = int((rng or np.random.default_rng()).choice(len(p), p=p / p.sum()))
@@ -297,10 +296,11 @@ class LlamaCppBackend(LLMBackend):
         self.batch_size = batch_size  # sequences decoded together (k samples, option orders)
         if engine is None:
             n_gpu = -1 if device.startswith("cuda") else 0  # a CUDA build offloads every layer
+            threads = threads or default_threads()
             engine = LlamaCppEngine(model, n_ctx=max_model_len, n_batch=token_batch, n_seq_max=batch_size + 1,
-                                    n_threads=threads or default_threads(), n_gpu_layers=n_gpu)
-            log.info("loaded %s with llama.cpp (%d threads, %d KV cells, %d sequences)", model,
-                     threads or default_threads(), engine.n_ctx, engine.n_seq_max)
+                                    n_threads=threads, n_gpu_layers=n_gpu)
+            log.info("loaded %s with llama.cpp (%d threads, %d KV cells, %d sequences)", model, threads,
+                     engine.n_ctx, engine.n_seq_max)
         self.engine = engine
         self.parallel = max(1, min(batch_size, engine.n_seq_max - 1))  # sequence 0 keeps the prompt
         self._cached: list[int] = []  # the tokens sequence 0 holds
@@ -483,7 +483,7 @@ class LlamaCppBackend(LLMBackend):
                         live.append(s)
                 if not entries or (stop_at is not None and time.monotonic() > stop_at):
                     break
-                got = self.engine.decode(entries) if len(entries) <= self.engine.n_batch else self._decode_all(entries)
+                got = self._decode_all(entries)
                 for r, s in enumerate(live):
                     rows[s] = got[r]
         finally:
