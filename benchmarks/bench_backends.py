@@ -151,6 +151,9 @@ def compare(gold, results: dict) -> dict:
         table[name] = {
             "mc_accuracy": score["mc_accuracy"], "mc_ci95": wilson_interval(sum(correct), len(correct)),
             "descriptive_score": score["descriptive_score"],
+            # bootstrap interval of the mean row score (the paired form against zero is the plain bootstrap)
+            "descriptive_ci95": (lambda b: (b["low"], b["high"]))(
+                paired_bootstrap([score["per_row"][i]["score"] for i in desc_ids], [0.0] * len(desc_ids))),
             "s_per_mc": float(np.mean([recs[i]["inference_time"] for i in mc_ids])),
             "s_per_desc": float(np.mean([recs[i]["inference_time"] for i in desc_ids])) if desc_ids else None,
             **{k: res[k] for k in ("prefill_tok_s", "decode_tok_s", "prompt_tokens", "load_s", "peak_rss_mb",
@@ -205,11 +208,12 @@ def main(argv=None) -> int:
     print(f"\n{a.model}: {pr['n_mc']} statute MCQs + {pr['n_desc']} descriptive, one process per backend, "
           f"{a.threads} threads each; s/MC and s/desc: the whole predict recipe (gated context, option rotations), "
           "prefix reuse between calls included")
-    print(f"{'backend':<13}{'MC acc (95% CI)':<22}{'desc':>6}{'s/MC':>8}{'s/desc':>8}{'prefill t/s':>12}"
+    print(f"{'backend':<13}{'MC acc (95% CI)':<22}{'desc (95% CI)':>22}{'s/MC':>8}{'s/desc':>8}{'prefill t/s':>12}"
           f"{'decode t/s':>11}{'load s':>8}{'RSS MB':>8}")
     for name, t in b.items():
         ci = f"{t['mc_accuracy']:.3f} [{t['mc_ci95'][0]:.2f}, {t['mc_ci95'][1]:.2f}]"
-        print(f"{name:<13}{ci:<22}{t['descriptive_score'] or 0:>6.3f}{t['s_per_mc']:>8.2f}{t['s_per_desc'] or 0:>8.2f}"
+        dci = f"{t['descriptive_score'] or 0:.3f} [{t['descriptive_ci95'][0]:.2f}, {t['descriptive_ci95'][1]:.2f}]"
+        print(f"{name:<13}{ci:<22}{dci:>22}{t['s_per_mc']:>8.2f}{t['s_per_desc'] or 0:>8.2f}"
               f"{t['prefill_tok_s']:>12.1f}{t['decode_tok_s']:>11.1f}{t['load_s']:>8.1f}{t['peak_rss_mb']:>8.0f}")
     mn, dd = pr["mcnemar"], pr["desc_diff_llamacpp_minus_transformers"]
     print(f"MC agreement {pr['mc_agreement']:.3f}; McNemar exact p = {mn['p_value']:.3f} (right only with llama.cpp "
