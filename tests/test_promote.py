@@ -6,11 +6,12 @@ import mlflow
 import pytest
 
 from fsku import tracking
-from fsku.registry import Decision, Release, decide, promote_release
+from fsku.registry import Decision, Evaluation, Release, decide, promote_release
 
 
 def test_decide_by_hand():
     assert decide(0.7, None) == Decision(True, "no current champion", 0.7, None, 0.0)
+    assert decide(0.7, None, gate="significant").promote  # nothing to compare with
     assert decide(0.71, 0.70, margin=0.005).promote
     assert not decide(0.704, 0.70, margin=0.005).promote  # better, but not by more than the margin
     assert decide(0.70, 0.70).reason == "equal to the champion" and not decide(0.70, 0.70).promote
@@ -21,6 +22,64 @@ def test_decide_by_hand():
         decide(0.7, 0.6, margin=-0.1)
     with pytest.raises(ValueError, match="NaN"):
         decide(math.nan, 0.6)
+
+
+def _evidence(p, low=0.01, high=0.2, diff=0.1):
+    return {"test": "exact McNemar", "p_value": p, "diff": diff, "low": low, "high": high, "n": 63}
+
+
+def test_significant_gate_by_hand():
+    # better but not significant -> kept; significant -> promoted; worse -> kept whatever the test
+    kept = decide(0.80, 0.75, gate="significant", evidence=_evidence(0.30, low=-0.05))
+    assert not kept.promote and "not significantly" in kept.reason and "p = 0.3" in kept.reason
+    won = decide(0.80, 0.70, gate="significant", evidence=_evidence(0.01))
+    assert won.promote and "significant (exact McNemar p = 0.01" in won.reason and won.evidence["n"] == 63
+    assert not decide(0.70, 0.80, gate="significant", evidence=_evidence(0.01, diff=-0.1)).promote
+    assert not decide(0.80, 0.80, gate="significant", evidence=_evidence(1.0, diff=0)).promote
+    # a margin: the gain's lower bound must clear it too
+    assert not decide(0.80, 0.70, margin=0.05, gate="significant", evidence=_evidence(0.01, low=0.02)).promote
+    assert decide(0.80, 0.70, margin=0.05, gate="significant", evidence=_evidence(0.01, low=0.06)).promote
+    # the margin gate ignores the test (the old behaviour)
+    assert decide(0.80, 0.75, gate="margin", evidence=_evidence(0.30)).promote
+    assert decide(0.80, 0.75, gate="significant", evidence=_evidence(0.04), alpha=0.05).promote
+    assert not decide(0.80, 0.75, gate="significant", evidence=_evidence(0.04), alpha=0.01).promote
+    with pytest.raises(ValueError, match="needs the paired comparison"):
+        decide(0.8, 0.7, gate="significant")
+    with pytest.raises(ValueError, match="gate"):
+        decide(0.8, 0.7, gate="vote")
+    with pytest.raises(ValueError, match="alpha"):
+        decide(0.8, 0.7, alpha=1.5)
+
+
+def _rows(correct):
+    return tuple({"ID": f"q{i}", "question_type": "multiple_choice", "score": float(c)} for i, c in enumerate(correct))
+
+
+@pytest.mark.parametrize("cand, champ, promoted, reason", [
+    ([1] * 20, [1] * 10 + [0] * 10, True, "significant"),                   # 10 only-candidate wins: p = 0.002
+    ([1] * 12 + [0] * 8, [1] * 10 + [0] * 10, False, "not significantly"),  # 2 wins: p = 0.5
+    ([1] * 8 + [0] * 12, [1] * 10 + [0] * 10, False, "worse"),
+])
+def test_promote_release_gate_on_per_question_evidence(registered, cand, champ, promoted, reason):
+    name, (v1, v2, _) = registered
+    tracking.set_alias(name, "champion", v1)
+    evals = {v1: Evaluation(sum(champ) / 20, _rows(champ), "run-champ"), v2: Evaluation(sum(cand) / 20, _rows(cand), "run-cand")}
+    out = promote_release(name, Release(v2), lambda r: evals[r.model_version], metric="mc_accuracy", gate="significant")
+    d = out["decision"]
+    assert d["promote"] is promoted and reason in d["reason"]
+    assert tracking.alias_version(name, "champion") == (v2 if promoted else v1)
+    tags = mlflow.MlflowClient().get_model_version(name, v2).tags
+    assert tags["promotion.gate"] == "significant" and tags["promotion.test"] == "exact McNemar"
+    assert tags["promotion.candidate_run"] == "run-cand" and tags["promotion.champion_run"] == "run-champ"
+    assert math.isclose(float(tags["promotion.p_value"]), d["evidence"]["p_value"])
+    assert out["evaluations"]["champion"]["run_id"] == "run-champ"
+
+
+def test_significant_gate_needs_per_question_rows(registered):
+    name, (v1, v2, _) = registered
+    tracking.set_alias(name, "champion", v1)
+    with pytest.raises(ValueError, match="per-question scores"):
+        promote_release(name, Release(v2), _scores({v1: 0.5, v2: 0.9}), metric="mc_accuracy", gate="significant")
 
 
 def _register(name, tmp_path, n):
@@ -119,7 +178,18 @@ def test_promote_step_evaluates_both_students_on_the_same_set(tiny_models, tmp_p
     assert d["champion_score"] is not None and 0 <= d["candidate_score"] <= 1
     assert (tmp_path / "promote" / f"{name}-v{v1}" / "submission.csv").exists()
     assert (tmp_path / "promote" / f"{name}-v{v2}" / "submission.csv").exists()
-    expected = v2 if d["candidate_score"] > d["champion_score"] else v1
-    assert tracking.alias_version(name, "champion") == expected
+    # the default gate: promoted only when better AND the exact McNemar test on the same questions says so
+    ev = d["evidence"]
+    assert d["gate"] == "significant" and ev["test"] == "exact McNemar" and 0 < ev["p_value"] <= 1 and ev["n"] > 0
+    assert d["promote"] == (d["candidate_score"] > d["champion_score"] and ev["p_value"] < cfg.alpha)
+    assert tracking.alias_version(name, "champion") == (v2 if d["promote"] else v1)
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`fsku.step` = 'promote'")
     assert len(runs) >= 1
+    client = mlflow.MlflowClient()
+    promote_run = runs.iloc[0]["run_id"]
+    table = mlflow.load_table("decision.json", run_ids=[promote_run])
+    assert list(table["role"]) == ["candidate", "champion", "decision"]
+    evaluations = out["evaluations"]
+    assert set(table["evaluation_run"][:2]) == {evaluations["candidate"]["run_id"], evaluations["champion"]["run_id"]}
+    for role in ("candidate", "champion"):
+        assert client.get_run(out["evaluations"][role]["run_id"]).data.tags["fsku.step"] == "evaluate"

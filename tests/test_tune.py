@@ -4,6 +4,7 @@ across processes, and a distill study with pruning on the tiny pair."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -172,7 +173,7 @@ def _base_recipe(tmp_path) -> str:
 
 
 def _retrieval_cfg(tmp_path, **kw) -> TuneConfig:
-    values = dict(study="retrieval", storage=f"sqlite:///{tmp_path}/optuna.db", n_trials=4, sampler="random", seed=0,
+    values = dict(study="retrieval", storage=f"sqlite:///{tmp_path}/optuna.db", n_trials=4, sampler="random", seed=0, folds=0,
                   out=str(tmp_path / "tune"), recipe_out=str(tmp_path / "recipes"), base_recipe=_base_recipe(tmp_path),
                   labels=str(SAMPLE_LABELS), chunk_sizes="320,480", chunk_overlaps="32", bm25_tokenizers="kiwi")
     values.update(kw)
@@ -207,6 +208,55 @@ def test_retrieval_study_nested_runs_plots_recipes_and_resume_by_name(tmp_path):
     with pytest.raises(ValueError, match="direction MAXIMIZE"):
         tune_step(TuneConfig(study="distill", study_name="fsku-retrieval", storage=f"sqlite:///{tmp_path}/optuna.db",
                              out=str(tmp_path / "tune")), progress=False)
+
+
+def test_retrieval_study_selects_on_the_tuning_folds_and_checks_the_held_out_one(tmp_path):
+    import mlflow
+
+    from fsku.steps.tune import report
+    from fsku.steps.tune import run_step as tune_step
+    from fsku.tune import RetrievalObjective
+
+    base = BuildKBConfig(corpus=str(SAMPLE_CORPUS), cache_dir=str(tmp_path / "cache"), register_as=None)
+    obj = RetrievalObjective(base, str(SAMPLE_LABELS), tmp_path / "kbs", folds=2, fold_seed=0)
+    n = len(SAMPLE_LABELS.read_text(encoding="utf-8").splitlines())
+    assert len(obj.parts["tune"]) + len(obj.parts["holdout"]) == n and not set(obj.parts["tune"]) & set(obj.parts["holdout"])
+    params = {"fusion": "minmax", "w_bm25": 0.5}
+    assert obj.evaluate(params)["n_queries"] == len(obj.parts["tune"])
+    assert obj.evaluate(params, "holdout")["n_queries"] == len(obj.parts["holdout"])
+    assert obj.evaluate(params, "all")["n_queries"] == n
+    same = obj.holdout_check(params, params)
+    assert same["paired"]["diff"] == 0 and same["paired"]["p_value"] == 1.0 and same["keep_tuned"]
+    with pytest.raises(ValueError, match="cannot fill"):
+        RetrievalObjective(base, str(SAMPLE_LABELS), tmp_path / "kbs", folds=n + 1)
+    with pytest.raises(ValueError, match="per-query paired test"):
+        RetrievalObjective(base, str(SAMPLE_LABELS), tmp_path / "kbs", metric="recall_at_5", folds=2)
+
+    cfg = _retrieval_cfg(tmp_path, folds=2, n_trials=3)
+    out = tune_step(cfg, progress=False)
+    m, h = out["metrics"], out["holdout"]
+    assert m["n_tune"] + m["n_holdout"] == n and m["mrr_at_10_tune_best"] == m["best_value"]
+    assert m["mrr_at_10_tune_default"] == m["baseline_value"] and 0 <= m["mrr_at_10_holdout_best"] <= 1
+    assert math.isclose(m["holdout_diff"], m["mrr_at_10_holdout_best"] - m["mrr_at_10_holdout_default"], abs_tol=1e-9)
+    assert h["keep_tuned"] == (m["holdout_diff_ci95_high"] >= 0) == (tmp_path / "recipes" / "build_kb.yaml").exists()
+    tags = mlflow.MlflowClient().get_run(out["run_id"]).data.tags
+    assert tags["fsku.tune_decision"] == h["decision"]
+    assert any("held-out labels" in line for line in report(cfg, out))
+
+
+def test_a_best_trial_worse_on_the_held_out_fold_writes_no_recipe(tmp_path, monkeypatch):
+    from fsku.steps.tune import run_step as tune_step
+    from fsku.tune import RetrievalObjective
+
+    def worse(self, best, default):
+        return {"tune_best": 0.9, "tune_default": 0.8, "holdout_best": 0.5, "holdout_default": 0.8, "n_tune": 7,
+                "n_holdout": 3, "keep_tuned": False,
+                "paired": {"test": "paired bootstrap", "diff": -0.3, "low": -0.5, "high": -0.1, "p_value": 0.01, "n": 3}}
+
+    monkeypatch.setattr(RetrievalObjective, "holdout_check", worse)
+    out = tune_step(_retrieval_cfg(tmp_path, folds=3, n_trials=1), progress=False)
+    assert "defaults kept" in out["holdout"]["decision"] and not out.get("recipes")
+    assert not (tmp_path / "recipes").exists()
 
 
 def test_two_worker_processes_share_one_study(tmp_path):

@@ -13,6 +13,7 @@
     fsku validate --submission submission.csv --test test.csv
     fsku score --pred submission.csv --gold FILE
     fsku evaluate --gold FILE[,FILE] --kb DIR --model ID_OR_PATH ...   (tracked in MLflow)
+    fsku compare RUN_OR_FILE_A RUN_OR_FILE_B [--metric M]   (paired test of two evaluations on the same questions)
     fsku prepare-llm --name qwen2.5-coder-1.5b-instruct|qwen2.5-coder-0.5b-instruct|all
     fsku make-tiny-models --out DIR [--kb DIR --teacher-steps N]
     fsku cache-invalidate --cache-dir DIR --pattern 'answer|*'
@@ -109,6 +110,7 @@ def cmd_ingest(argv: list[str]) -> int:
 
 
 def cmd_eval_retrieval(argv: list[str]) -> int:
+    from .evaluate.compare import format_interval
     from .evaluate.retrieval import evaluate_retrieval
     from .kb import KnowledgeBase
 
@@ -122,7 +124,10 @@ def cmd_eval_retrieval(argv: list[str]) -> int:
     metrics, table = evaluate_retrieval(kb, a.labels, cfg)
     print(f"fusion {cfg.fusion}, w_bm25={cfg.w_bm25}, rrf_k={cfg.rrf_k}, w_law={cfg.w_law}, w_article={cfg.w_article}")
     metrics.pop("curve")
+    found = metrics.pop("intervals")
     print(json.dumps(metrics, indent=2))
+    for name, iv in found.items():
+        print(f"{name}: {format_interval(iv)}, 95 % {iv['method']} interval")
     misses = table[table["first_relevant_rank"] != 1]
     for row in misses.itertuples():
         print(f"  {row.qid}: first relevant rank {row.first_relevant_rank}; top-1 {row.top1_path}")
@@ -212,6 +217,49 @@ def cmd_score(argv: list[str]) -> int:
     return 0
 
 
+PER_QUESTION_TABLES = ("per_question.json", "retrieval_per_query.json")
+
+
+def cmd_compare(argv: list[str]) -> int:
+    from .evaluate.compare import applicable_metrics, check_rows, format_interval, format_paired, interval, load_rows, paired
+
+    p = argparse.ArgumentParser(prog="fsku compare", description="Paired comparison of two evaluations on the same "
+                                "questions: each metric of both with its 95 % interval, the difference A - B with a "
+                                "paired bootstrap interval, and the p-value (exact McNemar for right/wrong metrics).")
+    p.add_argument("a", help="MLflow run id (an evaluate or build_kb run) or per-question file (.json table, .jsonl, "
+                             ".csv, .parquet) of system A")
+    p.add_argument("b", help="the same for system B, on the same questions")
+    p.add_argument("--metric", action="append", help="metric to compare (repeatable; default: every metric the rows "
+                                                     "support)")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    a = p.parse_args(argv)
+
+    def rows_of(spec: str) -> tuple[str, list[dict]]:
+        if Path(spec).exists():
+            return spec, load_rows(spec)
+        from . import tracking
+
+        name, table = tracking.load_run_table(spec, PER_QUESTION_TABLES)
+        return f"run {spec} ({name})", check_rows(table.to_dict("records"), f"run {spec} {name}")
+
+    (name_a, rows_a), (name_b, rows_b) = rows_of(a.a), rows_of(a.b)
+    metrics = a.metric or [m for m in applicable_metrics(rows_a) if m in applicable_metrics(rows_b)]
+    if not metrics:
+        raise ValueError(f"{name_a} and {name_b} share no metric with a per-question form")
+    print(f"A: {name_a}\nB: {name_b}")
+    results = []
+    for m in metrics:
+        res = paired(rows_a, rows_b, m)
+        res["interval_a"], res["interval_b"] = interval(rows_a, m), interval(rows_b, m)
+        results.append(res)
+        print(f"  {m}: A {format_interval(res['interval_a'])}, B {format_interval(res['interval_b'])}")
+        print(f"    {format_paired(res)}")
+    if a.json:
+        check_not_input(a.json, {"A": [a.a], "B": [a.b]}, "--json")
+        a.json.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    return 0
+
+
 def cmd_prepare_llm(argv: list[str]) -> int:
     from .llm.resolve import OFFLINE_GGUFS, resolve_model
 
@@ -291,6 +339,7 @@ COMMANDS = {
     "predict": step_command("predict"),
     "validate": cmd_validate,
     "score": cmd_score,
+    "compare": cmd_compare,
     "evaluate": step_command("evaluate"),
     "prepare-llm": cmd_prepare_llm,
     "make-tiny-models": cmd_make_tiny_models,

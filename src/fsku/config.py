@@ -627,12 +627,19 @@ class PromoteConfig(Block):
     metric: str = param("fsku_score", "Evaluate metric that decides (fsku_score, mc_accuracy, descriptive_score, ...).")
     higher_is_better: bool = param(True, "False for metrics such as latency_mean_s.")
     margin: float = param(0.0, "The candidate must beat the champion by MORE than this.")
+    gate: str = param("significant", "significant: also a paired test of both evaluations on the same questions must "
+                                     "give p < alpha (exact McNemar for mc_accuracy, paired bootstrap for scores) and,"
+                                     " with a margin, the gain's 95 % lower bound must exceed it; margin: the score "
+                                     "difference alone decides.")
+    alpha: float = param(0.05, "Significance level of the significant gate.")
     evaluate_recipe: Optional[str] = param(None, "evaluate YAML whose inference settings both evaluations use (model, "
                                                  "kb, gold, out_dir are set here).")
     out_dir: str = param("outputs/promote", "Evaluation outputs, one folder per release.")
 
     def __post_init__(self):
         _check(self.margin >= 0, f"margin must be >= 0, got {self.margin}")
+        _check(self.gate in ("margin", "significant"), f"gate must be margin or significant, got {self.gate!r}")
+        _check(0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}")
         _check(bool(self.model_name) and bool(self.gold.strip()), "model_name and gold are required")
         for name in ("candidate", "kb_candidate"):
             value = getattr(self, name)
@@ -670,6 +677,10 @@ class TuneConfig(Block):
                                                              "source|law, evidence).")
     metric: str = param("mrr_at_10", "retrieval: maximised metric (mrr_at_<eval_k>, hit_at_1|3|5, recall_at_...).")
     eval_k: int = param(10, "retrieval: ranked hits evaluated per query.")
+    folds: int = param(3, "retrieval: the labels are split into this many folds; trials are scored on all but one, the "
+                          "best and the default are re-scored on the held-out one, and the tuned recipe is written only"
+                          " when it is not worse there beyond its interval (0: no hold-out, every label tunes).")
+    fold_seed: int = param(0, "retrieval: seed of the fold split (the same labels and seed give the same folds).")
     chunk_sizes: str = param("320,480,640", "retrieval: chunk_size choices (tokens), comma-separated; one value fixes "
                                             "it.")
     chunk_overlaps: str = param("0,32,64", "retrieval: chunk_overlap choices.")
@@ -690,6 +701,7 @@ class TuneConfig(Block):
         _check("://" in self.storage,
                f"storage must be a database URL (sqlite:///path.db, postgresql://...), got {self.storage!r}")
         _check(self.eval_k >= 1, "eval_k must be >= 1")
+        _check(self.folds == 0 or self.folds >= 2, f"folds must be 0 (no hold-out) or >= 2, got {self.folds}")
         _check(0 < self.lr_min <= self.lr_max, "need 0 < lr_min <= lr_max")
         _check(self.eval_every >= 1, "eval_every must be >= 1")
         if self.base_recipe:

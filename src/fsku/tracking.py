@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import mlflow
 import pandas as pd
@@ -151,6 +151,21 @@ def log_artifact(path: str | Path, artifact_path: Optional[str] = None) -> None:
 
 def log_table(df: pd.DataFrame, name: str) -> None:
     mlflow.log_table(df, artifact_file=name)
+
+
+def load_run_table(run_id: str, names: Sequence[str]) -> tuple[str, pd.DataFrame]:
+    """(artifact name, table) of the first of `names` that run `run_id` logged with log_table."""
+    try:
+        run = mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException as e:
+        raise ValueError(f"{run_id!r} is neither a per-question file nor a run in {tracking_uri()} ({e.message})") from None
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    for sub in {Path(n).parent.as_posix() for n in names if "/" in n}:
+        logged |= {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, sub)}
+    for name in names:
+        if name in logged:
+            return name, mlflow.load_table(name, run_ids=[run.info.run_id])
+    raise ValueError(f"run {run_id} ({run.data.tags.get('fsku.step', 'no step tag')}) logged none of {list(names)}")
 
 
 def log_figure(fig, name: str) -> None:

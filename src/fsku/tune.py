@@ -199,8 +199,9 @@ class RetrievalObjective:
     re-ranks in milliseconds."""
 
     def __init__(self, base: BuildKBConfig, labels: str, kb_root: str | Path, metric: str = "mrr_at_10",
-                 eval_k: int = 10, candidates: int = 50, progress: bool = False):
+                 eval_k: int = 10, candidates: int = 50, progress: bool = False, folds: int = 0, fold_seed: int = 0):
         from .evaluate.retrieval import load_labels
+        from .evaluate.stats import split_folds
 
         self.base, self.metric, self.eval_k, self.candidates = base, metric, eval_k, candidates
         self.kb_root = Path(kb_root)
@@ -211,6 +212,16 @@ class RetrievalObjective:
         valid = {f"{m}_at_{k}" for m in ("hit", "recall") for k in self.ks} | {f"mrr_at_{eval_k}"}
         if metric not in valid:
             raise ValueError(f"metric {metric!r} is not computed with eval_k={eval_k}; expected one of {sorted(valid)}")
+        everything = list(range(len(self.queries)))
+        self.parts = {"all": everything, "tune": everything, "holdout": []}
+        if folds:
+            if metric.startswith("recall_"):
+                raise ValueError(f"metric {metric} has no per-query paired test for the held-out check; "
+                                 "use hit_at_k or mrr_at_k, or folds 0")
+            try:
+                self.parts["tune"], self.parts["holdout"] = split_folds([q.qid for q in self.queries], folds, fold_seed)
+            except ValueError as e:
+                raise ValueError(f"{labels}: {e}") from None
 
     def build_settings(self, params: dict) -> dict:
         return {k: params.get(k, getattr(self.base, k)) for k in KB_KEYS}
@@ -237,23 +248,50 @@ class RetrievalObjective:
             self._kbs[key] = (kb, n_rel)
         return self._kbs[key]
 
-    def evaluate(self, params: dict) -> dict:
+    def evaluate(self, params: dict, part: str = "tune") -> dict:
+        """Metrics of `params` on one part of the labels: "tune" (the tuning folds; every label when
+        folds is 0), "holdout" (the held-out fold) or "all"."""
+        return self.evaluate_rows(params, part)[0]
+
+    def evaluate_rows(self, params: dict, part: str = "tune") -> tuple[dict, list[dict]]:
+        """(metrics, per-query rows {qid, first_relevant_rank}) of `params` on `part`."""
         from .evaluate.retrieval import evaluate_hits
 
+        index = self.parts[part]
+        if not index:
+            raise ValueError(f"no labelled queries in part {part!r}")
+        queries = [self.queries[i] for i in index]
         kb, n_rel = self.knowledge_base(self.build_settings(params))
         fusion = {k: params[k] for k in ("fusion", "w_bm25", "rrf_k", "w_law", "w_article") if k in params}
         cfg = dataclasses.replace(kb.retrieve_defaults(), top_k=self.eval_k, candidates=max(self.candidates, self.eval_k),
                                   **fusion)
-        hits = kb.search([q.question for q in self.queries], cfg)
-        result = evaluate_hits(self.queries, [[h.to_dict() for h in hs] for hs in hits], n_rel, ks=self.ks)
+        hits = kb.search([q.question for q in queries], cfg)
+        result = evaluate_hits(queries, [[h.to_dict() for h in hs] for hs in hits], [n_rel[i] for i in index], ks=self.ks)
         metrics = dict(result["metrics"])
         metrics["kb_chunks"] = len(kb.chunks)
-        return metrics
+        rows = [{"qid": q.qid, "first_relevant_rank": next((r + 1 for r, ok in enumerate(rel) if ok), None)}
+                for q, rel in zip(queries, result["relevance"], strict=True)]
+        return metrics, rows
 
     def __call__(self, trial, params: dict, report: Callable[[dict], None]) -> float:
-        metrics = self.evaluate(params)
+        metrics = self.evaluate(params, "tune")
         report(metrics)
         return float(metrics[self.metric])
+
+    def holdout_check(self, best: dict, default: dict) -> dict:
+        """Re-score the best and the default configuration on the tuning folds and on the held-out fold:
+        {"tune_best", "tune_default", "holdout_best", "holdout_default", "paired" (best vs default on the
+        held-out fold: fsku.evaluate.compare.paired), "keep_tuned" (False when the held-out fold got
+        worse beyond its interval: the whole 95 % interval of the difference below zero)}."""
+        from .evaluate.compare import paired
+
+        tune_best, tune_default = self.evaluate(best, "tune")[self.metric], self.evaluate(default, "tune")[self.metric]
+        held_best, best_rows = self.evaluate_rows(best, "holdout")
+        held_default, default_rows = self.evaluate_rows(default, "holdout")
+        test = paired(best_rows, default_rows, self.metric)
+        return {"tune_best": tune_best, "tune_default": tune_default, "holdout_best": held_best[self.metric],
+                "holdout_default": held_default[self.metric], "n_tune": len(self.parts["tune"]),
+                "n_holdout": len(self.parts["holdout"]), "paired": test, "keep_tuned": test["high"] >= 0}
 
 
 # ----------------------------------------------------------------------------- distill objective

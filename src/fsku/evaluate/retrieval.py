@@ -16,6 +16,7 @@ import pandas as pd
 from ..config import RetrieveConfig
 from ..ingest.clean import clean_text, compact
 from ..jsonl import iter_jsonl
+from .compare import interval_metrics, intervals
 
 
 @dataclass
@@ -128,4 +129,6 @@ def evaluate_retrieval(kb, labels_path: str | Path, cfg: RetrieveConfig) -> tupl
         rows.append({"qid": q.qid, "question": q.question, "gold": q.gold_source, "first_relevant_rank": first,
                      "top1_path": hs[0].path if hs else "", "relevant_chunks": n_rel[len(rows)]})
     curve = {k: sum(any(r[:k]) for r in result["relevance"]) / len(queries) for k in range(1, cfg.top_k + 1)}
-    return {**result["metrics"], "curve": curve}, pd.DataFrame(rows)
+    # n and 95 % intervals of the headline numbers (Wilson for hit rates, bootstrap for MRR)
+    found = intervals(rows, [f"hit_at_{k}" for k in sorted({1, 5, cfg.top_k})] + [f"mrr_at_{max(5, cfg.top_k)}"])
+    return {**result["metrics"], **interval_metrics(found), "curve": curve, "intervals": found}, pd.DataFrame(rows)

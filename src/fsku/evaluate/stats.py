@@ -1,10 +1,13 @@
-"""Small-sample statistics for comparing answer sets: an interval for an accuracy, an exact paired
-test for two systems answering the same questions, and a paired bootstrap interval for a mean
-difference of per-question scores. Pure functions on lists and arrays."""
+"""Small-sample statistics for honest numbers: intervals for accuracies (Wilson) and mean scores
+(bootstrap over questions, stratified for weighted totals such as the FSKU score), paired tests of two
+systems on the same questions (exact McNemar for right/wrong, paired bootstrap for scores), and a
+stable fold split for selecting on one part and reporting on another. Pure functions on lists and
+arrays; every bootstrap has a fixed seed."""
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -19,7 +22,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # exact limits where rounding would leave 0.9999999999999999 (all right) or 1e-17 (all wrong)
+    return (0.0 if successes == 0 else max(0.0, centre - half)), (1.0 if successes == n else min(1.0, centre + half))
 
 
 def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict:
@@ -37,17 +41,136 @@ def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict:
     return {"a_only": a_only, "b_only": b_only, "p_value": min(1.0, 2 * tail)}
 
 
+def bootstrap_interval(values: Sequence[float], n_boot: int = 10000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` over resampled questions; a constant
+    sample gives (value, value); an empty one (nan, nan)."""
+    x = np.asarray(values, dtype=float)
+    if len(x) == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def _stratified_means(x: np.ndarray, strata: np.ndarray, weights: dict, n_boot: int, seed: int) -> np.ndarray:
+    """Bootstrap replicates of sum_s weight_s * mean(x in stratum s), each stratum resampled within
+    itself (so every replicate keeps the design's number of questions of each kind)."""
+    rng = np.random.default_rng(seed)
+    total = np.zeros(n_boot)
+    for name, weight in weights.items():
+        part = x[strata == name]
+        if len(part):
+            total += weight * part[rng.integers(0, len(part), size=(n_boot, len(part)))].mean(axis=1)
+    return total
+
+
+def weighted_total(values: Sequence[float], strata: Sequence[str], weights: dict[str, float]) -> float:
+    """sum_s weight_s * mean(values of stratum s) over the strata present; the weights of the
+    strata present are renormalised to 1 (the FSKU total is one part alone when the other is absent)."""
+    x, s = np.asarray(values, dtype=float), np.asarray(strata)
+    present = {k: w for k, w in weights.items() if (s == k).any()}
+    norm = sum(present.values())
+    if not present or norm <= 0:
+        return math.nan
+    return float(sum(w / norm * x[s == k].mean() for k, w in present.items()))
+
+
+def stratified_bootstrap_interval(values: Sequence[float], strata: Sequence[str], weights: dict[str, float],
+                                  n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of `weighted_total`, resampling questions within each stratum (e.g. the FSKU
+    total = 0.5 x MC accuracy + 0.5 x mean descriptive score)."""
+    x, s = np.asarray(values, dtype=float), np.asarray(strata)
+    unknown = set(s.tolist()) - set(weights)
+    if unknown:
+        raise ValueError(f"strata without a weight: {sorted(unknown)}")
+    present = {k: w for k, w in weights.items() if (s == k).any()}
+    norm = sum(present.values())
+    if not present or norm <= 0:
+        return math.nan, math.nan
+    reps = _stratified_means(x, s, {k: w / norm for k, w in present.items()}, n_boot, seed)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(reps, tail)), float(np.percentile(reps, 100 - tail))
+
+
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 10000, seed: int = 0,
-                     level: float = 0.95) -> dict:
-    """Mean of the paired differences a - b with a percentile bootstrap interval over questions:
-    {"mean_diff", "low", "high", "n"}."""
+                     level: float = 0.95, strata: Optional[Sequence[str]] = None,
+                     weights: Optional[dict[str, float]] = None) -> dict:
+    """Mean of the paired differences a - b with a percentile bootstrap interval over questions and a
+    two-sided p-value (the share of replicates, centred on zero, at least as far from zero as the
+    observed difference): {"mean_diff", "low", "high", "p_value", "n"}. With `strata` and `weights`
+    the statistic is the weighted sum of per-stratum mean differences, resampled within strata."""
     if len(a) != len(b):
         raise ValueError(f"paired scores of different lengths: {len(a)} and {len(b)}")
     x = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if len(x) == 0:
-        return {"mean_diff": 0.0, "low": 0.0, "high": 0.0, "n": 0}
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+        return {"mean_diff": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0, "n": 0}
+    if strata is None:
+        s, w = np.zeros(len(x), dtype=int).astype(str), {"0": 1.0}
+    else:
+        if len(strata) != len(x):
+            raise ValueError(f"{len(strata)} strata for {len(x)} paired scores")
+        if not weights:
+            raise ValueError("strata need weights")
+        s = np.asarray(strata)
+        unknown = set(s.tolist()) - set(weights)
+        if unknown:
+            raise ValueError(f"strata without a weight: {sorted(unknown)}")
+        present = {k: v for k, v in weights.items() if (s == k).any()}
+        norm = sum(present.values())
+        w = {k: v / norm for k, v in present.items()}
+    observed = float(sum(wt * x[s == k].mean() for k, wt in w.items()))
+    reps = _stratified_means(x, s, w, n_boot, seed)
     tail = (1 - level) / 2 * 100
-    return {"mean_diff": float(x.mean()), "low": float(np.percentile(means, tail)),
-            "high": float(np.percentile(means, 100 - tail)), "n": int(len(x))}
+    spread = reps - reps.mean()
+    # a difference that never varies is either exactly zero (p = 1) or certain (p -> 0)
+    if np.allclose(spread, 0.0, atol=1e-12):
+        p = 1.0 if abs(observed) < 1e-12 else 0.0
+    else:
+        p = float(min(1.0, (np.sum(np.abs(spread) >= abs(observed) - 1e-12) + 1) / (n_boot + 1)))
+    return {"mean_diff": observed, "low": float(np.percentile(reps, tail)),
+            "high": float(np.percentile(reps, 100 - tail)), "p_value": p, "n": int(len(x))}
+
+
+def metric_interval(values: Sequence[float], kind: str = "bootstrap", seed: int = 0, level: float = 0.95) -> dict:
+    """A headline metric with its n and 95 % interval: {"value", "n", "low", "high", "method"}.
+    kind "wilson" (values are 0/1 outcomes: an accuracy or hit rate) or "bootstrap" (any per-question
+    score: MRR, cosine, keyword recall)."""
+    x = np.asarray(values, dtype=float)
+    if kind == "wilson":
+        if not np.isin(x, (0.0, 1.0)).all():
+            raise ValueError("a Wilson interval needs 0/1 outcomes")
+        z = 1.959964 if math.isclose(level, 0.95) else _normal_quantile(0.5 + level / 2)
+        low, high = wilson_interval(int(x.sum()), len(x), z)
+    elif kind == "bootstrap":
+        low, high = bootstrap_interval(x, seed=seed, level=level)
+    else:
+        raise ValueError(f"unknown interval kind {kind!r}: expected 'wilson' or 'bootstrap'")
+    return {"value": float(x.mean()) if len(x) else math.nan, "n": int(len(x)), "low": low, "high": high, "method": kind}
+
+
+def _normal_quantile(p: float) -> float:
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(p)
+
+
+def split_folds(keys: Sequence[str], folds: int, seed: int = 0, holdout: int = 0) -> tuple[list[int], list[int]]:
+    """(indices of the tuning folds, indices of the held-out fold `holdout`) for items with `keys`.
+    Items are ranked by a hash of seed and key (the same on every machine, whatever the row order)
+    and dealt round-robin, so fold sizes differ by at most one."""
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    if not 0 <= holdout < folds:
+        raise ValueError(f"holdout must be in [0, {folds - 1}], got {holdout}")
+    if len(set(keys)) != len(keys):
+        raise ValueError("fold keys must be unique")
+    if len(keys) < folds:
+        raise ValueError(f"{len(keys)} items cannot fill {folds} folds")
+    order = sorted(range(len(keys)), key=lambda i: hashlib.sha256(f"{seed}:{keys[i]}".encode("utf-8")).digest())
+    fold = [0] * len(keys)
+    for rank, i in enumerate(order):
+        fold[i] = rank % folds
+    held = [i for i in range(len(keys)) if fold[i] == holdout]
+    return [i for i in range(len(keys)) if fold[i] != holdout], held

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .. import tracking
 from ..config import BuildKBConfig
+from ..evaluate.compare import format_interval
 from ..evaluate.retrieval import evaluate_retrieval
 from ..ingest import SKIP_REASONS
 from ..kb import build_knowledge_base
@@ -62,6 +63,7 @@ def run_step(cfg: BuildKBConfig, progress: bool = True) -> dict:
             rcfg = dataclasses.replace(kb.retrieve_defaults(), top_k=cfg.top_k, candidates=max(50, cfg.top_k))
             rmetrics, table = evaluate_retrieval(kb, cfg.labels, rcfg)
             curve = rmetrics.pop("curve")
+            result["retrieval_intervals"] = rmetrics.pop("intervals")
             tracking.log_metrics({f"retrieval_{k}": v for k, v in rmetrics.items()})
             for k, v in curve.items():
                 tracking.log_metrics({"retrieval_hit_curve": v}, step=k)
@@ -84,7 +86,9 @@ def report(cfg: BuildKBConfig, result: dict) -> list[str]:
         lines.append(f"registered: {result['registered']}  (mlflow.pyfunc.load_model('{result['registered']}'))")
     if "retrieval" in result:
         r = result["retrieval"]
-        lines.append("retrieval: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items() if k.startswith(("hit", "mrr", "mean"))))
+        ivs = result.get("retrieval_intervals", {})
+        lines.append("retrieval (95 % intervals): " + "; ".join(f"{k} {format_interval(v)}" for k, v in ivs.items())
+                     + f"; mean_hit_chars {r['mean_hit_chars']:.0f}")
     return lines
 
 

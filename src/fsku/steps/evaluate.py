@@ -7,7 +7,9 @@ Usage:
 
 Logged to MLflow: the FSKU score and its parts, accuracy per domain / sub-domain, Korean ROUGE-L and
 BLEU of descriptive answers, retrieval hit@k when labels exist, how often the gate let context in,
-latency p50/p95 and the projected time for 515 questions, peak memory, a per-question table, plots
+latency p50/p95 and the projected time for 515 questions, n and a 95 % interval of each headline
+score (`<metric>_ci95_low/_high`, `<metric>_n`: Wilson for MC accuracy, bootstrap over questions
+for the others, stratified by question type for the FSKU total), peak memory, a per-question table, plots
 (accuracy by type, latency histogram) and the submission. No-context and with-context runs differ in
 one parameter (`context`), so the MLflow UI compares them side by side.
 """
@@ -25,11 +27,15 @@ import pandas as pd
 
 from .. import tracking
 from ..config import EvaluateConfig
+from ..evaluate.compare import format_interval, interval_metrics, intervals
 from ..evaluate.fsku_metric import load_gold_sets, write_test_csv
 from ..jsonl import write_jsonl
 from .args import step_main
 
 log = logging.getLogger(__name__)
+
+# quality metrics reported with n and a 95 % interval
+HEADLINE_METRICS = ("fsku_score", "mc_accuracy", "descriptive_score", "descriptive_cosine", "descriptive_keyword_recall")
 
 
 def peak_memory_mb() -> dict:
@@ -164,6 +170,9 @@ def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
             "timeouts": result.stats["timeouts"], "errors": result.stats["errors"], "cache_hits": result.stats["cache_hits"],
             **peak_memory_mb(),
         }
+        # n and a 95 % interval for each headline quality metric (Wilson / bootstrap over questions)
+        found = intervals(rows, HEADLINE_METRICS)
+        metrics.update(interval_metrics(found))
         mc = table[table["question_type"] == "multiple_choice"]
         if len(mc) and mc["raw_choice"].notna().any():
             gold_choice = {g.ID: g.answer.strip()[:1] for g in gold if g.question_type == "multiple_choice"}
@@ -200,9 +209,11 @@ def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
         write_jsonl(result.records, records_path)
         tracking.log_artifact(records_path, "submission")
         summary = {k: v for k, v in score.items() if k != "per_row"}
+        summary["intervals"] = found
         summary["scorer_embedding"] = cfg.scorer_embedding if needs_cosine else "none"
         tracking.log_dict(summary, "fsku_score.json")
-        return {"run_id": active.info.run_id, "metrics": metrics, "table": table, "submission": str(result.submission),
+        return {"run_id": active.info.run_id, "metrics": metrics, "intervals": found, "table": table,
+                "submission": str(result.submission),
                 "tracking_uri": tracking.tracking_uri()}
 
 
@@ -212,9 +223,15 @@ def report(cfg: EvaluateConfig, res: dict) -> Iterator[str]:
     def fmt(v):
         return "n/a" if v is None else f"{v:.3f}"
 
-    yield (f"FSKU score {fmt(m['fsku_score'])} (MC accuracy {fmt(m['mc_accuracy'])}, descriptive "
-           f"{fmt(m['descriptive_score'])}); p50 {m['latency_p50_s']:.2f} s/question, projected "
-           f"{m['projected_minutes']:.1f} min for {cfg.projected_questions} questions")
+    ivs = res.get("intervals", {})
+
+    def fmt_iv(name):
+        return format_interval(ivs[name]) if name in ivs else fmt(m.get(name))
+
+    yield (f"FSKU score {fmt_iv('fsku_score')}; MC accuracy {fmt_iv('mc_accuracy')}; descriptive "
+           f"{fmt_iv('descriptive_score')} (95 % intervals)")
+    yield (f"p50 {m['latency_p50_s']:.2f} s/question, projected {m['projected_minutes']:.1f} min for "
+           f"{cfg.projected_questions} questions")
     yield f"submission: {res['submission']}\nmlflow run: {res['run_id']}  tracking: {res['tracking_uri']}"
 
 

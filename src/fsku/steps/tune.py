@@ -10,7 +10,10 @@ Usage:
 A study is identified by its name in its storage: starting the command again (or on another
 machine, against the same RDB storage) joins it, and each process runs `n_trials` more trials.
 Trial 0 of a new study is the default configuration, so the study answers "does tuning beat the
-default?" by itself. Every trial is an MLflow run nested under this process's `tune` run (params,
+default?" by itself. A retrieval study holds one of `folds` folds of its labels out: trials are
+scored on the others, then the best trial and the default are re-scored on the held-out fold with a
+paired test, and the recipes are written only when the best is not worse there beyond its interval.
+Every trial is an MLflow run nested under this process's `tune` run (params,
 metrics, tags optuna.trial_number / optuna.state: COMPLETE, PRUNED (run status KILLED) or FAIL).
 The parent run logs the optimisation history, parameter importances, parallel coordinates (and, for
 distill, the intermediate values) as plots, the trials table, and the best trial's recipes, which are
@@ -20,6 +23,7 @@ optuna-dashboard reads the same storage: `optuna-dashboard sqlite:///outputs/tun
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 import sys
@@ -101,7 +105,8 @@ def build_objective(cfg: TuneConfig, progress: bool):
         for size in sizes:
             for ov in overlaps:
                 dataclasses.replace(base, chunk_size=size, chunk_overlap=ov)  # range checks before any trial
-        objective = RetrievalObjective(base, cfg.labels, Path(cfg.out) / "kbs", cfg.metric, cfg.eval_k, progress=progress)
+        objective = RetrievalObjective(base, cfg.labels, Path(cfg.out) / "kbs", cfg.metric, cfg.eval_k, progress=progress,
+                                       folds=cfg.folds, fold_seed=cfg.fold_seed)
         return objective, space, baseline_params(space, dataclasses.asdict(base)), base
     if base.max_steps < 1:
         raise ValueError(f"a distill study needs max_steps >= 1 in its base recipe (trials are compared at equal "
@@ -198,8 +203,13 @@ def run_step(cfg: TuneConfig, progress: bool = True) -> dict:
 
         study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout_s or None, catch=(Exception,),
                        gc_after_trial=cfg.study == "distill", show_progress_bar=progress)
-        result = summarize(study, cfg, base, started)
+        holdout = (functools.partial(objective_fn.holdout_check, default=baseline)
+                   if cfg.study == "retrieval" and cfg.folds else None)
+        result = summarize(study, cfg, base, started, holdout)
         tracking.log_metrics({k: v for k, v in result["metrics"].items() if v is not None})
+        if result.get("holdout"):
+            tracking.set_tags({"fsku.tune_decision": result["holdout"]["decision"]})
+            tracking.log_dict(result["holdout"], "holdout_check.json")
         tracking.set_tags({"optuna.best_trial": result["best_trial"]})
         tracking.log_table(result["trials"], "tables/trials.json")
         for name, fig in _plots(study, cfg.study == "distill").items():
@@ -212,8 +222,9 @@ def run_step(cfg: TuneConfig, progress: bool = True) -> dict:
     return result
 
 
-def summarize(study, cfg: TuneConfig, base, started: float) -> dict:
-    """Counts, best vs baseline, the trials table and (when a trial completed) the best recipes."""
+def summarize(study, cfg: TuneConfig, base, started: float, holdout=None) -> dict:
+    """Counts, best vs baseline, the trials table and the best recipes; `holdout(best_params)`: the
+    objective's held-out check (RetrievalObjective.holdout_check), which can veto the recipes."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
@@ -234,13 +245,34 @@ def summarize(study, cfg: TuneConfig, base, started: float) -> dict:
     table["state"] = table["state"].astype(str)
     out = {"study": cfg.study_name, "best_trial": best.number, "best_params": best.params, "metrics": metrics,
            "trials": table}
-    if cfg.recipe_out not in ("", "none", "None"):
+    keep = True
+    if holdout is not None:
+        check = holdout(best.params)
+        keep = check["keep_tuned"]
+        t = check["paired"]
+        check["decision"] = ("tuned recipe written" if keep else
+                             "held-out fold got worse beyond its interval: defaults kept, no recipe written")
+        metrics.update({f"{cfg.metric}_tune_best": check["tune_best"], f"{cfg.metric}_tune_default": check["tune_default"],
+                        f"{cfg.metric}_holdout_best": check["holdout_best"],
+                        f"{cfg.metric}_holdout_default": check["holdout_default"],
+                        "holdout_diff": t["diff"], "holdout_diff_ci95_low": t["low"], "holdout_diff_ci95_high": t["high"],
+                        "holdout_p_value": t["p_value"], "n_tune": check["n_tune"], "n_holdout": check["n_holdout"]})
+        out["holdout"] = check
+        if not keep:
+            log.warning("study %s: best trial %d %s on the held-out fold (%s = %.4f vs default %.4f, difference %+.4f "
+                        "[%+.4f, %+.4f]); keeping the defaults", cfg.study_name, best.number, "is worse",
+                        cfg.metric, check["holdout_best"], check["holdout_default"], t["diff"], t["low"], t["high"])
+    if keep and cfg.recipe_out not in ("", "none", "None"):
         folder = Path(f"experiments/tuned-{cfg.study}" if cfg.recipe_out == "auto" else cfg.recipe_out)
         header = (f"best trial {best.number} of Optuna study {cfg.study_name!r} ({redact(cfg.storage)}): "
                   f"{cfg.metric if cfg.study == 'retrieval' else 'validation_kl'} = {best.value:.4f}"
                   + (f" (default configuration: {metrics['baseline_value']:.4f})"
                      if metrics["baseline_value"] is not None else "")
-                  + f"\nwritten by `fsku tune` on {time.strftime('%Y-%m-%d')}; {len(complete)} completed trials")
+                  + f"\nwritten by `fsku tune` on {time.strftime('%Y-%m-%d')}; {len(complete)} completed trials"
+                  + (f"\nheld-out fold ({out['holdout']['n_holdout']} labels, fold_seed {cfg.fold_seed}): "
+                     f"{cfg.metric} {out['holdout']['holdout_best']:.4f} vs default "
+                     f"{out['holdout']['holdout_default']:.4f}, p = {out['holdout']['paired']['p_value']:.3g}"
+                     if out.get("holdout") else ""))
         recipes = recipes_from_params(cfg.study, best.params, build=base if cfg.study == "retrieval" else None,
                                       distill=base if cfg.study == "distill" else None)
         out["recipes"] = [str(p) for p in write_recipes(folder, recipes, header)]
@@ -253,6 +285,12 @@ def report(cfg: TuneConfig, out: dict) -> Iterator[str]:
     yield (f"study {out['study']}: best trial {out['best_trial']} = {m['best_value']:.4f}{base}; "
            f"{m['trials_complete']} complete, {m['trials_pruned']} pruned, {m['trials_failed']} failed of {m['trials_total']}")
     yield f"best params: {out['best_params']}"
+    if out.get("holdout"):
+        h, t = out["holdout"], out["holdout"]["paired"]
+        yield (f"{cfg.metric} on the {h['n_tune']} tuning labels: best {h['tune_best']:.4f}, default {h['tune_default']:.4f}; "
+               f"on the {h['n_holdout']} held-out labels: best {h['holdout_best']:.4f}, default {h['holdout_default']:.4f} "
+               f"(difference {t['diff']:+.4f} [{t['low']:+.4f}, {t['high']:+.4f}], {t['test']} p = {t['p_value']:.3g})")
+        yield h["decision"]
     if out.get("recipes"):
         yield "recipes: " + ", ".join(out["recipes"])
     yield f"mlflow run: {out['run_id']}  tracking: {out['tracking_uri']}"
