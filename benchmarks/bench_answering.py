@@ -26,6 +26,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from fsku.config import InferConfig  # noqa: E402
+from fsku.evaluate.stats import mcnemar_exact, wilson_interval  # noqa: E402
 from fsku.infer import options as opt  # noqa: E402
 from fsku.infer.answer import Answerer  # noqa: E402
 from fsku.infer.classify import classify_question  # noqa: E402
@@ -187,7 +188,16 @@ def main() -> int:
             table[mode]["context_rate"] = float(np.mean([r["n_context"][mode] > 0 for r in recs]))
             masses = [r["label_mass"][mode] for r in recs if mode in r.get("label_mass", {})]
             table[mode]["label_mass"] = float(np.mean(masses)) if masses else float("nan")
-        summary["sets"][set_name] = {"n": len(recs), "table": table}
+        correct = {mode: {m: [r["choices"][mode][m] == r["gold"] for r in recs] for m in methods} for mode in modes}
+        for mode in modes:
+            table[mode]["ci95"] = {m: wilson_interval(sum(correct[mode][m]), len(recs)) for m in methods}
+        # paired against the named baselines: each method vs raw in its mode, each mode vs the first mode (rotate)
+        first = next(iter(modes))
+        paired = {f"{mode} {m} vs {mode} raw": mcnemar_exact(correct[mode][m], correct[mode]["raw"])
+                  for mode in modes for m in methods if m != "raw"}
+        paired.update({f"{mode} rotate vs {first} rotate": mcnemar_exact(correct[mode]["rotate"], correct[first]["rotate"])
+                       for mode in modes if mode != first})
+        summary["sets"][set_name] = {"n": len(recs), "table": table, "paired": paired}
     print(f"\nmodel {a.model}, mc_prompt {a.mc_prompt} (load {load_s:.1f} s); gate: dense cosine >= {a.gate_threshold}; "
           f"top_k {a.top_k}"
           "\n(gated = question scope, the default: all top_k passages once one passes; gated-passage = each passage must pass)")
@@ -197,6 +207,10 @@ def main() -> int:
         for mode, row in s["table"].items():
             print(f"  context={mode:<13}" + "  ".join(f"{row[m]:16.3f}" for m in methods)
                   + f"   {row['s_per_q_all_orders']:12.2f}  {row['context_rate']:8.2f}  {row['label_mass']:10.3f}")
+            print(f"  {'95% Wilson':<21}" + "  ".join(f"{'[%.2f, %.2f]' % row['ci95'][m]:>16}" for m in methods))
+        print("  paired (exact McNemar; only the first right / only the second right):")
+        for name, t in s["paired"].items():
+            print(f"    {name:<40} {t['a_only']:3d} / {t['b_only']:3d}   p = {t['p_value']:.3g}")
     if a.json:
         a.json.write_text(json.dumps(summary, indent=2))
     return 0

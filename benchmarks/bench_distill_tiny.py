@@ -45,6 +45,7 @@ from fsku.config import DistillConfig  # noqa: E402
 from fsku.distill import losses as L  # noqa: E402
 from fsku.distill.data import build_prompts  # noqa: E402
 from fsku.distill.pipeline import distill  # noqa: E402
+from fsku.evaluate.stats import wilson_interval  # noqa: E402
 from fsku.llm.tiny import _default_texts, build_tiny_model, train_on_examples, train_tokenizer  # noqa: E402
 from fsku.synth.records import SyntheticQA, write_jsonl  # noqa: E402
 
@@ -114,7 +115,7 @@ def heldout_metrics(model_dir: Path, teacher, tok, prompts: list[dict], gold: li
         log_q, log_p = L.shared_log_softmax(s_all, t_all, vocab_size=len(tok))
         kls.append(L.forward_kl(log_p, log_q).mean().item())
         correct += int(int(s_all[0][digit_ids].argmax()) + 1 == int(g))
-    return {"accuracy": correct / len(gold), "kl": statistics.mean(kls)}
+    return {"accuracy": correct / len(gold), "correct": correct, "n": len(gold), "kl": statistics.mean(kls)}
 
 
 def main() -> int:
@@ -205,7 +206,10 @@ def main() -> int:
             m = heldout_metrics(res.merged, teacher, tok, held_prompts, gold)
             m.update(seconds=round(time.perf_counter() - t0, 1), s_per_step=res.stats["rounds"][-1]["s_per_step"])
             results.setdefault(loss, []).append(m)
-            print(f"{loss:12s} seed {seed}: accuracy {m['accuracy']:.3f}  KL {m['kl']:.4f}  ({m['seconds']} s)", flush=True)
+            low, high = wilson_interval(m["correct"], m["n"])
+            m["accuracy_ci95"] = [low, high]
+            print(f"{loss:12s} seed {seed}: accuracy {m['accuracy']:.3f} [{low:.2f}, {high:.2f}] (n={m['n']}, 95% Wilson)"
+                  f"  KL {m['kl']:.4f}  ({m['seconds']} s)", flush=True)
 
     summary = {}
     for loss, runs in results.items():

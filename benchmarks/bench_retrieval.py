@@ -12,7 +12,9 @@ and the speed numbers: build-time breakdown; embedding throughput against a plai
 sentence-transformers fp32 `encode` of the same model on the same chunks (ratio); a rebuild with
 unchanged chunks against the first build (ratio); retrieval latency p50/p95 per query on queries a
 freshly loaded KB has not seen (and, as its own line, the memo-hit latency of the same queries).
-Quality numbers come with n and 95 % intervals (Wilson for hit rates, bootstrap for MRR).
+Quality numbers come with n and 95 % intervals (Wilson for hit rates, bootstrap for MRR), and each
+recipe is compared with the default on the same queries (exact McNemar on hit@1, paired bootstrap on
+MRR@10).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from fsku.chunk import dense_text  # noqa: E402
 from fsku.config import BuildKBConfig, RetrieveConfig  # noqa: E402
+from fsku.evaluate.compare import format_paired, paired  # noqa: E402
 from fsku.evaluate.retrieval import evaluate_retrieval  # noqa: E402
 from fsku.index.dense import get_embedder, resolve_model  # noqa: E402
 from fsku.kb import build_knowledge_base  # noqa: E402
@@ -42,9 +45,9 @@ SHARED = ROOT.parent / "shared" / "data"
 
 def quality(kb, labels: str, **overrides) -> dict:
     cfg = dataclasses.replace(RetrieveConfig(kb=str(kb.folder), top_k=10), **overrides)
-    metrics, _ = evaluate_retrieval(kb, labels, cfg)
+    metrics, table = evaluate_retrieval(kb, labels, cfg)
     return {**{k: metrics[k] for k in ("hit_at_1", "hit_at_5", "mrr_at_10", "mean_hit_chars", "n_queries")},
-            "intervals": metrics["intervals"]}
+            "intervals": metrics["intervals"], "rows": table[["qid", "first_relevant_rank"]].to_dict("records")}
 
 
 def latency(folder, questions: list[str], **overrides) -> dict:
@@ -160,6 +163,12 @@ def main() -> int:
     print(f"{'recipe':<22} {'hit@1':>19} {'hit@5':>19} {'MRR@10':>19} {'hit chars':>9}")
     for name in ("seed-naive", "bm25-only", "dense-only", "hybrid rrf", "hybrid (default)"):
         print(row(name, out[name]))
+    print("\npaired against the default (same queries; hit@1: exact McNemar, MRR@10: paired bootstrap):")
+    for name in ("seed-naive", "bm25-only", "dense-only", "hybrid rrf"):
+        for metric in ("hit_at_1", "mrr_at_10"):
+            res = paired(out[name]["rows"], out["hybrid (default)"]["rows"], metric)
+            out.setdefault("paired_vs_default", {}).setdefault(name, {})[metric] = res
+            print(f"  {name:<12} {format_paired(res, name, 'default')}")
     s = out["speed"]
     print("\nbuild breakdown (s): " + ", ".join(f"{k}={v:.1f}" for k, v in s["timings"].items()))
     print(f"parse+clean+chunk+BM25: {s['parse_clean_chunk_bm25_s']:.1f} s")

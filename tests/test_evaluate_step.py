@@ -1,5 +1,6 @@
 """The evaluate step on a tiny model: FSKU score parts, latency, plots and the table land in MLflow;
 `fsku score` / `fsku validate` from the command line."""
+import dataclasses
 import json
 
 import mlflow
@@ -33,6 +34,36 @@ def test_evaluate_logs_score_parts_plots_and_table(tiny_models, tiny_llm, sample
     assert arts == {"plots/score_by_type.png", "plots/latency_hist.png"}
     table = mlflow.load_table("per_question.json", run_ids=[res["run_id"]])
     assert len(table) == 12 and {"score", "inference_time", "used_fallback"} <= set(table.columns)
+    # n and 95 % intervals of the headline numbers, the same as recomputed from the logged table
+    from fsku.evaluate.compare import interval
+
+    acc = interval(table.to_dict("records"), "mc_accuracy")
+    assert m["mc_accuracy_n"] == 8 and m["mc_accuracy_ci95_low"] == acc["low"] and m["mc_accuracy_ci95_high"] == acc["high"]
+    assert m["fsku_score_ci95_low"] <= m["fsku_score"] <= m["fsku_score_ci95_high"] and m["fsku_score_n"] == 12
+    assert run.data.metrics["descriptive_score_ci95_high"] == m["descriptive_score_ci95_high"]
+    # the gold set is a run input with its role; reporting on it is fine while nothing was chosen on it
+    (inp,) = run.inputs.dataset_inputs
+    assert {t.key: t.value for t in inp.tags}["fsku.role"] == "report" and "fsku.report_warning" not in run.data.tags
+    assert run.data.tags["fsku.gold_digest"] == res["gold_digest"]
+
+
+def test_a_report_on_the_set_the_kb_was_tuned_on_warns(tiny_models, tiny_llm, sample_kb, tmp_path, monkeypatch, caplog):
+    kb, _, _ = sample_kb
+    cfg = EvaluateConfig(model=str(tiny_models["teacher"]), kb=str(kb.folder), gold=str(SAMPLE_QA), out_dir=str(tmp_path / "ev"),
+                         max_new_tokens=4, cache_dir="", context="always")
+    from fsku.evaluate.compare import question_set_digest
+    from fsku.evaluate.fsku_metric import load_gold
+
+    digest = question_set_digest([g.question for g in load_gold(SAMPLE_QA)])
+    monkeypatch.setitem(kb.manifest["params"], "tuned_on", f"0123456789abcdef,{digest}")
+    res = run_step(cfg, progress=False, llm=tiny_llm, kb=kb)
+    tags = mlflow.get_run(res["run_id"]).data.tags
+    assert "not held out: the KB's settings were tuned on it" in tags["fsku.report_warning"]
+    assert "not held out" in caplog.text
+    # a select run (promote's) is allowed to look at it
+    sel = run_step(dataclasses.replace(cfg, dataset_role="select", out_dir=str(tmp_path / "sel")), progress=False,
+                   llm=tiny_llm, kb=kb)
+    assert "fsku.report_warning" not in mlflow.get_run(sel["run_id"]).data.tags
 
 
 def test_score_and_validate_commands(tmp_path, capsys, e5_model_dir):

@@ -181,7 +181,7 @@ def test_promote_step_evaluates_both_students_on_the_same_set(tiny_models, tmp_p
     # the default gate: promoted only when better AND the exact McNemar test on the same questions says so
     ev = d["evidence"]
     assert d["gate"] == "significant" and ev["test"] == "exact McNemar" and 0 < ev["p_value"] <= 1 and ev["n"] > 0
-    assert d["promote"] == (d["candidate_score"] > d["champion_score"] and ev["p_value"] < cfg.alpha)
+    assert d["promote"] == (d["candidate_score"] > d["champion_score"] and ev["p_value"] < cfg.significance)
     assert tracking.alias_version(name, "champion") == (v2 if d["promote"] else v1)
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`fsku.step` = 'promote'")
     assert len(runs) >= 1

@@ -63,10 +63,17 @@ def test_weighted_total_and_its_stratified_interval_by_hand():
 def test_paired_bootstrap_p_value_and_strata():
     same = paired_bootstrap([0.2, 0.9, 0.4], [0.2, 0.9, 0.4])
     assert same["mean_diff"] == 0 and same["p_value"] == 1.0
-    assert paired_bootstrap([0.5, 0.7, 0.9], [0.4, 0.6, 0.8])["p_value"] == 0.0  # a constant gain is certain
-    # diffs 1 x5, 0 x5: a centred replicate is as far from 0 as 0.5 only when all ten draws agree, P = 2 / 2**10
-    half = paired_bootstrap([1] * 5 + [0] * 5, [0] * 10, n_boot=20000)
-    assert half["mean_diff"] == 0.5 and half["p_value"] < 0.01
+    # sign-flip test, exact: 3 equal gains -> only the all-plus and all-minus patterns reach it, p = 2 / 8
+    assert math.isclose(paired_bootstrap([0.5, 0.7, 0.9], [0.4, 0.6, 0.8])["p_value"], 0.25)
+    assert paired_bootstrap([1.0], [0.0])["p_value"] == 1.0  # one question is no evidence
+    # 0/1 outcomes: the exact sign test, the same p as McNemar (5 discordant pairs, all one way: 2 / 32)
+    half = paired_bootstrap([1] * 5 + [0] * 5, [0] * 10)
+    assert half["mean_diff"] == 0.5 and math.isclose(half["p_value"], 2 / 32)
+    a, b = [1, 1, 0, 1, 0, 1, 1, 0, 1, 1], [0, 1, 1, 0, 0, 0, 1, 0, 0, 1]
+    assert math.isclose(paired_bootstrap(a, b)["p_value"], mcnemar_exact(a, b)["p_value"])
+    # beyond 16 non-zero differences: Monte Carlo close to the exact binomial (30 of 40 discordant: 0.00222)
+    many = paired_bootstrap([1] * 30 + [0] * 10, [0] * 30 + [1] * 10, n_boot=20000)
+    assert abs(many["p_value"] - mcnemar_exact([True] * 30 + [False] * 10, [False] * 30 + [True] * 10)["p_value"]) < 0.002
     noise = paired_bootstrap([1, 0, 1, 0, 0, 1], [0, 1, 0, 1, 1, 0])  # mean 0, symmetric
     assert math.isclose(noise["mean_diff"], 0.0) and noise["p_value"] > 0.5
     strat = paired_bootstrap([1, 1, 0.5], [0, 1, 0.5], strata=["mc", "mc", "desc"], weights={"mc": 0.5, "desc": 0.5})

@@ -238,10 +238,19 @@ def test_retrieval_study_selects_on_the_tuning_folds_and_checks_the_held_out_one
     assert m["n_tune"] + m["n_holdout"] == n and m["mrr_at_10_tune_best"] == m["best_value"]
     assert m["mrr_at_10_tune_default"] == m["baseline_value"] and 0 <= m["mrr_at_10_holdout_best"] <= 1
     assert math.isclose(m["holdout_diff"], m["mrr_at_10_holdout_best"] - m["mrr_at_10_holdout_default"], abs_tol=1e-9)
-    assert h["keep_tuned"] == (m["holdout_diff_ci95_high"] >= 0) == (tmp_path / "recipes" / "build_kb.yaml").exists()
-    tags = mlflow.MlflowClient().get_run(out["run_id"]).data.tags
-    assert tags["fsku.tune_decision"] == h["decision"]
+    assert h["keep_tuned"] == (m["holdout_diff"] >= 0) == (tmp_path / "recipes" / "build_kb.yaml").exists()
+    parent = mlflow.MlflowClient().get_run(out["run_id"])
+    assert parent.data.tags["fsku.tune_decision"] == h["decision"]
     assert any("held-out labels" in line for line in report(cfg, out))
+    # the labels are run inputs with their roles; the recipe names the set it was tuned on (lineage for evaluate)
+    roles = {d.dataset.name: {t.key: t.value for t in d.tags}["fsku.role"] for d in parent.inputs.dataset_inputs}
+    assert roles == {"fsku-labels-sample_retrieval-tune": "tune", "fsku-labels-sample_retrieval-holdout": "select"}
+    from fsku.evaluate.compare import question_set_digest
+    from fsku.evaluate.retrieval import load_labels
+
+    digest = question_set_digest([q.question for q in load_labels(SAMPLE_LABELS)])
+    if h["keep_tuned"]:
+        assert load_recipe(tmp_path / "recipes" / "build_kb.yaml").tuned_on == digest
 
 
 def test_a_best_trial_worse_on_the_held_out_fold_writes_no_recipe(tmp_path, monkeypatch):
@@ -438,3 +447,20 @@ def test_workers_racing_to_create_the_schema_retry(tmp_path, monkeypatch):
     failures.append(ProgrammingError("permission denied for schema public"))
     with pytest.raises(ProgrammingError, match="permission denied"):
         st.open_study(cfg)
+
+
+def test_a_study_is_joined_only_with_the_split_it_was_scored_on(tmp_path):
+    from fsku.steps.tune import check_split, open_study
+
+    cfg = _retrieval_cfg(tmp_path, folds=3, fold_seed=1)
+    study = open_study(cfg)
+    check_split(study, cfg)
+    check_split(study, cfg)  # the same split joins
+    assert study.user_attrs["fsku_split"] == {"folds": 3, "fold_seed": 1}
+    with pytest.raises(ValueError, match="scored with folds 3 \\(fold_seed 1\\)"):
+        check_split(study, _retrieval_cfg(tmp_path, folds=0))
+    # a study from before folds existed, with trials: it was scored on every label
+    old = open_study(_retrieval_cfg(tmp_path, study_name="old"))
+    old.add_trial(optuna.trial.create_trial(value=0.5, params={}, distributions={}))
+    with pytest.raises(ValueError, match="scored with folds 0"):
+        check_split(old, _retrieval_cfg(tmp_path, study_name="old", folds=3))

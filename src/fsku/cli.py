@@ -20,7 +20,7 @@
     fsku synth-qa --kb DIR --teacher ID_OR_PATH --n-chunks N --out DIR   (tracked in MLflow)
     fsku distill --data DIR --teacher ID_OR_PATH --student ID_OR_PATH --loss-type distillm_v2 ...   (tracked in MLflow)
     fsku quantize --model models:/fsku-student@champion --method int8|bnb-8bit|bnb-nf4|gptq --gold FILE   (tracked in MLflow)
-    fsku promote --model-name fsku-student --candidate latest [--kb-name fsku-kb] --gold FILE --margin F   (tracked in MLflow)
+    fsku promote --model-name fsku-student --candidate latest [--kb-name fsku-kb] --gold FILE [--gate margin]   (tracked)
     fsku main [--corpus DIR --teacher ID --student ID --gold FILE]   (the whole chain; finished steps reused)
     fsku package --model models:/fsku-student@champion --kb models:/fsku-kb@champion [--verify fresh|current|none]
     fsku tune --study retrieval|distill --n-trials N [--storage URL] [--study-name NAME]   (Optuna; trials are nested MLflow runs)
@@ -224,8 +224,9 @@ def cmd_compare(argv: list[str]) -> int:
     from .evaluate.compare import applicable_metrics, check_rows, format_interval, format_paired, interval, load_rows, paired
 
     p = argparse.ArgumentParser(prog="fsku compare", description="Paired comparison of two evaluations on the same "
-                                "questions: each metric of both with its 95 % interval, the difference A - B with a "
-                                "paired bootstrap interval, and the p-value (exact McNemar for right/wrong metrics).")
+                                "questions: each metric of both with its 95 % interval, the difference (positive = A "
+                                "better, so B - A for latency) with a paired bootstrap interval, and the p-value "
+                                "(exact McNemar for right/wrong metrics, a paired sign-flip test for scores).")
     p.add_argument("a", help="MLflow run id (an evaluate or build_kb run) or per-question file (.json table, .jsonl, "
                              ".csv, .parquet) of system A")
     p.add_argument("b", help="the same for system B, on the same questions")

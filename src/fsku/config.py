@@ -29,6 +29,10 @@ VERIFY_MODES = ("fresh", "current", "none")
 BETA_RANGE = (0.0, 2.0)  # DistiLLM-2's (2 - beta) * chosen + beta * rejected keeps both weights >= 0
 
 
+# what a labelled set is used for in a run (logged as the MLflow dataset tag fsku.role)
+DATASET_ROLES = ("report", "select", "tune")
+
+
 def param(default: Any, help: str) -> Any:
     """A config field: its default and its help text (shown by --help and in MLproject)."""
     return field(default=default, metadata={"help": help})
@@ -254,6 +258,8 @@ class BuildKBConfig(FusionSettings):
                                                "analyses); none disables.")
     workers: int = param(2, "Parallel workers for tokenisation.")
     labels: Optional[str] = param(None, "Labelled retrieval queries (JSONL) evaluated after the build.")
+    tuned_on: str = param("", "Lineage, written by `tune` into its recipes: question-set digests of the labelled "
+                              "sets these settings were tuned and selected on; evaluate warns when it reports on one.")
     top_k: int = param(10, "Hits evaluated per labelled query.")
     register_as: Optional[str] = param("fsku-kb", "Registered model name for the KB (none: do not register).")
 
@@ -417,9 +423,14 @@ class EvaluateConfig(InferConfig):
                                              "context precision/recall): hub id, folder, .gguf, offline:<name>, or "
                                              "'same' (the answering model); None skips them.")
     judge_rows: int = param(20, "Descriptive rows judged for the RAG metrics (each costs several judge calls).")
+    dataset_role: str = param("report", "What the gold set is for in this run, logged with it as an MLflow dataset: "
+                                        "report (a number to quote), select (choosing between models: promote) or "
+                                        "tune; a report run warns when the model or KB was tuned or selected on the "
+                                        "same questions.")
 
     def __post_init__(self):
         super().__post_init__()
+        _check(self.dataset_role in DATASET_ROLES, f"dataset_role must be one of {DATASET_ROLES}, got {self.dataset_role!r}")
         _check(bool(self.gold.strip()), "gold must name at least one labelled file")
         _check(self.judge_rows >= 1, "judge_rows must be >= 1")
         _check(self.projected_questions >= 1, "projected_questions must be >= 1")
@@ -628,10 +639,10 @@ class PromoteConfig(Block):
     higher_is_better: bool = param(True, "False for metrics such as latency_mean_s.")
     margin: float = param(0.0, "The candidate must beat the champion by MORE than this.")
     gate: str = param("significant", "significant: also a paired test of both evaluations on the same questions must "
-                                     "give p < alpha (exact McNemar for mc_accuracy, paired bootstrap for scores) and,"
-                                     " with a margin, the gain's 95 % lower bound must exceed it; margin: the score "
-                                     "difference alone decides.")
-    alpha: float = param(0.05, "Significance level of the significant gate.")
+                                     "give p < significance (exact McNemar for mc_accuracy, paired tests for scores) "
+                                     "and, with a margin, the lower bound of the gain's 95-percent interval must exceed "
+                                     "it; margin: the score difference alone decides.")
+    significance: float = param(0.05, "Significance level (alpha) of the significant gate.")
     evaluate_recipe: Optional[str] = param(None, "evaluate YAML whose inference settings both evaluations use (model, "
                                                  "kb, gold, out_dir are set here).")
     out_dir: str = param("outputs/promote", "Evaluation outputs, one folder per release.")
@@ -639,7 +650,7 @@ class PromoteConfig(Block):
     def __post_init__(self):
         _check(self.margin >= 0, f"margin must be >= 0, got {self.margin}")
         _check(self.gate in ("margin", "significant"), f"gate must be margin or significant, got {self.gate!r}")
-        _check(0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}")
+        _check(0 < self.significance < 1, f"significance must be in (0, 1), got {self.significance}")
         _check(bool(self.model_name) and bool(self.gold.strip()), "model_name and gold are required")
         for name in ("candidate", "kb_candidate"):
             value = getattr(self, name)
@@ -679,7 +690,7 @@ class TuneConfig(Block):
     eval_k: int = param(10, "retrieval: ranked hits evaluated per query.")
     folds: int = param(3, "retrieval: the labels are split into this many folds; trials are scored on all but one, the "
                           "best and the default are re-scored on the held-out one, and the tuned recipe is written only"
-                          " when it is not worse there beyond its interval (0: no hold-out, every label tunes).")
+                          " when it is not worse than the default there (0: no hold-out, every label tunes).")
     fold_seed: int = param(0, "retrieval: seed of the fold split (the same labels and seed give the same folds).")
     chunk_sizes: str = param("320,480,640", "retrieval: chunk_size choices (tokens), comma-separated; one value fixes "
                                             "it.")

@@ -7,7 +7,8 @@ better by noise does not move the alias. `promote_release` applies it to the Mod
 (through `fsku.tracking`): the old champion keeps the alias `previous`, and the decision with both
 scores, the test, p and interval is written as tags on the candidate version (and on the KB version
 of a joint release). Scores come from a caller-supplied function, so the same code promotes on the
-official FSKU score, on MC accuracy, or on retrieval MRR.
+official FSKU score, on MC accuracy or on a descriptive score (and, under gate "margin", on any
+number the scorer returns).
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def decide(candidate_score: float, champion_score: Optional[float], margin: floa
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     if candidate_score != candidate_score:  # NaN
         raise ValueError("the candidate's score is NaN")
+    if champion_score is not None and champion_score != champion_score:
+        raise ValueError("the champion's score is NaN")
     if champion_score is None:
         return Decision(True, "no current champion", candidate_score, None, margin, gate, evidence)
     gain = candidate_score - champion_score if higher_is_better else champion_score - candidate_score
@@ -86,6 +89,8 @@ class Evaluation:
     score: float
     rows: tuple = ()
     run_id: Optional[str] = None
+    # question-set digest of the labelled set (fsku.evaluate.compare.question_set_digest)
+    dataset_digest: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,15 @@ def promote_release(model_name: str, candidate: Release, score: Callable[[Releas
     decision, both evaluations' run ids and what changed."""
     from . import tracking
 
+    if gate == "significant":  # before two evaluations are spent on a metric the gate cannot test
+        from .evaluate.compare import metric_spec
+
+        try:
+            spec = metric_spec(metric)
+        except ValueError as e:
+            raise ValueError(f"gate 'significant': {e}; use gate 'margin' for this metric") from None
+        if spec.higher_is_better != higher_is_better:
+            raise ValueError(f"higher_is_better={higher_is_better} contradicts metric {metric!r}")
     champion_model = tracking.alias_version(model_name, CHAMPION)
     champion_kb = tracking.alias_version(kb_name, CHAMPION) if kb_name else None
     champion = Release(champion_model, champion_kb) if champion_model else None
@@ -117,10 +131,8 @@ def promote_release(model_name: str, candidate: Release, score: Callable[[Releas
         if not cand.rows or not champ.rows:
             raise ValueError("gate 'significant' needs per-question scores from both evaluations; use gate 'margin' "
                              "for a scorer that returns only a number")
-        from .evaluate.compare import metric_spec, paired
+        from .evaluate.compare import paired
 
-        if metric_spec(metric).higher_is_better != higher_is_better:
-            raise ValueError(f"higher_is_better={higher_is_better} contradicts metric {metric!r}")
         evidence = paired(list(cand.rows), list(champ.rows), metric)
     decision = decide(cand.score, champ.score if champ else None, margin, higher_is_better, gate, evidence, alpha)
     log.info("%s: candidate %s scores %.4f, champion %s %s -> %s (%s)", metric, candidate,
@@ -131,12 +143,16 @@ def promote_release(model_name: str, candidate: Release, score: Callable[[Releas
             "promotion.champion_score": "" if champ is None else champ.score,
             "promotion.champion_version": champion.model_version if champion else "",
             "promotion.gate": gate, "promotion.candidate_run": cand.run_id or "",
+
             "promotion.champion_run": (champ.run_id or "") if champ else "",
             "promotion.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if evidence is not None:
         tags.update({"promotion.test": evidence["test"], "promotion.p_value": evidence["p_value"],
                      "promotion.gain_ci95": f"[{evidence['low']:.4g}, {evidence['high']:.4g}]",
                      "promotion.n": evidence["n"], "promotion.alpha": alpha})
+    if decision.promote and cand.dataset_digest:
+        # the set that chose this version: a later report on it is not held out (evaluate warns)
+        tags["promotion.gold_digest"] = cand.dataset_digest
     tracking.set_version_tags(model_name, candidate.model_version, tags)
     if kb_name and candidate.kb_version:
         tracking.set_version_tags(kb_name, candidate.kb_version, tags)

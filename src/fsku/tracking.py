@@ -155,6 +155,7 @@ def log_table(df: pd.DataFrame, name: str) -> None:
 
 def load_run_table(run_id: str, names: Sequence[str]) -> tuple[str, pd.DataFrame]:
     """(artifact name, table) of the first of `names` that run `run_id` logged with log_table."""
+    _store()
     try:
         run = mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException as e:

@@ -281,8 +281,9 @@ class RetrievalObjective:
     def holdout_check(self, best: dict, default: dict) -> dict:
         """Re-score the best and the default configuration on the tuning folds and on the held-out fold:
         {"tune_best", "tune_default", "holdout_best", "holdout_default", "paired" (best vs default on the
-        held-out fold: fsku.evaluate.compare.paired), "keep_tuned" (False when the held-out fold got
-        worse beyond its interval: the whole 95 % interval of the difference below zero)}."""
+        held-out fold: fsku.evaluate.compare.paired), "keep_tuned" (False when the best is worse than
+        the default on the held-out fold: a gain that does not carry over is no gain, and a loss inside
+        the noise is no reason to leave the defaults either)}."""
         from .evaluate.compare import paired
 
         tune_best, tune_default = self.evaluate(best, "tune")[self.metric], self.evaluate(default, "tune")[self.metric]
@@ -291,7 +292,7 @@ class RetrievalObjective:
         test = paired(best_rows, default_rows, self.metric)
         return {"tune_best": tune_best, "tune_default": tune_default, "holdout_best": held_best[self.metric],
                 "holdout_default": held_default[self.metric], "n_tune": len(self.parts["tune"]),
-                "n_holdout": len(self.parts["holdout"]), "paired": test, "keep_tuned": test["high"] >= 0}
+                "n_holdout": len(self.parts["holdout"]), "paired": test, "keep_tuned": test["diff"] >= 0}
 
 
 # ----------------------------------------------------------------------------- distill objective

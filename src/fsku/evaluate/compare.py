@@ -49,16 +49,25 @@ def _column(column: str) -> Callable[[dict], Optional[float]]:
 
 def _hit_at(k: int) -> Callable[[dict], Optional[float]]:
     def value(row: dict) -> Optional[float]:
-        rank = row.get("first_relevant_rank")
+        if "first_relevant_rank" not in row:  # not a retrieval row
+            return None
+        rank = row["first_relevant_rank"]
         return float(not _missing(rank) and int(rank) <= k)
     return value
 
 
 def _reciprocal_rank(k: int) -> Callable[[dict], Optional[float]]:
     def value(row: dict) -> Optional[float]:
-        rank = row.get("first_relevant_rank")
+        if "first_relevant_rank" not in row:
+            return None
+        rank = row["first_relevant_rank"]
         return 1.0 / int(rank) if not _missing(rank) and int(rank) <= k else 0.0
     return value
+
+
+def row_key(row: dict):
+    """A row's ID, or its qid when it has no ID (None when it has neither)."""
+    return next((row[k] for k in ("ID", "qid") if k in row and not _missing(row[k])), None)
 
 
 def _missing(v) -> bool:
@@ -92,7 +101,7 @@ def _values(rows: Sequence[dict], spec: MetricSpec) -> tuple[list[str], list[flo
     for row in rows:
         v = spec.value(row)
         if v is not None:
-            ids.append(str(row.get("ID", row.get("qid"))))
+            ids.append(str(row_key(row)))
             vals.append(v)
             types.append(str(row.get("question_type", "")))
     return ids, vals, types
@@ -132,7 +141,7 @@ def format_interval(iv: dict, digits: int = 3) -> str:
 
 
 def paired(a_rows: Sequence[dict], b_rows: Sequence[dict], metric: str, seed: int = 0) -> dict:
-    """Compare system A with system B on `metric` over the questions both answered (matched by ID;
+    """Compare system A with system B on `metric` over the questions both answered (matched by ID or qid;
     a question only one of them has is an error naming it). {"metric", "test", "n", "a", "b",
     "diff" (A - B, in the metric's direction of improvement: positive = A better), "low", "high"
     (95 % paired bootstrap interval of diff), "p_value", and for McNemar "a_only"/"b_only"}."""
@@ -175,9 +184,6 @@ def format_paired(res: dict, a_name: str = "A", b_name: str = "B") -> str:
 
 # ----------------------------------------------------------------------------- per-question files
 
-ROW_KEYS = ("ID", "qid")
-
-
 def load_rows(path: str | Path) -> list[dict]:
     """Per-question rows from a file: an MLflow table (`per_question.json`, `retrieval_per_query.json`:
     {"columns", "data"}), a JSON list of objects, JSONL, CSV or parquet. Each row needs an ID (or qid)."""
@@ -199,12 +205,13 @@ def load_rows(path: str | Path) -> list[dict]:
         elif suffix == ".jsonl":
             frame = pd.DataFrame([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()])
         elif suffix == ".csv":
-            frame = pd.read_csv(path, dtype={"ID": str, "qid": str}, keep_default_na=True)
+            # IDs such as "NA" stay text; empty cells are still missing values
+            frame = pd.read_csv(path, dtype={"ID": str, "qid": str}, keep_default_na=False, na_values=[""])
         elif suffix == ".parquet":
             frame = pd.read_parquet(path)
         else:
             raise ValueError(f"unknown format {suffix!r}: expected .json, .jsonl, .csv or .parquet")
-    except (json.JSONDecodeError, UnicodeDecodeError, pd.errors.ParserError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, pd.errors.ParserError, OSError) as e:
         raise ValueError(f"{path}: not readable as {suffix[1:]} ({e})") from None
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
@@ -217,7 +224,7 @@ def check_rows(rows: list[dict], source: str) -> list[dict]:
         raise ValueError(f"{source}: no rows")
     seen = set()
     for n, row in enumerate(rows, start=1):
-        key = next((row[k] for k in ROW_KEYS if k in row and not _missing(row[k])), None)
+        key = row_key(row)
         if key is None:
             raise ValueError(f"{source}: row {n} has no ID (or qid)")
         if str(key) in seen:
@@ -236,3 +243,21 @@ def applicable_metrics(rows: Sequence[dict]) -> list[str]:
     if "first_relevant_rank" in cols:
         found += ["hit_at_1", "hit_at_5", "mrr_at_10"]
     return [m for m in found if any(metric_spec(m).value(r) is not None for r in rows)]
+
+
+# ----------------------------------------------------------------------------- lineage of labelled sets
+
+def question_set_digest(questions: Sequence[str]) -> str:
+    """A content digest of a set of questions (whitespace-normalised, order-free, repeats counted
+    once): the same questions in another file or order give the same digest, so a run can tell
+    whether it reports on the set a model or KB was tuned or selected on."""
+    import hashlib
+
+    norm = sorted({" ".join(str(q).split()) for q in questions})
+    return hashlib.sha256("\n".join(norm).encode("utf-8")).hexdigest()[:16]
+
+
+def contamination(digest: str, used: dict[str, str]) -> list[str]:
+    """The lineage entries ({what: comma-separated digests}, e.g. {"KB tuned_on": ..., "model selected on":
+    ...}) that name `digest`."""
+    return [what for what, digests in used.items() if digest in {d.strip() for d in str(digests).split(",") if d.strip()}]

@@ -98,9 +98,10 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 10000
                      level: float = 0.95, strata: Optional[Sequence[str]] = None,
                      weights: Optional[dict[str, float]] = None) -> dict:
     """Mean of the paired differences a - b with a percentile bootstrap interval over questions and a
-    two-sided p-value (the share of replicates, centred on zero, at least as far from zero as the
-    observed difference): {"mean_diff", "low", "high", "p_value", "n"}. With `strata` and `weights`
-    the statistic is the weighted sum of per-stratum mean differences, resampled within strata."""
+    two-sided p-value from the paired sign-flip test (`sign_flip_p`; exact for up to 16 non-zero
+    differences): {"mean_diff", "low", "high", "p_value", "n"}. With `strata` and `weights` the
+    statistic is the weighted sum of per-stratum mean differences, resampled (and sign-flipped)
+    within strata."""
     if len(a) != len(b):
         raise ValueError(f"paired scores of different lengths: {len(a)} and {len(b)}")
     x = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
@@ -119,18 +120,41 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 10000
             raise ValueError(f"strata without a weight: {sorted(unknown)}")
         present = {k: v for k, v in weights.items() if (s == k).any()}
         norm = sum(present.values())
+        if norm <= 0:
+            raise ValueError(f"the weights of the strata present sum to {norm}")
         w = {k: v / norm for k, v in present.items()}
-    observed = float(sum(wt * x[s == k].mean() for k, wt in w.items()))
+    # the statistic is linear in the differences: sum_i coef_i * x_i, coef_i = weight of i's stratum / its size
+    coef = np.zeros(len(x))
+    for k, wt in w.items():
+        mask = s == k
+        coef[mask] = wt / mask.sum()
+    observed = float(coef @ x)
     reps = _stratified_means(x, s, w, n_boot, seed)
     tail = (1 - level) / 2 * 100
-    spread = reps - reps.mean()
-    # a difference that never varies is either exactly zero (p = 1) or certain (p -> 0)
-    if np.allclose(spread, 0.0, atol=1e-12):
-        p = 1.0 if abs(observed) < 1e-12 else 0.0
-    else:
-        p = float(min(1.0, (np.sum(np.abs(spread) >= abs(observed) - 1e-12) + 1) / (n_boot + 1)))
     return {"mean_diff": observed, "low": float(np.percentile(reps, tail)),
-            "high": float(np.percentile(reps, 100 - tail)), "p_value": p, "n": int(len(x))}
+            "high": float(np.percentile(reps, 100 - tail)), "p_value": sign_flip_p(coef * x, n_boot, seed), "n": int(len(x))}
+
+
+def sign_flip_p(terms: Sequence[float], n_flips: int = 10000, seed: int = 0, exact_up_to: int = 16) -> float:
+    """Two-sided p of a paired randomisation (sign-flip) test of sum(terms) = 0: under the null each
+    paired difference is as likely with either sign. Exact over all 2^m sign patterns of the m
+    non-zero terms when m <= exact_up_to, else Monte Carlo with (hits + 1) / (n_flips + 1). For 0/1
+    outcomes it is the exact sign test (McNemar); one non-zero difference gives p = 1."""
+    t = np.asarray(terms, dtype=float)
+    t = t[np.abs(t) > 1e-15]
+    observed = abs(float(t.sum()))
+    if len(t) == 0 or observed <= 1e-12:
+        return 1.0
+    eps = 1e-12 * max(1.0, observed)
+    if len(t) <= exact_up_to:
+        signs = 1 - 2 * ((np.arange(2 ** len(t))[:, None] >> np.arange(len(t))) & 1)
+        return float(np.mean(np.abs(signs @ t) >= observed - eps))
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, n_flips, 2000):  # chunks keep memory at 2000 x m
+        signs = rng.choice((-1.0, 1.0), size=(min(2000, n_flips - start), len(t)))
+        hits += int(np.sum(np.abs(signs @ t) >= observed - eps))
+    return (hits + 1) / (n_flips + 1)
 
 
 def metric_interval(values: Sequence[float], kind: str = "bootstrap", seed: int = 0, level: float = 0.95) -> dict:

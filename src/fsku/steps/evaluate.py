@@ -9,7 +9,10 @@ Logged to MLflow: the FSKU score and its parts, accuracy per domain / sub-domain
 BLEU of descriptive answers, retrieval hit@k when labels exist, how often the gate let context in,
 latency p50/p95 and the projected time for 515 questions, n and a 95 % interval of each headline
 score (`<metric>_ci95_low/_high`, `<metric>_n`: Wilson for MC accuracy, bootstrap over questions
-for the others, stratified by question type for the FSKU total), peak memory, a per-question table, plots
+for the others, stratified by question type for the FSKU total), the gold set as an MLflow dataset
+with its role (`dataset_role`: report / select / tune) and question-set digest; a report run warns
+(and tags `fsku.report_warning`) when the model or KB was tuned or promoted on the same questions,
+peak memory, a per-question table, plots
 (accuracy by type, latency histogram) and the submission. No-context and with-context runs differ in
 one parameter (`context`), so the MLflow UI compares them side by side.
 """
@@ -27,7 +30,7 @@ import pandas as pd
 
 from .. import tracking
 from ..config import EvaluateConfig
-from ..evaluate.compare import format_interval, interval_metrics, intervals
+from ..evaluate.compare import contamination, format_interval, interval_metrics, intervals, question_set_digest
 from ..evaluate.fsku_metric import load_gold_sets, write_test_csv
 from ..jsonl import write_jsonl
 from .args import step_main
@@ -107,6 +110,33 @@ def judge_rag(cfg: EvaluateConfig, gold, records: dict, llm, kb, cosine) -> dict
     return out
 
 
+def lineage(cfg: EvaluateConfig, kb) -> dict[str, str]:
+    """{what: comma-separated question-set digests} this run's model and KB were tuned or selected on:
+    the KB manifest's tuned_on (recipes written by tune) and the promotion.gold_digest tag of a
+    registered student or KB version (the set promote chose it on)."""
+    used = {}
+    if kb is not None and cfg.use_context and kb.params.get("tuned_on"):
+        used["the KB's settings were tuned on it"] = kb.params["tuned_on"]
+    for what, uri in (("the model was promoted on it", cfg.model),
+                      ("the KB was promoted on it", cfg.kb if cfg.use_context else None)):
+        if uri and str(uri).startswith("models:/"):
+            name, version = tracking.parse_model_uri(uri)
+            tags = tracking.model_version_tags(name, version)
+            if tags.get("promotion.gold_digest"):
+                used[what] = tags["promotion.gold_digest"]
+    return used
+
+
+def warn_if_selected_on(digest: str, cfg: EvaluateConfig, kb) -> None:
+    """A report run on the questions its model or KB was tuned/selected on: a warning and a run tag."""
+    found = contamination(digest, lineage(cfg, kb))
+    if found:
+        note = (f"this report set ({cfg.gold}, questions digest {digest}) is not held out: " + "; ".join(found)
+                + ". Its score is optimistic; report on questions nothing was chosen on.")
+        log.warning(note)
+        tracking.set_tags({"fsku.report_warning": note})
+
+
 def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> dict:
     """Predict on cfg.gold, score, log everything to one MLflow run; `llm` / `kb`: already loaded ones."""
     from ..evaluate.fsku_metric import embedding_cosine, fsku_score
@@ -135,7 +165,16 @@ def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
         kb = KnowledgeBase.load(tracking.resolve_model_uri(cfg.kb, "manifest.json"))
     test_csv = write_test_csv(gold, out / "test.csv")
     params = {k: v for k, v in dataclasses.asdict(cfg).items()}
-    with tracking.run("evaluate", params, tags={"fsku.model": cfg.model, "fsku.context": cfg.context}) as active:
+    digest = question_set_digest([g.question for g in gold])
+    with tracking.run("evaluate", params, tags={"fsku.model": cfg.model, "fsku.context": cfg.context,
+                                                "fsku.dataset_role": cfg.dataset_role, "fsku.gold_digest": digest}) as active:
+        gold_frame = pd.DataFrame([{"ID": g.ID, "question": g.question, "answer": g.answer, "question_type": g.question_type,
+                                    "keywords": g.keywords} for g in gold])
+        tracking.log_dataset(gold_frame, name="fsku-gold-" + "+".join(Path(p.strip()).stem for p in cfg.gold.split(",")),
+                             source=cfg.gold, context="evaluation", targets="answer",
+                             tags={"fsku.role": cfg.dataset_role, "fsku.questions_digest": digest})
+        if cfg.dataset_role == "report":
+            warn_if_selected_on(digest, cfg, kb)
         result = predict(cfg, test_csv, out / "submission.csv", restart=cfg.restart, progress=progress, llm=llm, kb=kb)
         if load_s is not None:
             result.stats["load_s"] = load_s
@@ -212,7 +251,7 @@ def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
         summary["intervals"] = found
         summary["scorer_embedding"] = cfg.scorer_embedding if needs_cosine else "none"
         tracking.log_dict(summary, "fsku_score.json")
-        return {"run_id": active.info.run_id, "metrics": metrics, "intervals": found, "table": table,
+        return {"run_id": active.info.run_id, "metrics": metrics, "intervals": found, "table": table, "gold_digest": digest,
                 "submission": str(result.submission),
                 "tracking_uri": tracking.tracking_uri()}
 

@@ -8,7 +8,7 @@ Usage:
 
 The candidate and the current champion are evaluated by the `evaluate` step on the same labelled set
 (each evaluation is its own MLflow run). Under the default gate `significant` the candidate must be
-better AND a paired test on the same questions must say so (`--alpha`, default 0.05: exact McNemar
+better AND a paired test on the same questions must say so (`--significance`, default 0.05: exact McNemar
 for mc_accuracy, a paired bootstrap for scores, stratified by question type for fsku_score); gate
 `margin` compares the two numbers only. The decision, both scores, the test, p, the gain's interval
 and both evaluation runs are tags on the candidate version and a table (decision.json) in a
@@ -44,13 +44,14 @@ def evaluation_scorer(cfg: PromoteConfig, progress: bool = False):
             kb = tracking.resolve_model_uri(f"models:/{cfg.kb_name}/{release.kb_version}", "manifest.json")
         label = f"{cfg.model_name}-v{release.model_version}" + (f"-kb{release.kb_version}" if release.kb_version else "")
         run_cfg = dataclasses.replace(base, model=f"models:/{cfg.model_name}/{release.model_version}", kb=kb,
-                                      gold=cfg.gold, out_dir=str(Path(cfg.out_dir) / label))
+                                      gold=cfg.gold, out_dir=str(Path(cfg.out_dir) / label), dataset_role="select")
         res = evaluate_step(run_cfg, progress=progress)
         metrics = res["metrics"]
         if metrics.get(cfg.metric) is None:
             raise ValueError(f"evaluate produced no {cfg.metric!r} on {cfg.gold}; "
                              f"available: {sorted(k for k, v in metrics.items() if v is not None)}")
-        return Evaluation(float(metrics[cfg.metric]), tuple(res["table"].to_dict("records")), res["run_id"])
+        return Evaluation(float(metrics[cfg.metric]), tuple(res["table"].to_dict("records")), res["run_id"],
+                          res["gold_digest"])
 
     return score
 
@@ -65,7 +66,7 @@ def run_step(cfg: PromoteConfig, progress: bool = True, score=None) -> dict:
     kb_version = tracking.parse_model_uri(f"models:/{cfg.kb_name}/{cfg.kb_candidate}")[1] if cfg.kb_name else None
     out = promote_release(cfg.model_name, Release(version, kb_version), score or evaluation_scorer(cfg, progress),
                           margin=cfg.margin, kb_name=cfg.kb_name, higher_is_better=cfg.higher_is_better, metric=cfg.metric,
-                          gate=cfg.gate, alpha=cfg.alpha)
+                          gate=cfg.gate, alpha=cfg.significance)
     d = out["decision"]
     with tracking.run("promote", dataclasses.asdict(cfg), tags={"fsku.promotion": "promoted" if d["promote"] else "kept champion",
                                                                 "fsku.promotion_reason": d["reason"],

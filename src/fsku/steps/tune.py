@@ -12,7 +12,7 @@ machine, against the same RDB storage) joins it, and each process runs `n_trials
 Trial 0 of a new study is the default configuration, so the study answers "does tuning beat the
 default?" by itself. A retrieval study holds one of `folds` folds of its labels out: trials are
 scored on the others, then the best trial and the default are re-scored on the held-out fold with a
-paired test, and the recipes are written only when the best is not worse there beyond its interval.
+paired test, and the recipes are written only when the best is not worse than the default there.
 Every trial is an MLflow run nested under this process's `tune` run (params,
 metrics, tags optuna.trial_number / optuna.state: COMPLETE, PRUNED (run status KILLED) or FAIL).
 The parent run logs the optimisation history, parameter importances, parallel coordinates (and, for
@@ -93,6 +93,22 @@ def open_study(cfg: TuneConfig):
     return study
 
 
+def check_split(study, cfg: TuneConfig) -> None:
+    """A retrieval study's trial values are scores on its tuning folds: a study joined with another
+    split would mix values measured on different labels. The split is stored with the study (a study
+    without it was scored on every label: folds 0)."""
+    stored = study.user_attrs.get("fsku_split")
+    wanted = {"folds": cfg.folds, "fold_seed": cfg.fold_seed if cfg.folds else 0}
+    if stored is None and study.get_trials(deepcopy=False):
+        stored = {"folds": 0, "fold_seed": 0}
+    if stored is None:
+        study.set_user_attr("fsku_split", wanted)
+    elif stored != wanted:
+        raise ValueError(f"study {cfg.study_name!r} was scored with folds {stored['folds']} (fold_seed "
+                         f"{stored['fold_seed']}); join it with the same --folds/--fold-seed or start another "
+                         f"--study-name")
+
+
 def build_objective(cfg: TuneConfig, progress: bool):
     """(objective, search space, baseline params, base stage config) for the study."""
     from ..tune import DistillObjective, RetrievalObjective
@@ -165,6 +181,8 @@ def run_step(cfg: TuneConfig, progress: bool = True) -> dict:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     objective_fn, space, baseline, base = build_objective(cfg, progress)
     study = open_study(cfg)
+    if cfg.study == "retrieval":
+        check_split(study, cfg)
     if baseline and not any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
         study.enqueue_trial(baseline, user_attrs={"baseline": True}, skip_if_exists=True)
     started = time.time()
@@ -205,6 +223,8 @@ def run_step(cfg: TuneConfig, progress: bool = True) -> dict:
                        gc_after_trial=cfg.study == "distill", show_progress_bar=progress)
         holdout = (functools.partial(objective_fn.holdout_check, default=baseline)
                    if cfg.study == "retrieval" and cfg.folds else None)
+        if cfg.study == "retrieval":
+            base = dataclasses.replace(base, tuned_on=log_label_sets(objective_fn, cfg))
         result = summarize(study, cfg, base, started, holdout)
         tracking.log_metrics({k: v for k, v in result["metrics"].items() if v is not None})
         if result.get("holdout"):
@@ -220,6 +240,24 @@ def run_step(cfg: TuneConfig, progress: bool = True) -> dict:
         result["run_id"] = parent.info.run_id
         result["tracking_uri"] = tracking.tracking_uri()
     return result
+
+
+def log_label_sets(objective, cfg: TuneConfig) -> str:
+    """Log the labels as MLflow datasets with their roles (the tuning folds: tune; the held-out fold:
+    select) and return the labels' question-set digest, which the recipes carry as `tuned_on`."""
+    import pandas as pd
+
+    from .. import tracking
+    from ..evaluate.compare import question_set_digest
+
+    digest = question_set_digest([q.question for q in objective.queries])
+    for part, role in (("tune", "tune"), ("holdout", "select")):
+        rows = [dataclasses.asdict(objective.queries[i]) for i in objective.parts[part]]
+        if rows:
+            tracking.log_dataset(pd.DataFrame(rows), name=f"fsku-labels-{Path(cfg.labels).stem}-{part}", source=cfg.labels,
+                                 context=role, tags={"fsku.role": role, "fsku.questions_digest": digest,
+                                                     "fsku.folds": str(cfg.folds), "fsku.fold_seed": str(cfg.fold_seed)})
+    return digest
 
 
 def summarize(study, cfg: TuneConfig, base, started: float, holdout=None) -> dict:
@@ -250,8 +288,8 @@ def summarize(study, cfg: TuneConfig, base, started: float, holdout=None) -> dic
         check = holdout(best.params)
         keep = check["keep_tuned"]
         t = check["paired"]
-        check["decision"] = ("tuned recipe written" if keep else
-                             "held-out fold got worse beyond its interval: defaults kept, no recipe written")
+        check["decision"] = ("best trial not worse than the default on the held-out fold" if keep
+                             else "worse than the default on the held-out fold: defaults kept, no recipe written")
         metrics.update({f"{cfg.metric}_tune_best": check["tune_best"], f"{cfg.metric}_tune_default": check["tune_default"],
                         f"{cfg.metric}_holdout_best": check["holdout_best"],
                         f"{cfg.metric}_holdout_default": check["holdout_default"],
