@@ -193,3 +193,18 @@ def test_promote_step_evaluates_both_students_on_the_same_set(tiny_models, tmp_p
     assert set(table["evaluation_run"][:2]) == {evaluations["candidate"]["run_id"], evaluations["champion"]["run_id"]}
     for role in ("candidate", "champion"):
         assert client.get_run(out["evaluations"][role]["run_id"]).data.tags["fsku.step"] == "evaluate"
+
+
+def test_significant_gate_refuses_an_untestable_metric_before_evaluating(registered):
+    name, (v1, v2, _) = registered
+    tracking.set_alias(name, "champion", v1)
+    with pytest.raises(ValueError, match="no per-question form of metric 'rouge_l'.*use gate 'margin'"):
+        promote_release(name, Release(v2), lambda r: pytest.fail("scored"), metric="rouge_l", gate="significant")
+    with pytest.raises(ValueError, match="contradicts"):
+        promote_release(name, Release(v2), lambda r: pytest.fail("scored"), metric="mc_accuracy", gate="significant",
+                        higher_is_better=False)
+
+
+def test_a_nan_champion_score_is_refused():
+    with pytest.raises(ValueError, match="champion's score is NaN"):
+        decide(0.5, math.nan)
