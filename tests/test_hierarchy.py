@@ -77,3 +77,42 @@ def test_resolve_link_against_the_kb_articles():
     assert resolve_link(missing, articles) is None  # a link to a missing article
     assert resolve_link(other, articles) is None and resolve_link(unnamed, articles) is None
     assert resolve_link(Link("delegates", "decree"), articles) is None
+
+
+def test_the_kb_stores_levels_and_links_both_ways(tmp_path):
+    import pandas as pd
+
+    from fsku.config import BuildKBConfig
+    from fsku.kb import KBFormatError, build_knowledge_base
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "전자금융거래법.txt").write_text(
+        "제1조(목적) 이 법은 전자금융거래의 안전성을 확보함을 목적으로 한다.\n"
+        "제3조(정의) 전자금융업자의 자본금은 대통령령으로 정하는 금액 이상이어야 한다.\n", encoding="utf-8")
+    (corpus / "전자금융거래법 시행령.txt").write_text(
+        "제1조(목적) 이 영은 「전자금융거래법」에서 위임된 사항을 정한다.\n"
+        "제2조(자본금) 법 제3조에 따른 금액은 20억원으로 한다. 「형법」 제5조를 준용한다.\n", encoding="utf-8")
+    cfg = BuildKBConfig(corpus=str(corpus), out=str(tmp_path / "kb"), embedding_model="none", length_unit="chars",
+                        chunk_size=200, chunk_overlap=0, cache_dir="", statute_mode="always")
+    kb, stats = build_knowledge_base(cfg, progress=False)
+    assert (stats["documents_act"], stats["documents_decree"]) == (1, 1)
+    assert set(kb.chunks["level"]) == {"act", "decree"}
+    assert {d["title"]: d["level"] for d in kb.manifest["documents"]} == {"전자금융거래법": "act",
+                                                                         "전자금융거래법 시행령": "decree"}
+    links = kb.links()
+    cite = links[(links["kind"] == "cite") & links["resolved"]]
+    assert list(zip(cite["source_title"], cite["source_article"], cite["target_title"], cite["target_article"])) == [
+        ("전자금융거래법 시행령", "제2조", "전자금융거래법", "제3조")]
+    assert stats["links_cite"] == 2 and stats["links_cite_resolved"] == 1  # 「형법」 is not in the KB
+    assert stats["links_delegates"] == 1
+    assert kb.linked_articles("전자금융거래법", "제3조") == {"cites": [], "cited_by": [("전자금융거래법 시행령", "제2조")]}
+    assert kb.linked_articles("전자금융거래법 시행령", "제2조")["cites"] == [("전자금융거래법", "제3조")]
+    broken = links.copy()
+    broken.loc[0, "target_level"] = "constitution"
+    broken.to_parquet(tmp_path / "kb" / "links.parquet", index=False)
+    with pytest.raises(KBFormatError, match="row 1: target_level 'constitution'"):
+        kb.links()
+    pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "kb" / "links.parquet", index=False)
+    with pytest.raises(KBFormatError, match="lacks"):
+        kb.links()

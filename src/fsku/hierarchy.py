@@ -143,3 +143,52 @@ def resolve_link(link: Link, articles: dict[str, set[str]]) -> Optional[tuple[st
         if _compact(title) == wanted:
             return (title, link.article) if link.article in arts else None
     return None
+
+
+# ----------------------------------------------------------------------------- the KB's link table
+
+# links.parquet in a KB folder: one row per distinct reference of an article (sibling chunks of one
+# article give one row); the reverse direction (which lower articles implement an act's article) is
+# the same table read by target.
+LINK_COLUMNS = ("source_title", "source_article", "source_level", "kind", "target_level", "target_title",
+                "target_article", "paragraph", "item", "resolved")
+
+
+def kb_links(chunks: list[dict], document_heads: dict[str, str]) -> tuple[dict[str, str], list[dict]]:
+    """({title: level}, link rows with LINK_COLUMNS) for chunks {title, article, text} and each
+    document's opening text (its promulgation line and purpose article). `resolved`: the target is an
+    article the KB holds (then target_title is that document's title as the KB spells it)."""
+    levels = {title: document_level(title, document_heads.get(title, "")) for title in document_heads}
+    for c in chunks:
+        levels.setdefault(c["title"], document_level(c["title"]))
+    parents = {t: parent_act(document_heads.get(t, "")[:3000]) for t, lv in levels.items() if lv == "regulation"}
+    articles: dict[str, set[str]] = {}
+    for c in chunks:
+        if c["article"]:
+            articles.setdefault(c["title"], set()).add(c["article"])
+    rows, seen = [], set()
+    for c in chunks:
+        for link in parse_links(c["text"], c["title"], parents.get(c["title"])):
+            target = resolve_link(link, articles)
+            row = {"source_title": c["title"], "source_article": c["article"] or "", "source_level": levels[c["title"]],
+                   "kind": link.kind, "target_level": link.target_level,
+                   "target_title": target[0] if target else (link.target_law or ""), "target_article": link.article or "",
+                   "paragraph": link.paragraph or 0, "item": link.item or 0, "resolved": target is not None}
+            key = tuple(row[k] for k in LINK_COLUMNS)
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+    return levels, rows
+
+
+def validate_links(rows: list[dict], where: str) -> None:
+    """Every row has LINK_COLUMNS with known levels and kinds; the error names the row."""
+    for n, row in enumerate(rows, start=1):
+        missing = [k for k in LINK_COLUMNS if k not in row]
+        if missing:
+            raise ValueError(f"{where}: row {n} lacks {missing}; expected {list(LINK_COLUMNS)}")
+        for col in ("source_level", "target_level"):
+            if row[col] not in (*LEVELS, OTHER):
+                raise ValueError(f"{where}: row {n}: {col} {row[col]!r} is not one of {(*LEVELS, OTHER)}")
+        if row["kind"] not in ("cite", "delegates"):
+            raise ValueError(f"{where}: row {n}: kind {row['kind']!r} is not cite or delegates")

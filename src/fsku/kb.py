@@ -25,6 +25,7 @@ import pandas as pd
 
 from .chunk import chunk_documents, dense_text, make_length_fn
 from .config import BuildKBConfig, FusionSettings, RetrieveConfig
+from .hierarchy import LEVELS, LINK_COLUMNS, OTHER, kb_links, validate_links
 from .home import cache_path
 from .index.dense import build_faiss, embed_with_cache, get_embedder, load_faiss, resolve_backend, resolve_model, save_faiss
 from .index.sparse import BM25Index, get_tokenizer
@@ -50,6 +51,8 @@ class KBFormatError(ValueError):
 
 
 def validate_chunks(df: pd.DataFrame, where: str) -> None:
+    """The CHUNK_COLUMNS with their types; `level` (the document's statute level), where present, is one
+    of hierarchy.LEVELS or 'other' (KBs built before it have no such column)."""
     missing = [c for c in CHUNK_COLUMNS if c not in df.columns]
     if missing:
         raise KBFormatError(f"{where}: missing column(s) {missing}; expected {list(CHUNK_COLUMNS)}")
@@ -59,6 +62,10 @@ def validate_chunks(df: pd.DataFrame, where: str) -> None:
     for col, kind in CHUNK_COLUMNS.items():
         if kind == "int" and not pd.api.types.is_integer_dtype(df[col]):
             raise KBFormatError(f"{where}: column {col!r} must be integer, got {df[col].dtype}")
+    if "level" in df.columns:
+        bad = df.loc[~df["level"].isin((*LEVELS, OTHER)), "level"]
+        if len(bad):
+            raise KBFormatError(f"{where}: level {bad.iloc[0]!r} is not one of {(*LEVELS, OTHER)}")
 
 
 def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["KnowledgeBase", dict]:
@@ -134,8 +141,16 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
             save_faiss(index, staging / "dense.faiss", faiss_info)
         bm25.save(staging / "bm25")
         chunk_df = pd.DataFrame([c.to_row() for c in chunks])
+        # the statute hierarchy: each document's level, and the references between articles (links.parquet)
+        t = time.perf_counter()
+        levels, link_rows = kb_links(chunk_df[["title", "article", "text"]].to_dict("records"),
+                                     {d.title: d.text[:3000] for d in docs})
+        chunk_df["level"] = chunk_df["title"].map(levels)
         validate_chunks(chunk_df, "chunks")
+        validate_links(link_rows, "links")
         chunk_df.to_parquet(staging / "chunks.parquet", index=False)
+        pd.DataFrame(link_rows, columns=list(LINK_COLUMNS)).to_parquet(staging / "links.parquet", index=False)
+        timings["links"] = time.perf_counter() - t
         pd.DataFrame([{k: v for k, v in d.to_row().items() if k != "text"} for d in docs]).to_parquet(
             staging / "documents.parquet", index=False)
         with (staging / "skipped.jsonl").open("w", encoding="utf-8") as fh:
@@ -152,6 +167,10 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
             "characters": int(sum(d.n_chars for d in docs)), "chunk_chars_mean": float(np.mean([c.n_chars for c in chunks])),
             "chunk_tokens_mean": float(np.mean([c.n_tokens for c in chunks])), "skipped": len(skipped),
             "skipped_by_reason": reasons, "embedded_new": n_embedded, "timings": timings,
+            **{f"documents_{lv}": sum(levels.get(d.title) == lv for d in docs) for lv in (*LEVELS, OTHER)},
+            "links_cite": sum(r["kind"] == "cite" for r in link_rows),
+            "links_cite_resolved": sum(r["resolved"] for r in link_rows),
+            "links_delegates": sum(r["kind"] == "delegates" for r in link_rows),
         }
         manifest = {
             "schema_version": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -159,7 +178,8 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
                 "model": cfg.embedding_model if dense else None, "backend": backend if dense else None,
                 "fingerprint": fingerprint, "max_tokens": cfg.embedding_max_tokens},
             "faiss": faiss_info, "length_tokenizer": length_tok, "corpus_sha256": corpus_hash,
-            "documents": [{"source": d.source, "sha256": d.sha256, "title": d.title, "license": d.license} for d in docs],
+            "documents": [{"source": d.source, "sha256": d.sha256, "title": d.title, "license": d.license,
+                           "level": levels.get(d.title, OTHER)} for d in docs],
             "stats": stats,
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -199,6 +219,28 @@ class KnowledgeBase:
         bm25 = BM25Index.load(folder / "bm25")
         faiss_index = load_faiss(folder / "dense.faiss") if (folder / "dense.faiss").exists() else None
         return cls(folder, manifest, chunks, bm25, faiss_index)
+
+    def links(self) -> pd.DataFrame:
+        """The KB's reference table (hierarchy.LINK_COLUMNS; empty for a KB built before it existed)."""
+        path = self.folder / "links.parquet"
+        if not path.exists():
+            return pd.DataFrame(columns=list(LINK_COLUMNS))
+        table = pd.read_parquet(path)
+        try:
+            validate_links(table.to_dict("records"), str(path))
+        except ValueError as e:
+            raise KBFormatError(str(e)) from None
+        return table
+
+    def linked_articles(self, title: str, article: str) -> dict[str, list[tuple[str, str]]]:
+        """Articles of this KB linked to (title, article): {"cites": the articles it refers to,
+        "cited_by": the articles that refer to it (e.g. the decree article implementing an act's)}."""
+        t = self.links()
+        t = t[t["resolved"]]
+        cites = t[(t["source_title"] == title) & (t["source_article"] == article)]
+        cited_by = t[(t["target_title"] == title) & (t["target_article"] == article)]
+        return {"cites": sorted(set(zip(cites["target_title"], cites["target_article"], strict=True))),
+                "cited_by": sorted(set(zip(cited_by["source_title"], cited_by["source_article"], strict=True)))}
 
     @property
     def params(self) -> dict:
