@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,8 +58,17 @@ class AnswerCache:
             if (folder / "cache.db").exists():
                 log.info("%s: ignoring cache.db (the old pickle-based diskcache format); answers are recomputed", folder)
             self._db = sqlite3.connect(folder / self.FILENAME, timeout=60, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            for attempt in range(100):
+                # switching a new file to WAL while another process does the same can fail at once with
+                # "database is locked" (SQLite does not call the busy handler there): wait and retry
+                try:
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                    self._db.execute("CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or attempt == 99:
+                        raise
+                    time.sleep(min(0.5, 0.02 * (attempt + 1)))
 
     @property
     def enabled(self) -> bool:
