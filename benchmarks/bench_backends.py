@@ -138,7 +138,7 @@ def run_backend(a: argparse.Namespace, backend: str, test: Path) -> dict:
 def compare(gold, results: dict) -> dict:
     from fsku.config import EvaluateConfig
     from fsku.evaluate.fsku_metric import embedding_cosine, fsku_score
-    from fsku.evaluate.stats import mcnemar_exact, paired_bootstrap, wilson_interval
+    from fsku.evaluate.stats import bootstrap_interval, mcnemar_exact, paired_bootstrap, wilson_interval
 
     cosine = embedding_cosine(EvaluateConfig.scorer_embedding)  # the default scorer embedder, as `fsku evaluate`
     mc_ids = [g.ID for g in gold if g.question_type == "multiple_choice"]
@@ -151,9 +151,8 @@ def compare(gold, results: dict) -> dict:
         table[name] = {
             "mc_accuracy": score["mc_accuracy"], "mc_ci95": wilson_interval(sum(correct), len(correct)),
             "descriptive_score": score["descriptive_score"],
-            # bootstrap interval of the mean row score (the paired form against zero is the plain bootstrap)
-            "descriptive_ci95": (lambda b: (b["low"], b["high"]))(
-                paired_bootstrap([score["per_row"][i]["score"] for i in desc_ids], [0.0] * len(desc_ids))),
+            # bootstrap interval of the mean row score over questions
+            "descriptive_ci95": bootstrap_interval([score["per_row"][i]["score"] for i in desc_ids]),
             "s_per_mc": float(np.mean([recs[i]["inference_time"] for i in mc_ids])),
             "s_per_desc": float(np.mean([recs[i]["inference_time"] for i in desc_ids])) if desc_ids else None,
             **{k: res[k] for k in ("prefill_tok_s", "decode_tok_s", "prompt_tokens", "load_s", "peak_rss_mb",

@@ -244,7 +244,8 @@ def cmd_compare(argv: list[str]) -> int:
         return f"run {spec} ({name})", check_rows(table.to_dict("records"), f"run {spec} {name}")
 
     (name_a, rows_a), (name_b, rows_b) = rows_of(a.a), rows_of(a.b)
-    metrics = a.metric or [m for m in applicable_metrics(rows_a) if m in applicable_metrics(rows_b)]
+    supported_b = applicable_metrics(rows_b)
+    metrics = a.metric or [m for m in applicable_metrics(rows_a) if m in supported_b]
     if not metrics:
         raise ValueError(f"{name_a} and {name_b} share no metric with a per-question form")
     print(f"A: {name_a}\nB: {name_b}")

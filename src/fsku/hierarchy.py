@@ -160,7 +160,8 @@ def kb_links(chunks: list[dict], document_heads: dict[str, str]) -> tuple[dict[s
     article the KB holds (then target_title is that document's title as the KB spells it)."""
     levels = {title: document_level(title, document_heads.get(title, "")) for title in document_heads}
     for c in chunks:
-        levels.setdefault(c["title"], document_level(c["title"]))
+        if c["title"] not in levels:
+            levels[c["title"]] = document_level(c["title"])
     parents = {t: parent_act(document_heads.get(t, "")[:3000]) for t, lv in levels.items() if lv == "regulation"}
     articles: dict[str, set[str]] = {}
     for c in chunks:

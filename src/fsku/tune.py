@@ -255,7 +255,7 @@ class RetrievalObjective:
 
     def evaluate_rows(self, params: dict, part: str = "tune") -> tuple[dict, list[dict]]:
         """(metrics, per-query rows {qid, first_relevant_rank}) of `params` on `part`."""
-        from .evaluate.retrieval import evaluate_hits
+        from .evaluate.retrieval import evaluate_hits, first_relevant_rank
 
         index = self.parts[part]
         if not index:
@@ -269,7 +269,7 @@ class RetrievalObjective:
         result = evaluate_hits(queries, [[h.to_dict() for h in hs] for hs in hits], [n_rel[i] for i in index], ks=self.ks)
         metrics = dict(result["metrics"])
         metrics["kb_chunks"] = len(kb.chunks)
-        rows = [{"qid": q.qid, "first_relevant_rank": next((r + 1 for r, ok in enumerate(rel) if ok), None)}
+        rows = [{"qid": q.qid, "first_relevant_rank": first_relevant_rank(rel)}
                 for q, rel in zip(queries, result["relevance"], strict=True)]
         return metrics, rows
 

@@ -21,6 +21,9 @@ from .fsku_metric import MC_WEIGHT
 from .stats import mcnemar_exact, metric_interval, paired_bootstrap, stratified_bootstrap_interval, weighted_total
 
 FSKU_WEIGHTS = {"multiple_choice": MC_WEIGHT, "descriptive": 1 - MC_WEIGHT}
+# the headline quality metrics of evaluate rows and of retrieval rows (reported with n and an interval)
+EVALUATE_METRICS = ("fsku_score", "mc_accuracy", "descriptive_score", "descriptive_cosine", "descriptive_keyword_recall")
+RETRIEVAL_METRICS = ("hit_at_1", "hit_at_5", "mrr_at_10")
 
 
 @dataclass(frozen=True)
@@ -239,9 +242,9 @@ def applicable_metrics(rows: Sequence[dict]) -> list[str]:
     cols = set().union(*(r.keys() for r in rows)) if rows else set()
     found = []
     if {"question_type", "score"} <= cols:
-        found += ["fsku_score", "mc_accuracy", "descriptive_score", "descriptive_cosine", "descriptive_keyword_recall"]
+        found += EVALUATE_METRICS
     if "first_relevant_rank" in cols:
-        found += ["hit_at_1", "hit_at_5", "mrr_at_10"]
+        found += RETRIEVAL_METRICS
     return [m for m in found if any(metric_spec(m).value(r) is not None for r in rows)]
 
 

@@ -85,6 +85,11 @@ def mrr_at_k(relevance: Sequence[Sequence[bool]], k: int) -> float:
     return total / len(relevance)
 
 
+def first_relevant_rank(relevance: Sequence[bool]) -> int | None:
+    """1-based rank of the first relevant hit, None when no hit is relevant."""
+    return next((rank for rank, ok in enumerate(relevance, start=1) if ok), None)
+
+
 def evaluate_hits(queries: Sequence[LabelledQuery], hits: Sequence[Sequence[dict]],
                   n_relevant: Sequence[int] | None = None, ks: Sequence[int] = (1, 3, 5, 10)) -> dict:
     """Metrics for ranked hits (each a dict with source, text) against labelled queries."""
@@ -125,7 +130,7 @@ def evaluate_retrieval(kb, labels_path: str | Path, cfg: RetrieveConfig) -> tupl
     result = evaluate_hits(queries, hit_dicts, n_rel, ks=sorted({1, 3, 5, cfg.top_k}))
     rows = []
     for q, rel, hs in zip(queries, result["relevance"], hits, strict=False):
-        first = next((i + 1 for i, r in enumerate(rel) if r), None)
+        first = first_relevant_rank(rel)
         rows.append({"qid": q.qid, "question": q.question, "gold": q.gold_source, "first_relevant_rank": first,
                      "top1_path": hs[0].path if hs else "", "relevant_chunks": n_rel[len(rows)]})
     curve = {k: sum(any(r[:k]) for r in result["relevance"]) / len(queries) for k in range(1, cfg.top_k + 1)}

@@ -41,17 +41,9 @@ def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict:
     return {"a_only": a_only, "b_only": b_only, "p_value": min(1.0, 2 * tail)}
 
 
-def bootstrap_interval(values: Sequence[float], n_boot: int = 10000, seed: int = 0,
-                       level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values` over resampled questions; a constant
-    sample gives (value, value); an empty one (nan, nan)."""
-    x = np.asarray(values, dtype=float)
-    if len(x) == 0:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+def _percentile_interval(replicates: np.ndarray, level: float) -> tuple[float, float]:
     tail = (1 - level) / 2 * 100
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+    return float(np.percentile(replicates, tail)), float(np.percentile(replicates, 100 - tail))
 
 
 def _stratified_means(x: np.ndarray, strata: np.ndarray, weights: dict, n_boot: int, seed: int) -> np.ndarray:
@@ -66,15 +58,36 @@ def _stratified_means(x: np.ndarray, strata: np.ndarray, weights: dict, n_boot: 
     return total
 
 
+def _present_weights(strata: np.ndarray, weights: dict[str, float], strict: bool = True) -> dict[str, float]:
+    """The weights of the strata present, renormalised to sum to 1 ({} when none is present or they
+    sum to <= 0); `strict`: a stratum without a weight is an error."""
+    if strict:
+        unknown = set(strata.tolist()) - set(weights)
+        if unknown:
+            raise ValueError(f"strata without a weight: {sorted(unknown)}")
+    present = {k: w for k, w in weights.items() if (strata == k).any()}
+    norm = sum(present.values())
+    return {k: w / norm for k, w in present.items()} if present and norm > 0 else {}
+
+
+def bootstrap_interval(values: Sequence[float], n_boot: int = 10000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` over resampled questions; a constant
+    sample gives (value, value); an empty one (nan, nan)."""
+    x = np.asarray(values, dtype=float)
+    if len(x) == 0:
+        return math.nan, math.nan
+    return _percentile_interval(_stratified_means(x, np.zeros(len(x)), {0.0: 1.0}, n_boot, seed), level)
+
+
 def weighted_total(values: Sequence[float], strata: Sequence[str], weights: dict[str, float]) -> float:
     """sum_s weight_s * mean(values of stratum s) over the strata present; the weights of the
     strata present are renormalised to 1 (the FSKU total is one part alone when the other is absent)."""
     x, s = np.asarray(values, dtype=float), np.asarray(strata)
-    present = {k: w for k, w in weights.items() if (s == k).any()}
-    norm = sum(present.values())
-    if not present or norm <= 0:
+    present = _present_weights(s, weights, strict=False)
+    if not present:
         return math.nan
-    return float(sum(w / norm * x[s == k].mean() for k, w in present.items()))
+    return float(sum(w * x[s == k].mean() for k, w in present.items()))
 
 
 def stratified_bootstrap_interval(values: Sequence[float], strata: Sequence[str], weights: dict[str, float],
@@ -82,16 +95,10 @@ def stratified_bootstrap_interval(values: Sequence[float], strata: Sequence[str]
     """Bootstrap interval of `weighted_total`, resampling questions within each stratum (e.g. the FSKU
     total = 0.5 x MC accuracy + 0.5 x mean descriptive score)."""
     x, s = np.asarray(values, dtype=float), np.asarray(strata)
-    unknown = set(s.tolist()) - set(weights)
-    if unknown:
-        raise ValueError(f"strata without a weight: {sorted(unknown)}")
-    present = {k: w for k, w in weights.items() if (s == k).any()}
-    norm = sum(present.values())
-    if not present or norm <= 0:
+    present = _present_weights(s, weights)
+    if not present:
         return math.nan, math.nan
-    reps = _stratified_means(x, s, {k: w / norm for k, w in present.items()}, n_boot, seed)
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(reps, tail)), float(np.percentile(reps, 100 - tail))
+    return _percentile_interval(_stratified_means(x, s, present, n_boot, seed), level)
 
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 10000, seed: int = 0,
@@ -108,31 +115,24 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 10000
     if len(x) == 0:
         return {"mean_diff": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0, "n": 0}
     if strata is None:
-        s, w = np.zeros(len(x), dtype=int).astype(str), {"0": 1.0}
+        s, w = np.zeros(len(x)), {0.0: 1.0}
     else:
         if len(strata) != len(x):
             raise ValueError(f"{len(strata)} strata for {len(x)} paired scores")
         if not weights:
             raise ValueError("strata need weights")
         s = np.asarray(strata)
-        unknown = set(s.tolist()) - set(weights)
-        if unknown:
-            raise ValueError(f"strata without a weight: {sorted(unknown)}")
-        present = {k: v for k, v in weights.items() if (s == k).any()}
-        norm = sum(present.values())
-        if norm <= 0:
-            raise ValueError(f"the weights of the strata present sum to {norm}")
-        w = {k: v / norm for k, v in present.items()}
+        w = _present_weights(s, weights)
+        if not w:
+            raise ValueError(f"the weights of the strata present sum to {sum(weights.get(k, 0) for k in set(s.tolist()))}")
     # the statistic is linear in the differences: sum_i coef_i * x_i, coef_i = weight of i's stratum / its size
     coef = np.zeros(len(x))
     for k, wt in w.items():
         mask = s == k
         coef[mask] = wt / mask.sum()
-    observed = float(coef @ x)
-    reps = _stratified_means(x, s, w, n_boot, seed)
-    tail = (1 - level) / 2 * 100
-    return {"mean_diff": observed, "low": float(np.percentile(reps, tail)),
-            "high": float(np.percentile(reps, 100 - tail)), "p_value": sign_flip_p(coef * x, n_boot, seed), "n": int(len(x))}
+    low, high = _percentile_interval(_stratified_means(x, s, w, n_boot, seed), level)
+    return {"mean_diff": float(coef @ x), "low": low, "high": high, "p_value": sign_flip_p(coef * x, n_boot, seed),
+            "n": int(len(x))}
 
 
 def sign_flip_p(terms: Sequence[float], n_flips: int = 10000, seed: int = 0, exact_up_to: int = 16) -> float:

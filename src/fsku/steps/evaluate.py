@@ -30,15 +30,19 @@ import pandas as pd
 
 from .. import tracking
 from ..config import EvaluateConfig
-from ..evaluate.compare import contamination, format_interval, interval_metrics, intervals, question_set_digest
+from ..evaluate.compare import (
+    EVALUATE_METRICS,
+    contamination,
+    format_interval,
+    interval_metrics,
+    intervals,
+    question_set_digest,
+)
 from ..evaluate.fsku_metric import load_gold_sets, write_test_csv
 from ..jsonl import write_jsonl
 from .args import step_main
 
 log = logging.getLogger(__name__)
-
-# quality metrics reported with n and a 95 % interval
-HEADLINE_METRICS = ("fsku_score", "mc_accuracy", "descriptive_score", "descriptive_cosine", "descriptive_keyword_recall")
 
 
 def peak_memory_mb() -> dict:
@@ -210,7 +214,7 @@ def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
             **peak_memory_mb(),
         }
         # n and a 95 % interval for each headline quality metric (Wilson / bootstrap over questions)
-        found = intervals(rows, HEADLINE_METRICS)
+        found = intervals(rows, EVALUATE_METRICS)
         metrics.update(interval_metrics(found))
         mc = table[table["question_type"] == "multiple_choice"]
         if len(mc) and mc["raw_choice"].notna().any():

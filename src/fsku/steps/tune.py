@@ -297,8 +297,8 @@ def summarize(study, cfg: TuneConfig, base, started: float, holdout=None) -> dic
                         "holdout_p_value": t["p_value"], "n_tune": check["n_tune"], "n_holdout": check["n_holdout"]})
         out["holdout"] = check
         if not keep:
-            log.warning("study %s: best trial %d %s on the held-out fold (%s = %.4f vs default %.4f, difference %+.4f "
-                        "[%+.4f, %+.4f]); keeping the defaults", cfg.study_name, best.number, "is worse",
+            log.warning("study %s: best trial %d is worse on the held-out fold (%s = %.4f vs default %.4f, difference "
+                        "%+.4f [%+.4f, %+.4f]); keeping the defaults", cfg.study_name, best.number,
                         cfg.metric, check["holdout_best"], check["holdout_default"], t["diff"], t["low"], t["high"])
     if keep and cfg.recipe_out not in ("", "none", "None"):
         folder = Path(f"experiments/tuned-{cfg.study}" if cfg.recipe_out == "auto" else cfg.recipe_out)
