@@ -120,3 +120,34 @@ def test_fsku_compare_over_files_and_runs(tmp_path, capsys):
     assert "logged none of" in capsys.readouterr().err
     assert main(["compare", ids[0], "no-such-run-or-file"]) == 2
     assert "neither a per-question file nor a run" in capsys.readouterr().err
+
+
+def test_log_dataset_retries_a_lost_unique_race_and_raises_anything_else(monkeypatch):
+    """Two runs logging the same new dataset at once: the store's get-or-create can lose the insert
+    race (seen with two tune workers on an MLflow server over PostgreSQL)."""
+    import mlflow
+
+    from fsku import tracking
+
+    calls = []
+    real = mlflow.log_input
+
+    def racing(dataset, **kw):
+        calls.append(dataset.name)
+        if len(calls) == 1:
+            raise mlflow.exceptions.MlflowException('duplicate key value violates unique constraint "datasets_pk"')
+        return real(dataset, **kw)
+
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    with tracking.run("evaluate", {}) as active:
+        tracking.log_dataset(pd.DataFrame({"ID": ["a"], "question": ["q"]}), name="race", source="x.csv", context="evaluation")
+    assert calls == ["race", "race"]
+    assert [d.dataset.name for d in mlflow.get_run(active.info.run_id).inputs.dataset_inputs] == ["race"]
+
+    def broken(dataset, **kw):
+        raise mlflow.exceptions.MlflowException("permission denied")
+
+    monkeypatch.setattr(mlflow, "log_input", broken)
+    with tracking.run("evaluate", {}):
+        with pytest.raises(mlflow.exceptions.MlflowException, match="permission denied"):
+            tracking.log_dataset(pd.DataFrame({"ID": ["a"]}), name="other", source="x.csv", context="evaluation")

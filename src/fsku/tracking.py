@@ -190,7 +190,17 @@ def log_dataset(df: pd.DataFrame, name: str, source: str, context: str, targets:
         if flat[col].map(lambda v: isinstance(v, (list, dict))).any():
             flat[col] = flat[col].map(lambda v: json.dumps(v, ensure_ascii=False))
     dataset = mlflow.data.from_pandas(flat, source=source, name=name, targets=targets)
-    mlflow.log_input(dataset, context=context, tags=tags)
+    for attempt in range(5):
+        try:
+            mlflow.log_input(dataset, context=context, tags=tags)
+            return
+        except mlflow.exceptions.MlflowException as exc:
+            # two runs logging the same new dataset at once (tune workers, parallel evaluations): the
+            # store's get-or-create loses a unique-constraint race; the retry finds the winner's row
+            text = str(exc).lower()
+            if attempt == 4 or not ("unique" in text or "duplicate key" in text):
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def tracking_uri() -> str:
