@@ -30,15 +30,20 @@ SPACE = retrieval_space((320, 480), (0, 32), ("kiwi", "char_bigram"))
 
 
 def test_conditional_parameters_are_sampled_only_when_their_condition_holds():
+    hierarchy = {"statute_family": True, "w_level": 0.1, "w_link": 0.0, "group": "chunk"}
     rrf = suggest(optuna.trial.FixedTrial({"chunk_size": 320, "chunk_overlap": 0, "bm25_tokenizer": "kiwi",
-                                           "fusion": "rrf", "rrf_k": 10, "w_law": 0.1, "w_article": 0.0}), SPACE)
+                                           "fusion": "rrf", "rrf_k": 10, "w_law": 0.1, "w_article": 0.0, **hierarchy}),
+                  SPACE)
     assert rrf == {"chunk_size": 320, "chunk_overlap": 0, "bm25_tokenizer": "kiwi", "fusion": "rrf", "rrf_k": 10,
-                   "w_law": 0.1, "w_article": 0.0}
+                   "w_law": 0.1, "w_article": 0.0, **hierarchy}
     mm = suggest(optuna.trial.FixedTrial({"chunk_size": 480, "chunk_overlap": 32, "bm25_tokenizer": "kiwi",
-                                          "fusion": "minmax", "w_bm25": 0.7, "w_law": 0.0, "w_article": 0.2}), SPACE)
-    assert "rrf_k" not in mm and mm["w_bm25"] == 0.7
+                                          "fusion": "minmax", "w_bm25": 0.7, "w_law": 0.0, "w_article": 0.2,
+                                          **hierarchy, "group": "article", "sibling_bonus": 0.2}), SPACE)
+    assert "rrf_k" not in mm and mm["w_bm25"] == 0.7 and mm["sibling_bonus"] == 0.2
+    assert "sibling_bonus" not in rrf  # only per article
     # a single choice is fixed, not searched
-    assert [p.name for p in retrieval_space((480,), (32,), ("kiwi",))] == ["fusion", "w_bm25", "rrf_k", "w_law", "w_article"]
+    assert [p.name for p in retrieval_space((480,), (32,), ("kiwi",))] == [
+        "fusion", "w_bm25", "rrf_k", "w_law", "w_article", "statute_family", "w_level", "w_link", "group", "sibling_bonus"]
 
 
 def test_a_random_study_stays_inside_the_space():
@@ -68,8 +73,12 @@ def test_param_and_choice_validation():
 
 def test_baseline_is_the_default_configuration_inside_the_space():
     defaults = dataclasses.asdict(BuildKBConfig())
+    hierarchy = {k: defaults[k] for k in ("statute_family", "w_level", "w_link", "group")}
     assert baseline_params(SPACE, defaults) == {"chunk_size": 480, "chunk_overlap": 32, "bm25_tokenizer": "kiwi",
-                                                "fusion": "minmax", "w_bm25": 0.5, "w_law": 0.1, "w_article": 0.2}
+                                                "fusion": "minmax", "w_bm25": defaults["w_bm25"], "w_law": 0.1,
+                                                "w_article": 0.2, **hierarchy,
+                                                **({"sibling_bonus": defaults["sibling_bonus"]}
+                                                   if defaults["group"] == "article" else {})}
     # a default outside the choices is left to the sampler; inactive conditionals are dropped
     small = retrieval_space((320, 640), (0, 32), ("kiwi",))
     assert "chunk_size" not in baseline_params(small, defaults)

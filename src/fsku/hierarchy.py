@@ -154,6 +154,13 @@ LINK_COLUMNS = ("source_title", "source_article", "source_level", "kind", "targe
                 "target_article", "paragraph", "item", "resolved")
 
 
+def regulation_parents(levels: dict[str, str], document_heads: dict[str, str]) -> dict[str, str]:
+    """{regulation title: the act it implements} (`parent_act` of its opening text; regulations
+    whose purpose article names no act are left out)."""
+    found = {t: parent_act(document_heads.get(t, "")[:3000]) for t, lv in levels.items() if lv == "regulation"}
+    return {t: act for t, act in found.items() if act}
+
+
 def kb_links(chunks: list[dict], document_heads: dict[str, str]) -> tuple[dict[str, str], list[dict]]:
     """({title: level}, link rows with LINK_COLUMNS) for chunks {title, article, text} and each
     document's opening text (its promulgation line and purpose article). `resolved`: the target is an
@@ -162,7 +169,7 @@ def kb_links(chunks: list[dict], document_heads: dict[str, str]) -> tuple[dict[s
     for c in chunks:
         if c["title"] not in levels:
             levels[c["title"]] = document_level(c["title"])
-    parents = {t: parent_act(document_heads.get(t, "")[:3000]) for t, lv in levels.items() if lv == "regulation"}
+    parents = regulation_parents(levels, document_heads)
     articles: dict[str, set[str]] = {}
     for c in chunks:
         if c["article"]:

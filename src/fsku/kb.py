@@ -25,14 +25,14 @@ import pandas as pd
 
 from .chunk import chunk_documents, dense_text, make_length_fn
 from .config import BuildKBConfig, FusionSettings, RetrieveConfig
-from .hierarchy import LEVELS, LINK_COLUMNS, OTHER, kb_links, validate_links
+from .hierarchy import LEVELS, LINK_COLUMNS, OTHER, kb_links, regulation_parents, validate_links
 from .home import cache_path
 from .index.dense import build_faiss, embed_with_cache, get_embedder, load_faiss, resolve_backend, resolve_model, save_faiss
 from .index.sparse import BM25Index, get_tokenizer
 from .ingest import NoUsableDocuments, SkippedFile, ingest_corpus
 from .ingest.clean import clean_text
 from .outputs import Marker, begin_staging, check_not_input, check_replaceable, discard_staging, replace_folder
-from .retrieve import FUSIONS, Hit, ReferenceIndex, rank_fused, top_candidates
+from .retrieve import FUSIONS, Hit, ReferenceIndex, expand_links, group_by_article, rank_fused, top_candidates
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,9 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
         chunk_df = pd.DataFrame([c.to_row() for c in chunks])
         # the statute hierarchy: each document's level, and the references between articles (links.parquet)
         t = time.perf_counter()
-        levels, link_rows = kb_links(chunk_df[["title", "article", "text"]].to_dict("records"),
-                                     {d.title: d.text[:3000] for d in docs})
+        heads = {d.title: d.text[:3000] for d in docs}
+        levels, link_rows = kb_links(chunk_df[["title", "article", "text"]].to_dict("records"), heads)
+        parents = regulation_parents(levels, heads)
         chunk_df["level"] = chunk_df["title"].map(levels)
         validate_chunks(chunk_df, "chunks")
         validate_links(link_rows, "links")
@@ -179,7 +180,8 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
                 "fingerprint": fingerprint, "max_tokens": cfg.embedding_max_tokens},
             "faiss": faiss_info, "length_tokenizer": length_tok, "corpus_sha256": corpus_hash,
             "documents": [{"source": d.source, "sha256": d.sha256, "title": d.title, "license": d.license,
-                           "level": levels.get(d.title, OTHER)} for d in docs],
+                           "level": levels.get(d.title, OTHER),
+                           **({"parent": parents[d.title]} if d.title in parents else {})} for d in docs],
             "stats": stats,
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -202,7 +204,12 @@ class KnowledgeBase:
         self._ids = chunks["chunk_id"].tolist()
         self._sources = chunks["source"].tolist()
         self._paths = chunks["path"].tolist()
-        self._references = ReferenceIndex(chunks["title"].tolist(), chunks["article"].tolist())
+        titles, articles = chunks["title"].tolist(), chunks["article"].tolist()
+        parents = {d["title"]: d["parent"] for d in manifest.get("documents", []) if d.get("parent")}
+        self._references = ReferenceIndex(titles, articles, parents,
+                                          chunks["level"].tolist() if "level" in chunks.columns else None)
+        self._article_keys = [(t, a) if a else None for t, a in zip(titles, articles, strict=True)]
+        self._linked: Optional[dict[tuple, list[int]]] = None
         self._memo: dict[tuple, tuple] = {}
 
     @classmethod
@@ -241,6 +248,23 @@ class KnowledgeBase:
         cited_by = t[(t["target_title"] == title) & (t["target_article"] == article)]
         return {"cites": sorted(set(zip(cites["target_title"], cites["target_article"], strict=True))),
                 "cited_by": sorted(set(zip(cited_by["source_title"], cited_by["source_article"], strict=True)))}
+
+    def linked_chunks(self, i: int) -> list[int]:
+        """Chunk indices of the articles that chunk i's article cites or is cited by (resolved links of
+        links.parquet; none for a KB without it)."""
+        if self._linked is None:
+            t = self.links()
+            t = t[t["resolved"] & (t["kind"] == "cite")]
+            by_article = self._references.by_article
+            linked: dict[tuple, set] = {}
+            for src, dst in zip(zip(t["source_title"], t["source_article"], strict=True),
+                                zip(t["target_title"], t["target_article"], strict=True), strict=True):
+                if src != dst:
+                    linked.setdefault(src, set()).add(dst)
+                    linked.setdefault(dst, set()).add(src)
+            self._linked = {k: sorted(j for a in v for j in by_article.get(a, ())) for k, v in linked.items()}
+        key = self._article_keys[i]
+        return self._linked.get(key, []) if key else []
 
     @property
     def params(self) -> dict:
@@ -320,12 +344,16 @@ class KnowledgeBase:
                 fused = FUSIONS["minmax"](cands, {"bm25": cfg.w_bm25, "dense": 1.0 - cfg.w_bm25})
                 method = "hybrid" if len(cands) > 1 else next(iter(cands))
                 prior_scale = 1.0
-            if cfg.w_law or cfg.w_article:
-                prior = self._references.prior(questions[qi], cfg.w_law, cfg.w_article)
+            if cfg.w_law or cfg.w_article or cfg.w_level:
+                prior = self._references.prior(questions[qi], cfg.w_law, cfg.w_article, cfg.statute_family, cfg.w_level)
                 for i, p in prior.items():
-                    # the law prior re-ranks candidates; a cited article may also enter the candidates
-                    if i in fused or p > cfg.w_law:
+                    # the law and level priors re-rank candidates; a cited article may also enter the candidates
+                    if i in fused or p > cfg.w_law + cfg.w_level:
                         fused[i] = fused.get(i, 0.0) + prior_scale * p
+            if cfg.w_link:
+                fused = expand_links(fused, self.linked_chunks, cfg.w_link, cfg.link_from)
+            if cfg.group == "article":
+                fused = group_by_article(fused, self._article_keys.__getitem__, cfg.sibling_bonus)
             raw = {name: dict(zip(ids.tolist(), scores.tolist(), strict=True)) for name, (ids, scores) in cands.items()}
             dense_floor = float(cands["dense"][1].min()) if use_dense and len(cands["dense"][1]) else None
             hits = []

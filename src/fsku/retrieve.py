@@ -114,40 +114,82 @@ def article_refs(question: str) -> set[str]:
     return {f"제{m.group(1)}조" + (f"의{m.group(2)}" if m.group(2) else "") for m in ARTICLE_REF.finditer(question)}
 
 
-def law_match(question: str, title: str) -> float:
+def law_match(question: str, title: str, parent: Optional[str] = None, family: bool = True) -> float:
     """1.0 when the question names this document's law exactly (spacing ignored), 0.5 when it
-    names its parent statute (a 시행령/시행규칙 of the named law), else 0."""
-    return _law_match_compact(_compact(question), _compact(title), _compact(law_base_name(title)))
+    names its parent statute (the act of a 시행령/시행규칙, or `parent`: the act a regulation
+    implements), else 0. With `family`, naming a decree ('전자금융거래법 시행령') is not naming its
+    act: the act then scores 0.5, as a family member (without it, the act's name inside the
+    decree's counts as an exact match, the behaviour before the statute hierarchy)."""
+    base = parent if parent and family else law_base_name(title)
+    return _law_match_compact(_compact(question), _compact(title), _compact(base), family)
 
 
-def _law_match_compact(q: str, title: str, base: str) -> float:
+_LOWER_SUFFIXES = ("시행령", "시행규칙")
+
+
+def _law_match_compact(q: str, title: str, base: str, family: bool = False) -> float:
     if len(title) >= 3 and title in q:
-        return 1.0
+        if not family or any(not q.startswith(_LOWER_SUFFIXES, m.end()) for m in re.finditer(re.escape(title), q)):
+            return 1.0
+        return 0.5  # only ever named as '<title> 시행령/시행규칙': the question is about a lower level
     if base != title and len(base) >= 3 and base in q:
         return 0.5
     return 0.0
 
 
+# words that point a question at one level of the statute hierarchy (compact forms: spacing ignored)
+LEVEL_CUES: dict[str, tuple[str, ...]] = {
+    "decree": ("시행령", "대통령령"),
+    "rule": ("시행규칙", "총리령", "부령으로", "부령에"),
+    "regulation": ("감독규정", "규정에따르면", "규정상", "규정에서", "고시에따르면", "고시에서", "고시상", "세칙",
+                   "금융위원회가정하", "금융위원회가정한"),
+}
+_ACT_CUE = re.compile(r"(?:^|[\s,])법(?:률)?\s*(?:상|에\s*따르면|에서|에\s*의하면)")
+
+
+def level_cues(question: str) -> set[str]:
+    """The statute levels the question's wording points at ('시행령에 따르면' → decree, '감독규정상' →
+    regulation, a bare '법에 따르면' → act); empty when it names none. A law's name ('전자금융거래법에')
+    is not a level cue: the law prior handles names."""
+    q = _compact(question)
+    found = {level for level, cues in LEVEL_CUES.items() if any(c in q for c in cues)}
+    if _ACT_CUE.search(question):
+        found.add("act")
+    return found
+
+
 class ReferenceIndex:
     """Chunk indices grouped by document title and by (title, article), so the prior for a
-    question touches only the chunks it favours (a query costs ~0.1 ms, not a pass over all chunks)."""
+    question touches only the chunks it favours (a query costs ~0.1 ms, not a pass over all chunks).
+    `parents`: the act each regulation implements (its family for the law prior); `levels`: each
+    chunk's statute level (for the level prior)."""
 
-    def __init__(self, titles: Sequence[str], articles: Sequence[str]):
+    def __init__(self, titles: Sequence[str], articles: Sequence[str], parents: Optional[dict[str, str]] = None,
+                 levels: Optional[Sequence[str]] = None):
         self.by_title: dict[str, list[int]] = {}
-        self.compact_names: dict[str, tuple[str, str]] = {}
         self.by_article: dict[tuple[str, str], list[int]] = {}
+        self.by_level: dict[str, list[int]] = {}
         for i, (title, art) in enumerate(zip(titles, articles, strict=False)):
             self.by_title.setdefault(title, []).append(i)
             if art:
                 self.by_article.setdefault((title, art), []).append(i)
-        self.compact_names = {t: (_compact(t), _compact(law_base_name(t))) for t in self.by_title}
+        for i, level in enumerate(levels or ()):
+            self.by_level.setdefault(level, []).append(i)
+        parents = parents or {}
+        # (title, base without family, base with family) compact
+        self.compact_names = {t: (_compact(t), _compact(law_base_name(t)), _compact(parents.get(t) or law_base_name(t)))
+                              for t in self.by_title}
 
-    def prior(self, question: str, w_law: float, w_article: float) -> dict[int, float]:
+    def prior(self, question: str, w_law: float, w_article: float, family: bool = False,
+              w_level: float = 0.0) -> dict[int, float]:
         """w_law * law_match + w_article * [cited article of a named (or, when no law is named,
-        any) law]. Empty when the question names no law and cites no article."""
+        any) law] + w_level * [the chunk's level is one the question's wording cues]. `family`:
+        law_match's family rules (regulations under their act; a decree's name is not its act's).
+        Empty when the question names no law, cites no article and cues no level."""
         refs = article_refs(question)
         q = _compact(question)
-        title_score = {t: _law_match_compact(q, *names) for t, names in self.compact_names.items()}
+        title_score = {t: _law_match_compact(q, name, fam if family else base, family)
+                       for t, (name, base, fam) in self.compact_names.items()}
         any_law = any(v > 0 for v in title_score.values())
         prior: dict[int, float] = {}
         for title, lm in title_score.items():
@@ -158,6 +200,10 @@ class ReferenceIndex:
                 for ref in refs:
                     for i in self.by_article.get((title, ref), ()):
                         prior[i] = prior.get(i, 0.0) + w_article * (lm if any_law else 1.0)
+        if w_level > 0:
+            for level in level_cues(question):
+                for i in self.by_level.get(level, ()):
+                    prior[i] = prior.get(i, 0.0) + w_level
         return prior
 
 
@@ -165,3 +211,44 @@ def reference_prior(question: str, titles: Sequence[str], articles: Sequence[str
                     w_law: float, w_article: float) -> dict[int, float]:
     """Additive prior per chunk index (see ReferenceIndex.prior)."""
     return ReferenceIndex(titles, articles).prior(question, w_law, w_article)
+
+
+# ----------------------------------------------------------------------------- the hierarchy's links and articles
+
+def expand_links(fused: dict[int, float], linked: Callable[[int], Sequence[int]], w_link: float,
+                 link_from: int) -> dict[int, float]:
+    """Scores after pulling in linked articles: each of the `link_from` best chunks lends
+    w_link x its score to the chunks `linked(i)` returns (the articles its article cites or is cited
+    by); a chunk lent by several keeps the largest loan, added to its own score (0 when it was not a
+    candidate, so a decree article implementing the top act article can enter the list)."""
+    if w_link <= 0 or link_from <= 0 or not fused:
+        return dict(fused)
+    loans: dict[int, float] = {}
+    for i, score in rank_fused(fused, link_from):
+        for j in linked(i):
+            if j != i:
+                loans[j] = max(loans.get(j, 0.0), w_link * score)
+    out = dict(fused)
+    for j, loan in loans.items():
+        out[j] = out.get(j, 0.0) + loan
+    return out
+
+
+def group_by_article(fused: dict[int, float], article_of: Callable[[int], Optional[tuple]], sibling_bonus: float
+                     ) -> dict[int, float]:
+    """One entry per article: its best chunk, scored max + sibling_bonus x (sum of its other
+    chunks' scores), so an article's sibling chunks stop crowding its neighbours out of the top k and
+    an article with several matching chunks gains a little. Chunks outside articles (article_of None)
+    stay as they are. Keyed by the best chunk's index."""
+    groups: dict[tuple, list[tuple[int, float]]] = {}
+    out: dict[int, float] = {}
+    for i, score in fused.items():
+        key = article_of(i)
+        if key is None:
+            out[i] = score
+        else:
+            groups.setdefault(key, []).append((i, score))
+    for members in groups.values():
+        best_i, best = min(members, key=lambda m: (-m[1], m[0]))
+        out[best_i] = best + sibling_bonus * (sum(s for _, s in members) - best)
+    return out

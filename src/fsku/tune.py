@@ -30,6 +30,7 @@ from .config import (
 
 log = logging.getLogger(__name__)
 
+FUSION_FIELDS = tuple(f.name for f in dataclasses.fields(FusionSettings))  # what a retrieval trial may re-rank with
 STUDIES = ("retrieval", "distill")
 
 
@@ -108,6 +109,11 @@ def retrieval_space(chunk_sizes: Sequence[int], chunk_overlaps: Sequence[int], t
         Param("rrf_k", "int", 1, 120, when=("fusion", "rrf")),
         Param("w_law", "float", 0.0, 0.5),
         Param("w_article", "float", 0.0, 0.5),
+        Param("statute_family", "categorical", choices=(False, True)),
+        Param("w_level", "float", 0.0, 0.5),
+        Param("w_link", "float", 0.0, 0.5),
+        Param("group", "categorical", choices=("chunk", "article")),
+        Param("sibling_bonus", "float", 0.0, 0.5, when=("group", "article")),
     ]
 
 
@@ -262,7 +268,7 @@ class RetrievalObjective:
             raise ValueError(f"no labelled queries in part {part!r}")
         queries = [self.queries[i] for i in index]
         kb, n_rel = self.knowledge_base(self.build_settings(params))
-        fusion = {k: params[k] for k in ("fusion", "w_bm25", "rrf_k", "w_law", "w_article") if k in params}
+        fusion = {k: params[k] for k in FUSION_FIELDS if k in params}
         cfg = dataclasses.replace(kb.retrieve_defaults(), top_k=self.eval_k, candidates=max(self.candidates, self.eval_k),
                                   **fusion)
         hits = kb.search([q.question for q in queries], cfg)
