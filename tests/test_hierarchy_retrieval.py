@@ -60,14 +60,23 @@ def test_expand_links_hand_computed():
     assert expand_links({0: 1.0, 1: 0.2}, lambda i: [0, 1], 0.5, 2) == pytest.approx({0: 1.1, 1: 0.7})
 
 
+def _pairs(ranked):
+    return [(i, round(score, 9)) for i, score in ranked]
+
+
 def test_group_by_article_hand_computed():
     fused = {0: 0.9, 1: 0.5, 2: 0.7, 3: 0.6, 4: 0.8}
     article = {0: ("A", "제1조"), 1: ("A", "제1조"), 2: ("A", "제2조"), 3: ("A", "제1조"), 4: None}
-    out = group_by_article(fused, article.get, sibling_bonus=0.1)
-    assert out == pytest.approx({0: 0.9 + 0.1 * (0.5 + 0.6), 2: 0.7, 4: 0.8})
-    assert group_by_article(fused, article.get, 0.0) == pytest.approx({0: 0.9, 2: 0.7, 4: 0.8})
-    # ties: the lower index represents the article
-    assert group_by_article({3: 0.5, 1: 0.5}, lambda i: ("A", "제1조"), 0.0) == {1: 0.5}
+    one = 1.01  # 0.9 + 0.1 x (0.5 + 0.6)
+    assert _pairs(group_by_article(fused, article.get, sibling_bonus=0.1)) == [(0, one), (4, 0.8), (2, 0.7)]
+    assert _pairs(group_by_article(fused, article.get, 0.0)) == [(0, 0.9), (4, 0.8), (2, 0.7)]
+    # two chunks per article: 제1조's best two (0 then 3) in its place, both with its score
+    assert _pairs(group_by_article(fused, article.get, 0.1, per_article=2)) == [(0, one), (3, one), (4, 0.8), (2, 0.7)]
+    # a bonus can lift an article of several weaker chunks over a single stronger one
+    assert group_by_article({0: 0.5, 1: 0.5, 2: 0.6}, {0: ("A", "1"), 1: ("A", "1"), 2: ("B", "1")}.get, 0.5)[0][0] == 0
+    # ties: the lower index represents the article and ranks first
+    assert group_by_article({3: 0.5, 1: 0.5}, lambda i: ("A", "제1조"), 0.0) == [(1, 0.5)]
+    assert group_by_article({}, article.get, 0.1) == []
 
 
 def _family_kb(tmp_path):

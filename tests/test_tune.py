@@ -38,12 +38,15 @@ def test_conditional_parameters_are_sampled_only_when_their_condition_holds():
                    "w_law": 0.1, "w_article": 0.0, **hierarchy}
     mm = suggest(optuna.trial.FixedTrial({"chunk_size": 480, "chunk_overlap": 32, "bm25_tokenizer": "kiwi",
                                           "fusion": "minmax", "w_bm25": 0.7, "w_law": 0.0, "w_article": 0.2,
-                                          **hierarchy, "group": "article", "sibling_bonus": 0.2}), SPACE)
+                                          **hierarchy, "group": "article", "sibling_bonus": 0.2, "article_chunks": 2}),
+                 SPACE)
     assert "rrf_k" not in mm and mm["w_bm25"] == 0.7 and mm["sibling_bonus"] == 0.2
-    assert "sibling_bonus" not in rrf  # only per article
+    assert "sibling_bonus" not in rrf and "article_chunks" not in rrf  # only per article
+    assert mm["article_chunks"] == 2
     # a single choice is fixed, not searched
     assert [p.name for p in retrieval_space((480,), (32,), ("kiwi",))] == [
-        "fusion", "w_bm25", "rrf_k", "w_law", "w_article", "statute_family", "w_level", "w_link", "group", "sibling_bonus"]
+        "fusion", "w_bm25", "rrf_k", "w_law", "w_article", "statute_family", "w_level", "w_link", "group", "sibling_bonus",
+        "article_chunks"]
 
 
 def test_a_random_study_stays_inside_the_space():
@@ -77,7 +80,8 @@ def test_baseline_is_the_default_configuration_inside_the_space():
     assert baseline_params(SPACE, defaults) == {"chunk_size": 480, "chunk_overlap": 32, "bm25_tokenizer": "kiwi",
                                                 "fusion": "minmax", "w_bm25": defaults["w_bm25"], "w_law": 0.1,
                                                 "w_article": 0.2, **hierarchy,
-                                                **({"sibling_bonus": defaults["sibling_bonus"]}
+                                                **({"sibling_bonus": defaults["sibling_bonus"],
+                                                    "article_chunks": defaults["article_chunks"]}
                                                    if defaults["group"] == "article" else {})}
     # a default outside the choices is left to the sampler; inactive conditionals are dropped
     small = retrieval_space((320, 640), (0, 32), ("kiwi",))

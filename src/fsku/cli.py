@@ -41,12 +41,17 @@ log = logging.getLogger("fsku")
 
 
 def _fusion_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """--fusion, --w-bm25, --rrf-k, --w-law, --w-article; unset ones keep the KB's stored (built or tuned) values."""
-    p.add_argument("--fusion", choices=["minmax", "rrf"], help="default: the KB's (its manifest)")
-    p.add_argument("--w-bm25", type=float, help="BM25 weight of minmax fusion; default: the KB's")
-    p.add_argument("--rrf-k", type=int, help="RRF constant; default: the KB's")
-    p.add_argument("--w-law", type=float, help="law-name prior; default: the KB's")
-    p.add_argument("--w-article", type=float, help="cited-article prior; default: the KB's")
+    """One flag per FusionSettings field (--fusion, --w-bm25, ..., --group); unset ones keep the KB's stored
+    (built or tuned) values, so the flags' defaults are the KB's, not the dataclass's."""
+    import dataclasses
+
+    from .config import FusionSettings, field_kind
+    from .steps.args import _converter
+
+    for f in dataclasses.fields(FusionSettings):
+        kind, optional = field_kind(FusionSettings, f.name)
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_converter(kind, optional), default=None,
+                       metavar=kind.__name__.upper(), help=f.metadata.get("help", "") + " (default: the KB's)")
     return p
 
 
@@ -111,19 +116,32 @@ def cmd_ingest(argv: list[str]) -> int:
 
 
 def cmd_eval_retrieval(argv: list[str]) -> int:
+    import dataclasses
+
+    from .config import FusionSettings, LLMSettings, RerankSettings
     from .evaluate.compare import format_interval
     from .evaluate.retrieval import evaluate_retrieval
     from .kb import KnowledgeBase
+    from .rerank import load_reranker
+    from .steps.args import add_config_args, config_from_namespace
 
     p = argparse.ArgumentParser(prog="fsku eval-retrieval", description="hit@k / recall@k / MRR on labelled queries.")
     p.add_argument("--kb", required=True)
     p.add_argument("--labels", required=True)
     p.add_argument("--top-k", type=int, default=10)
+    add_config_args(p, RerankSettings, recipe=False)
+    add_config_args(p, LLMSettings, recipe=False, only=("backend", "threads"))  # how an llm reranker is loaded
     a = _fusion_args(p).parse_args(argv)
+    rr = config_from_namespace(a, RerankSettings)
+    llm = config_from_namespace(a, LLMSettings, only=("backend", "threads"))
     kb = KnowledgeBase.load(a.kb)
     cfg = retrieve_config(kb, a)
-    metrics, table = evaluate_retrieval(kb, a.labels, cfg)
-    print(f"fusion {cfg.fusion}, w_bm25={cfg.w_bm25}, rrf_k={cfg.rrf_k}, w_law={cfg.w_law}, w_article={cfg.w_article}")
+    reranker = load_reranker(rr.reranker, rr.reranker_model, passage_tokens=rr.rerank_passage_tokens,
+                             backend=llm.backend, threads=llm.threads)
+    metrics, table = evaluate_retrieval(kb, a.labels, cfg, reranker, rr.rerank_top_n, rr.rerank_weight, progress=True)
+    print(", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(FusionSettings))
+          + (f"; reranker {rr.reranker} {rr.reranker_model} top_n={rr.rerank_top_n} weight={rr.rerank_weight}"
+             if reranker else ""))
     metrics.pop("curve")
     found = metrics.pop("intervals")
     print(json.dumps(metrics, indent=2))

@@ -23,6 +23,7 @@ BACKENDS = ("auto", "transformers", "vllm", "llamacpp")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 FUSIONS = ("minmax", "rrf")
 GROUPS = ("chunk", "article")
+RERANKER_NAMES = ("none", "cross-encoder", "llm")
 MC_SCORING = ("label", "cloze", "cloze-pmi", "label+cloze", "label+cloze-pmi")
 DEBIAS_METHODS = ("none", "rotate", "calibrate", "rotate+calibrate")
 CONTEXT_MODES = ("none", "always", "gated")
@@ -133,9 +134,12 @@ class FusionSettings(Block):
                                "score to the chunks of the articles it cites or is cited by (a decree article and the "
                                "act article it implements); 0 disables.")
     link_from: int = param(5, "How many of the best chunks lend their score to linked articles (w_link).")
-    group: str = param("chunk", "Results per chunk, or per article: one hit per article (its best chunk), scored max "
-                                "+ sibling_bonus x the sum of its other chunks' scores.")
+    group: str = param("chunk", "chunk: hits ranked by their own score; article: articles ranked by max + "
+                                "sibling_bonus x the sum of their other chunks' scores, each giving its "
+                                "article_chunks best chunks.")
     sibling_bonus: float = param(0.0, "group=article: weight of an article's other matching chunks in its score.")
+    article_chunks: int = param(1, "group=article: chunks one article may put in the results (1: one hit per "
+                                   "article).")
 
     def __post_init__(self):
         _check(self.fusion in FUSIONS, f"fusion must be minmax or rrf, got {self.fusion!r}")
@@ -147,6 +151,32 @@ class FusionSettings(Block):
         _check(self.link_from >= 1, f"link_from must be >= 1, got {self.link_from}")
         _check(self.group in GROUPS, f"group must be one of {'|'.join(GROUPS)}, got {self.group!r}")
         _check(0 <= self.sibling_bonus <= 1, f"sibling_bonus must be in [0, 1], got {self.sibling_bonus}")
+        _check(self.article_chunks >= 1, f"article_chunks must be >= 1, got {self.article_chunks}")
+        super().__post_init__()
+
+
+@dataclass
+class RerankSettings(Block):
+    """The second retrieval stage (fsku.rerank): re-score the first stage's best candidates."""
+
+    reranker: str = param("none", "none, cross-encoder (sentence-transformers CrossEncoder: reranker_model) or llm "
+                                  "(the answering model judges each passage by log p(예) - log p(아니오)).")
+    reranker_model: str = param("", "cross-encoder: hub id or local folder (e.g. BAAI/bge-reranker-v2-m3); llm: '' = "
+                                    "the answering model (predict), else the model to load.")
+    rerank_top_n: int = param(10, "First-stage candidates the reranker re-scores (they lead the list in the new "
+                                  "order; the rest follow as they were).")
+    rerank_weight: float = param(1.0, "Weight of the reranker against the first stage: w x minmax(reranker) + (1 - w)"
+                                      " x minmax(first stage); 1 = the reranker's order alone.")
+    rerank_passage_tokens: int = param(400, "llm reranker: tokens of each passage the model reads.")
+
+    def __post_init__(self):
+        _check(self.reranker in RERANKER_NAMES, f"reranker must be one of {'|'.join(RERANKER_NAMES)}, "
+                                                f"got {self.reranker!r}")
+        _check(self.reranker != "cross-encoder" or bool(self.reranker_model),
+               "reranker 'cross-encoder' needs reranker_model (a hub id or local folder)")
+        _check(self.rerank_top_n >= 1, f"rerank_top_n must be >= 1, got {self.rerank_top_n}")
+        _check(0.0 <= self.rerank_weight <= 1.0, f"rerank_weight must be in [0, 1], got {self.rerank_weight}")
+        _check(self.rerank_passage_tokens >= 16, f"rerank_passage_tokens must be >= 16, got {self.rerank_passage_tokens}")
         super().__post_init__()
 
 
@@ -352,7 +382,7 @@ class RetrieveRunSettings(Block):
 
 
 @dataclass
-class InferConfig(LLMSettings, DebiasSettings):
+class InferConfig(LLMSettings, DebiasSettings, RerankSettings):
     """predict / evaluate: answer test.csv with one LLM (+ optional gated retrieval) into submission.csv."""
 
     model: str = param("offline:qwen2.5-coder-1.5b-instruct", "LLM: hub id, local folder, .gguf file, or "
@@ -363,7 +393,8 @@ class InferConfig(LLMSettings, DebiasSettings):
                                   "gate_threshold).")
     top_k: int = param(3, "Passages retrieved per question.")
     gate_signal: str = param("dense", "Relevance used by the gate: dense (embedding cosine, comparable across "
-                                      "questions) or bm25 (BM25 score per distinct query term).")
+                                      "questions), bm25 (BM25 score per distinct query term) or rerank (the "
+                                      "reranker's score: log p(예) - log p(아니오) for the llm reranker).")
     gate_threshold: float = param(0.90, "Relevance a passage needs to open the gate (e5-small cosine scale for dense).")
     gate_scope: str = param("question", "question: when the best of the top_k passages reaches gate_threshold, all "
                                         "top_k enter (the KB is relevant to the question, and neighbouring articles "
@@ -406,7 +437,9 @@ class InferConfig(LLMSettings, DebiasSettings):
     def __post_init__(self):
         _check(self.context in CONTEXT_MODES, f"context must be one of {CONTEXT_MODES}, got {self.context!r}")
         _check(self.top_k >= 1, "top_k must be >= 1")
-        _check(self.gate_signal in ("dense", "bm25"), f"gate_signal must be dense or bm25, got {self.gate_signal!r}")
+        _check(self.gate_signal in ("dense", "bm25", "rerank"),
+               f"gate_signal must be dense, bm25 or rerank, got {self.gate_signal!r}")
+        _check(self.gate_signal != "rerank" or self.reranker != "none", "gate_signal 'rerank' needs a reranker")
         _check(self.gate_scope in ("question", "passage"), f"gate_scope must be question or passage, got {self.gate_scope!r}")
         _check(self.context_tokens >= 32 and self.passage_tokens >= 16, "context_tokens must be >= 32 and passage_tokens >= 16")
         from .choices import MC_STYLES

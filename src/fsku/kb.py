@@ -352,12 +352,15 @@ class KnowledgeBase:
                         fused[i] = fused.get(i, 0.0) + prior_scale * p
             if cfg.w_link:
                 fused = expand_links(fused, self.linked_chunks, cfg.w_link, cfg.link_from)
-            if cfg.group == "article":
-                fused = group_by_article(fused, self._article_keys.__getitem__, cfg.sibling_bonus)
             raw = {name: dict(zip(ids.tolist(), scores.tolist(), strict=True)) for name, (ids, scores) in cands.items()}
             dense_floor = float(cands["dense"][1].min()) if use_dense and len(cands["dense"][1]) else None
             hits = []
-            for rank, (i, score) in enumerate(rank_fused(fused, cfg.top_k), start=1):
+            if cfg.group == "article":
+                ranked = group_by_article(fused, self._article_keys.__getitem__, cfg.sibling_bonus,
+                                          cfg.article_chunks)[:cfg.top_k]
+            else:
+                ranked = rank_fused(fused, cfg.top_k)
+            for rank, (i, score) in enumerate(ranked, start=1):
                 hits.append(Hit(self._ids[i], self._texts[i], float(score), self._sources[i], method, self._paths[i], rank,
                                 dense=raw.get("dense", {}).get(i, dense_floor),
                                 bm25=float(bm25_all[i]) if bm25_all is not None else None))

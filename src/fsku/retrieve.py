@@ -28,10 +28,12 @@ class Hit:
     # (for a chunk outside the dense candidates, the lowest candidate cosine, an upper bound) and BM25
     dense: Optional[float] = None
     bm25: Optional[float] = None
+    rerank: Optional[float] = None  # the reranker's raw score (fsku.rerank), when one re-scored this hit
 
     def to_dict(self) -> dict:
         return {"chunk_id": self.chunk_id, "source": self.source, "text": self.text, "score": self.score,
-                "path": self.path, "method": self.method, "rank": self.rank, "dense": self.dense, "bm25": self.bm25}
+                "path": self.path, "method": self.method, "rank": self.rank, "dense": self.dense, "bm25": self.bm25,
+                "rerank": self.rerank}
 
 
 def minmax_normalize(scores: np.ndarray) -> np.ndarray:
@@ -234,21 +236,22 @@ def expand_links(fused: dict[int, float], linked: Callable[[int], Sequence[int]]
     return out
 
 
-def group_by_article(fused: dict[int, float], article_of: Callable[[int], Optional[tuple]], sibling_bonus: float
-                     ) -> dict[int, float]:
-    """One entry per article: its best chunk, scored max + sibling_bonus x (sum of its other
-    chunks' scores), so an article's sibling chunks stop crowding its neighbours out of the top k and
-    an article with several matching chunks gains a little. Chunks outside articles (article_of None)
-    stay as they are. Keyed by the best chunk's index."""
+def group_by_article(fused: dict[int, float], article_of: Callable[[int], Optional[tuple]], sibling_bonus: float,
+                     per_article: int = 1) -> list[tuple[int, float]]:
+    """Ranked (chunk, score) by article: an article scores max + sibling_bonus x (the sum of its other
+    chunks' scores), so its sibling chunks stop crowding its neighbours out of the top k and an article
+    with several matching chunks gains a little; each article then contributes its `per_article` best
+    chunks (best first, all with the article's score) in its place. Chunks outside articles
+    (article_of None) are ranked by their own score. Ties: the lower chunk index first."""
     groups: dict[tuple, list[tuple[int, float]]] = {}
-    out: dict[int, float] = {}
     for i, score in fused.items():
         key = article_of(i)
-        if key is None:
-            out[i] = score
-        else:
-            groups.setdefault(key, []).append((i, score))
+        groups.setdefault(("chunk", i) if key is None else ("article", key), []).append((i, score))
+    ranked_groups = []
     for members in groups.values():
-        best_i, best = min(members, key=lambda m: (-m[1], m[0]))
-        out[best_i] = best + sibling_bonus * (sum(s for _, s in members) - best)
-    return out
+        members.sort(key=lambda m: (-m[1], m[0]))
+        best = members[0][1]
+        total = best + sibling_bonus * (sum(sc for _, sc in members) - best)
+        ranked_groups.append((total, members[0][0], members[:per_article]))
+    ranked_groups.sort(key=lambda g: (-g[0], g[1]))
+    return [(i, total) for total, _, members in ranked_groups for i, _ in members]

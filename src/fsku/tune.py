@@ -114,6 +114,7 @@ def retrieval_space(chunk_sizes: Sequence[int], chunk_overlaps: Sequence[int], t
         Param("w_link", "float", 0.0, 0.5),
         Param("group", "categorical", choices=("chunk", "article")),
         Param("sibling_bonus", "float", 0.0, 0.5, when=("group", "article")),
+        Param("article_chunks", "int", 1, 3, when=("group", "article")),
     ]
 
 

@@ -118,13 +118,28 @@ def count_relevant_chunks(queries: Sequence[LabelledQuery], chunks: Sequence[dic
     return out
 
 
-def evaluate_retrieval(kb, labels_path: str | Path, cfg: RetrieveConfig) -> tuple[dict, pd.DataFrame]:
+def evaluate_retrieval(kb, labels_path: str | Path, cfg: RetrieveConfig, reranker=None, rerank_top_n: int = 10,
+                       rerank_weight: float = 1.0, progress: bool = False) -> tuple[dict, pd.DataFrame]:
     """Retrieval metrics of `kb` (a fsku.kb.KnowledgeBase) searched with `cfg` on a labels file:
     hit/recall@{1,3,5,top_k}, MRR and `curve` (hit@k for k = 1..top_k), plus a per-query table (first
     relevant rank, top-1 path). ``dataclasses.replace(kb.retrieve_defaults(), top_k=...)`` scores the KB
-    with the fusion settings it was built (or tuned) with."""
+    with the fusion settings it was built (or tuned) with. `reranker` (fsku.rerank): the first
+    max(top_k, rerank_top_n) hits re-scored and fused with weight `rerank_weight`, then cut to top_k."""
+    import dataclasses
+
     queries = load_labels(labels_path)
-    hits = kb.search([q.question for q in queries], cfg)
+    questions = [q.question for q in queries]
+    if reranker is None:
+        hits = kb.search(questions, cfg)
+    else:
+        from tqdm.auto import tqdm
+
+        from ..rerank import rerank_hits
+
+        first = kb.search(questions, dataclasses.replace(cfg, top_k=max(cfg.top_k, rerank_top_n),
+                                                         candidates=max(cfg.candidates, rerank_top_n)))
+        hits = [rerank_hits(q, hs, reranker, rerank_top_n, rerank_weight, cfg.top_k)
+                for q, hs in tqdm(list(zip(questions, first, strict=True)), desc="rerank", unit="q", disable=not progress)]
     hit_dicts = [[h.to_dict() for h in hs] for hs in hits]
     n_rel = count_relevant_chunks(queries, kb.chunks[["source", "text"]].to_dict("records"))
     result = evaluate_hits(queries, hit_dicts, n_rel, ks=sorted({1, 3, 5, cfg.top_k}))

@@ -85,9 +85,12 @@ class Answer:
 
 
 def gate_signal(hit, cfg: InferConfig, query_terms: int = 1) -> Optional[float]:
-    """A hit's relevance on the gate's scale: dense cosine, or BM25 per distinct query term."""
+    """A hit's relevance on the gate's scale: dense cosine, BM25 per distinct query term, or the
+    reranker's score (None for a hit the reranker did not re-score)."""
     if cfg.gate_signal == "dense":
         return hit.dense
+    if cfg.gate_signal == "rerank":
+        return getattr(hit, "rerank", None)
     return None if hit.bm25 is None else hit.bm25 / max(1, query_terms)
 
 
@@ -115,13 +118,33 @@ class Answerer:
                              "cannot do; use backend 'transformers' or mc_scoring 'label'")
         self.llm, self.cfg, self.kb = llm, cfg, kb
         self._content_free: dict[tuple[str, int], np.ndarray] = {}
+        self._reranker = None
+
+    def reranker(self):
+        """The configured reranker (None for 'none'), loaded on first use; 'llm' without a reranker_model
+        is this answering model itself."""
+        if self._reranker is None and self.cfg.reranker != "none":
+            from ..rerank import load_reranker
+
+            own = self.llm if self.cfg.reranker == "llm" and not self.cfg.reranker_model else None
+            self._reranker = load_reranker(self.cfg.reranker, self.cfg.reranker_model, llm=own,
+                                           passage_tokens=self.cfg.rerank_passage_tokens,
+                                           **self.cfg.llm_kwargs())
+        return self._reranker
 
     # -- context
     def retrieve(self, questions: list[str]) -> list[tuple[list, int]]:
         """(hits, distinct query terms) per question; the term count scales the BM25 gate signal."""
         if self.kb is None or not self.cfg.use_context:
             return [([], 1) for _ in questions]
-        hits = self.kb.search(questions, top_k=self.cfg.top_k)
+        if self.cfg.reranker == "none":
+            hits = self.kb.search(questions, top_k=self.cfg.top_k)
+        else:
+            from ..rerank import rerank_hits
+
+            first = self.kb.search(questions, top_k=max(self.cfg.top_k, self.cfg.rerank_top_n))
+            hits = [rerank_hits(q, hs, self.reranker(), self.cfg.rerank_top_n, self.cfg.rerank_weight, self.cfg.top_k)
+                    for q, hs in zip(questions, first, strict=True)]
         if self.cfg.gate_signal == "bm25":
             terms = [len(set(t)) for t in self.kb.tokenizer()(questions)]
         else:

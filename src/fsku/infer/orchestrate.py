@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 NON_ANSWER_FIELDS = ("backend", "device", "max_model_len", "batch_size", "threads", "token_batch", "kb", "time_limit_s",
                      "breaker_failures", "breaker_cooldown", "time_budget_min", "cache_dir", "max_unanswered_share")
 ANSWER_FIELDS = tuple(f.name for f in dataclasses.fields(InferConfig) if f.name not in NON_ANSWER_FIELDS)
-RETRIEVAL_FIELDS = ("top_k",)
+RETRIEVAL_FIELDS = ("top_k", "reranker", "reranker_model", "rerank_top_n", "rerank_weight", "rerank_passage_tokens")
 
 
 class BreakerState(str, enum.Enum):
@@ -116,7 +116,9 @@ class Orchestrator:
     def _retrieve(self, questions: Sequence[ClassifiedQuestion]) -> list[tuple[list, int]]:
         if not self.cfg.use_context or self.answerer.kb is None:
             return [([], 1) for _ in questions]
-        rcfg = digest({f: getattr(self.cfg, f) for f in RETRIEVAL_FIELDS} | {"gate_signal": self.cfg.gate_signal})
+        # the llm reranker is the answering model: its hits depend on it
+        rcfg = digest({f: getattr(self.cfg, f) for f in RETRIEVAL_FIELDS} | {"gate_signal": self.cfg.gate_signal}
+                      | ({"reranker_llm": self.model_tag} if self.cfg.reranker == "llm" else {}))
         keys = [make_key("retrieval", kb=self.kb_version, cfg=rcfg, q=digest(q.parsed_question)) for q in questions]
         # cached as JSON ([hit dicts], terms), rebuilt into Hits: a cache holds data, never objects
         out: list = [self.cache.get(k) for k in keys]

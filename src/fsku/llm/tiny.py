@@ -61,6 +61,26 @@ def build_tiny_model(out_dir: str | Path, tokenizer_dir: str | Path, hidden: int
     return out_dir
 
 
+def build_tiny_cross_encoder(out_dir: str | Path, tokenizer_dir: str | Path, hidden: int = 32, layers: int = 2,
+                             heads: int = 2, seed: int = 0) -> Path:
+    """A randomly initialised one-label BERT sequence classifier (what sentence-transformers' CrossEncoder
+    loads as a reranker) on the tokenizer in `tokenizer_dir`."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    out_dir = Path(out_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+                        num_attention_heads=heads, max_position_embeddings=1024, num_labels=1,
+                        pad_token_id=tok.pad_token_id)
+    model = BertForSequenceClassification(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
 def make_tiny_pair(out_dir: str | Path, texts: Optional[Iterable[str]] = None, vocab_size: int = 2000) -> dict[str, Path]:
     """A tiny teacher (~4 M parameters) and student (~0.5 M) sharing one tokenizer, under `out_dir`."""
     out_dir = Path(out_dir)
