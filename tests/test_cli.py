@@ -87,9 +87,16 @@ def test_eval_retrieval_uses_the_kbs_fusion_settings_unless_a_flag_overrides_the
         metrics.pop("intervals")
         return metrics
 
-    assert eval_retrieval() == ("fusion rrf, w_bm25=0.9, rrf_k=7, w_law=0.0, w_article=0.0", expected())
+    rest = ", statute_family=True, w_level=0.0, w_link=0.2, link_from=5, group=chunk, sibling_bonus=0.0, article_chunks=1"
+    assert eval_retrieval() == ("fusion=rrf, w_bm25=0.9, rrf_k=7, w_law=0.0, w_article=0.0" + rest, expected())
     assert eval_retrieval("--fusion", "minmax", "--w-bm25", "0.3", "--w-law", "0.1") == (
-        "fusion minmax, w_bm25=0.3, rrf_k=7, w_law=0.1, w_article=0.0", expected(fusion="minmax", w_bm25=0.3, w_law=0.1))
+        "fusion=minmax, w_bm25=0.3, rrf_k=7, w_law=0.1, w_article=0.0" + rest,
+        expected(fusion="minmax", w_bm25=0.3, w_law=0.1))
+    # every FusionSettings field is a flag (derived from the dataclass), checked by the config
+    assert eval_retrieval("--group", "article", "--article-chunks", "2")[0].endswith("group=article, sibling_bonus=0.0, "
+                                                                                    "article_chunks=2")
+    assert fsku_main(["eval-retrieval", "--kb", str(folder), "--labels", str(SAMPLE_LABELS), "--w-link", "2"]) == 2
+    assert "w_link must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_stage_commands_run_the_step_modules_main(monkeypatch):

@@ -105,7 +105,7 @@ def _family_kb(tmp_path):
 def test_kb_search_uses_the_hierarchy(tmp_path):
     kb = _family_kb(tmp_path)
     assert {d["title"]: d.get("parent") for d in kb.manifest["documents"]}["전자금융감독규정"] == "전자금융거래법"
-    base = dataclasses.replace(kb.retrieve_defaults(), top_k=10, w_law=0.0, w_article=0.0)
+    base = dataclasses.replace(kb.retrieve_defaults(), top_k=10, w_law=0.0, w_article=0.0, w_link=0.0, w_level=0.0)
 
     def ranked(q, **kw):
         return [(h.path.split(" › ")[0], h.path.split(" › ")[-1][:4]) for h in kb.search([q], base, **kw)[0]]

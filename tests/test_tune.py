@@ -13,7 +13,7 @@ import optuna
 import pytest
 
 from conftest import ROOT, SAMPLE_CORPUS, SAMPLE_LABELS
-from fsku.config import BuildKBConfig, DistillConfig, TuneConfig, load_recipe
+from fsku.config import BuildKBConfig, DistillConfig, RetrieveConfig, TuneConfig, load_recipe
 from fsku.tune import (
     Param,
     baseline_params,
@@ -133,7 +133,7 @@ def test_tune_config_checks():
 def test_kb_search_uses_the_settings_stored_in_the_kb_and_memoises_the_query_side(sample_kb):
     kb = sample_kb[0]
     q = ["금융회사등이 보안사고를 알게 된 때 감독기관 보고 기한"]
-    assert kb.retrieve_defaults().fusion == "minmax" and kb.retrieve_defaults().w_bm25 == 0.5
+    assert kb.retrieve_defaults().fusion == "minmax" and kb.retrieve_defaults().w_bm25 == RetrieveConfig.w_bm25
     kb.search(q, top_k=3)
     calls = []
     tok = kb.tokenizer()

@@ -181,7 +181,7 @@ def cmd_level_set(argv: list[str]) -> int:
             heads[c["title"]] = heads.get(c["title"], "") + c["text"]
     parents = {t: act for t, text in heads.items() if (act := parent_act(text[:3000]))}
     rows = build_level_set(chunks, per_level=cfg.per_level, seed=cfg.seed, max_per_article=cfg.max_per_article,
-                           p_synonym=cfg.p_synonym, parents=parents)
+                           p_synonym=cfg.p_synonym, parents=parents, max_term_articles=cfg.max_term_articles)
     if not rows:
         raise ValueError(f"{cfg.kb}: no article yielded a question (no statute articles with levels in this KB?)")
     out.parent.mkdir(parents=True, exist_ok=True)

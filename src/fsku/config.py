@@ -120,17 +120,17 @@ class FusionSettings(Block):
 
     fusion: str = param("minmax", "minmax (convex combination of min-max normalised scores) or rrf (reciprocal rank "
                                   "fusion).")
-    w_bm25: float = param(0.5, "BM25 weight of minmax fusion (dense gets 1 - w_bm25): 1.0 = BM25 only, 0.0 = dense "
+    w_bm25: float = param(0.7, "BM25 weight of minmax fusion (dense gets 1 - w_bm25): 1.0 = BM25 only, 0.0 = dense "
                                "only.")
     rrf_k: int = param(60, "RRF constant k in 1/(k + rank).")
     w_law: float = param(0.1, "Prior for chunks of a law the question names (0 disables).")
     w_article: float = param(0.2, "Prior for the article (제N조) a question cites in a named law (0 disables).")
-    statute_family: bool = param(False, "Law prior across the hierarchy: a regulation counts as family of the act it "
+    statute_family: bool = param(True, "Law prior across the hierarchy: a regulation counts as family of the act it "
                                         "implements (naming the act gives it half the law prior, as a decree gets), "
                                         "and naming a decree ('X 시행령') is not naming its act X.")
     w_level: float = param(0.0, "Prior for chunks of a statute level the question's wording points at (시행령/대통령령,"
                                 " 시행규칙/부령, 감독규정/고시/규정상, 법률상); 0 disables.")
-    w_link: float = param(0.0, "Linked-article expansion: each of the link_from best chunks lends this share of its "
+    w_link: float = param(0.2, "Linked-article expansion: each of the link_from best chunks lends this share of its "
                                "score to the chunks of the articles it cites or is cited by (a decree article and the "
                                "act article it implements); 0 disables.")
     link_from: int = param(5, "How many of the best chunks lend their score to linked articles (w_link).")
@@ -357,12 +357,15 @@ class LevelSetConfig(Block):
                                "has too few usable clauses.")
     max_per_article: int = param(3, "Most questions about one article.")
     p_synonym: float = param(0.8, "Probability of each synonym rewrite applying to a clause.")
+    max_term_articles: int = param(3, "A descriptive question made of key terms only is kept when at most this many "
+                                      "articles hold all its terms (else no single article answers it).")
     seed: int = param(0, "Seed of every random choice (articles, clauses, forms, mentions, rewrites).")
 
     def __post_init__(self):
         _check(self.per_level >= 1, f"per_level must be >= 1, got {self.per_level}")
         _check(self.max_per_article >= 1, f"max_per_article must be >= 1, got {self.max_per_article}")
         _check(0.0 <= self.p_synonym <= 1.0, f"p_synonym must be in [0, 1], got {self.p_synonym}")
+        _check(self.max_term_articles >= 1, f"max_term_articles must be >= 1, got {self.max_term_articles}")
         super().__post_init__()
 
 

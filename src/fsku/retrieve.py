@@ -2,8 +2,9 @@
 
 - ``minmax_fusion``: each retriever's candidate scores are min-max normalised to [0, 1]; the
   fused score is ``w_bm25 * bm25 + (1 - w_bm25) * dense`` (a candidate missing from one list
-  scores 0 there). The seed architecture used w_bm25 = 0.3; on the FSKU statute labels 0.5 is
-  better with our chunks (see benchmarks/bench_retrieval.py), so 0.5 is the default.
+  scores 0 there). The seed architecture used w_bm25 = 0.3; on the 65 FSKU dev labels 0.5-0.7 tie,
+  and on the per-level validation set (fsku level-set) BM25 carries more: 0.7 is the default (see
+  benchmarks/bench_retrieval.py and the README).
 - ``rrf_fusion``: reciprocal-rank fusion, ``sum_r w_r / (k + rank_r)`` with 1-based ranks.
 """
 from __future__ import annotations

@@ -28,7 +28,7 @@ import logging
 import time
 from typing import Callable, Optional, Sequence
 
-from ..config import InferConfig
+from ..config import FusionSettings, InferConfig
 from ..retrieve import Hit
 from ..stores import AnswerCache, ResultLog, digest, make_key
 from .answer import Answer, Answerer
@@ -87,7 +87,10 @@ class CircuitBreaker:
 def kb_version(kb) -> str:
     if kb is None:
         return "none"
-    return digest({"corpus": kb.manifest.get("corpus_sha256"), "params": kb.params,
+    # the fusion settings the KB searches with: its manifest's, and today's defaults for fields an older
+    # manifest lacks (so a changed default never serves hits cached under the old one)
+    fusion = {f.name: getattr(kb.retrieve_defaults(), f.name) for f in dataclasses.fields(FusionSettings)}
+    return digest({"corpus": kb.manifest.get("corpus_sha256"), "params": kb.params, "fusion": fusion,
                    "embedding": kb.manifest.get("embedding", {}).get("fingerprint")}, 12)
 
 

@@ -15,7 +15,9 @@ article. How each question is made (all choices from one seeded `random.Random`)
 4. Stem form (`FORMS`): `mc` (which statement is right; the paraphrased clause among three
    distractors made by changing its number, its modal verb or its actor), `amount` (the clause asked
    back with its number hidden: '몇 일' / '얼마'), `yesno` (the clause turned into a question), and
-   `describe` (its key terms, asked to be explained). Forms that the clause cannot take are skipped.
+   `describe` (its opening asked to be completed, or its key terms, by idf, asked to be explained —
+   terms only when at most `max_term_articles` articles hold them all: a stem whose terms occur
+   together in dozens of articles has no single gold). Forms the clause cannot take are skipped.
 5. Mention (`MENTIONS`): how the question names its law — `full` title, `parent` (a decree's or
    regulation's act, the confusion FSKU questions invite), `level` ('시행령에 따르면', '감독규정상'),
    or `none`.
@@ -28,7 +30,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter, defaultdict
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from ..retrieve import law_base_name
 
@@ -225,8 +227,11 @@ def mention_prefix(mention: str, title: str, level: str, parent: Optional[str], 
 
 
 def write_question(clause: str, form: str, prefix: str, law_names: Sequence[str], rng: random.Random,
-                   p_synonym: float = 0.8, idf: Optional[dict[str, float]] = None) -> Optional[tuple[str, Optional[int]]]:
-    """(question, answer option for mc) in `form` from the clause, or None when the clause cannot take it."""
+                   p_synonym: float = 0.8, idf: Optional[dict[str, float]] = None,
+                   narrow: Optional[Callable[[Sequence[str]], bool]] = None) -> Optional[tuple[str, Optional[int]]]:
+    """(question, answer option for mc) in `form` from the clause, or None when the clause cannot take it.
+    `narrow(terms)`: whether key terms point at few enough articles to ask about them alone (a
+    descriptive stem made of terms only is skipped when they do not)."""
     plain = strip_references(clause, law_names)
     if len(_compact(plain)) < 15:
         return None
@@ -259,18 +264,24 @@ def write_question(clause: str, form: str, prefix: str, law_names: Sequence[str]
             head = " ".join(head[: max(4, int(0.6 * len(head)))]).rstrip(",")
             return prefix + rng.choice((f"{head} … 에 관하여 규정된 내용을 설명하시오.",
                                         f"'{head}'의 경우 무엇을 하여야 하는지 서술하시오.")), None
-        return prefix + rng.choice((f"{', '.join(words)}에 관하여 정한 내용을 설명하시오.",
-                                    f"{' '.join(words)}에 관한 규정의 내용은 무엇인지 서술하시오.",
-                                    f"{words[0]} 및 {words[1]}에 대해 규정이 정하는 바를 설명하시오.")), None
+        stems = ((words, f"{', '.join(words)}에 관하여 정한 내용을 설명하시오."),
+                 (words, f"{' '.join(words)}에 관한 규정의 내용은 무엇인지 서술하시오."),
+                 (words[:2], f"{words[0]} 및 {words[1]}에 대해 규정이 정하는 바를 설명하시오."))
+        used, stem = rng.choice(stems)
+        if narrow is not None and not narrow(used):
+            return None  # terms found together in many articles: no single article answers
+        return prefix + stem, None
     raise ValueError(f"unknown form {form!r}; expected one of {FORMS}")
 
 
 def build_level_set(chunks: Sequence[dict], per_level: int = 40, seed: int = 0, max_per_article: int = 3,
                     levels: Sequence[str] = ("act", "decree", "rule", "regulation"), p_synonym: float = 0.8,
-                    parents: Optional[dict[str, str]] = None) -> list[dict]:
+                    parents: Optional[dict[str, str]] = None, max_term_articles: int = 3) -> list[dict]:
     """Questions about the articles of `chunks` (dicts with source, title, level, article, path, text:
     a KB's chunks.parquet rows), `per_level` per level where the corpus allows (fewer when a level has
-    too few usable clauses; levels the corpus lacks are absent). `parents`: a regulation's act title."""
+    too few usable clauses; levels the corpus lacks are absent). `parents`: a regulation's act title.
+    `max_term_articles`: a descriptive stem of key terms only is used when at most this many articles
+    hold all its terms (else the question has no single gold)."""
     rng = random.Random(seed)
     parents = dict(parents or {})
     articles: dict[tuple[str, str], dict] = {}
@@ -286,6 +297,10 @@ def build_level_set(chunks: Sequence[dict], per_level: int = 40, seed: int = 0, 
         compact_text[key].append(_compact(c["text"]))
     all_titles = sorted({a["title"] for a in articles.values()}, key=len, reverse=True)
     idf = noun_idf([" ".join(a["bodies"]) for a in articles.values()])
+    article_text = [_compact(" ".join(a["bodies"])) for a in articles.values()]
+
+    def narrow(terms: Sequence[str]) -> bool:
+        return sum(all(t in text for t in terms) for text in article_text) <= max_term_articles
     # where each clause occurs: the gold must be one article
     corpus_index = [(key, t) for key, texts in compact_text.items() for t in texts]
 
@@ -321,7 +336,7 @@ def build_level_set(chunks: Sequence[dict], per_level: int = 40, seed: int = 0, 
                     prefix = mention_prefix(mention, title, level, parent, rng)
                     names = [t for t in all_titles] + ([parent] if parent else [])
                     for form in rng.sample(FORMS, len(FORMS)):
-                        written = write_question(clause, form, prefix, names, rng, p_synonym, idf)
+                        written = write_question(clause, form, prefix, names, rng, p_synonym, idf, narrow)
                         if written is None:
                             continue
                         question, answer = written
