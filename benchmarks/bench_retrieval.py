@@ -46,7 +46,6 @@ from fsku.chunk import dense_text  # noqa: E402
 from fsku.config import BuildKBConfig, RetrieveConfig  # noqa: E402
 from fsku.evaluate.compare import format_paired, intervals, paired  # noqa: E402
 from fsku.evaluate.retrieval import evaluate_retrieval  # noqa: E402
-from fsku.hierarchy import parent_act  # noqa: E402
 from fsku.index.dense import get_embedder, resolve_model  # noqa: E402
 from fsku.kb import build_knowledge_base  # noqa: E402
 from fsku.synth.levelset import build_level_set  # noqa: E402
@@ -79,13 +78,7 @@ def quality(kb, labels: str, reranker=None, limit: int = 0, rerank_top_n: int = 
 
 def write_level_set(kb, path: Path, per_level: int, seed: int) -> dict[str, str]:
     """The per-level validation set of `kb` (as `fsku level-set` writes it) -> {qid: level}."""
-    chunks = kb.chunks.to_dict("records")
-    heads: dict[str, str] = {}
-    for c in chunks:
-        if c["level"] == "regulation" and len(heads.get(c["title"], "")) < 3000:
-            heads[c["title"]] = heads.get(c["title"], "") + c["text"]
-    parents = {t: act for t, text in heads.items() if (act := parent_act(text[:3000]))}
-    rows = build_level_set(chunks, per_level=per_level, seed=seed, parents=parents)
+    rows = build_level_set(kb.chunks.to_dict("records"), per_level=per_level, seed=seed, parents=kb.parents())
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return {r["qid"]: r["level"] for r in rows}
 

@@ -157,7 +157,6 @@ def cmd_level_set(argv: list[str]) -> int:
     from collections import Counter
 
     from .config import LevelSetConfig
-    from .hierarchy import parent_act
     from .kb import KnowledgeBase
     from .steps.args import add_config_args, config_from_namespace
     from .synth.levelset import build_level_set
@@ -174,14 +173,9 @@ def cmd_level_set(argv: list[str]) -> int:
     kb = KnowledgeBase.load(cfg.kb)
     if "level" not in kb.chunks.columns:
         raise ValueError(f"{cfg.kb}: the KB has no statute levels (built before them); rebuild it with `fsku build-kb`")
-    chunks = kb.chunks.to_dict("records")
-    heads: dict[str, str] = {}
-    for c in chunks:  # a regulation's act, from its first articles (its purpose article names it)
-        if c["level"] == "regulation" and len(heads.get(c["title"], "")) < 3000:
-            heads[c["title"]] = heads.get(c["title"], "") + c["text"]
-    parents = {t: act for t, text in heads.items() if (act := parent_act(text[:3000]))}
-    rows = build_level_set(chunks, per_level=cfg.per_level, seed=cfg.seed, max_per_article=cfg.max_per_article,
-                           p_synonym=cfg.p_synonym, parents=parents, max_term_articles=cfg.max_term_articles)
+    rows = build_level_set(kb.chunks.to_dict("records"), per_level=cfg.per_level, seed=cfg.seed,
+                           max_per_article=cfg.max_per_article, p_synonym=cfg.p_synonym, parents=kb.parents(),
+                           max_term_articles=cfg.max_term_articles)
     if not rows:
         raise ValueError(f"{cfg.kb}: no article yielded a question (no statute articles with levels in this KB?)")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -205,8 +205,7 @@ class KnowledgeBase:
         self._sources = chunks["source"].tolist()
         self._paths = chunks["path"].tolist()
         titles, articles = chunks["title"].tolist(), chunks["article"].tolist()
-        parents = {d["title"]: d["parent"] for d in manifest.get("documents", []) if d.get("parent")}
-        self._references = ReferenceIndex(titles, articles, parents,
+        self._references = ReferenceIndex(titles, articles, self.parents(),
                                           chunks["level"].tolist() if "level" in chunks.columns else None)
         self._article_keys = [(t, a) if a else None for t, a in zip(titles, articles, strict=True)]
         self._linked: Optional[dict[tuple, list[int]]] = None
@@ -248,6 +247,10 @@ class KnowledgeBase:
         cited_by = t[(t["target_title"] == title) & (t["target_article"] == article)]
         return {"cites": sorted(set(zip(cites["target_title"], cites["target_article"], strict=True))),
                 "cited_by": sorted(set(zip(cited_by["source_title"], cited_by["source_article"], strict=True)))}
+
+    def parents(self) -> dict[str, str]:
+        """{regulation title: the act it implements} from the manifest (empty for a KB built before it)."""
+        return {d["title"]: d["parent"] for d in self.manifest.get("documents", []) if d.get("parent")}
 
     def linked_chunks(self, i: int) -> list[int]:
         """Chunk indices of the articles that chunk i's article cites or is cited by (resolved links of
