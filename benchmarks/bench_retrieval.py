@@ -9,7 +9,9 @@ Usage:
 Two question sets: the 65 labelled FSKU dev questions (hit = a chunk from the gold statute's PDF
 containing the evidence, ignoring whitespace) and the per-level validation set that `fsku level-set`
 writes from the same KB (fsku.synth.levelset: questions on acts, decrees, the rule and regulations,
-paraphrased, without article numbers), reported overall and by level. For each: hit@1, hit@5, MRR@10,
+paraphrased, without article numbers; seed --level-set-seed, the set settings are chosen on), and a
+held-out set by the same rules on the articles the first leaves out (seed --held-out-seed: what a
+choice made on the first is worth), both reported overall and by level. For each: hit@1, hit@5, MRR@10,
 mean hit length, for
   - seed-naive: the seed design's recipe (400-character splitter, overlap 20, bm25s default tokenizer, BM25 only)
   - bm25-only / dense-only / hybrid rrf: our knowledge base with each retriever
@@ -43,18 +45,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from fsku.chunk import dense_text  # noqa: E402
-from fsku.config import BuildKBConfig, RetrieveConfig  # noqa: E402
+from fsku.config import BuildKBConfig, LevelSetConfig, RerankSettings, RetrieveConfig  # noqa: E402
 from fsku.evaluate.compare import format_paired, intervals, paired  # noqa: E402
 from fsku.evaluate.retrieval import evaluate_retrieval  # noqa: E402
 from fsku.index.dense import get_embedder, resolve_model  # noqa: E402
 from fsku.kb import build_knowledge_base  # noqa: E402
-from fsku.synth.levelset import build_level_set  # noqa: E402
+from fsku.synth.levelset import build_level_set, excluded_articles  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 LEVELS = ("act", "decree", "rule", "regulation")
 # the fusion settings before the statute hierarchy (issue 22), and each new component alone on top of them
 PREVIOUS_DEFAULT = {"w_bm25": 0.5, "statute_family": False, "w_level": 0.0, "w_link": 0.0, "group": "chunk"}
-COMPONENTS = {"+ family prior": {"statute_family": True}, "+ level cues": {"w_level": 0.2},
+COMPONENTS = {"+ family prior": {"statute_family": True},
+              "+ whole family (family_share 1)": {"statute_family": True, "family_share": 1.0},
+              "+ level cues": {"w_level": 0.2},
               "+ linked articles": {"w_link": 0.2}, "+ per article": {"group": "article", "sibling_bonus": 0.1},
               "+ w_bm25 0.7": {"w_bm25": 0.7}}
 
@@ -62,23 +66,29 @@ COMPONENTS = {"+ family prior": {"statute_family": True}, "+ level cues": {"w_le
 def quality(kb, labels: str, reranker=None, limit: int = 0, rerank_top_n: int = 10, **overrides) -> dict:
     """Metrics on `labels` (`limit` questions evenly spread over the file when > 0: every level of the
     validation set, which is written level by level) with RetrieveConfig's defaults and `overrides`."""
-    if limit:
-        lines = [ln for ln in Path(labels).read_text(encoding="utf-8").splitlines() if ln.strip()]
-        lines = [lines[i * len(lines) // limit] for i in range(min(limit, len(lines)))]
-        labels = str(Path(tempfile.mkdtemp(prefix="fsku-labels-")) / Path(labels).name)
-        Path(labels).write_text("\n".join(lines) + "\n", encoding="utf-8")
     cfg = dataclasses.replace(RetrieveConfig(kb=str(kb.folder), top_k=10), **overrides)
-    t = time.perf_counter()
-    metrics, table = evaluate_retrieval(kb, labels, cfg, reranker=reranker, rerank_top_n=rerank_top_n)
-    seconds = time.perf_counter() - t
+    with tempfile.TemporaryDirectory(prefix="fsku-labels-") as tmp:
+        if limit:
+            lines = [ln for ln in Path(labels).read_text(encoding="utf-8").splitlines() if ln.strip()]
+            n = min(limit, len(lines))
+            lines = [lines[i * len(lines) // n] for i in range(n)]
+            labels = str(Path(tmp) / Path(labels).name)
+            Path(labels).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        t = time.perf_counter()
+        metrics, table = evaluate_retrieval(kb, labels, cfg, reranker=reranker,
+                                            rerank=RerankSettings(rerank_top_n=rerank_top_n))
+        seconds = time.perf_counter() - t
     return {**{k: metrics[k] for k in ("hit_at_1", "hit_at_5", "mrr_at_10", "mean_hit_chars", "n_queries")},
             "intervals": metrics["intervals"], "rows": table[["qid", "first_relevant_rank"]].to_dict("records"),
             "s_per_query": seconds / max(1, metrics["n_queries"])}
 
 
-def write_level_set(kb, path: Path, per_level: int, seed: int) -> dict[str, str]:
-    """The per-level validation set of `kb` (as `fsku level-set` writes it) -> {qid: level}."""
-    rows = build_level_set(kb.chunks.to_dict("records"), per_level=per_level, seed=seed, parents=kb.parents())
+def write_level_set(kb, path: Path, per_level: int, seed: int, exclude: str = "") -> dict[str, str]:
+    """The per-level validation set of `kb` (as `fsku level-set` writes it; `exclude`: a level-set file
+    whose articles it leaves out) -> {qid: level}."""
+    cfg = LevelSetConfig(kb=str(kb.folder), out=str(path), per_level=per_level, seed=seed, exclude=exclude)
+    rows = build_level_set(kb.chunks.to_dict("records"), cfg, parents=kb.parents(),
+                           exclude=excluded_articles(exclude) if exclude else ())
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return {r["qid"]: r["level"] for r in rows}
 
@@ -150,7 +160,9 @@ def main() -> int:
     ap.add_argument("--labels", default=str(SHARED / "fsku-benchmark" / "retrieval_dev.jsonl"))
     ap.add_argument("--baseline-sample", type=int, default=256, help="chunks encoded by both embedders for the ratio")
     ap.add_argument("--level-set-per-level", type=int, default=40, help="questions per level of the validation set")
-    ap.add_argument("--level-set-seed", type=int, default=0)
+    ap.add_argument("--level-set-seed", type=int, default=0, help="seed of the validation set settings are chosen on")
+    ap.add_argument("--held-out-seed", type=int, default=1, help="seed of the held-out set: the same rules on the "
+                    "articles the validation set leaves out (what a choice made on the first is worth)")
     ap.add_argument("--llm-rerankers", default="", help="comma-separated LLMs to rerank with (llm reranker), e.g. "
                     "offline:qwen2.5-coder-0.5b-instruct; none by default (minutes per model on a CPU)")
     ap.add_argument("--rerank-queries", type=int, default=40, help="questions of each set the rerankers answer "
@@ -163,14 +175,16 @@ def main() -> int:
         return 2
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="fsku-bench-"))
-    out: dict = {"dev": {}, "levels": {}}
-    sets = {"dev": args.labels, "levels": str(work / "level_set.jsonl")}
+    out: dict = {"dev": {}, "levels": {}, "held-out": {}}
+    sets = {"dev": args.labels, "levels": str(work / "level_set.jsonl"), "held-out": str(work / "held_out.jsonl")}
     try:
         cfg = BuildKBConfig(corpus=args.corpus, out=str(work / "kb"), cache_dir=str(work / "cache"))
         t = time.perf_counter()
         kb, stats = build_knowledge_base(cfg, progress=True)
         first_build = time.perf_counter() - t
         levels = write_level_set(kb, Path(sets["levels"]), args.level_set_per_level, args.level_set_seed)
+        levels.update(write_level_set(kb, Path(sets["held-out"]), args.level_set_per_level, args.held_out_seed,
+                                      exclude=sets["levels"]))
 
         naive_cfg = BuildKBConfig(corpus=args.corpus, out=str(work / "naive"), embedding_model="none", length_unit="chars",
                                   chunk_size=400, chunk_overlap=20, statute_mode="never", bm25_tokenizer="bm25s_default")
@@ -221,8 +235,11 @@ def main() -> int:
                         "latency_cold_p50_previous_ms": lat_prev["cold_p50_ms"],
                         "chunks": stats["chunks"], "documents": stats["documents"], "links_s": tm.get("links", 0.0),
                         "links_cite": stats["links_cite"], "links_cite_resolved": stats["links_cite_resolved"]}
-        out["level_counts"] = {lv: sum(1 for v in levels.values() if v == lv) for lv in LEVELS}
-        out["by_level"] = {name: by_level(res, levels) for name, res in out["levels"].items()}
+        qids = {name: {json.loads(line)["qid"] for line in Path(sets[name]).read_text(encoding="utf-8").splitlines()
+                       if line.strip()} for name in ("levels", "held-out")}
+        out["level_counts"] = {name: {lv: sum(1 for q in qids[name] if levels[q] == lv) for lv in LEVELS}
+                               for name in qids}
+        out["by_level"] = {name: {recipe: by_level(res, levels) for recipe, res in out[name].items()} for name in qids}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -231,27 +248,32 @@ def main() -> int:
           "Wilson (hit@k), bootstrap over queries (MRR)")
     for set_name, title in (("dev", f"dev labels {args.labels}"),
                             ("levels", f"per-level validation set (fsku level-set, seed {args.level_set_seed}: "
-                                       + ", ".join(f"{lv} {n}" for lv, n in out["level_counts"].items()) + ")")):
+                                       + ", ".join(f"{lv} {n}" for lv, n in out["level_counts"]["levels"].items())
+                                       + "); settings are chosen on it"),
+                            ("held-out", f"held-out per-level set (seed {args.held_out_seed}, the articles the "
+                                         "validation set leaves out: " + ", ".join(
+                                             f"{lv} {n}" for lv, n in out["level_counts"]["held-out"].items()) + ")")):
         print(f"\n{title}")
         print(f"{'recipe':<44} {'n':>4} {'hit@1':>19} {'hit@5':>19} {'MRR@10':>19} {'chars':>6} {'s/q':>6}")
         for name, m in out[set_name].items():
             print(row(name, m))
-    print("\nper level (validation set): hit@1 [95 %] / MRR@10")
-    print(f"{'recipe':<44} " + " ".join(f"{lv:>24}" for lv in LEVELS))
-    for name, per in out["by_level"].items():
-        cells = []
-        for lv in LEVELS:
-            iv = per.get(lv)
-            cells.append(f"{iv['hit_at_1']['value']:.2f} [{iv['hit_at_1']['low']:.2f},{iv['hit_at_1']['high']:.2f}] "
-                         f"/ {iv['mrr_at_10']['value']:.2f}" if iv else "-")
-        print(f"{name:<44} " + " ".join(f"{c:>24}" for c in cells))
+    for set_name, per_recipe in out["by_level"].items():
+        print(f"\nper level ({set_name}): hit@1 [95 %] / MRR@10")
+        print(f"{'recipe':<44} " + " ".join(f"{lv:>24}" for lv in LEVELS))
+        for name, per in per_recipe.items():
+            cells = []
+            for lv in LEVELS:
+                iv = per.get(lv)
+                cells.append(f"{iv['hit_at_1']['value']:.2f} [{iv['hit_at_1']['low']:.2f},{iv['hit_at_1']['high']:.2f}] "
+                             f"/ {iv['mrr_at_10']['value']:.2f}" if iv else "-")
+            print(f"{name:<44} " + " ".join(f"{c:>24}" for c in cells))
     print("\npaired against the previous default (same queries; hit@1: exact McNemar, MRR@10: paired bootstrap):")
-    for set_name in ("dev", "levels"):
+    for set_name in ("dev", "levels", "held-out"):
         for name, res in out[set_name].items():
             if name == "previous default" or name.startswith("new default (same"):
                 continue
             base = out[set_name]["previous default"]
-            if res["n_queries"] != base["n_queries"]:  # a reranker row: against the new default on its questions
+            if "llm rerank" in name:  # a reranker row: against the new default on its questions
                 base = out[set_name][f"new default (same {args.rerank_queries})"]
             for metric in ("hit_at_1", "mrr_at_10"):
                 res_p = paired(res["rows"], base["rows"], metric)

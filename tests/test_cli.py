@@ -87,7 +87,8 @@ def test_eval_retrieval_uses_the_kbs_fusion_settings_unless_a_flag_overrides_the
         metrics.pop("intervals")
         return metrics
 
-    rest = ", statute_family=True, w_level=0.0, w_link=0.2, link_from=5, group=chunk, sibling_bonus=0.0, article_chunks=1"
+    rest = (", statute_family=True, family_share=0.5, w_level=0.0, w_link=0.2, link_from=5, group=chunk, sibling_bonus=0.0,"
+            " article_chunks=1")
     assert eval_retrieval() == ("fusion=rrf, w_bm25=0.9, rrf_k=7, w_law=0.0, w_article=0.0" + rest, expected())
     assert eval_retrieval("--fusion", "minmax", "--w-bm25", "0.3", "--w-law", "0.1") == (
         "fusion=minmax, w_bm25=0.3, rrf_k=7, w_law=0.1, w_article=0.0" + rest,

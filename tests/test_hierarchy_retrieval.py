@@ -20,6 +20,11 @@ def test_law_match_across_the_family():
     assert law_match(act_q, "전자금융감독규정", parent="전자금융거래법", family=False) == 0.0
     assert law_match(act_q, "전자금융거래법 시행령") == 0.5
     assert law_match("개인정보 보호법상 의무", "전자금융감독규정", parent="전자금융거래법") == 0.0
+    # family_share: what a family member gets (1 = the family alike, 0 = the named document only)
+    assert law_match(act_q, "전자금융거래법 시행령", family_share=1.0) == 1.0
+    assert law_match(decree_q, "전자금융거래법", family_share=0.0) == 0.0
+    assert law_match(act_q, "전자금융감독규정", parent="전자금융거래법", family_share=0.25) == 0.25
+    assert law_match(act_q, "전자금융거래법 시행령", family=False, family_share=0.0) == 0.5  # no family: as before
 
 
 @pytest.mark.parametrize("question, cues", [
@@ -46,6 +51,16 @@ def test_level_prior_hand_computed():
     # without family the regulation is not the act's, and an old KB (no levels) has no level prior
     assert ReferenceIndex(titles, articles).prior("전자금융거래법상 감독규정에 따르면?", 0.1, 0.0, w_level=0.3) == \
         pytest.approx({0: 0.1, 1: 0.1, 2: 0.05})
+
+
+def test_a_cited_article_enters_the_candidates_whatever_the_other_weights():
+    titles = ["전자금융거래법", "전자금융거래법", "전자금융거래법 시행령"]
+    idx = ReferenceIndex(titles, ["제1조", "제5조", "제5조"], None, ["act", "act", "decree"])
+    prior, cited = idx.prior_and_cited("전자금융거래법 제5조에 따르면?", 0.1, 0.2, w_level=0.3)
+    # the decree is named at half strength (family), so its 제5조 is cited at half the article weight
+    assert cited == {1, 2} and prior == pytest.approx({0: 0.1, 1: 0.3, 2: 0.05 + 0.2 * 0.5})
+    # a level cue alone re-ranks, it never brings a chunk in
+    assert idx.prior_and_cited("시행령에 따르면?", 0.1, 0.2, w_level=0.3) == ({2: 0.3}, set())
 
 
 def test_expand_links_hand_computed():
@@ -127,6 +142,7 @@ def test_kb_search_uses_the_hierarchy(tmp_path):
 
 def test_an_old_kb_without_links_or_levels_still_searches(tmp_path):
     kb = _family_kb(tmp_path)
+    assert kb.linked_chunks(4) == [6]  # the decree's 제2조 implements the act's 제3조
     (kb.folder / "links.parquet").unlink()
     chunks = kb.chunks.drop(columns=["level"])
     chunks.to_parquet(kb.folder / "chunks.parquet", index=False)
@@ -134,4 +150,43 @@ def test_an_old_kb_without_links_or_levels_still_searches(tmp_path):
 
     old = KnowledgeBase.load(kb.folder)
     hits = old.search(["전산실"], top_k=3, w_link=0.5, w_level=0.5, statute_family=True, group="article")[0]
-    assert hits and old.linked_chunks(0) == []
+    assert old.linked_chunks(4) == []  # no links.parquet: no links
+    assert hits
+
+
+def test_a_cited_article_outside_the_candidates_is_found_with_level_weights(tmp_path):
+    kb = _family_kb(tmp_path)
+    base = dataclasses.replace(kb.retrieve_defaults(), top_k=1, candidates=1, w_link=0.0)
+    q = "전자금융업자의 자본금 금액 이상 대통령령 (전자금융거래법 제5조)"
+    assert kb.search([q], base, w_law=0.0, w_article=0.0)[0][0].path.endswith("제3조(자본금)")  # the only candidate
+    # the cited 제5조 enters and, with a strong article prior, leads; a level weight larger than the article
+    # weight (the question cues no level) must not keep it out
+    for w_level in (0.0, 2.0):
+        assert kb.search([q], base, w_law=0.1, w_article=1.5, w_level=w_level)[0][0].path.endswith("제5조(전산실)")
+
+
+def test_addenda_are_articles_of_their_own(tmp_path):
+    from fsku.config import BuildKBConfig
+    from fsku.kb import build_knowledge_base
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "전자금융거래법.txt").write_text(
+        "제1조(목적) 이 법은 전자금융거래의 안전성을 확보함을 목적으로 한다.\n"
+        "제2조(전산실) 금융회사는 전산실을 안전하게 운영하여야 한다.\n"
+        "부 칙 <제100호, 2020. 1. 1.>\n"
+        "제1조(시행일) 이 법은 공포 후 6개월이 경과한 날부터 시행한다. 다만, 제2조의 개정규정은 공포한 날부터 시행한다.\n",
+        encoding="utf-8")
+    cfg = BuildKBConfig(corpus=str(corpus), out=str(tmp_path / "kb"), embedding_model="none", length_unit="chars",
+                        chunk_size=200, chunk_overlap=0, cache_dir="", statute_mode="always")
+    kb, _ = build_knowledge_base(cfg, progress=False)
+    paths = kb.chunks["path"].tolist()
+    body, addendum = paths.index(next(p for p in paths if p.endswith("제1조(목적)"))), \
+        paths.index(next(p for p in paths if "부 칙" in p))
+    # grouping keeps both 제1조 (one is not a sibling of the other)
+    hits = kb.search(["이 법은 시행"], top_k=5, group="article", sibling_bonus=0.5, w_link=0.0)[0]
+    assert {h.chunk_id for h in hits} >= {kb.chunks.chunk_id[body], kb.chunks.chunk_id[addendum]}
+    # a question citing 제1조 means the body's; the addendum's commencement line is no delegation link
+    prior, cited = kb._references.prior_and_cited("전자금융거래법 제1조의 목적은?", 0.1, 0.2)
+    assert body in cited and addendum not in cited
+    assert not (kb.links()["source_article"] == "제1조").any()

@@ -30,6 +30,8 @@ FLOORS: dict[str, int] = {
     "fsku": 0,  # the package __init__ (version only)
     "fsku.choices": 0, "fsku.config": 0, "fsku.home": 0, "fsku.stores": 0, "fsku.jsonl": 0,
     "fsku.ingest": 0, "fsku.chunk": 0, "fsku.retrieve": 0, "fsku.index": 0, "fsku.llm": 0,
+    "fsku.hierarchy": 0,  # statute levels and the references between articles (text rules)
+    "fsku.rerank": 0,  # second-stage scoring of retrieved passages (a cross-encoder or the LLM runtime)
     "fsku.outputs": 0,  # outputs that never overwrite an input nor replace a folder another wrote
     "fsku.errors": 0,  # the expected errors of a command and their one-line form (the bundle uses it too)
     # 1: the knowledge base (built from the ground floor) and tracking, the only MLflow importer (its
@@ -171,7 +173,8 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def floor_of(module: str) -> int | None:
-    matches = [name for name in FLOORS if module == name or module.startswith(name + ".")]
+    # the package root names only its __init__: as a prefix it would give every module a floor
+    matches = [name for name in FLOORS if module == name or (name != "fsku" and module.startswith(name + "."))]
     return FLOORS[max(matches, key=len)] if matches else None
 
 

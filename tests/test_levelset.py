@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from fsku.config import LevelSetConfig
 from fsku.synth.levelset import (
     FORMS,
     as_question,
@@ -14,6 +15,7 @@ from fsku.synth.levelset import (
     clauses,
     distractors,
     paraphrase,
+    self_contained,
     strip_references,
     write_question,
 )
@@ -36,6 +38,14 @@ def test_strip_references_removes_numbers_and_names():
     assert not re.search(r"제\s*\d+\s*[조항호]", got) and "「" not in got
     assert got == "관련 규정에 따른 금융회사는 관련 규정에 따른 조치를 하여야 한다."
     assert "전자금융거래법" not in strip_references("전자금융거래법에서 정한 기준", ["전자금융거래법"])
+    # no part of a name or a word survives: the law names go first, words end where they end
+    names = ["전자금융거래법 시행령", "전자금융거래법"]
+    assert strip_references("전자금융거래법 시행령 제3조에 따른 보고", names) == "관련 규정에 따른 보고"
+    assert strip_references("시행규칙 제3조제2항에 따른 서류", []) == "관련 규정에 따른 서류"
+    assert strip_references("이 조치는 같은 조문에 따라 한다", []) == "이 조치는 같은 조문에 따라 한다"
+    assert strip_references("상법 제3조에 따른 회사", []) == "관련 규정에 따른 회사"
+    assert clauses("제5조(개인정보(신용정보)의 보존) ① 금융회사는 신용정보를 5년간 보존하여야 한다.") == \
+        ["금융회사는 신용정보를 5년간 보존하여야 한다."]
 
 
 def test_paraphrase_and_question_endings():
@@ -71,6 +81,11 @@ def test_write_question_forms():
         write_question(clause, "essay", "", [], rng)
 
 
+TOPICS = ("전산실", "접근매체", "전자서명", "암호키", "백업센터", "보안점검", "침해사고", "내부통제", "취약점분석",
+          "모의해킹", "위험평가", "재해복구", "망분리", "인증서", "단말기", "악성코드", "방화벽", "로그분석", "비밀번호",
+          "생체정보", "전자지급", "선불전자", "가맹점", "외부주문")
+
+
 def _chunks():
     def chunk(title, level, article, body, source=None):
         return {"source": source or f"{title}.pdf", "title": title, "level": level, "article": article,
@@ -78,27 +93,30 @@ def _chunks():
 
     shared = "금융회사는 이용자의 정보를 안전하게 관리하는 체계를 갖추어야 한다."
     rows = []
+    # one topic per article, so a question's key terms point at one article (self_contained)
+    topics = TOPICS
     for n in range(1, 9):
+        a, d, r = topics[n - 1], topics[n + 7], topics[n + 15]
         rows.append(chunk("전자금융거래법", "act", f"제{n}조",
-                          f"① 전자금융업자는 제{n}항의 업무에 관한 기록을 {n}년간 보존하여야 한다. {shared}"))
+                          f"① 전자금융업자는 제{n}항의 {a}에 관한 기록을 {n}년간 보존하여야 한다. {shared}"))
         rows.append(chunk("전자금융거래법 시행령", "decree", f"제{n}조",
-                          f"① 법 제{n}조에 따른 금융회사는 {n + 10}일 이내에 금융위원회에 보고하여야 한다. {shared}"))
+                          f"① 법 제{n}조에 따른 금융회사는 {d} 결과를 {n + 10}일 이내에 금융위원회에 보고하여야 한다. {shared}"))
         rows.append(chunk("전자금융감독규정", "regulation", f"제{n}조",
-                          f"① 금융회사는 전산실 출입 기록을 {n + 20}개월 동안 관리하여야 한다."))
+                          f"① 금융회사는 {r} 기록을 {n + 20}개월 동안 관리하여야 한다."))
     rows.append({**chunk("전자금융거래법", "act", "제1조", "① 이 법은 공포한 날부터 시행한다."), "path": "전자금융거래법 › 부칙"})
     return rows, shared
 
 
 def test_build_level_set_covers_levels_with_unique_gold_and_no_numbers():
     chunks, shared = _chunks()
-    rows = build_level_set(chunks, per_level=10, seed=0, max_per_article=2)
+    rows = build_level_set(chunks, LevelSetConfig(per_level=10, seed=0, max_per_article=2))
     by_level = {lv: [r for r in rows if r["level"] == lv] for lv in ("act", "decree", "regulation")}
     assert {lv: len(v) for lv, v in by_level.items()} == {"act": 8, "decree": 8, "regulation": 8}  # one clause each
     assert "rule" not in {r["level"] for r in rows}  # no rule document: no rule questions
     assert len({r["qid"] for r in rows}) == len(rows)
     for r in rows:
         assert r["evidence"] != shared  # in every article: never a gold
-        assert not re.search(r"제\s*\d+\s*[조항]", r["question"]), r["question"]
+        assert not re.search(r"제\s*\d+\s*[조항호]", r["question"]), r["question"]
         assert r["form"] in FORMS
         home = [c for c in chunks if r["evidence"] in c["text"]]
         assert [(c["title"], c["article"]) for c in home] == [(r["law"], r["article"])]
@@ -106,9 +124,9 @@ def test_build_level_set_covers_levels_with_unique_gold_and_no_numbers():
             assert "전자금융거래법" not in r["question"] and "감독규정" not in r["question"]
         if r["form"] == "mc":
             assert r["answer"] in {"1", "2", "3", "4"}
-    assert build_level_set(chunks, per_level=10, seed=0, max_per_article=2) == rows  # deterministic
-    assert build_level_set(chunks, per_level=10, seed=1, max_per_article=2) != rows
-    assert len(build_level_set(chunks, per_level=3, seed=0)) == 9
+    assert build_level_set(chunks, LevelSetConfig(per_level=10, seed=0, max_per_article=2)) == rows  # deterministic
+    assert build_level_set(chunks, LevelSetConfig(per_level=10, seed=1, max_per_article=2)) != rows
+    assert len(build_level_set(chunks, LevelSetConfig(per_level=3, seed=0))) == 9
 
 
 def test_level_set_command(tmp_path, capsys):
@@ -118,10 +136,11 @@ def test_level_set_command(tmp_path, capsys):
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for title, body in (("전자금융거래법", "전자금융업자는 업무에 관한 기록을 {n}년간 보존하여야 한다."),
-                        ("전자금융거래법 시행령", "법 제{n}조에 따른 금융회사는 {m}일 이내에 금융위원회에 보고하여야 한다.")):
-        (corpus / f"{title}.txt").write_text("".join(f"제{n}조(조문{n}) {body.format(n=n, m=n + 10)}\n" for n in range(1, 6)),
-                                             encoding="utf-8")
+    for k, (title, body) in enumerate((("전자금융거래법", "전자금융업자는 {t}에 관한 기록을 {n}년간 보존하여야 한다."),
+                                       ("전자금융거래법 시행령", "법 제{n}조에 따른 금융회사는 {t} 결과를 {m}일 이내에 "
+                                                           "금융위원회에 보고하여야 한다."))):
+        (corpus / f"{title}.txt").write_text("".join(f"제{n}조(조문{n}) {body.format(n=n, m=n + 10, t=TOPICS[5 * k + n])}\n"
+                                                     for n in range(1, 6)), encoding="utf-8")
     build_knowledge_base(BuildKBConfig(corpus=str(corpus), out=str(tmp_path / "kb"), embedding_model="none",
                                        length_unit="chars", chunk_size=200, chunk_overlap=0, cache_dir="",
                                        statute_mode="always"), progress=False)
@@ -141,3 +160,34 @@ def test_level_set_command(tmp_path, capsys):
     from fsku.evaluate.retrieval import load_labels
 
     assert len(load_labels(out)) == 8
+    # a held-out set: the same rules on the articles the first leaves out; a bad exclude file is one error line
+    held = tmp_path / "held.jsonl"
+    assert main(["level-set", "--kb", str(tmp_path / "kb"), "--out", str(held), "--seed", "1", "--exclude", str(out)]) == 0
+    held_rows = [json.loads(line) for line in held.read_text(encoding="utf-8").splitlines()]
+    assert held_rows and not {(r["law"], r["article"]) for r in held_rows} & {(r["law"], r["article"]) for r in rows}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"qid": "x"}\n', encoding="utf-8")
+    assert main(["level-set", "--kb", str(tmp_path / "kb"), "--out", str(tmp_path / "d.jsonl"), "--exclude", str(bad)]) == 2
+    assert "bad.jsonl:1: expected a level-set row" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("clause, ok", [
+    ("제1항 또는 제2항에 따른 신고의 경우에는 제10조제2항을 준용한다.", False),  # '또는 신고 ... 을 준용'
+    ("제1항 단서 및 제2항 단서에 따른 확약서의 이행이 미흡한 경우", False),
+    ("제5항에도 불구하고 국방부장관이 보안관리 수준을 측정한다.", False),
+    ("에 따른 정보보호 전문서비스 기업의 지정취소 및 업무정지 처분의 기준", False),  # cut out of its sentence
+    ("다음 각 목의 어느 하나에 해당하지 아니할 것", False),  # no key terms
+    ("법 제23조제1항제3호에 따른 직불전자지급수단의 이용한도는 1억원의 범위에서 금융위원회가 정하여 고시한다.", True),
+])
+def test_self_contained_clauses(clause, ok):
+    assert self_contained(clause, []) is ok
+
+
+def test_self_contained_needs_terms_few_articles_share():
+    texts = ["감독원장세부사항규정시행"] * 5 + ["전산실출입통제기록"]
+
+    def narrow(terms):
+        return sum(all(t in x for t in terms) for x in texts) <= 3
+
+    assert not self_contained("감독원장은 이 규정의 시행에 필요한 세부사항을 정할 수 있다.", [], narrow=narrow)
+    assert self_contained("금융회사는 전산실의 출입통제 기록을 보관하여야 한다.", [], narrow=narrow)

@@ -30,7 +30,7 @@ SPACE = retrieval_space((320, 480), (0, 32), ("kiwi", "char_bigram"))
 
 
 def test_conditional_parameters_are_sampled_only_when_their_condition_holds():
-    hierarchy = {"statute_family": True, "w_level": 0.1, "w_link": 0.0, "group": "chunk"}
+    hierarchy = {"statute_family": True, "family_share": 0.8, "w_level": 0.1, "w_link": 0.0, "group": "chunk"}
     rrf = suggest(optuna.trial.FixedTrial({"chunk_size": 320, "chunk_overlap": 0, "bm25_tokenizer": "kiwi",
                                            "fusion": "rrf", "rrf_k": 10, "w_law": 0.1, "w_article": 0.0, **hierarchy}),
                   SPACE)
@@ -43,9 +43,15 @@ def test_conditional_parameters_are_sampled_only_when_their_condition_holds():
     assert "rrf_k" not in mm and mm["w_bm25"] == 0.7 and mm["sibling_bonus"] == 0.2
     assert "sibling_bonus" not in rrf and "article_chunks" not in rrf  # only per article
     assert mm["article_chunks"] == 2
+    # the family's share only with the family prior on
+    off = suggest(optuna.trial.FixedTrial({"chunk_size": 320, "chunk_overlap": 0, "bm25_tokenizer": "kiwi",
+                                           "fusion": "rrf", "rrf_k": 10, "w_law": 0.1, "w_article": 0.0,
+                                           **hierarchy, "statute_family": False}), SPACE)
+    assert "family_share" not in off and mm["family_share"] == 0.8
     # a single choice is fixed, not searched
     assert [p.name for p in retrieval_space((480,), (32,), ("kiwi",))] == [
-        "fusion", "w_bm25", "rrf_k", "w_law", "w_article", "statute_family", "w_level", "w_link", "group", "sibling_bonus",
+        "fusion", "w_bm25", "rrf_k", "w_law", "w_article", "statute_family", "family_share", "w_level", "w_link", "group",
+        "sibling_bonus",
         "article_chunks"]
 
 
@@ -77,6 +83,7 @@ def test_param_and_choice_validation():
 def test_baseline_is_the_default_configuration_inside_the_space():
     defaults = dataclasses.asdict(BuildKBConfig())
     hierarchy = {k: defaults[k] for k in ("statute_family", "w_level", "w_link", "group")}
+    hierarchy.update({"family_share": defaults["family_share"]} if defaults["statute_family"] else {})
     assert baseline_params(SPACE, defaults) == {"chunk_size": 480, "chunk_overlap": 32, "bm25_tokenizer": "kiwi",
                                                 "fusion": "minmax", "w_bm25": defaults["w_bm25"], "w_law": 0.1,
                                                 "w_article": 0.2, **hierarchy,

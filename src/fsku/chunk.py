@@ -297,6 +297,12 @@ def pack_article(lines: list[str], size: int, overlap: int, length: LengthFn) ->
     return recursive_split("\n".join(lines), size, overlap, length)
 
 
+def addendum_part(path: str) -> str:
+    """The 부칙 part a statute chunk's path names ('부칙 <...>'), "" for the main body."""
+    parts = path.split(PATH_SEP)
+    return parts[1] if len(parts) > 1 and ADDENDA_RE.match(parts[1]) else ""
+
+
 def statute_sections(title: str, text: str, size: int, overlap: int, length: LengthFn,
                      strip_notes: bool = True) -> Iterable[tuple[str, str, str, int]]:
     """Yield (path, article, body, start_char) for each statute chunk."""

@@ -138,7 +138,7 @@ def cmd_eval_retrieval(argv: list[str]) -> int:
     cfg = retrieve_config(kb, a)
     reranker = load_reranker(rr.reranker, rr.reranker_model, passage_tokens=rr.rerank_passage_tokens,
                              backend=llm.backend, threads=llm.threads)
-    metrics, table = evaluate_retrieval(kb, a.labels, cfg, reranker, rr.rerank_top_n, rr.rerank_weight, progress=True)
+    metrics, table = evaluate_retrieval(kb, a.labels, cfg, reranker, rr, progress=True)
     print(", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(FusionSettings))
           + (f"; reranker {rr.reranker} {rr.reranker_model} top_n={rr.rerank_top_n} weight={rr.rerank_weight}"
              if reranker else ""))
@@ -159,7 +159,7 @@ def cmd_level_set(argv: list[str]) -> int:
     from .config import LevelSetConfig
     from .kb import KnowledgeBase
     from .steps.args import add_config_args, config_from_namespace
-    from .synth.levelset import build_level_set
+    from .synth.levelset import build_level_set, excluded_articles
 
     p = argparse.ArgumentParser(prog="fsku level-set", description="A retrieval validation set over every statute "
                                 "level (act, decree, rule, regulation), written by rules from the KB's articles: "
@@ -167,15 +167,14 @@ def cmd_level_set(argv: list[str]) -> int:
     add_config_args(p, LevelSetConfig, recipe=False)
     cfg = config_from_namespace(p.parse_args(argv), LevelSetConfig)
     out = Path(cfg.out)
-    check_not_input(out, {"--kb": cfg.kb}, "--out")
+    check_not_input(out, {"--kb": cfg.kb, **({"--exclude": cfg.exclude} if cfg.exclude else {})}, "--out")
     if out.exists():
         raise FileExistsError(f"{out} exists; give another --out or remove it (level-set never overwrites)")
     kb = KnowledgeBase.load(cfg.kb)
     if "level" not in kb.chunks.columns:
         raise ValueError(f"{cfg.kb}: the KB has no statute levels (built before them); rebuild it with `fsku build-kb`")
-    rows = build_level_set(kb.chunks.to_dict("records"), per_level=cfg.per_level, seed=cfg.seed,
-                           max_per_article=cfg.max_per_article, p_synonym=cfg.p_synonym, parents=kb.parents(),
-                           max_term_articles=cfg.max_term_articles)
+    exclude = excluded_articles(cfg.exclude) if cfg.exclude else set()
+    rows = build_level_set(kb.chunks.to_dict("records"), cfg, parents=kb.parents(), exclude=exclude)
     if not rows:
         raise ValueError(f"{cfg.kb}: no article yielded a question (no statute articles with levels in this KB?)")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -126,8 +126,11 @@ class FusionSettings(Block):
     w_law: float = param(0.1, "Prior for chunks of a law the question names (0 disables).")
     w_article: float = param(0.2, "Prior for the article (제N조) a question cites in a named law (0 disables).")
     statute_family: bool = param(True, "Law prior across the hierarchy: a regulation counts as family of the act it "
-                                        "implements (naming the act gives it half the law prior, as a decree gets), "
+                                        "implements (naming the act gives it family_share of the law prior, as a decree gets), "
                                         "and naming a decree ('X 시행령') is not naming its act X.")
+    family_share: float = param(0.5, "statute_family: the share of the law prior a named law's family gets (its "
+                                     "decree, rule and regulations when the act is named; the act when a decree is):"
+                                     " 1 = the whole family alike, 0 = the named document only.")
     w_level: float = param(0.0, "Prior for chunks of a statute level the question's wording points at (시행령/대통령령,"
                                 " 시행규칙/부령, 감독규정/고시/규정상, 법률상); 0 disables.")
     w_link: float = param(0.2, "Linked-article expansion: each of the link_from best chunks lends this share of its "
@@ -147,6 +150,7 @@ class FusionSettings(Block):
         _check(self.rrf_k >= 1, f"rrf_k must be >= 1, got {self.rrf_k}")
         _check(self.w_law >= 0 and self.w_article >= 0, "w_law and w_article must be >= 0")
         _check(self.w_level >= 0, f"w_level must be >= 0, got {self.w_level}")
+        _check(0.0 <= self.family_share <= 1.0, f"family_share must be in [0, 1], got {self.family_share}")
         _check(0 <= self.w_link <= 1, f"w_link must be in [0, 1], got {self.w_link}")
         _check(self.link_from >= 1, f"link_from must be >= 1, got {self.link_from}")
         _check(self.group in GROUPS, f"group must be one of {'|'.join(GROUPS)}, got {self.group!r}")
@@ -360,6 +364,8 @@ class LevelSetConfig(Block):
     max_term_articles: int = param(3, "A descriptive question made of key terms only is kept when at most this many "
                                       "articles hold all its terms (else no single article answers it).")
     seed: int = param(0, "Seed of every random choice (articles, clauses, forms, mentions, rewrites).")
+    exclude: str = param("", "A level-set file (JSONL) whose articles this set leaves out: a set to report on, "
+                             "disjoint by article from the one tuned on ('' = none).")
 
     def __post_init__(self):
         _check(self.per_level >= 1, f"per_level must be >= 1, got {self.per_level}")

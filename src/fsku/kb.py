@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from .chunk import chunk_documents, dense_text, make_length_fn
+from .chunk import addendum_part, chunk_documents, dense_text, make_length_fn
 from .config import BuildKBConfig, FusionSettings, RetrieveConfig
 from .hierarchy import LEVELS, LINK_COLUMNS, OTHER, kb_links, regulation_parents, validate_links
 from .home import cache_path
@@ -144,7 +144,9 @@ def build_knowledge_base(cfg: BuildKBConfig, progress: bool = True) -> tuple["Kn
         # the statute hierarchy: each document's level, and the references between articles (links.parquet)
         t = time.perf_counter()
         heads = {d.title: d.text[:3000] for d in docs}
-        levels, link_rows = kb_links(chunk_df[["title", "article", "text"]].to_dict("records"), heads)
+        # addenda (부칙) cite articles to say when they commence, not what implements them; their numbering restarts
+        body = chunk_df[[not addendum_part(p) for p in chunk_df["path"]]]
+        levels, link_rows = kb_links(body[["title", "article", "text"]].to_dict("records"), heads)
         parents = regulation_parents(levels, heads)
         chunk_df["level"] = chunk_df["title"].map(levels)
         validate_chunks(chunk_df, "chunks")
@@ -205,9 +207,13 @@ class KnowledgeBase:
         self._sources = chunks["source"].tolist()
         self._paths = chunks["path"].tolist()
         titles, articles = chunks["title"].tolist(), chunks["article"].tolist()
-        self._references = ReferenceIndex(titles, articles, self.parents(),
-                                          chunks["level"].tolist() if "level" in chunks.columns else None)
-        self._article_keys = [(t, a) if a else None for t, a in zip(titles, articles, strict=True)]
+        # an addendum (부칙) restarts the numbering: its 제1조 is not the body's 제1조, and a question citing
+        # '제1조' means the body's, so addenda get their own article keys and no citation entries
+        addenda = [addendum_part(p) for p in self._paths]
+        self._references = ReferenceIndex(titles, [a if not part else "" for a, part in zip(articles, addenda, strict=True)],
+                                          self.parents(), chunks["level"].tolist() if "level" in chunks.columns else None)
+        self._article_keys = [((t, a) if not part else (t, part, a)) if a else None
+                              for t, a, part in zip(titles, articles, addenda, strict=True)]
         self._linked: Optional[dict[tuple, list[int]]] = None
         self._memo: dict[tuple, tuple] = {}
 
@@ -348,10 +354,11 @@ class KnowledgeBase:
                 method = "hybrid" if len(cands) > 1 else next(iter(cands))
                 prior_scale = 1.0
             if cfg.w_law or cfg.w_article or cfg.w_level:
-                prior = self._references.prior(questions[qi], cfg.w_law, cfg.w_article, cfg.statute_family, cfg.w_level)
+                prior, cited = self._references.prior_and_cited(questions[qi], cfg.w_law, cfg.w_article,
+                                                                cfg.statute_family, cfg.w_level, cfg.family_share)
                 for i, p in prior.items():
                     # the law and level priors re-rank candidates; a cited article may also enter the candidates
-                    if i in fused or p > cfg.w_law + cfg.w_level:
+                    if i in fused or i in cited:
                         fused[i] = fused.get(i, 0.0) + prior_scale * p
             if cfg.w_link:
                 fused = expand_links(fused, self.linked_chunks, cfg.w_link, cfg.link_from)

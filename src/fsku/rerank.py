@@ -79,7 +79,10 @@ class LLMReranker(Reranker):
         chat = self.llm.render_chat([{"role": "system", "content": LLM_RELEVANCE_SYSTEM},
                                      {"role": "user", "content": LLM_RELEVANCE_QUESTION.format(question=question) + marker
                                       + LLM_RELEVANCE_ASK}])
-        prefix, _, after = chat.partition(marker)
+        prefix, found, after = chat.partition(marker)
+        if not found:  # a template that rewrites the user turn: the passage would be appended blindly
+            raise ValueError("the llm reranker's chat template dropped the passage position of the user message; "
+                             "use a model whose chat template keeps the user text as given")
         return prefix, after
 
     def score(self, question: str, passages: Sequence[str]) -> np.ndarray:
@@ -122,6 +125,12 @@ def load_reranker(name: str, model: str = "", llm=None, **kw) -> Optional[Rerank
         raise ValueError(f"unknown reranker {name!r}; expected one of {sorted(RERANKERS)}")
     factory = RERANKERS[name]
     return None if factory is None else factory(model=model, llm=llm, **kw)
+
+
+def first_stage(cfg, top_n: int):
+    """The first stage's retrieval settings (a RetrieveConfig) for a reranker of the best `top_n`: at
+    least top_n hits and candidates, the rest as `cfg` says."""
+    return dataclasses.replace(cfg, top_k=max(cfg.top_k, top_n), candidates=max(cfg.candidates, top_n))
 
 
 def fuse_rerank(first: Sequence[float], reranked: Sequence[float], weight: float) -> np.ndarray:

@@ -117,26 +117,29 @@ def article_refs(question: str) -> set[str]:
     return {f"제{m.group(1)}조" + (f"의{m.group(2)}" if m.group(2) else "") for m in ARTICLE_REF.finditer(question)}
 
 
-def law_match(question: str, title: str, parent: Optional[str] = None, family: bool = True) -> float:
+def law_match(question: str, title: str, parent: Optional[str] = None, family: bool = True,
+              family_share: float = 0.5) -> float:
     """1.0 when the question names this document's law exactly (spacing ignored), 0.5 when it
     names its parent statute (the act of a 시행령/시행규칙, or `parent`: the act a regulation
     implements), else 0. With `family`, naming a decree ('전자금융거래법 시행령') is not naming its
     act: the act then scores 0.5, as a family member (without it, the act's name inside the
-    decree's counts as an exact match, the behaviour before the statute hierarchy)."""
+    decree's counts as an exact match, the behaviour before the statute hierarchy). With `family`, a
+    family member scores `family_share` instead of 0.5."""
     base = parent if parent and family else law_base_name(title)
-    return _law_match_compact(_compact(question), _compact(title), _compact(base), family)
+    return _law_match_compact(_compact(question), _compact(title), _compact(base), family, family_share)
 
 
 _LOWER_SUFFIXES = ("시행령", "시행규칙")
 
 
-def _law_match_compact(q: str, title: str, base: str, family: bool = False) -> float:
+def _law_match_compact(q: str, title: str, base: str, family: bool = False, family_share: float = 0.5) -> float:
+    share = family_share if family else 0.5
     if len(title) >= 3 and title in q:
         if not family or any(not q.startswith(_LOWER_SUFFIXES, m.end()) for m in re.finditer(re.escape(title), q)):
             return 1.0
-        return 0.5  # only ever named as '<title> 시행령/시행규칙': the question is about a lower level
+        return share  # only ever named as '<title> 시행령/시행규칙': the question is about a lower level
     if base != title and len(base) >= 3 and base in q:
-        return 0.5
+        return share
     return 0.0
 
 
@@ -183,18 +186,25 @@ class ReferenceIndex:
         self.compact_names = {t: (_compact(t), _compact(law_base_name(t)), _compact(parents.get(t) or law_base_name(t)))
                               for t in self.by_title}
 
-    def prior(self, question: str, w_law: float, w_article: float, family: bool = False,
-              w_level: float = 0.0) -> dict[int, float]:
+    def prior(self, question: str, w_law: float, w_article: float, family: bool = True,
+              w_level: float = 0.0, family_share: float = 0.5) -> dict[int, float]:
         """w_law * law_match + w_article * [cited article of a named (or, when no law is named,
         any) law] + w_level * [the chunk's level is one the question's wording cues]. `family`:
         law_match's family rules (regulations under their act; a decree's name is not its act's).
         Empty when the question names no law, cites no article and cues no level."""
+        return self.prior_and_cited(question, w_law, w_article, family, w_level, family_share)[0]
+
+    def prior_and_cited(self, question: str, w_law: float, w_article: float, family: bool = True,
+                        w_level: float = 0.0, family_share: float = 0.5) -> tuple[dict[int, float], set[int]]:
+        """(prior, the chunks of the articles the question cites): a cited article may enter the
+        candidates; the law and level parts only re-rank them."""
         refs = article_refs(question)
         q = _compact(question)
-        title_score = {t: _law_match_compact(q, name, fam if family else base, family)
+        title_score = {t: _law_match_compact(q, name, fam if family else base, family, family_share)
                        for t, (name, base, fam) in self.compact_names.items()}
         any_law = any(v > 0 for v in title_score.values())
         prior: dict[int, float] = {}
+        cited: set[int] = set()
         for title, lm in title_score.items():
             if lm > 0 and w_law > 0:
                 for i in self.by_title[title]:
@@ -203,17 +213,20 @@ class ReferenceIndex:
                 for ref in refs:
                     for i in self.by_article.get((title, ref), ()):
                         prior[i] = prior.get(i, 0.0) + w_article * (lm if any_law else 1.0)
+                        cited.add(i)
         if w_level > 0:
             for level in level_cues(question):
                 for i in self.by_level.get(level, ()):
                     prior[i] = prior.get(i, 0.0) + w_level
-        return prior
+        return prior, cited
 
 
 def reference_prior(question: str, titles: Sequence[str], articles: Sequence[str],
-                    w_law: float, w_article: float) -> dict[int, float]:
+                    w_law: float, w_article: float, parents: Optional[dict[str, str]] = None,
+                    levels: Optional[Sequence[str]] = None, family: bool = True,
+                    w_level: float = 0.0) -> dict[int, float]:
     """Additive prior per chunk index (see ReferenceIndex.prior)."""
-    return ReferenceIndex(titles, articles).prior(question, w_law, w_article)
+    return ReferenceIndex(titles, articles, parents, levels).prior(question, w_law, w_article, family, w_level)
 
 
 # ----------------------------------------------------------------------------- the hierarchy's links and articles

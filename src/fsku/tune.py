@@ -110,6 +110,7 @@ def retrieval_space(chunk_sizes: Sequence[int], chunk_overlaps: Sequence[int], t
         Param("w_law", "float", 0.0, 0.5),
         Param("w_article", "float", 0.0, 0.5),
         Param("statute_family", "categorical", choices=(False, True)),
+        Param("family_share", "float", 0.0, 1.0, when=("statute_family", True)),
         Param("w_level", "float", 0.0, 0.5),
         Param("w_link", "float", 0.0, 0.5),
         Param("group", "categorical", choices=("chunk", "article")),

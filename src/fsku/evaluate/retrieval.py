@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import pandas as pd
 
-from ..config import RetrieveConfig
+from ..config import RerankSettings, RetrieveConfig
 from ..ingest.clean import clean_text, compact
 from ..jsonl import iter_jsonl
 from .compare import interval_metrics, intervals
@@ -118,15 +118,14 @@ def count_relevant_chunks(queries: Sequence[LabelledQuery], chunks: Sequence[dic
     return out
 
 
-def evaluate_retrieval(kb, labels_path: str | Path, cfg: RetrieveConfig, reranker=None, rerank_top_n: int = 10,
-                       rerank_weight: float = 1.0, progress: bool = False) -> tuple[dict, pd.DataFrame]:
+def evaluate_retrieval(kb, labels_path: str | Path, cfg: RetrieveConfig, reranker=None,
+                       rerank: Optional[RerankSettings] = None, progress: bool = False) -> tuple[dict, pd.DataFrame]:
     """Retrieval metrics of `kb` (a fsku.kb.KnowledgeBase) searched with `cfg` on a labels file:
     hit/recall@{1,3,5,top_k}, MRR and `curve` (hit@k for k = 1..top_k), plus a per-query table (first
     relevant rank, top-1 path). ``dataclasses.replace(kb.retrieve_defaults(), top_k=...)`` scores the KB
     with the fusion settings it was built (or tuned) with. `reranker` (fsku.rerank): the first
-    max(top_k, rerank_top_n) hits re-scored and fused with weight `rerank_weight`, then cut to top_k."""
-    import dataclasses
-
+    max(top_k, rerank.rerank_top_n) hits re-scored and fused with weight rerank.rerank_weight
+    (RerankSettings' defaults when not given), then cut to top_k."""
     queries = load_labels(labels_path)
     questions = [q.question for q in queries]
     if reranker is None:
@@ -134,11 +133,11 @@ def evaluate_retrieval(kb, labels_path: str | Path, cfg: RetrieveConfig, reranke
     else:
         from tqdm.auto import tqdm
 
-        from ..rerank import rerank_hits
+        from ..rerank import first_stage, rerank_hits
 
-        first = kb.search(questions, dataclasses.replace(cfg, top_k=max(cfg.top_k, rerank_top_n),
-                                                         candidates=max(cfg.candidates, rerank_top_n)))
-        hits = [rerank_hits(q, hs, reranker, rerank_top_n, rerank_weight, cfg.top_k)
+        rerank = rerank or RerankSettings()
+        first = kb.search(questions, first_stage(cfg, rerank.rerank_top_n))
+        hits = [rerank_hits(q, hs, reranker, rerank.rerank_top_n, rerank.rerank_weight, cfg.top_k)
                 for q, hs in tqdm(list(zip(questions, first, strict=True)), desc="rerank", unit="q", disable=not progress)]
     hit_dicts = [[h.to_dict() for h in hs] for hs in hits]
     n_rel = count_relevant_chunks(queries, kb.chunks[["source", "text"]].to_dict("records"))

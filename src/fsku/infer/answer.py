@@ -140,9 +140,10 @@ class Answerer:
         if self.cfg.reranker == "none":
             hits = self.kb.search(questions, top_k=self.cfg.top_k)
         else:
-            from ..rerank import rerank_hits
+            from ..rerank import first_stage, rerank_hits
 
-            first = self.kb.search(questions, top_k=max(self.cfg.top_k, self.cfg.rerank_top_n))
+            own = dataclasses.replace(self.kb.retrieve_defaults(), top_k=self.cfg.top_k)
+            first = self.kb.search(questions, first_stage(own, self.cfg.rerank_top_n))
             hits = [rerank_hits(q, hs, self.reranker(), self.cfg.rerank_top_n, self.cfg.rerank_weight, self.cfg.top_k)
                     for q, hs in zip(questions, first, strict=True)]
         if self.cfg.gate_signal == "bm25":

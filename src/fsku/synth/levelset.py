@@ -8,7 +8,10 @@ article. How each question is made (all choices from one seeded `random.Random`)
    so a level with one document still gets its questions, at most `max_per_article` per article.
 2. Evidence: one clause of the article (split at ①.., items and sentence ends, 25-160 characters),
    kept only when its text occurs in exactly one article of the whole corpus (so the gold is one
-   article, not a sentence an act and its decree share) and inside one chunk (so a hit can hold it).
+   article, not a sentence an act and its decree share) and inside one chunk (so a hit can hold it),
+   and when it is self-contained (`self_contained`): no reference whose removal leaves a particle
+   dangling ('제1항 또는 제2항에 따른 신고'), and key terms that few articles hold together (a clause
+   a dozen regulations repeat in other words has no single gold either).
 3. Paraphrase: references are removed ('제N조', '「…」', '법 제N조에 따른', the law's own name),
    then the wording is rewritten by a fixed table of legal synonyms (`SYNONYMS`, each applied with
    probability `p_synonym`): '하여야 한다' → '해야 한다', '지체 없이' → '즉시', '금융회사' → '금융기관'…
@@ -30,8 +33,10 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter, defaultdict
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Collection, Optional, Sequence
 
+from ..config import LevelSetConfig
 from ..retrieve import law_base_name
 
 FORMS = ("mc", "amount", "yesno", "describe")
@@ -62,14 +67,20 @@ _UNIT_QUESTION = {"년": "몇 년", "개월": "몇 개월", "일": "며칠", "�
                   "%": "몇 퍼센트", "만원": "얼마", "억원": "얼마", "원": "얼마", "명": "몇 명", "회": "몇 회", "개": "몇 개",
                   "배": "몇 배"}
 _CLAUSE_SPLIT = re.compile(r"(?<=다\.)\s+|\n+|(?=[①-⑳])|(?<=[가-힣\)])\s+(?=\d{1,2}\.\s)")
-_LEAD = re.compile(r"^\s*(?:제\d+조(?:의\d+)?\s*(?:\([^)]*\))?|[①-⑳]|\d{1,2}\.|[가-하]\.)\s*")
+# an article's number and heading (one level of nested brackets: '(개인정보(신용정보)의 보존)')
+_LEAD = re.compile(r"^\s*(?:제\d+조(?:의\d+)?\s*(?:\((?:[^()]|\([^()]*\))*\))?|[①-⑳]|\d{1,2}\.|[가-하]\.)\s*")
+_ARTICLE = (r"제\s*\d+\s*조(?:\s*의\s*\d+)?(?:\s*제\s*\d+\s*[항호])*(?:\s*[가-하]목)?"
+            r"(?:\s*(?:각\s*호\s*외의\s*부분\s*)?(?:본문|단서|전단|후단))?")
+_FOLLOW = r"\s*(?:에\s*따른|에\s*따라|에서|의)?"
+# the patterns see the text after the law names became '관련 법령'; word starts are anchored ((?<![가-힣])) so
+# '시행규칙 제3조' is not read as '규칙 제3조', and '이 조'/'같은 조' end at a particle ('이 조치' stays)
 _REFERENCES = (
-    (re.compile(r"「[^」]{2,60}」\s*(?:시행령|시행규칙)?\s*(?:제\s*\d+\s*조(?:\s*의\s*\d+)?(?:\s*제\s*\d+\s*[항호])*)?"
-                r"\s*(?:에\s*따른|에\s*따라|의)?"), "관련 법령에 따른"),
-    (re.compile(r"(?:이\s*|같은\s*)?(?:법|영|규칙)\s*(?:시행령\s*)?제\s*\d+\s*조(?:\s*의\s*\d+)?(?:\s*제\s*\d+\s*[항호])*"
-                r"\s*(?:에\s*따른|에\s*따라|의)?"), "관련 규정에 따른"),
-    (re.compile(r"(?:같은\s*조|이\s*조|제\s*\d+\s*조(?:\s*의\s*\d+)?)\s*(?:제\s*\d+\s*[항호])*\s*(?:에\s*따른|에\s*따라|의)?"),
-     ""),
+    (re.compile(r"「[^」]{2,60}」\s*(?:시행령|시행규칙)?\s*(?:" + _ARTICLE + ")?" + _FOLLOW), "관련 법령에 따른"),
+    (re.compile(r"(?:(?<![가-힣])[가-힣]{1,30}법|관련 법령)\s*(?:시행령|시행규칙)?\s*" + _ARTICLE + _FOLLOW), "관련 법령에 따른"),
+    (re.compile(r"(?<![가-힣])(?:이\s*|같은\s*)?(?:시행령|시행규칙|법|영|규칙)\s*(?:시행령\s*)?" + _ARTICLE + _FOLLOW),
+     "관련 규정에 따른"),
+    (re.compile(r"(?:(?<![가-힣])(?:같은|이)\s*조(?=[\s에의제,.)]|$)|" + _ARTICLE + r")"
+                r"\s*(?:제\s*\d+\s*[항호])*" + _FOLLOW), ""),
     (re.compile(r"제\s*\d+\s*[항호](?:\s*[가-하]목)?\s*(?:에\s*따른|에\s*따라|의)?"), ""),
     (re.compile(r"(?<![가-힣])[가-하]목\s*(?:에\s*따른|에\s*따라|의)?"), ""),
     (re.compile(r"\((?:이하|다음부터)[^)]*\)"), ""),
@@ -100,13 +111,23 @@ def clauses(body: str, min_chars: int = 25, max_chars: int = 160) -> list[str]:
     return out
 
 
+# a reference followed by a conjunction or an object particle: stripping it leaves the particle dangling
+# ('제1항 또는 제2항에 따른 신고' -> '또는 신고', '제10조제2항을 준용한다' -> '을 준용한다')
+_DANGLING = re.compile(r"(?:제\s*\d+\s*(?:조(?:\s*의\s*\d+)?|항|호)|(?<![가-힣])[가-하]목)"
+                       r"(?:\s*(?:본문|단서|전단|후단))?\s*(?:및|또는|이나|부터|까지|을|를|과|와|에도)(?![가-힣])")
+
+# a clause cut out of its sentence ('에 따른 정보보호 전문서비스 기업의 ...')
+_PARTICLE_START = re.compile(r"(?:에|의|을|를|은|는|이|가|및|또는|와|과|으로|로)\s")
+
+
 def strip_references(text: str, law_names: Sequence[str] = ()) -> str:
     """The clause without article numbers, 「…」 names and the given law names (references become
     '관련 규정에 따른')."""
-    for pattern, repl in _REFERENCES:
-        text = pattern.sub(repl, text)
+    # the names first: a pattern that sees '전자금융거래법 시행령 제3조' must not leave '전자금융거래' behind
     for name in sorted({n for n in law_names if n}, key=len, reverse=True):
         text = text.replace(name, "관련 법령")
+    for pattern, repl in _REFERENCES:
+        text = pattern.sub(repl, text)
     text = re.sub(r"(관련 (?:규정|법령)에 따른\s*)+", "관련 규정에 따른 ", text)
     return re.sub(r"\s+", " ", text).strip(" ,")
 
@@ -226,6 +247,18 @@ def mention_prefix(mention: str, title: str, level: str, parent: Optional[str], 
     return ""
 
 
+def self_contained(clause: str, law_names: Sequence[str], idf: Optional[dict[str, float]] = None,
+                   narrow: Optional[Callable[[Sequence[str]], bool]] = None) -> bool:
+    """Whether a question made from the clause can have one answer: stripping its references leaves no
+    dangling particle, and its key terms (the 3 best by idf, at least 2) are held together by few
+    articles (`narrow`), so '감독원장은 이 규정의 시행에 필요한 세부사항을 정할 수 있다', which a dozen
+    regulations say in other words, is not asked."""
+    if _DANGLING.search(clause) or _PARTICLE_START.match(clause):
+        return False
+    terms = keywords(strip_references(clause, law_names), 3, idf)
+    return len(terms) >= 2 and (narrow is None or narrow(terms))
+
+
 def write_question(clause: str, form: str, prefix: str, law_names: Sequence[str], rng: random.Random,
                    p_synonym: float = 0.8, idf: Optional[dict[str, float]] = None,
                    narrow: Optional[Callable[[Sequence[str]], bool]] = None) -> Optional[tuple[str, Optional[int]]]:
@@ -274,14 +307,18 @@ def write_question(clause: str, form: str, prefix: str, law_names: Sequence[str]
     raise ValueError(f"unknown form {form!r}; expected one of {FORMS}")
 
 
-def build_level_set(chunks: Sequence[dict], per_level: int = 40, seed: int = 0, max_per_article: int = 3,
-                    levels: Sequence[str] = ("act", "decree", "rule", "regulation"), p_synonym: float = 0.8,
-                    parents: Optional[dict[str, str]] = None, max_term_articles: int = 3) -> list[dict]:
+def build_level_set(chunks: Sequence[dict], cfg: Optional[LevelSetConfig] = None,
+                    parents: Optional[dict[str, str]] = None,
+                    levels: Sequence[str] = ("act", "decree", "rule", "regulation"),
+                    exclude: Collection[tuple[str, str]] = ()) -> list[dict]:
     """Questions about the articles of `chunks` (dicts with source, title, level, article, path, text:
-    a KB's chunks.parquet rows), `per_level` per level where the corpus allows (fewer when a level has
-    too few usable clauses; levels the corpus lacks are absent). `parents`: a regulation's act title.
-    `max_term_articles`: a descriptive stem of key terms only is used when at most this many articles
-    hold all its terms (else the question has no single gold)."""
+    a KB's chunks.parquet rows), `cfg.per_level` per level where the corpus allows (fewer when a level
+    has too few usable clauses; levels the corpus lacks are absent). `parents`: a regulation's act
+    title. `exclude`: (title, article) pairs no question is about (cfg.exclude's articles, read by
+    `excluded_articles`). The other settings: LevelSetConfig."""
+    cfg = cfg or LevelSetConfig()
+    per_level, seed, max_per_article = cfg.per_level, cfg.seed, cfg.max_per_article
+    p_synonym, max_term_articles = cfg.p_synonym, cfg.max_term_articles
     rng = random.Random(seed)
     parents = dict(parents or {})
     articles: dict[tuple[str, str], dict] = {}
@@ -290,11 +327,13 @@ def build_level_set(chunks: Sequence[dict], per_level: int = 40, seed: int = 0, 
         if not c.get("article") or "부칙" in (c.get("path") or ""):
             continue
         key = (c["title"], c["article"])
+        compact_text[key].append(_compact(c["text"]))  # excluded articles still count as homes of a clause
+        if key in exclude:
+            continue
         body = c["text"].partition("\n")[2] if "\n" in c["text"] else c["text"]
         art = articles.setdefault(key, {"title": c["title"], "article": c["article"], "source": c["source"],
                                         "level": c.get("level") or "other", "bodies": []})
         art["bodies"].append(body)
-        compact_text[key].append(_compact(c["text"]))
     all_titles = sorted({a["title"] for a in articles.values()}, key=len, reverse=True)
     idf = noun_idf([" ".join(a["bodies"]) for a in articles.values()])
     article_text = [_compact(" ".join(a["bodies"])) for a in articles.values()]
@@ -332,9 +371,13 @@ def build_level_set(chunks: Sequence[dict], per_level: int = 40, seed: int = 0, 
                     if unique_home(clause) != key:
                         continue
                     parent = parents.get(title) or (law_base_name(title) if level in ("decree", "rule") else None)
-                    mention = rng.choice(MENTIONS)
-                    prefix = mention_prefix(mention, title, level, parent, rng)
                     names = [t for t in all_titles] + ([parent] if parent else [])
+                    if not self_contained(clause, names, idf, narrow):
+                        continue
+                    mention = rng.choice(MENTIONS)
+                    if mention == "parent" and not parent:
+                        mention = "full"  # an act has no parent: the question names the act itself
+                    prefix = mention_prefix(mention, title, level, parent, rng)
                     for form in rng.sample(FORMS, len(FORMS)):
                         written = write_question(clause, form, prefix, names, rng, p_synonym, idf, narrow)
                         if written is None:
@@ -350,6 +393,22 @@ def build_level_set(chunks: Sequence[dict], per_level: int = 40, seed: int = 0, 
                         continue
                     break
     return rows
+
+
+def excluded_articles(path: str) -> set[tuple[str, str]]:
+    """The (law, article) pairs of a level-set file, for `exclude`; the error names the line."""
+    import json
+
+    out = set()
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out.add((row["law"], row["article"]))
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path}:{n}: expected a level-set row (JSON with 'law' and 'article')") from None
+    return out
 
 
 def level_counts(rows: Sequence[dict]) -> dict[str, int]:
