@@ -24,6 +24,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 FUSIONS = ("minmax", "rrf")
 GROUPS = ("chunk", "article")
 RERANKER_NAMES = ("none", "cross-encoder", "llm")
+DESC_STRATEGY_NAMES = ("greedy", "keywords", "consensus")  # fsku.infer.descriptive.DESC_STRATEGIES
 MC_SCORING = ("label", "cloze", "cloze-pmi", "label+cloze", "label+cloze-pmi")
 DEBIAS_METHODS = ("none", "rotate", "calibrate", "rotate+calibrate")
 CONTEXT_MODES = ("none", "always", "gated")
@@ -181,6 +182,40 @@ class RerankSettings(Block):
         _check(self.rerank_top_n >= 1, f"rerank_top_n must be >= 1, got {self.rerank_top_n}")
         _check(0.0 <= self.rerank_weight <= 1.0, f"rerank_weight must be in [0, 1], got {self.rerank_weight}")
         _check(self.rerank_passage_tokens >= 16, f"rerank_passage_tokens must be >= 16, got {self.rerank_passage_tokens}")
+        super().__post_init__()
+
+
+@dataclass
+class DescriptiveSettings(Block):
+    """How a descriptive answer is written (fsku.infer.descriptive) and checked against its context."""
+
+    desc_strategy: str = param("greedy", "greedy (one answer), keywords (a '키워드:' line of the question's key terms, "
+                                         "then a 1-3 sentence answer that keeps them in its text) or consensus "
+                                         "(desc_samples keyword answers from one batched call; the one closest to the "
+                                         "others is kept).")
+    desc_samples: int = param(5, "consensus: answers sampled from one prompt in one generate call.")
+    desc_temperature: float = param(0.7, "consensus: sampling temperature.")
+    desc_keyword_weight: float = param(0.5, "consensus: weight of key-phrase agreement next to answer similarity "
+                                            "when picking the sample closest to the others.")
+    desc_target_chars: int = param(0, "Whole sentences kept while they fit in this many characters (always the "
+                                      "first); 0 = the answer as generated.")
+    desc_max_chars: int = param(0, "Hard cap of a descriptive answer in characters, cut at a word; 0 = none.")
+    copy_max_run: int = param(60, "Longest run of characters (spacing ignored) an answer may share with the context "
+                                  "in its prompt; a longer one is rephrased by the same model once and flagged; 0 = "
+                                  "no check.")
+    copy_max_overlap: float = param(0.8, "Share of the answer's 8-character grams (spacing ignored) found in its "
+                                         "context above which it is rephrased (1 = no check).")
+
+    def __post_init__(self):
+        _check(self.desc_strategy in DESC_STRATEGY_NAMES,
+               f"desc_strategy must be one of {'|'.join(DESC_STRATEGY_NAMES)}, got {self.desc_strategy!r}")
+        _check(self.desc_samples >= 1, f"desc_samples must be >= 1, got {self.desc_samples}")
+        _check(self.desc_temperature >= 0, f"desc_temperature must be >= 0, got {self.desc_temperature}")
+        _check(self.desc_keyword_weight >= 0, f"desc_keyword_weight must be >= 0, got {self.desc_keyword_weight}")
+        _check(self.desc_target_chars >= 0 and self.desc_max_chars >= 0,
+               "desc_target_chars and desc_max_chars must be >= 0 (0 = off)")
+        _check(self.copy_max_run >= 0, f"copy_max_run must be >= 0, got {self.copy_max_run}")
+        _check(0.0 <= self.copy_max_overlap <= 1.0, f"copy_max_overlap must be in [0, 1], got {self.copy_max_overlap}")
         super().__post_init__()
 
 
@@ -391,7 +426,7 @@ class RetrieveRunSettings(Block):
 
 
 @dataclass
-class InferConfig(LLMSettings, DebiasSettings, RerankSettings):
+class InferConfig(LLMSettings, DebiasSettings, RerankSettings, DescriptiveSettings):
     """predict / evaluate: answer test.csv with one LLM (+ optional gated retrieval) into submission.csv."""
 
     model: str = param("offline:qwen2.5-coder-1.5b-instruct", "LLM: hub id, local folder, .gguf file, or "

@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -37,6 +37,18 @@ from ..llm import LLMBackend, OptionRequest, check_deadline
 from . import options as opt
 from . import prompts
 from .classify import ClassifiedQuestion
+from .descriptive import (
+    DescInstructions,
+    DescRequest,
+    DescResult,
+    char_bigram_similarity,
+    copy_check,
+    fit_length,
+    keep_phrases,
+    rephrase_request,
+    run_strategy,
+    uses_keyword_prompt,
+)
 
 log = logging.getLogger(__name__)
 # Internal constants, not user tunables: they shape the fallback paths and the fitting arithmetic,
@@ -72,6 +84,12 @@ class Answer:
     path: str = "primary"  # primary | fallback | minimal | none (no model answer: see fsku.infer.orchestrate)
     duplicate_of: str = ""  # the ID whose answer this copies (the same question text earlier in the run)
     question_flag: str = ""  # the classifier's flag of the question (a row content problem, fsku.infer.classify)
+    desc_keywords: list[str] = field(default_factory=list)  # the key phrases a keyword-first answer named
+    desc_candidates: int = 0  # descriptive answers the strategy chose from (consensus: its samples)
+    copy_run: int = 0  # longest run of characters the answer shares with its context (spacing ignored)
+    copy_overlap: float = 0.0  # share of its 8-character grams found in the context
+    copied: bool = False  # over a copy limit after the re-ask (or with no re-ask possible)
+    rephrased: bool = False  # the answer copied its context and the model was asked to rephrase it
 
     def to_record(self) -> dict:
         return dict(self.__dict__)
@@ -208,7 +226,9 @@ class Answerer:
         prompt the path `mode` (full | fast | minimal) sends for `q`."""
         cfg, llm = self.cfg, self.llm
         if q.question_type != "multiple_choice":
-            return [(lambda s, o: llm.render_chat(prompts.desc_messages(s, context)), self._max_new(mode))]
+            instruction = self._desc_instructions().keywords if (
+                mode == "full" and uses_keyword_prompt(cfg.desc_strategy)) else prompts.DESC_INSTRUCTION
+            return [(lambda s, o: llm.render_chat(prompts.desc_messages(s, context, instruction)), self._max_new(mode))]
         style = self._mc_style(mode)
 
         def label(s: str, o: list[str]) -> str:
@@ -422,30 +442,69 @@ class Answerer:
                       used_fallback=fast, path=_PATHS[mode], **fitted)
 
     # -- descriptive
+    @staticmethod
+    def _desc_instructions() -> DescInstructions:
+        return DescInstructions(prompts.DESC_INSTRUCTION, prompts.DESC_KEYWORD_INSTRUCTION)
+
+    def answer_similarity(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, n) similarity of answers for consensus: cosine of the KB's embedder when it has one, else
+        character-bigram overlap."""
+        if self.kb is not None and getattr(self.kb, "has_dense", False):
+            vecs = np.asarray(self.kb.embedder().embed_passages(list(texts), progress=False), dtype=np.float64)
+            vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+            return vecs @ vecs.T
+        return char_bigram_similarity(texts)
+
     def answer_descriptive(self, q: ClassifiedQuestion, hits: list, fast: bool = False,
                            deadline: Optional[float] = None, query_terms: int = 1, minimal: bool = False) -> Answer:
         cfg = self.cfg
         mode = _mode(fast, minimal)
         fast = fast or minimal
         q, fitted, context, ctx_ids = self.fit_with_context(q, hits, query_terms, mode)
-        prompt = self.llm.render_chat(prompts.desc_messages(q.parsed_question, context))
         check_deadline(deadline)
         max_new = self._max_new(mode)
-        gen = self.llm.generate([prompt], max_new, temperature=cfg.temperature, seed=cfg.seed,
-                                max_time=None if fast else _remaining(deadline),
-                                repetition_penalty=cfg.repetition_penalty)[0]
-        text = prompts.clean_answer(gen.text, q.parsed_question, truncated=gen.truncated)
+        question = q.parsed_question
+
+        def generate(batch: list[str], temperature: float, seed: int) -> list:
+            return self.llm.generate(batch, max_new, temperature=temperature, seed=seed,
+                                     max_time=None if fast else _remaining(deadline),
+                                     repetition_penalty=cfg.repetition_penalty)
+
+        def render(instruction: str) -> str:
+            return self.llm.render_chat(prompts.desc_messages(question, context, instruction))
+
+        req = DescRequest(prompt=render, generate=generate,
+                          clean=lambda text, truncated: prompts.clean_answer(text, question, truncated=truncated),
+                          similarity=self.answer_similarity, samples=cfg.desc_samples, temperature=cfg.desc_temperature,
+                          w_keywords=cfg.desc_keyword_weight, seed=cfg.seed, greedy_temperature=cfg.temperature)
+        # the fallback paths answer once and greedily: they run when time or the model has failed
+        result = run_strategy(cfg.desc_strategy if mode == "full" else "greedy", req, self._desc_instructions())
+        text = fit_length(result.text, cfg.desc_target_chars, cfg.desc_max_chars)
         if not text and not fast:
             raise ValueError("the model produced an empty descriptive answer")
         for retry in range(FALLBACK_SAMPLES if fast and not text else 0):
             # still the same model: sample instead of greedy decoding
-            gen = self.llm.generate([prompt], max_new, temperature=0.7, seed=cfg.seed + 1 + retry,
-                                    repetition_penalty=cfg.repetition_penalty)[0]
-            text = prompts.clean_answer(gen.text, q.parsed_question, truncated=gen.truncated)
+            gen = generate([render(prompts.DESC_INSTRUCTION)], 0.7, cfg.seed + 1 + retry)[0]
+            text = fit_length(prompts.clean_answer(gen.text, question, truncated=gen.truncated), cfg.desc_target_chars,
+                              cfg.desc_max_chars)
             if text:
+                result = DescResult(text, [], 1, gen.mean_logprob)
                 break
-        return Answer(q.question_id, text, q.question_type, round(float(np.exp(gen.mean_logprob)), 4),
-                      n_context=len(ctx_ids), context_ids=ctx_ids, used_fallback=fast, path=_PATHS[mode], **fitted)
+        copy = copy_check(text, context, cfg.copy_max_run, cfg.copy_max_overlap)
+        rephrased = False
+        if copy.copied and mode == "full":
+            # the rules want the model's answer, not a returned passage: the same model says it again
+            ask = [{"role": "system", "content": prompts.SYSTEM}, {"role": "user", "content": rephrase_request(text)}]
+            gen = generate([self.llm.render_chat(ask)], cfg.temperature, cfg.seed)[0]
+            again = fit_length(keep_phrases(prompts.clean_answer(gen.text, question, truncated=gen.truncated),
+                                            result.keywords), cfg.desc_target_chars, cfg.desc_max_chars)
+            if again:
+                text, rephrased = again, True
+                copy = copy_check(text, context, cfg.copy_max_run, cfg.copy_max_overlap)
+        return Answer(q.question_id, text, q.question_type, round(float(np.exp(result.mean_logprob)), 4),
+                      n_context=len(ctx_ids), context_ids=ctx_ids, used_fallback=fast, path=_PATHS[mode],
+                      desc_keywords=result.keywords, desc_candidates=result.candidates, copy_run=copy.longest_run,
+                      copy_overlap=copy.overlap, copied=copy.copied, rephrased=rephrased, **fitted)
 
     def answer(self, q: ClassifiedQuestion, hits: list, fast: bool = False, deadline: Optional[float] = None,
                query_terms: int = 1, minimal: bool = False) -> Answer:

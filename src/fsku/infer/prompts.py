@@ -11,7 +11,7 @@ from .classify import CONTROL_CHARS  # never into submission.csv
 
 # .2: questions with 10+ options, empty options and CR line endings became multiple choice (the
 # cache is keyed by question text: an answer cached when they were descriptive must not be served)
-PROMPT_VERSION = "2026-12-02.1"  # self-consistency: the k samples in one generate call
+PROMPT_VERSION = "2026-12-03.1"  # descriptive strategies (keyword line, consensus) and the copy re-ask
 SPLIT = "\u2063FSKU_SPLIT\u2063"  # an invisible sentinel, removed before tokenisation
 
 SYSTEM = ("당신은 한국의 금융보안·정보보호 법령과 가이드라인에 정통한 전문가입니다. "
@@ -20,6 +20,11 @@ MC_INSTRUCTION = "위 선택지 중 정답의 번호 하나만 숫자로 답하�
 MC_REASONING_INSTRUCTION = "단계적으로 간단히 생각한 뒤, 마지막 줄에 '정답: 번호' 형식으로 답하세요."
 DESC_INSTRUCTION = ("핵심 용어(법령·제도·기술 용어)를 정확히 사용하여 2~4문장의 한국어로 답하세요. "
                     "질문을 반복하지 말고 답만 쓰세요.")
+# the keyword-first form of the 1st-place FSKU solution: the topic phrase first, then a short answer that uses it
+# (the example phrases are invented for this prompt: none is a keyword of the FSKU dev sets)
+DESC_KEYWORD_INSTRUCTION = ("첫 줄에 '키워드: '로 시작해 이 질문의 주제를 질문에 나온 말로 된 짧은 명사구(2~4단어, 조사 "
+                            "없이) 1~2개로 쉼표로 쓰세요(예: '전산실 출입 통제', '휴면계좌 통지 의무'). 다음 줄부터 그 "
+                            "어구를 그대로 넣어 1~2문장의 한국어로 짧게 답하세요. 질문을 반복하지 마세요.")
 CONTEXT_HEADER = "다음 참고 자료가 질문과 관련이 있으면 활용하세요."
 CONTENT_FREE = "N/A"
 
@@ -154,8 +159,8 @@ def split_rendered(rendered: str) -> tuple[str, str]:
     return prefix, suffix
 
 
-def desc_messages(question: str, context: str = "") -> list[dict]:
-    user = (context + "\n\n" if context else "") + f"질문: {question.strip()}\n\n{DESC_INSTRUCTION}"
+def desc_messages(question: str, context: str = "", instruction: str = DESC_INSTRUCTION) -> list[dict]:
+    user = (context + "\n\n" if context else "") + f"질문: {question.strip()}\n\n{instruction}"
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
