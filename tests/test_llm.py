@@ -96,6 +96,10 @@ def test_clean_answer():
     assert prompts.clean_answer("", q) == ""
     loop = "1. **인사**: CISO는 독립적이어야 합니다. 이를 위해 보고 체계를 둡니다. 이를 위해  보고체계를 둡니다! 2. 끝."
     assert prompts.clean_answer(loop, q) == "1. **인사**: CISO는 독립적이어야 합니다. 이를 위해 보고 체계를 둡니다. 2. 끝."
+    # list markers greedy decoding left without items
+    assert prompts.clean_answer("1. 프로토콜입니다.\n2. 암호화합니다.\n3.\n4.", q) == "1. 프로토콜입니다.\n2. 암호화합니다."
+    assert prompts.clean_answer("쿠키 동의가 필요합니다: 1.", q) == "쿠키 동의가 필요합니다"
+    assert prompts.clean_answer("기간은 최대 3.", q) == "기간은 최대 3."
 
 
 def test_drop_repeated_sentences_limits():

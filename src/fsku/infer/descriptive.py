@@ -48,7 +48,12 @@ def parse_keyword_answer(text: str) -> tuple[list[str], str]:
         return [], ANSWER_LEAD.sub("", text, count=1).strip()
     phrases: list[str] = []
     for part in _PHRASE_SPLIT.split(m.group(1)):
-        p = part.strip().strip("\"'`*[]()「」.").strip()
+        p = part.strip().strip("\"'`*[]「」.").strip()
+        # brackets: only an unbalanced one at an end goes ('DB 커널 암호화(TDE)' keeps its pair)
+        while p.endswith(")") and p.count(")") > p.count("("):
+            p = p[:-1].rstrip()
+        while p.startswith("(") and p.count("(") > p.count(")"):
+            p = p[1:].lstrip()
         if p and len(p) <= MAX_PHRASE_CHARS and _compact(p) not in {_compact(x) for x in phrases}:
             phrases.append(p)
     rest = (text[:m.start()] + "\n" + text[m.end():]).strip()

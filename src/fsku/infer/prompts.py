@@ -21,10 +21,10 @@ MC_REASONING_INSTRUCTION = "단계적으로 간단히 생각한 뒤, 마지막 �
 DESC_INSTRUCTION = ("핵심 용어(법령·제도·기술 용어)를 정확히 사용하여 2~4문장의 한국어로 답하세요. "
                     "질문을 반복하지 말고 답만 쓰세요.")
 # the keyword-first form of the 1st-place FSKU solution: the topic phrase first, then a short answer that uses it
-# (the example phrases are invented for this prompt: none is a keyword of the FSKU dev sets)
-DESC_KEYWORD_INSTRUCTION = ("첫 줄에 '키워드: '로 시작해 이 질문의 주제를 질문에 나온 말로 된 짧은 명사구(2~4단어, 조사 "
-                            "없이) 1~2개로 쉼표로 쓰세요(예: '전산실 출입 통제', '휴면계좌 통지 의무'). 다음 줄부터 그 "
-                            "어구를 그대로 넣어 1~2문장의 한국어로 짧게 답하세요. 질문을 반복하지 마세요.")
+# no example phrases: small models copy them into every answer
+DESC_KEYWORD_INSTRUCTION = ("첫 줄에 '키워드: '로 시작해, 이 질문이 무엇에 관한 것인지 질문에 나온 단어로 된 짧은 명사구 "
+                            "1~2개(조사 없이)를 쉼표로 쓰세요. 다음 줄부터 그 명사구를 그대로 넣어 1~2문장의 한국어로 짧게 "
+                            "답하세요. 질문을 반복하지 마세요.")
 CONTEXT_HEADER = "다음 참고 자료가 질문과 관련이 있으면 활용하세요."
 CONTENT_FREE = "N/A"
 
@@ -200,6 +200,9 @@ def clean_answer(text: str, question: str = "", truncated: bool = False) -> str:
     if q and text.startswith(q):
         text = _LEADS.sub("", text[len(q):].lstrip(" \n:?"))
     text = drop_repeated_sentences(text)
+    # list markers left without an item ('3.\n4.' where greedy decoding ran out of content)
+    text = re.sub(r"(?m)^[ \t]*(?:\d{1,2}[.)]|[-*•])[ \t]*$\n?", "", text)
+    text = re.sub(r"[:：][ \t]*\d{1,2}[.)]\s*$", "", text)  # ... and a list that never started ('…: 1.')
     text = re.sub(r"[ \t]+", " ", text)
     text = re.sub(r"\n{2,}", "\n", text).strip()
     if truncated:
