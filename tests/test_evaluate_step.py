@@ -24,6 +24,17 @@ def test_evaluate_logs_score_parts_plots_and_table(tiny_models, tiny_llm, sample
     assert 0 <= m["mc_accuracy"] <= 1 and 0 <= m["descriptive_score"] <= 1
     assert abs(m["fsku_score"] - (0.5 * m["mc_accuracy"] + 0.5 * m["descriptive_score"])) < 1e-9
     assert m["latency_p95_s"] >= m["latency_p50_s"] > 0 and m["projected_minutes"] > 0
+    # the cosine proxy's calibration rows (the four tiny-model answers are non-empty): both proxies
+    from fsku.evaluate.fsku_metric import keyword_recall, load_gold
+
+    desc = [g for g in load_gold(SAMPLE_QA) if g.question_type == "descriptive" and g.keywords]
+    assert m["descriptive_keyword_recall_echo_question"] == sum(keyword_recall(g.question, g.keywords)
+                                                                for g in desc) / len(desc)
+    assert 0 < m["descriptive_cosine_raw_echo_question"] <= 1 and 0 < m["descriptive_cosine_raw_other_reference"] <= 1
+    assert {"descriptive_cosine_centred", "descriptive_cosine_centred_echo_question",
+            "descriptive_cosine_centred_other_reference", "descriptive_cosine_raw_auc"} <= set(m)
+    assert 0 <= m["descriptive_cosine_raw_auc"] <= 1 and -1 <= m["descriptive_cosine_centred"] <= 1
+    assert m["descriptive_keyword_recall_echo_question"] is not None
     assert m["rouge_l"] is not None and "score_domain/금융보안법률" in m
     assert m["rag_judge_rows"] == 2 and m["rag_context_precision_rows"] == 2  # the sample KB answers every query
     assert 0 <= m["rag_context_recall"] <= 1 and 0 <= m["rag_answer_relevancy"] <= 1

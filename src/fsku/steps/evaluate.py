@@ -143,7 +143,8 @@ def warn_if_selected_on(digest: str, cfg: EvaluateConfig, kb) -> None:
 
 def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> dict:
     """Predict on cfg.gold, score, log everything to one MLflow run; `llm` / `kb`: already loaded ones."""
-    from ..evaluate.fsku_metric import embedding_cosine, fsku_score
+    from ..evaluate.fsku_metric import embedding_cosine, embedding_encoder, fsku_score, keyword_recall
+    from ..evaluate.proxy import descriptive_baselines
     from ..evaluate.text_metrics import text_scores
     from ..infer.predict import predict
     from ..outputs import check_not_input
@@ -185,7 +186,8 @@ def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
         records = {r["ID"]: r for r in result.records}
         preds = {i: r["answer"] for i, r in records.items()}
         needs_cosine = any(g.question_type == "descriptive" for g in gold)
-        cosine = embedding_cosine(cfg.scorer_embedding) if needs_cosine else (lambda a, b: [])
+        encode = embedding_encoder(cfg.scorer_embedding) if needs_cosine else None
+        cosine = embedding_cosine(cfg.scorer_embedding, encode) if needs_cosine else (lambda a, b: [])
         score = fsku_score(gold, preds, cosine)
         rows = []
         for g in gold:
@@ -213,6 +215,15 @@ def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
             "timeouts": result.stats["timeouts"], "errors": result.stats["errors"], "cache_hits": result.stats["cache_hits"],
             **peak_memory_mb(),
         }
+        answered = [g for g in desc if str(preds.get(g.ID, "") or "").strip()]
+        if encode is not None and len(answered) >= 2:
+            # the cosine is a proxy (the organisers' embedder is not ours): the calibration rows say what
+            # echoing the question and another row's reference score on it, raw and centred (issue 23)
+            base = descriptive_baselines(encode([preds[g.ID] for g in answered]), encode([g.answer for g in answered]),
+                                         encode([g.question for g in answered]))
+            metrics.update({f"descriptive_cosine_{k}": v for k, v in base.items() if k != "raw"})
+            echo_recall = [keyword_recall(g.question, g.keywords) for g in answered if g.keywords]
+            metrics["descriptive_keyword_recall_echo_question"] = float(np.mean(echo_recall)) if echo_recall else None
         # n and a 95 % interval for each headline quality metric (Wilson / bootstrap over questions)
         found = intervals(rows, EVALUATE_METRICS)
         metrics.update(interval_metrics(found))
