@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -423,9 +424,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
             return 2
         return 0
-    from .errors import STEP_ERRORS, log_level, print_error
+    from .errors import STEP_ERRORS, VERBOSE_ENV, configure_logging, print_error
 
-    logging.basicConfig(level=log_level(), format="%(levelname)s %(name)s: %(message)s")  # FSKU_DEBUG=1: DEBUG
+    if "--verbose" in argv[1:]:  # any command: third-party logs too (the steps read it from the environment)
+        argv.remove("--verbose")
+        os.environ[VERBOSE_ENV] = "1"
+    configure_logging()  # FSKU_DEBUG=1: DEBUG
     try:
         return COMMANDS[argv[0]](argv[1:])
     except STEP_ERRORS as exc:  # one line and exit 2, never a traceback (logged at DEBUG)

@@ -11,6 +11,7 @@ import csv
 import logging
 import os
 import sys
+import warnings
 
 log = logging.getLogger(__name__)
 
@@ -38,3 +39,31 @@ def log_level() -> int:
     """The entry points' logging level: DEBUG when the environment sets FSKU_DEBUG (to anything but
     '', '0' or 'false'), else INFO."""
     return logging.DEBUG if os.environ.get("FSKU_DEBUG", "").strip().lower() not in ("", "0", "false") else logging.INFO
+
+
+# libraries whose INFO/WARNING chatter (kernel probes, deprecations, tokenizer notices) buries a step's own
+# messages; their errors still show. A child is named where its parent's level is reset on import (torch)
+THIRD_PARTY_LOGGERS = ("torch", "torch.utils._pytree", "torchao", "bitsandbytes", "transformers", "sentence_transformers",
+                       "huggingface_hub", "accelerate", "peft", "faiss", "bm25s", "kiwipiepy", "llama_cpp", "httpx",
+                       "urllib3", "numexpr", "onnxruntime", "optimum")
+VERBOSE_ENV = "FSKU_VERBOSE"
+
+
+def verbose_requested() -> bool:
+    """FSKU_VERBOSE (anything but '', '0' or 'false') or FSKU_DEBUG: third-party logs are shown."""
+    flags = (os.environ.get(VERBOSE_ENV, ""), os.environ.get("FSKU_DEBUG", ""))
+    return any(v.strip().lower() not in ("", "0", "false") for v in flags)
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """The entry points' logging: fsku's own messages at INFO (DEBUG with FSKU_DEBUG), third-party
+    loggers and warnings only from ERROR unless `verbose` (the --verbose flag) or `verbose_requested()`."""
+    logging.basicConfig(level=log_level(), format="%(levelname)s %(name)s: %(message)s")
+    if verbose or verbose_requested():
+        return
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        # warnings raised inside third-party code; fsku's own (module fsku.*) still show
+        warnings.filterwarnings("ignore", category=category, module=r"^(?!fsku)")

@@ -341,6 +341,17 @@ def run_isolated(fn: Callable, *args, **kw):
 
 COMPARED = ("mc_accuracy", "perplexity", "latency_mean_s", "latency_p95_s", "tokens_per_s", "size_mb",
             "peak_rss_mb", "peak_cuda_mb", "load_s")
+# the compared metrics where more is better; for the others (perplexity, latency, size, memory, load time) less is
+HIGHER_IS_BETTER = frozenset({"mc_accuracy", "tokens_per_s"})
+
+
+def ratio_verdict(key: str, ratio: float) -> str:
+    """'better', 'worse' or 'same' for a quantized/original ratio of metric `key` (``<metric>_ratio`` or
+    the metric's name), by the metric's direction: x1.09 tokens/s is better, x1.09 latency worse."""
+    metric = key.removesuffix("_ratio")
+    if ratio == 1.0:
+        return "same"
+    return "better" if (ratio > 1.0) == (metric in HIGHER_IS_BETTER) else "worse"
 
 
 def compare(original: dict, quantized: dict, gold: Sequence[int] = ()) -> dict:

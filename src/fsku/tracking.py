@@ -26,7 +26,29 @@ from .outputs import staged_folder
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT = os.environ.get("FSKU_EXPERIMENT", "fsku")
+EXPERIMENT = "fsku"  # overridden by $FSKU_EXPERIMENT or $MLFLOW_EXPERIMENT_NAME (experiment_name)
+EXPERIMENT_NOTE = ("fsku: a folder of financial-security documents -> a checked FSKU submission. One run per pipeline "
+                   "step (build_kb, synth_qa, distill, quantize, evaluate, tune, promote, package), the chained ones "
+                   "nested under their `main` run; each run's name says its step and key settings.")
+# the UI's classic training view (runs table, charts) instead of MLflow 3's GenAI traces page
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+NOTE_TAG = "mlflow.note.content"
+DEFAULT_EXPERIMENT_ID = "0"
+
+
+def experiment_name() -> str:
+    """The experiment fsku's runs go to: $MLFLOW_EXPERIMENT_NAME, else $FSKU_EXPERIMENT, else 'fsku'."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("FSKU_EXPERIMENT") or EXPERIMENT
+
+
+def param_text(value) -> str:
+    """One spelling per value in the runs table (so the compare view shows no fake differences):
+    None -> 'none', booleans -> 'true'/'false' (the spelling MLproject and the flags use), the rest str()."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 _CONCURRENT_CREATE = ("UNIQUE", "already exists")
@@ -72,15 +94,63 @@ def set_experiment(name: str, attempts: int = 5) -> None:
     for attempt in range(attempts):
         try:
             with _sqlite_init_lock(uri):
-                if artifacts and mlflow.MlflowClient().get_experiment_by_name(name) is None:
+                client = mlflow.MlflowClient()
+                adopt_default_experiment(client, name, uri)
+                if artifacts and client.get_experiment_by_name(name) is None:
                     mlflow.create_experiment(name, artifact_location=artifacts)
-                mlflow.set_experiment(name)
+                experiment = mlflow.set_experiment(name)
+                _describe_experiment(client, experiment)
             return
         except Exception as exc:  # MlflowException or the SQL driver's IntegrityError, depending on the store
             if not any(m in str(exc) for m in _CONCURRENT_CREATE) or attempt == attempts - 1:
                 raise
             log.debug("experiment %r was created concurrently (%s); asking again", name, exc)
             time.sleep(0.2 * (attempt + 1))
+
+
+def adopt_default_experiment(client, name: str, uri: str) -> bool:
+    """On a local SQLite store, give experiment 0 ("Default") the project's name when no experiment has
+    it yet: `mlflow run` without --experiment-name files its runs under experiment 0, the CLI under
+    `name`; with one experiment that is both, every run of the project lands in one place. Other
+    stores (a shared tracking server) are left alone. True when it renamed."""
+    if not uri.startswith("sqlite:///") or client.get_experiment_by_name(name) is not None:
+        return False
+    try:
+        default = client.get_experiment(DEFAULT_EXPERIMENT_ID)
+    except mlflow.exceptions.MlflowException:
+        return False
+    if default.name != "Default" or default.lifecycle_stage != "active":
+        return False
+    client.rename_experiment(DEFAULT_EXPERIMENT_ID, name)
+    log.info("experiment 0 ('Default') of %s is now %r: runs of `mlflow run` and of the CLI share it", uri, name)
+    return True
+
+
+def _describe_experiment(client, experiment) -> None:
+    """A description and the training view on the project's experiment, unless someone set their own."""
+    tags = experiment.tags or {}
+    if NOTE_TAG not in tags:
+        client.set_experiment_tag(experiment.experiment_id, NOTE_TAG, EXPERIMENT_NOTE)
+    if EXPERIMENT_KIND[0] not in tags:
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+
+
+def _settle_entry_experiment(run_id: str) -> None:
+    """Under `mlflow run`: the run sits where MLflow put it. Experiment 0 of a SQLite store becomes the
+    project's experiment (`adopt_default_experiment`); a run left outside it is named in a warning
+    with the flag that puts the next one there."""
+    client = mlflow.MlflowClient()
+    name, uri = experiment_name(), tracking_uri()
+    experiment = client.get_experiment(mlflow.get_run(run_id).info.experiment_id)
+    if experiment.name == name:
+        _describe_experiment(client, experiment)
+        return
+    with _sqlite_init_lock(uri):
+        if experiment.experiment_id == DEFAULT_EXPERIMENT_ID and adopt_default_experiment(client, name, uri):
+            _describe_experiment(client, client.get_experiment(DEFAULT_EXPERIMENT_ID))
+            return
+    log.warning("this run is in experiment %r, not %r: pass `--experiment-name %s` to `mlflow run` (or set "
+                "MLFLOW_EXPERIMENT_NAME) to keep the project's runs in one experiment", experiment.name, name, name)
 
 
 # the run `mlflow run` started for this process: MLflow deletes MLFLOW_RUN_ID from the environment the
@@ -94,17 +164,23 @@ def _entry_point_run_id() -> Optional[str]:
 
 
 @contextlib.contextmanager
-def run(step: str, params: dict, tags: Optional[dict] = None) -> Iterator[mlflow.ActiveRun]:
-    """Start (or, under `mlflow run`, attach to) a run for one pipeline step."""
+def run(step: str, params: dict, tags: Optional[dict] = None, name: Optional[str] = None,
+        note: Optional[str] = None) -> Iterator[mlflow.ActiveRun]:
+    """Start (or, under `mlflow run`, attach to) a run for one pipeline step, named `name` (default: the
+    step; MLflow's random name is replaced) with `note` as its description."""
     _store()
     entry = _entry_point_run_id()
-    if not entry:
-        set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
-    with mlflow.start_run(run_id=entry, run_name=None if entry else step) as active:
-        mlflow.set_tags({"fsku.step": step, **(tags or {})})
+    if entry:
+        _settle_entry_experiment(entry)
+    else:
+        set_experiment(experiment_name())
+    with mlflow.start_run(run_id=entry, run_name=None if entry else (name or step)) as active:
+        if entry:
+            mlflow.MlflowClient().update_run(active.info.run_id, name=name or step)
+        mlflow.set_tags({"fsku.step": step, **({NOTE_TAG: note} if note else {}), **(tags or {})})
         # under `mlflow run` the entry point's parameters are already logged; add only the rest
         logged = mlflow.get_run(active.info.run_id).data.params
-        mlflow.log_params({k: ("" if v is None else str(v))[:6000] for k, v in params.items() if k not in logged})
+        mlflow.log_params({k: param_text(v)[:6000] for k, v in params.items() if k not in logged})
         yield active
 
 
@@ -124,7 +200,7 @@ def child_run(name: str, params: dict, tags: Optional[dict] = None) -> Iterator[
     handle = ChildRun(active)
     try:
         set_tags(tags or {})
-        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        mlflow.log_params({k: param_text(v)[:6000] for k, v in params.items()})
         yield handle
     except BaseException:
         mlflow.end_run("FAILED")
@@ -230,7 +306,8 @@ class KnowledgeBaseModel(mlflow.pyfunc.PythonModel):
 
         self.kb = KnowledgeBase.load(context.artifacts["kb"])
 
-    def predict(self, context, model_input, params: Optional[dict] = None):
+    # a DataFrame type hint: MLflow keeps the explicit signature below and does not warn about missing hints
+    def predict(self, context, model_input: pd.DataFrame, params: Optional[dict] = None) -> pd.DataFrame:
         questions = _text_column(model_input, "question")
         from .config import RetrieveConfig
 
@@ -275,7 +352,8 @@ class StudentModel(mlflow.pyfunc.PythonModel):
 
         self.llm = load_llm(context.artifacts["model"], backend="transformers")
 
-    def predict(self, context, model_input, params: Optional[dict] = None):
+    # a DataFrame type hint: MLflow keeps the explicit signature below and does not warn about missing hints
+    def predict(self, context, model_input: pd.DataFrame, params: Optional[dict] = None) -> pd.DataFrame:
         prompts = _text_column(model_input, "prompt")
         params = params or {}
         rendered = [self.llm.render_chat([{"role": "user", "content": p}]) for p in prompts]
@@ -456,7 +534,7 @@ def _chain_experiment() -> Optional[str]:
     active = mlflow.active_run()
     if active is not None:
         return active.info.experiment_id
-    experiment = mlflow.MlflowClient().get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+    experiment = mlflow.MlflowClient().get_experiment_by_name(experiment_name())
     return experiment.experiment_id if experiment else None
 
 

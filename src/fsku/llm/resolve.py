@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -228,3 +229,52 @@ def resolve_model(model: str, models_dir: Path | None = None) -> str:
     if path.exists() or model.startswith((".", "/")) or model.count("/") > 1:
         raise ModelNotFound(f"{model}: not a model folder, a .gguf file or a hub id")
     return model
+
+
+def check_model_reference(model: str, flag: str = "--model") -> None:
+    """Refuse, before anything loads, a model argument that cannot load: an unknown ``offline:`` name, a
+    missing file or folder, a folder without config.json (or adapter_config.json, a LoRA adapter).
+    Hub ids and registry URIs (checked by the step against the registry) pass: their loading fails
+    clearly on its own. Raises ModelNotFound / ValueError naming `flag`."""
+    text = str(model or "").strip()
+    if not text:
+        raise ValueError(f"{flag}: no model given; expected a hub id, a local folder, a .gguf file or offline:<name>")
+    if text.startswith("models:/"):
+        return
+    if text.startswith("offline:"):
+        name = text.split(":", 1)[1]
+        if name not in OFFLINE_GGUFS:
+            raise ValueError(f"{flag} {text}: unknown offline model {name!r}; expected one of "
+                             f"{', '.join('offline:' + n for n in sorted(OFFLINE_GGUFS))}")
+        return
+    path = Path(text)
+    if path.is_dir():
+        if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+            raise ModelNotFound(f"{flag} {text}: the folder has no config.json (not a transformers model folder)")
+        return
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFound(f"{flag} {text}: a file that is not a .gguf model")
+        return
+    local_form = text.startswith((".", "/", "~"))
+    if path.suffix == ".gguf" and text.count("/") >= 2 and not local_form:
+        return  # <owner>/<repo>/<file>.gguf on the hub
+    if text.count("/") <= 1 and not local_form and path.suffix != ".gguf":
+        # a hub id (owner/name, or a legacy bare name); offline it must be in the cache already
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes") and not _in_hub_cache(text):
+            raise ModelNotFound(f"{flag} {text}: no such local folder, and with HF_HUB_OFFLINE=1 the hub id is not in "
+                                "the Hugging Face cache (download it on a connected machine, or pass a local folder)")
+        return
+    raise ModelNotFound(f"{flag} {text}: no such file or folder (expected a hub id owner/name, a local model folder, "
+                        "a .gguf file or offline:<name>)")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return True  # nothing to check with: let the loader decide
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub library refuses (bad characters): the loader names the problem
+        return True

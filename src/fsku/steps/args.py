@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 from typing import Any, Callable, Iterable, Optional
 
 from ..config import config_from_dict, field_kind, load_recipe
-from ..errors import STEP_ERRORS, log_level, print_error
+from ..errors import STEP_ERRORS, configure_logging, print_error
 
 NONE_STRINGS = ("none", "None", "null")
 
@@ -108,15 +107,19 @@ def config_from_namespace(args: argparse.Namespace, cls, only: Optional[Iterable
 
 def parse_step_args(argv: list[str] | None, cls, prog: str, doc: str | None, progress_flag: bool = False
                     ) -> argparse.Namespace:
-    """What every step's `main` starts with: INFO logging, one flag per `cls` field (+ --recipe),
-    optionally --no-progress, parsed from `argv`."""
-    logging.basicConfig(level=log_level(), format="%(levelname)s %(name)s: %(message)s")
+    """What every step's `main` starts with: one flag per `cls` field (+ --recipe), optionally
+    --no-progress, and --verbose, parsed from `argv`; then logging (INFO for fsku, third-party
+    libraries quiet unless --verbose)."""
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if progress_flag:
-        p.add_argument("--no-progress", "--no_progress", action="store_true",
-                       help="no progress bars")
+        p.add_argument("--no-progress", "--no_progress", nargs="?", const=True, default=False,
+                       type=_converter(bool, False), metavar="BOOL", help="no progress bars (default: shown)")
+    p.add_argument("--verbose", nargs="?", const=True, default=False, type=_converter(bool, False), metavar="BOOL",
+                   help="also show third-party libraries' log messages and warnings (default: errors only)")
     add_config_args(p, cls)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    configure_logging(verbose=bool(args.verbose))
+    return args
 
 
 def step_main(argv: list[str] | None, cls, prog: str, doc: str | None, run_step: Callable[..., dict],

@@ -24,6 +24,7 @@ from ..evaluate.retrieval import evaluate_retrieval
 from ..ingest import SKIP_REASONS
 from ..kb import build_knowledge_base
 from .args import step_main
+from .naming import run_labels
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def hit_curve_figure(curve: dict[int, float], title: str):
 
 def run_step(cfg: BuildKBConfig, progress: bool = True) -> dict:
     """Build the KB into cfg.out, score it on cfg.labels (if any), log and register it."""
-    with tracking.run("build_kb", dataclasses.asdict(cfg)) as active:
+    with tracking.run("build_kb", dataclasses.asdict(cfg), **run_labels("build_kb", cfg)) as active:
         kb, stats = build_knowledge_base(cfg, progress=progress)
         metrics = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
         metrics.update({f"seconds_{k}": v for k, v in stats["timings"].items()})

@@ -24,6 +24,8 @@ import pandas as pd
 
 from ..config import DistillConfig
 from .args import step_main
+from .naming import run_labels
+from .preflight import check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +53,24 @@ def loss_curve_figures(history: list[dict]) -> dict:
         if not cols:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.4))
+        marker = "." if len(df) < 30 else None
+        # a learning rate (~1e-4) drawn on the grad-norm axis is a flat line at 0: it gets its own axis
+        right = [c for c in cols if c.endswith("learning_rate")] if len(cols) > 1 else []
         for c in cols:
-            ax.plot(df["x"], df[c], label=c, marker="." if len(df) < 30 else None)
+            if c not in right:
+                ax.plot(df["x"], df[c], label=c, marker=marker)
+        handles, labels = ax.get_legend_handles_labels()
+        if right:
+            twin = ax.twinx()
+            for c in right:
+                twin.plot(df["x"], df[c], label=c, marker=marker, color="#c44e52", ls="--")
+            twin.set_ylabel("learning rate")
+            twin.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+            more_handles, more_labels = twin.get_legend_handles_labels()
+            handles, labels = handles + more_handles, labels + more_labels
         ax.set_xlabel("logging step")
         ax.set_title(name.replace("_", " "))
-        ax.legend(fontsize=7)
+        ax.legend(handles, labels, fontsize=7)
         fig.tight_layout()
         figs[f"plots/{name}.png"] = fig
     return figs
@@ -72,11 +87,13 @@ def run_step(cfg: DistillConfig, progress: bool = True) -> dict:
     from .. import tracking
     from ..distill.pipeline import distill
 
+    check_inputs(models={"--teacher": cfg.teacher, "--student": cfg.student},
+                 kbs={"--kb": cfg.kb if cfg.context != "none" else None}, files={"--data": cfg.data})
     params = dataclasses.asdict(cfg)
     version = data_version(cfg.data)
     tags = {"fsku.teacher": cfg.teacher, "fsku.student": cfg.student, "fsku.loss_type": cfg.loss_type,
             "fsku.data_version": version}
-    with tracking.run("distill", params, tags=tags) as active:
+    with tracking.run("distill", params, tags=tags, **run_labels("distill", cfg)) as active:
         result = distill(tracking.resolve_model_fields(cfg, "teacher", "student"),  # models:/ URIs -> local folders
                          log_fn=lambda metrics, step: tracking.log_metrics(metrics, step=step), progress=progress)
         s = result.stats

@@ -41,6 +41,8 @@ from ..evaluate.compare import (
 from ..evaluate.fsku_metric import load_gold_sets, write_test_csv
 from ..jsonl import write_jsonl
 from .args import step_main
+from .naming import run_labels
+from .preflight import check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,9 @@ def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
     check_not_input(out, {"--gold": [p.strip() for p in cfg.gold.split(",")],
                           "--retrieval-labels": [p.strip() for p in (cfg.retrieval_labels or "").split(",")],
                           "--kb": cfg.kb, "--model": cfg.model, "--judge-model": cfg.judge_model}, "--out-dir")
+    check_inputs(models={"--model": cfg.model if llm is None else None, "--judge-model": cfg.judge_model},
+                 kbs={"--kb": cfg.kb if kb is None and cfg.use_context else None},
+                 files={"--gold": cfg.gold, "--retrieval-labels": cfg.retrieval_labels})  # before anything loads
     gold = load_gold_sets(cfg.gold)
     load_s = None
     if llm is None:
@@ -172,7 +177,8 @@ def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
     params = {k: v for k, v in dataclasses.asdict(cfg).items()}
     digest = question_set_digest([g.question for g in gold])
     with tracking.run("evaluate", params, tags={"fsku.model": cfg.model, "fsku.context": cfg.context,
-                                                "fsku.dataset_role": cfg.dataset_role, "fsku.gold_digest": digest}) as active:
+                                                "fsku.dataset_role": cfg.dataset_role, "fsku.gold_digest": digest},
+                      **run_labels("evaluate", cfg)) as active:
         gold_frame = pd.DataFrame([{"ID": g.ID, "question": g.question, "answer": g.answer, "question_type": g.question_type,
                                     "keywords": g.keywords} for g in gold])
         tracking.log_dataset(gold_frame, name="fsku-gold-" + "+".join(Path(p.strip()).stem for p in cfg.gold.split(",")),

@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Optional
 
 from ..config import MainConfig
 from .args import step_main
+from .naming import run_labels
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def run_step(cfg: MainConfig, progress: bool = True) -> dict:
             raise FileNotFoundError(f"{path} not found: for the tiny demo models run `fsku make-tiny-models --out models/tiny "
                                     f"--kb {cfg.kb_out}` (or `make demo`), or pass a hub id / offline:<name>")
     commit = tracking.git_commit()
-    with tracking.run("main", dataclasses.asdict(cfg)) as active:
+    with tracking.run("main", dataclasses.asdict(cfg), **run_labels("main", cfg)) as active:
         def log_fn(name: str, entry: dict) -> None:
             tracking.set_tags({f"main.{name}.run_id": entry["run_id"], f"main.{name}.reused": entry["reused"],
                                **({f"main.{name}.version": entry["version"]} if "version" in entry else {})})

@@ -68,6 +68,8 @@ from ..package import (
 )
 from ..package import inference as bundle_inference
 from .args import step_main
+from .naming import run_labels
+from .preflight import check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +196,9 @@ def fill_wheelhouse(requirements: Path, wheelhouse: Path) -> float:
     step that may use the network (or the local indexes pip is configured with). Returns seconds."""
     wheelhouse.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    for args in pip_batches(requirements):
+    batches = pip_batches(requirements)
+    for i, args in enumerate(batches, 1):
+        log.info("package: pip wheel %d/%d into %s (%s)", i, len(batches), wheelhouse, " ".join(args)[:120])
         # `pip wheel`, not `download`: source-only packages are built here, so the offline side needs no build tools
         proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
                                "-w", str(wheelhouse), *args], capture_output=True, text=True)
@@ -228,9 +232,12 @@ def verify_bundle(bundle: Path, mode: str, work: Path, wheelhouse: Path | None =
         venv = work / "venv"
         remove_ours(venv, VENV_MARKERS, "verification virtualenv")
         t0 = time.perf_counter()
+        log.info("package: fresh virtualenv %s for the verification", venv)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         python = str(venv / "bin" / "python")
-        for args in pip_batches(bundle / "requirements.txt"):
+        batches = pip_batches(bundle / "requirements.txt")
+        for i, args in enumerate(batches, 1):
+            log.info("package: offline install %d/%d into the verification virtualenv (pip --no-index)", i, len(batches))
             proc = subprocess.run(prefix + [python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
                                             "--no-index", "--find-links", str(wheelhouse), *args],
                                   env={**env, "PIP_CONFIG_FILE": os.devnull}, capture_output=True, text=True)
@@ -242,6 +249,7 @@ def verify_bundle(bundle: Path, mode: str, work: Path, wheelhouse: Path | None =
     for stale in (out, out.with_name(out.name + ".partial.jsonl")):
         stale.unlink(missing_ok=True)
     t0 = time.perf_counter()
+    log.info("package: running the bundle's inference.py on its sample test (%s, isolation: %s)", mode, isolation)
     proc = subprocess.run(prefix + [python, str(bundle / "inference.py"), "--test", str(bundle / "sample" / "test.csv"),
                                     "--out", str(out), "--timing", str(work / "timing.json")],
                           env={**env, "TQDM_DISABLE": "1"}, capture_output=True, text=True, cwd=work)
@@ -265,6 +273,7 @@ def run_step(cfg: PackageConfig, progress: bool = True) -> dict:
     removed and <out>/bundle is left as it was."""
     from .. import tracking
 
+    check_inputs(models={"--model": cfg.model}, kbs={"--kb": cfg.kb})
     out = Path(cfg.out)
     final_bundle, refused_bundle = out / "bundle", out / "bundle.refused"
     check_not_input(out, {"--model": cfg.model, "--kb": cfg.kb, "--sample-test": cfg.sample_test,
@@ -299,7 +308,8 @@ def run_step(cfg: PackageConfig, progress: bool = True) -> dict:
         log.info("removing %s: an earlier run's refused bundle, superseded by %s", refused_bundle, bundle)
         remove_ours(refused_bundle, BUNDLE_MARKERS, "--out refused bundle folder")
 
-    with tracking.run("package", dataclasses.asdict(cfg), tags={"fsku.package": "refused" if problems else "ok"}) as run:
+    with tracking.run("package", dataclasses.asdict(cfg), tags={"fsku.package": "refused" if problems else "ok"},
+                      **run_labels("package", cfg)) as run:
         tracking.log_dict(manifest, "package/MANIFEST.json")
         tracking.log_metrics({"bundle_bytes": manifest["total_bytes"], "bundle_files": len(manifest["files"]),
                               **({"projected_min": result["projected_min"]} if result["projected_min"] is not None else {}),
@@ -320,6 +330,7 @@ def _assemble_and_check(cfg: PackageConfig, bundle: Path, out: Path, model_dir: 
                         facts: dict, policy: RulePolicy) -> tuple[dict, dict, list[str]]:
     """Write the bundle into the staging folder `bundle`, check the rules, verify it (when they pass)
     and write its MANIFEST.json: (result, manifest, problems)."""
+    log.info("package: copying the model %s and the knowledge base into %s", model_dir, bundle)
     shutil.copytree(model_dir, bundle / "model", ignore=shutil.ignore_patterns("__pycache__", "MLmodel", "*.pkl"))
     kb_info = copy_kb(kb_dir, bundle) if kb_dir else {}
     if kb_prov:
@@ -345,6 +356,7 @@ def _assemble_and_check(cfg: PackageConfig, bundle: Path, out: Path, model_dir: 
                for f in scan_network_use(py.read_text(encoding="utf-8"), py.relative_to(bundle).as_posix())]
     bundle_facts = BundleFacts(llms=count_llms(bundle), base=facts, network=network)
     problems = check_rules(bundle_facts, policy)
+    log.info("package: rule checks %s", "passed" if not problems else f"failed ({len(problems)} problems)")
     verification: dict = {}
     if not problems and cfg.verify != "none":
         # run where it was assembled: inference.py finds its files from its own location, and every file the

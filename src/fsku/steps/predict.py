@@ -27,6 +27,8 @@ from typing import Iterator
 
 from ..config import PredictConfig
 from .args import step_main
+from .naming import run_labels
+from .preflight import check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,10 @@ def run_step(cfg: PredictConfig, progress: bool = True, llm=None, kb=None, recor
     from ..infer.predict import check_outputs, predict
 
     check_outputs(cfg.input, cfg.out, kb=cfg.kb, model=cfg.model)  # before the MLflow run and the model load
-    with tracking.run("predict", dataclasses.asdict(cfg), tags={"fsku.model": cfg.model, "fsku.context": cfg.context}) as active:
+    check_inputs(models={"--model": cfg.model if llm is None else None},
+                 kbs={"--kb": cfg.kb if kb is None and cfg.use_context else None}, files={"--input": cfg.input})
+    with tracking.run("predict", dataclasses.asdict(cfg), tags={"fsku.model": cfg.model, "fsku.context": cfg.context},
+                      **run_labels("predict", cfg)) as active:
         result = predict(tracking.resolve_model_fields(cfg, "model", "kb"), cfg.input, cfg.out, restart=cfg.restart,
                          progress=progress, llm=llm, kb=kb, records_out=records, enforce=False)
         tracking.log_metrics({k: v for k, v in result.stats.items() if isinstance(v, (int, float))})

@@ -24,6 +24,7 @@ from typing import Iterator
 
 from ..config import EvaluateConfig, PromoteConfig, load_recipe
 from .args import step_main
+from .naming import run_labels
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ def run_step(cfg: PromoteConfig, progress: bool = True, score=None) -> dict:
     d = out["decision"]
     with tracking.run("promote", dataclasses.asdict(cfg), tags={"fsku.promotion": "promoted" if d["promote"] else "kept champion",
                                                                 "fsku.promotion_reason": d["reason"],
-                                                                "fsku.promotion_gate": cfg.gate}):
+                                                                "fsku.promotion_gate": cfg.gate},
+                      **run_labels("promote", cfg)):
         ev = d.get("evidence") or {}
         tracking.log_metrics({k: v for k, v in (("candidate_score", d["candidate_score"]),
                                                 ("champion_score", d["champion_score"]),

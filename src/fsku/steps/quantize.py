@@ -29,6 +29,8 @@ import pandas as pd
 from ..config import QuantizeConfig
 from ..outputs import check_not_input, check_replaceable
 from .args import step_main
+from .naming import run_labels
+from .preflight import check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +97,17 @@ def comparison_figure(summary: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..quantize import ratio_verdict
+
     keys = [k for k in summary if k.endswith("_ratio")]
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     values = [summary[k] for k in keys]
-    ax.barh([k.removesuffix("_ratio") for k in keys], values, color=["#55a868" if v <= 1 else "#c44e52" for v in values])
+    # coloured by each metric's direction: green where quantization helped, red where it cost
+    colours = {"better": "#55a868", "worse": "#c44e52", "same": "#8c8c8c"}
+    ax.barh([k.removesuffix("_ratio") for k in keys], values,
+            color=[colours[ratio_verdict(k, v)] for k, v in zip(keys, values, strict=True)])
     ax.axvline(1.0, color="black", lw=0.8)
-    ax.set_xlabel("quantized / original")
+    ax.set_xlabel("quantized / original (green: better, red: worse)")
     ax.set_title("what quantization changed")
     fig.tight_layout()
     return fig
@@ -124,6 +131,7 @@ def run_step(cfg: QuantizeConfig, progress: bool = True) -> dict:
         run_isolated,
     )
 
+    check_inputs(models={"--model": cfg.model}, files={"--gold": cfg.gold, "--calibration": cfg.calibration})
     out = Path(cfg.out)
     check_not_input(out, {"--model": cfg.model, "--gold": [g.strip() for g in cfg.gold.split(",") if g.strip()],
                           "--calibration": cfg.calibration}, "--out")
@@ -205,7 +213,7 @@ def run_step(cfg: QuantizeConfig, progress: bool = True) -> dict:
     params = dataclasses.asdict(cfg)
     tags = {"fsku.model": cfg.model, "fsku.quantization": cfg.method, "fsku.source": provenance.get("source", cfg.model)}
     version = ""
-    with tracking.run("quantize", params, tags=tags) as active:
+    with tracking.run("quantize", params, tags=tags, **run_labels("quantize", cfg)) as active:
         tracking.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         tracking.log_table(table, "tables/comparison.json")
         if len(questions):

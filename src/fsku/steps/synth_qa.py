@@ -22,6 +22,8 @@ import pandas as pd
 
 from ..config import SynthQAConfig
 from .args import step_main
+from .naming import run_labels
+from .preflight import check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +78,9 @@ def run_step(cfg: SynthQAConfig, progress: bool = True) -> dict:
     from ..synth.pipeline import synthesize
     from ..synth.split import SPLIT_NAMES
 
+    check_inputs(models={"--teacher": cfg.teacher, "--judge-model": cfg.judge_model}, kbs={"--kb": cfg.kb})
     params = dataclasses.asdict(cfg)
-    with tracking.run("synth_qa", params, tags={"fsku.teacher": cfg.teacher}) as active:
+    with tracking.run("synth_qa", params, tags={"fsku.teacher": cfg.teacher}, **run_labels("synth_qa", cfg)) as active:
         result = synthesize(tracking.resolve_model_fields(cfg, "teacher", "judge_model"), progress=progress)
         s = result.stats
         tracking.log_metrics({k: v for k, v in s.items() if isinstance(v, (int, float)) and v is not None})

@@ -35,6 +35,7 @@ from typing import Iterator
 from ..config import TuneConfig
 from ..tune import baseline_params, distill_space, parse_choices, recipes_from_params, retrieval_space, suggest, write_recipes
 from .args import step_main
+from .naming import run_labels
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,8 @@ def run_step(cfg: TuneConfig, progress: bool = True) -> dict:
     started = time.time()
 
     with tracking.run("tune", dataclasses.asdict(cfg), tags={"optuna.study": cfg.study_name,
-                                                            "optuna.storage": redact(cfg.storage)}) as parent:
+                                                            "optuna.storage": redact(cfg.storage)},
+                      **run_labels("tune", cfg)) as parent:
 
         def objective(trial) -> float:
             params = suggest(trial, space)
