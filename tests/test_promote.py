@@ -192,7 +192,14 @@ def test_promote_step_evaluates_both_students_on_the_same_set(tiny_models, tmp_p
     evaluations = out["evaluations"]
     assert set(table["evaluation_run"][:2]) == {evaluations["candidate"]["run_id"], evaluations["champion"]["run_id"]}
     for role in ("candidate", "champion"):
-        assert client.get_run(out["evaluations"][role]["run_id"]).data.tags["fsku.step"] == "evaluate"
+        evaluation = client.get_run(out["evaluations"][role]["run_id"])
+        assert evaluation.data.tags["fsku.step"] == "evaluate"
+        # nested under the decision run, which names both
+        assert evaluation.data.tags["mlflow.parentRunId"] == promote_run
+        assert client.get_run(promote_run).data.tags[f"fsku.{role}_evaluation"] == evaluation.info.run_id
+    promote_tags = client.get_run(promote_run).data.tags
+    assert promote_tags["fsku.promotion"] in ("promoted", "kept champion") and promote_tags["fsku.promotion_test"] == "exact McNemar"
+    assert client.get_run(promote_run).info.run_name == f"promote-{name}@latest-significant"
 
 
 def test_significant_gate_refuses_an_untestable_metric_before_evaluating(registered):

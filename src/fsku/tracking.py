@@ -167,14 +167,20 @@ def _entry_point_run_id() -> Optional[str]:
 def run(step: str, params: dict, tags: Optional[dict] = None, name: Optional[str] = None,
         note: Optional[str] = None) -> Iterator[mlflow.ActiveRun]:
     """Start (or, under `mlflow run`, attach to) a run for one pipeline step, named `name` (default: the
-    step; MLflow's random name is replaced) with `note` as its description."""
+    step; MLflow's random name is replaced) with `note` as its description. Inside another step's run
+    (promote's evaluations of candidate and champion) it is a run nested under that one."""
     _store()
-    entry = _entry_point_run_id()
+    parent = mlflow.active_run()
+    entry = None if parent is not None else _entry_point_run_id()
     if entry:
         _settle_entry_experiment(entry)
-    else:
+    elif parent is None:
         set_experiment(experiment_name())
-    with mlflow.start_run(run_id=entry, run_name=None if entry else (name or step)) as active:
+    if parent is not None:
+        started = mlflow.start_run(run_name=name or step, nested=True)
+    else:
+        started = mlflow.start_run(run_id=entry, run_name=None if entry else (name or step))
+    with started as active:
         if entry:
             mlflow.MlflowClient().update_run(active.info.run_id, name=name or step)
         mlflow.set_tags({"fsku.step": step, **({NOTE_TAG: note} if note else {}), **(tags or {})})

@@ -7,8 +7,8 @@ Usage:
     mlflow run . -e promote --env-manager local -P candidate=7 -P metric=mc_accuracy
 
 The candidate and the current champion are evaluated by the `evaluate` step on the same labelled set
-(each evaluation is its own MLflow run). Under the default gate `significant` the candidate must be
-better AND a paired test on the same questions must say so (`--significance`, default 0.05: exact McNemar
+(each evaluation an MLflow run nested under the promote run, which holds the decision). Under the
+default gate `significant` the candidate must be better AND a paired test on the same questions must say so (`--significance`, default 0.05: exact McNemar
 for mc_accuracy, a paired bootstrap for scores, stratified by question type for fsku_score); gate
 `margin` compares the two numbers only. The decision, both scores, the test, p, the gain's interval
 and both evaluation runs are tags on the candidate version and a table (decision.json) in a
@@ -65,15 +65,20 @@ def run_step(cfg: PromoteConfig, progress: bool = True, score=None) -> dict:
 
     version = tracking.parse_model_uri(f"models:/{cfg.model_name}/{cfg.candidate}")[1]
     kb_version = tracking.parse_model_uri(f"models:/{cfg.kb_name}/{cfg.kb_candidate}")[1] if cfg.kb_name else None
-    out = promote_release(cfg.model_name, Release(version, kb_version), score or evaluation_scorer(cfg, progress),
-                          margin=cfg.margin, kb_name=cfg.kb_name, higher_is_better=cfg.higher_is_better, metric=cfg.metric,
-                          gate=cfg.gate, alpha=cfg.significance)
-    d = out["decision"]
-    with tracking.run("promote", dataclasses.asdict(cfg), tags={"fsku.promotion": "promoted" if d["promote"] else "kept champion",
-                                                                "fsku.promotion_reason": d["reason"],
-                                                                "fsku.promotion_gate": cfg.gate},
+    # the decision run is opened first: the evaluations of candidate and champion are nested under it
+    with tracking.run("promote", dataclasses.asdict(cfg), tags={"fsku.promotion_gate": cfg.gate},
                       **run_labels("promote", cfg)):
+        out = promote_release(cfg.model_name, Release(version, kb_version), score or evaluation_scorer(cfg, progress),
+                              margin=cfg.margin, kb_name=cfg.kb_name, higher_is_better=cfg.higher_is_better,
+                              metric=cfg.metric, gate=cfg.gate, alpha=cfg.significance)
+        d = out["decision"]
         ev = d.get("evidence") or {}
+        evaluations = out.get("evaluations", {})
+        tracking.set_tags({"fsku.promotion": "promoted" if d["promote"] else "kept champion",
+                           "fsku.promotion_reason": d["reason"],
+                           **{f"fsku.{role}_evaluation": e["run_id"] for role, e in evaluations.items() if e.get("run_id")},
+                           **{f"fsku.promotion_{k}": v for k, v in (("test", ev.get("test")), ("p_value", ev.get("p_value")))
+                              if v is not None}})
         tracking.log_metrics({k: v for k, v in (("candidate_score", d["candidate_score"]),
                                                 ("champion_score", d["champion_score"]),
                                                 ("gain", ev.get("diff")), ("gain_ci95_low", ev.get("low")),
