@@ -155,6 +155,18 @@ def test_build_kb_cli_tracks_and_registers(tmp_path, e5_model_dir):
     model = mlflow.pyfunc.load_model(f"models:/fsku-kb/{version}")
     hits = model.predict(pd.DataFrame({"question": ["보안책임자 겸직 금지"]}), params={"top_k": 2})
     assert len(hits) == 2 and hits.iloc[0]["source"].endswith("표본_전자금융보안법.pdf")
+    # lineage: the version names its corpus hash, counts, settings and build run, and says so in words
+    mv = client.get_model_version("fsku-kb", str(version))
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert mv.tags["corpus_sha256"] == manifest["corpus_sha256"][:16] and mv.tags["documents"] == "6"
+    assert mv.tags["chunk_size"] == "200" and mv.tags["build_run"] == run.info.run_id and len(mv.tags["kb_version"]) == 12
+    assert mv.description.startswith("6 documents") and manifest["corpus_sha256"][:16] in mv.description
+    assert client.get_registered_model("fsku-kb").description
+    # the corpus and the labels are the run's dataset inputs; the run is named after its step and settings
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert {"fsku-corpus-sample_corpus", "fsku-retrieval-labels-sample_retrieval"} <= set(inputs)
+    assert run.info.run_name.startswith("build_kb-sample_corpus-200tok-")
+    assert run.data.tags["mlflow.note.content"].startswith("build_kb:")
 
 
 @pytest.mark.slow
@@ -169,6 +181,13 @@ def test_mlflow_run_entry_point(tmp_path, e5_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "registered: models:/fsku-kb-e2e/1" in proc.stdout
     assert (out / "manifest.json").exists()
+    # without --experiment-name MLflow filed the run under experiment 0: on a SQLite store it is the project's
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(client.get_model_version("fsku-kb-e2e", "1").run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "fsku"
+    assert run.info.run_name.startswith("build_kb-sample_corpus-")
 
 
 def test_ingest_and_eval_retrieval_commands(sample_kb, tmp_path, capsys):

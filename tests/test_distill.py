@@ -34,6 +34,11 @@ def synth_dir(tmp_path):
     for r in recs:
         r.split = "train"
     write_jsonl(recs, folder / "train.jsonl")
+    # what synth_qa writes beside it: the split as parquet, and its stats (the KB version the items came from)
+    from fsku.synth.pipeline import records_frame
+
+    records_frame(recs).to_parquet(folder / "train.parquet", index=False)
+    (folder / "stats.json").write_text(json.dumps({"kb_version": "abc123def456", "teacher": "tiny"}))
     return folder
 
 
@@ -408,6 +413,17 @@ def test_distill_step_logs_to_mlflow_and_registers_the_student(tiny_models, synt
     mv = client.get_model_version("fsku-student-test", version)
     assert mv.tags["loss_type"] == "distillm_v2" and mv.tags["alpha"] == "0.2" and mv.tags["beta"] == "0.5"
     assert mv.tags["teacher"] == cfg.teacher and len(mv.tags["data_version"]) == 12
+    # lineage: the training data by its MLflow dataset digest, the same a synth_qa run logging the split gets
+    from fsku import tracking
+    from fsku.steps.synth_qa import log_split_dataset
+
+    with tracking.run("synth_qa", {}):
+        produced = log_split_dataset(synth_dir, "train", {})
+    assert mv.tags["training_dataset"] == f"fsku-synth-train@{produced.digest}"
+    assert mv.tags["kb_version"] == "abc123def456" and mv.tags["distill_run"] == run_id
+    assert "distilled from" in mv.description and "abc123def456" in mv.description
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"fsku-synth-train"}
+    assert run.info.run_name == "distill-distillm_v2-r4-2steps"
     # the registered pyfunc answers prompts
     model = mlflow.pyfunc.load_model(f"models:/fsku-student-test/{version}")
     import pandas as pd

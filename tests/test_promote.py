@@ -198,8 +198,14 @@ def test_promote_step_evaluates_both_students_on_the_same_set(tiny_models, tmp_p
         assert evaluation.data.tags["mlflow.parentRunId"] == promote_run
         assert client.get_run(promote_run).data.tags[f"fsku.{role}_evaluation"] == evaluation.info.run_id
     promote_tags = client.get_run(promote_run).data.tags
-    assert promote_tags["fsku.promotion"] in ("promoted", "kept champion") and promote_tags["fsku.promotion_test"] == "exact McNemar"
+    assert promote_tags["fsku.promotion"] in ("promoted", "kept champion")
+    assert promote_tags["fsku.promotion_test"] == "exact McNemar"
     assert client.get_run(promote_run).info.run_name == f"promote-{name}@latest-significant"
+    # the evaluations' headline scores are on the registered models' pages, with the gold set they came from
+    for version in (v1, v2):
+        logged = client.get_logged_model(client.get_model_version(name, version).model_id)
+        scores = [m for m in logged.metrics or [] if m.key == "mc_accuracy"]
+        assert scores and scores[0].dataset_name == "fsku-gold-sample_qa"
 
 
 def test_significant_gate_refuses_an_untestable_metric_before_evaluating(registered):

@@ -218,9 +218,26 @@ def set_tags(tags: dict) -> None:
     mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
-def log_metrics(metrics: dict, step: Optional[int] = None) -> None:
+def log_metrics(metrics: dict, step: Optional[int] = None, model_uri: Optional[str] = None, dataset=None) -> None:
+    """Numeric values of `metrics` on the active run; with `model_uri` (a models:/ URI) also linked to that
+    version's logged model and with `dataset` (what log_dataset returned) to the data, so the scores show on
+    the model's page in the UI."""
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    mlflow.log_metrics(clean, step=step)
+    model_id = logged_model_id(model_uri) if model_uri else None
+    mlflow.log_metrics(clean, step=step, **({"model_id": model_id} if model_id else {}),
+                       **({"dataset": dataset} if dataset is not None and model_id else {}))
+
+
+def logged_model_id(model_uri: str) -> Optional[str]:
+    """The logged-model id behind a ``models:/name/<version>`` or ``models:/name@alias`` URI (None for
+    anything else, or a version registered without one)."""
+    if not str(model_uri).startswith("models:/"):
+        return None
+    try:
+        name, version = parse_model_uri(model_uri)
+        return getattr(mlflow.MlflowClient().get_model_version(name, version), "model_id", None)
+    except (ValueError, mlflow.exceptions.MlflowException):
+        return None
 
 
 def log_artifacts(folder: str | Path, artifact_path: Optional[str] = None) -> None:
@@ -260,9 +277,10 @@ def log_dict(data: dict, name: str) -> None:
 
 
 def log_dataset(df: pd.DataFrame, name: str, source: str, context: str, targets: Optional[str] = None,
-                tags: Optional[dict] = None) -> None:
-    """Record a dataset as a run input (mlflow.data): name, digest, schema and source lineage.
-    Nested values (lists, dicts) are stored as JSON strings so the schema can be inferred."""
+                tags: Optional[dict] = None):
+    """Record a dataset as a run input (mlflow.data): name, digest, schema and source lineage; returns
+    the dataset (its `.digest` links a consumer's run to the producer's). Nested values (lists, dicts)
+    are stored as JSON strings so the schema can be inferred."""
     import json
 
     import mlflow.data
@@ -275,7 +293,7 @@ def log_dataset(df: pd.DataFrame, name: str, source: str, context: str, targets:
     for attempt in range(5):
         try:
             mlflow.log_input(dataset, context=context, tags=tags)
-            return
+            return dataset
         except mlflow.exceptions.MlflowException as exc:
             # two runs logging the same new dataset at once (tune workers, parallel evaluations): the
             # store's get-or-create loses a unique-constraint race; the retry finds the winner's row
@@ -339,12 +357,26 @@ KB_SIGNATURE = ModelSignature(
 )
 
 
-def register_knowledge_base(kb_folder: str | Path, name: str) -> str:
-    """Log the KB folder as a pyfunc model in the active run and register it; returns the version."""
+def _describe_version(name: str, version: str, tags: dict, description: str, model_description: str) -> None:
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    if description:
+        client.update_model_version(name, version, description=description)
+    if model_description and not (client.get_registered_model(name).description or "").strip():
+        client.update_registered_model(name, description=model_description)
+
+
+def register_knowledge_base(kb_folder: str | Path, name: str, tags: Optional[dict] = None, description: str = "",
+                            model_description: str = "") -> str:
+    """Log the KB folder as a pyfunc model in the active run and register it, with version `tags` (its
+    lineage) and `description` (the registered model gets `model_description` when it has none yet);
+    returns the version."""
     info = mlflow.pyfunc.log_model(
         name="kb", python_model=KnowledgeBaseModel(), artifacts={"kb": str(kb_folder)},
         signature=KB_SIGNATURE, registered_model_name=name, pip_requirements=_pip_requirements())
     version = str(info.registered_model_version)
+    _describe_version(name, version, tags or {}, description, model_description)
     mlflow.set_tag("fsku.kb_model", f"models:/{name}/{version}")
     return version
 
@@ -372,16 +404,16 @@ STUDENT_SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "prompt")]),
                                    params=ParamSchema([ParamSpec("max_new_tokens", "long", 256)]))
 
 
-def register_student(model_folder: str | Path, name: str, tags: dict[str, str]) -> str:
-    """Log the merged student folder as a pyfunc model in the active run, register it as a new
-    version of `name` and tag that version (base model, teacher, loss, alpha, beta, data version)."""
+def register_student(model_folder: str | Path, name: str, tags: dict[str, str], description: str = "",
+                     model_description: str = "", logged_name: str = "student") -> str:
+    """Log the merged student folder as a pyfunc model (`logged_name`: distill's `student`, quantize's
+    `student-int8`, ...) in the active run, register it as a new version of `name`, tag that version
+    (its lineage: base model, teacher, loss, training data digest, KB version, ...) and describe it."""
     info = mlflow.pyfunc.log_model(
-        name="student", python_model=StudentModel(), artifacts={"model": str(model_folder)},
+        name=logged_name, python_model=StudentModel(), artifacts={"model": str(model_folder)},
         signature=STUDENT_SIGNATURE, registered_model_name=name, pip_requirements=_pip_requirements())
     version = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value))
+    _describe_version(name, version, tags, description, model_description)
     mlflow.set_tag("fsku.student_model", f"models:/{name}/{version}")
     return version
 

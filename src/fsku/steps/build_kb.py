@@ -17,6 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from .. import tracking
 from ..config import BuildKBConfig
 from ..evaluate.compare import format_interval
@@ -24,7 +26,7 @@ from ..evaluate.retrieval import evaluate_retrieval
 from ..ingest import SKIP_REASONS
 from ..kb import build_knowledge_base
 from .args import step_main
-from .naming import run_labels
+from .naming import KB_MODEL_DESCRIPTION, kb_lineage, run_labels
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,17 @@ def run_step(cfg: BuildKBConfig, progress: bool = True) -> dict:
         metrics.update({f"skipped_{k}": 0 for k in SKIP_REASONS})
         metrics.update({f"skipped_{k}": v for k, v in stats["skipped_by_reason"].items()})
         tracking.log_metrics(metrics)
+        documents = pd.DataFrame(kb.manifest.get("documents", []))
+        if not documents.empty:  # the corpus as a run input: one row per document (source, sha256, title, level)
+            tracking.log_dataset(documents, name=f"fsku-corpus-{Path(cfg.corpus).name}", source=str(cfg.corpus),
+                                 context="corpus", tags={"corpus_sha256": str(kb.manifest.get("corpus_sha256", ""))[:16]})
+        if cfg.labels:
+            from ..jsonl import iter_jsonl
+
+            labels = pd.DataFrame([obj for _, obj in iter_jsonl(cfg.labels)])
+            if not labels.empty:
+                tracking.log_dataset(labels, name=f"fsku-retrieval-labels-{Path(cfg.labels).stem}", source=str(cfg.labels),
+                                     context="evaluation")
         result = {"run_id": active.info.run_id, "kb": str(Path(cfg.out).resolve()), "stats": stats}
         if cfg.labels:
             rcfg = dataclasses.replace(kb.retrieve_defaults(), top_k=cfg.top_k, candidates=max(50, cfg.top_k))
@@ -73,7 +86,12 @@ def run_step(cfg: BuildKBConfig, progress: bool = True) -> dict:
             result["retrieval"] = rmetrics
         tracking.log_artifacts(cfg.out, "kb")
         if cfg.register_as:
-            result["registered"] = f"models:/{cfg.register_as}/{tracking.register_knowledge_base(cfg.out, cfg.register_as)}"
+            from ..infer.orchestrate import kb_version
+
+            tags, description = kb_lineage(kb.manifest, kb_version(kb), active.info.run_id)
+            version = tracking.register_knowledge_base(cfg.out, cfg.register_as, tags=tags, description=description,
+                                                       model_description=KB_MODEL_DESCRIPTION)
+            result["registered"] = f"models:/{cfg.register_as}/{version}"
         result["tracking_uri"] = tracking.tracking_uri()
     return result
 

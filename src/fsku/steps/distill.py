@@ -24,8 +24,9 @@ import pandas as pd
 
 from ..config import DistillConfig
 from .args import step_main
-from .naming import run_labels
+from .naming import STUDENT_MODEL_DESCRIPTION, run_labels, student_description
 from .preflight import check_inputs
+from .synth_qa import log_split_dataset
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,18 @@ def loss_curve_figures(history: list[dict]) -> dict:
     return figs
 
 
+def _synth_stats(data: str | Path) -> dict:
+    """synth_qa's stats.json in the data folder ({} when the folder was not written by synth_qa)."""
+    import json
+
+    path = Path(data) / "stats.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError:
+        log.warning("%s is not JSON: the student's lineage tags leave out the synthetic data's KB and teacher", path)
+        return {}
+
+
 def data_version(data: str | Path) -> str:
     path = Path(data) / "train.jsonl"
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.exists() else ""
@@ -118,12 +131,23 @@ def run_step(cfg: DistillConfig, progress: bool = True) -> dict:
             tracking.log_table(sample.head(50), "tables/pairs_sample.json")
         tracking.log_dict(s, "stats.json")
         tracking.log_artifact(Path(cfg.out) / f"pairs_r{cfg.rounds}.jsonl", "distill")
+        synth_stats = _synth_stats(cfg.data)
+        datasets = {split: log_split_dataset(cfg.data, split, {"kb_version": synth_stats.get("kb_version", ""),
+                                                                "teacher": synth_stats.get("teacher", "")})
+                    for split in ("train", "validation")}
         model_version = ""
         if cfg.register_as:
-            model_version = tracking.register_student(result.merged, cfg.register_as, {
+            train = datasets.get("train")
+            lineage = {
                 "base_model": cfg.student, "teacher": cfg.teacher, "loss_type": cfg.loss_type, "alpha": cfg.alpha,
                 "adaptive_alpha": cfg.adaptive_alpha, "beta": cfg.beta, "data": cfg.data, "data_version": version,
-                "rounds": cfg.rounds, "steps": final["steps"]})
+                "rounds": cfg.rounds, "steps": final["steps"], "distill_run": active.info.run_id,
+                # the MLflow dataset digest: the same as on the synth_qa run that wrote the data
+                "training_dataset": f"{train.name}@{train.digest}" if train is not None else "",
+                "kb_version": synth_stats.get("kb_version", ""), "synth_teacher": synth_stats.get("teacher", "")}
+            model_version = tracking.register_student(result.merged, cfg.register_as, lineage,
+                                                      description=student_description("distilled", lineage),
+                                                      model_description=STUDENT_MODEL_DESCRIPTION)
         run_id = active.info.run_id
     return {"result": result, "run_id": run_id, "version": model_version, "tracking_uri": tracking.tracking_uri()}
 

@@ -143,6 +143,9 @@ def warn_if_selected_on(digest: str, cfg: EvaluateConfig, kb) -> None:
         tracking.set_tags({"fsku.report_warning": note})
 
 
+MODEL_PAGE_METRICS = ("fsku_score", "mc_accuracy", "descriptive_score", "descriptive_cosine", "descriptive_keyword_recall")
+
+
 def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> dict:
     """Predict on cfg.gold, score, log everything to one MLflow run; `llm` / `kb`: already loaded ones."""
     from ..evaluate.fsku_metric import embedding_cosine, embedding_encoder, fsku_score, keyword_recall
@@ -181,9 +184,10 @@ def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
                       **run_labels("evaluate", cfg)) as active:
         gold_frame = pd.DataFrame([{"ID": g.ID, "question": g.question, "answer": g.answer, "question_type": g.question_type,
                                     "keywords": g.keywords} for g in gold])
-        tracking.log_dataset(gold_frame, name="fsku-gold-" + "+".join(Path(p.strip()).stem for p in cfg.gold.split(",")),
-                             source=cfg.gold, context="evaluation", targets="answer",
-                             tags={"fsku.role": cfg.dataset_role, "fsku.questions_digest": digest})
+        gold_name = "fsku-gold-" + "+".join(Path(p.strip()).stem for p in cfg.gold.split(","))
+        gold_dataset = tracking.log_dataset(gold_frame, name=gold_name, source=cfg.gold, context="evaluation",
+                                            targets="answer",
+                                            tags={"fsku.role": cfg.dataset_role, "fsku.questions_digest": digest})
         if cfg.dataset_role == "report":
             warn_if_selected_on(digest, cfg, kb)
         result = predict(cfg, test_csv, out / "submission.csv", restart=cfg.restart, progress=progress, llm=llm, kb=kb)
@@ -260,7 +264,10 @@ def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
         if cfg.judge_model:
             metrics.update(judge_rag(cfg, gold, records, llm, kb,
                                      cosine if needs_cosine else embedding_cosine(cfg.scorer_embedding)))
-        tracking.log_metrics({k: v for k, v in metrics.items() if v is not None})
+        # the headline scores are linked to the registered model and the gold set: the model's page shows them
+        headline = {k: v for k, v in metrics.items() if k in MODEL_PAGE_METRICS and v is not None}
+        tracking.log_metrics(headline, model_uri=cfg.model, dataset=gold_dataset)
+        tracking.log_metrics({k: v for k, v in metrics.items() if v is not None and k not in headline})
         tracking.log_table(table, "per_question.json")
         for name, fig in _plots(table).items():
             tracking.log_figure(fig, name)

@@ -96,3 +96,42 @@ def run_note(stage: str) -> str:
 def run_labels(stage: str, cfg) -> dict[str, str]:
     """`name` and `note` for `tracking.run` (``tracking.run(stage, params, **run_labels(stage, cfg))``)."""
     return {"name": run_name(stage, cfg), "note": run_note(stage)}
+
+
+# ----------------------------------------------------------------------------- registry cards
+KB_MODEL_DESCRIPTION = ("Knowledge bases built by fsku's build_kb: statute-aware chunks, BM25 + dense index, fusion "
+                        "settings in the manifest. Each version's tags give its corpus hash, counts and settings.")
+STUDENT_MODEL_DESCRIPTION = ("LLM students of fsku: LoRA-distilled from a teacher (distill) or quantized (quantize). "
+                             "Each version's tags give base model, teacher, training data digest and KB version; "
+                             "promote's tags say which evaluation made it champion.")
+KB_LINEAGE_FIELDS = ("chunk_size", "chunk_overlap", "length_unit", "statute_mode", "bm25_tokenizer", "embedding_model",
+                     "fusion", "w_bm25", "statute_family", "w_link", "group")
+
+
+def kb_lineage(manifest: dict, kb_version: str, run_id: str) -> tuple[dict, str]:
+    """(version tags, description) of a registered KB from its manifest: corpus and its hash, counts,
+    chunking and fusion settings, the KB version the answer caches key on, the build run."""
+    params, stats = manifest.get("params", {}), manifest.get("stats", {})
+    levels = {k.removeprefix("documents_"): v for k, v in stats.items() if k.startswith("documents_") and v}
+    tags = {"corpus": params.get("corpus", ""), "corpus_sha256": str(manifest.get("corpus_sha256", ""))[:16],
+            "documents": stats.get("documents", len(manifest.get("documents", []))), "chunks": stats.get("chunks", ""),
+            "kb_version": kb_version, "build_run": run_id,
+            **{f: params.get(f, "") for f in KB_LINEAGE_FIELDS if f in params}}
+    level_text = f" ({', '.join(f'{k} {v}' for k, v in levels.items())})" if levels else ""
+    description = (f"{tags['documents']} documents{level_text} from {tags['corpus']}, {tags['chunks']} chunks of at most "
+                   f"{params.get('chunk_size', '?')} {params.get('length_unit', '')}; BM25 ({params.get('bm25_tokenizer', '?')})"
+                   f" + dense ({short_model(params.get('embedding_model'))}), fusion {params.get('fusion', '?')} w_bm25 "
+                   f"{params.get('w_bm25', '?')}. Corpus sha256 {tags['corpus_sha256']}…, KB version {kb_version}; "
+                   f"built by run {run_id}.")
+    return tags, description
+
+
+def student_description(kind: str, tags: dict) -> str:
+    """A registered student version's model card in one paragraph, from its lineage tags."""
+    if kind == "quantized":
+        return (f"{tags.get('source', '?')} quantized with {tags.get('quantization', '?')} ({tags.get('bits', '?')} bits); "
+                f"multiple-choice accuracy {tags.get('mc_accuracy_original', '?')} -> {tags.get('mc_accuracy', '?')} on "
+                f"the comparison set; base model {tags.get('base_model', '?')}, teacher {tags.get('teacher', '?')}.")
+    return (f"{short_model(tags.get('base_model'))} student distilled from {short_model(tags.get('teacher'))} with "
+            f"{tags.get('loss_type', '?')} (LoRA, {tags.get('steps', '?')} steps) on {tags.get('training_dataset', '?')} "
+            f"(synthetic QA from KB version {tags.get('kb_version', '?')}); distill run {tags.get('distill_run', '?')}.")

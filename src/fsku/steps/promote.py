@@ -8,11 +8,12 @@ Usage:
 
 The candidate and the current champion are evaluated by the `evaluate` step on the same labelled set
 (each evaluation an MLflow run nested under the promote run, which holds the decision). Under the
-default gate `significant` the candidate must be better AND a paired test on the same questions must say so (`--significance`, default 0.05: exact McNemar
-for mc_accuracy, a paired bootstrap for scores, stratified by question type for fsku_score); gate
-`margin` compares the two numbers only. The decision, both scores, the test, p, the gain's interval
-and both evaluation runs are tags on the candidate version and a table (decision.json) in a
-`promote` run. The old champion keeps the alias `previous`.
+default gate `significant` the candidate must be better AND a paired test on the same questions must
+say so (`--significance`, default 0.05: exact McNemar for mc_accuracy, a paired bootstrap for scores,
+stratified by question type for fsku_score); gate `margin` compares the two numbers only. The
+decision, both scores, the test, p, the gain's interval and both evaluation runs are tags on the
+candidate version and on the promote run, and a table (decision.json) in it. The old champion keeps
+the alias `previous`.
 """
 from __future__ import annotations
 

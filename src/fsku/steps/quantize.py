@@ -29,7 +29,7 @@ import pandas as pd
 from ..config import QuantizeConfig
 from ..outputs import check_not_input, check_replaceable
 from .args import step_main
-from .naming import run_labels
+from .naming import STUDENT_MODEL_DESCRIPTION, run_labels, student_description
 from .preflight import check_inputs
 
 log = logging.getLogger(__name__)
@@ -222,11 +222,15 @@ def run_step(cfg: QuantizeConfig, progress: bool = True) -> dict:
         tracking.log_dict(info, "fsku_quantization.json")
         if cfg.register_as:
             source_tags = {k.removeprefix("source."): v for k, v in provenance.items() if k.startswith("source.")}
-            version = tracking.register_student(model_dir, cfg.register_as, {
+            lineage = {
                 **source_tags, "quantization": cfg.method, "bits": METHODS[cfg.method].bits,
                 "source": provenance.get("source", cfg.model), "source_version": provenance.get("source_version", ""),
                 "compute_dtype": info.get("compute_dtype", ""), "mc_accuracy": summary.get("quantized_mc_accuracy", ""),
-                "mc_accuracy_original": summary.get("original_mc_accuracy", "")})
+                "mc_accuracy_original": summary.get("original_mc_accuracy", ""), "quantize_run": active.info.run_id}
+            version = tracking.register_student(model_dir, cfg.register_as, lineage,
+                                                description=student_description("quantized", lineage),
+                                                model_description=STUDENT_MODEL_DESCRIPTION,
+                                                logged_name=f"student-{cfg.method}")
         run_id = active.info.run_id
     return {"summary": summary, "table": table, "model_dir": model_dir, "version": version, "run_id": run_id,
             "registered_as": cfg.register_as, "tracking_uri": tracking.tracking_uri()}

@@ -71,6 +71,23 @@ def _plots(stats: dict, accepted: pd.DataFrame) -> dict:
     return figs
 
 
+def log_split_dataset(folder: str | Path, split: str, tags: dict, context: str | None = None):
+    """One split of a synth_qa folder (its parquet file, read as written) as an MLflow dataset input of the
+    active run; None when the split is empty. synth_qa (the producer) and distill (the consumer) both log
+    it this way, so the two runs carry the same digest."""
+    from .. import tracking
+
+    path = Path(folder) / f"{split}.parquet"
+    if not path.is_file():
+        return None
+    frame = pd.read_parquet(path)
+    if frame.empty:
+        return None
+    return tracking.log_dataset(frame, name=f"fsku-synth-{split}", source=str(path),
+                                context=context or ("training" if split == "train" else split), targets="answer",
+                                tags={k: str(v) for k, v in tags.items()})
+
+
 def run_step(cfg: SynthQAConfig, progress: bool = True) -> dict:
     """Synthesize, filter and split QA items, logged to one MLflow run: {"result" (SynthResult), "run_id",
     "tracking_uri"}."""
@@ -90,11 +107,7 @@ def run_step(cfg: SynthQAConfig, progress: bool = True) -> dict:
         accepted = pd.DataFrame([r.to_dict() for r in result.outcome.accepted])
         if not accepted.empty:
             for split in SPLIT_NAMES:
-                part = accepted[accepted["split"] == split]
-                if not part.empty:
-                    tracking.log_dataset(part, name=f"fsku-synth-{split}", source=str(Path(cfg.out) / f"{split}.parquet"),
-                                         context="training" if split == "train" else split, targets="answer",
-                                         tags={"kb": str(cfg.kb), "kb_version": s["kb_version"], "teacher": cfg.teacher})
+                log_split_dataset(cfg.out, split, {"kb": str(cfg.kb), "kb_version": s["kb_version"], "teacher": cfg.teacher})
             sample = accepted.groupby(["kind", "qtype"], group_keys=False).head(5)
             tracking.log_table(sample[["qa_id", "kind", "qtype", "question", "answer", "keywords", "difficulty_level",
                                        "overall_quality_score", "split"]].astype(str), "tables/sample_items.json")
