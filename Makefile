@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 # oneDNN's AMX kernels crash (SIGILL) on some virtual CPUs that advertise AMX; AVX-512 is safe.
 export ONEDNN_MAX_CPU_ISA ?= AVX512_CORE_BF16
 
-.PHONY: setup models llm-models demo test ui bench bench-answering clean
+.PHONY: setup models llm-models demo test ui dashboard bench bench-answering clean
 
 # the LLM `make demo` answers with: a tiny model built from config (seconds on CPU); for real answers
 # run `make llm-models` once and `make demo DEMO_MODEL=offline:qwen2.5-coder-0.5b-instruct`
@@ -46,6 +46,9 @@ demo: models
 	# -> distill (DistiLLM-2 LoRA student) -> quantize (int8, before/after) -> evaluate -> promote (champion)
 	# -> package (rule-checked bundle, verified offline in a fresh venv); a rerun continues where it stopped
 	$(BIN)/mlflow run . -e main --env-manager local
+	# a small retrieval study: Optuna TPE over chunk size and fusion, each trial a nested run, plots (PNG + HTML) in the UI
+	$(BIN)/mlflow run . -e tune --env-manager local -P study=retrieval -P n_trials=6 -P chunk_overlaps=32 \
+		-P bm25_tokenizers=kiwi -P recipe_out=outputs/tune/recipes
 	$(BIN)/mlflow run . -e predict --env-manager local -P model=$(DEMO_MODEL) -P kb=outputs/kb \
 		-P input=evaluation/sample_test.csv -P out=outputs/submission.csv -P max_new_tokens=48
 	$(BIN)/fsku validate --submission outputs/submission.csv --test evaluation/sample_test.csv
@@ -53,6 +56,7 @@ demo: models
 	@echo "Knowledge base: $(CURDIR)/outputs/kb ; champions: models:/fsku-student@champion, models:/fsku-kb@champion"
 	@echo "Synthetic QA: outputs/main/synth_qa ; distilled student: outputs/main/distill/merged ; int8 report: outputs/main/quantize/comparison.csv"
 	@echo "Evaluation: $(CURDIR)/outputs/main/evaluate ; promotion: $(CURDIR)/outputs/main/promote"
+	@echo "Retrieval study: $(CURDIR)/outputs/tune (browse with: make dashboard) ; best recipe: outputs/tune/recipes"
 	@echo "Submission bundle: $$(ls $(CURDIR)/outputs/main/package/*.zip) (MANIFEST.json and MODEL_CARD.md inside)"
 	@echo "Submission (sample test, $(DEMO_MODEL)): $(CURDIR)/outputs/submission.csv"
 
@@ -74,6 +78,12 @@ bench-answering: llm-models
 ui: setup
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 \
 		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+
+# optuna-dashboard on the tune studies' storage (the dashboard extra, installed on first use); STUDY_DB to point elsewhere
+STUDY_DB ?= sqlite:///$(CURDIR)/outputs/tune/optuna.db
+dashboard: setup
+	$(BIN)/python -c "import optuna_dashboard" 2>/dev/null || $(BIN)/pip install -q 'optuna-dashboard==0.21.0' 'bottle==0.13.4'
+	$(BIN)/optuna-dashboard --host 127.0.0.1 --port 8080 $(STUDY_DB)
 
 clean:
 	rm -rf outputs .cache mlruns mlflow.db

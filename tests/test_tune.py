@@ -218,6 +218,8 @@ def test_retrieval_study_nested_runs_plots_recipes_and_resume_by_name(tmp_path):
     assert sum(r.data.tags["optuna.baseline"] == "True" for r in children) == 1
     artifacts = {a.path for a in client.list_artifacts(out["run_id"], "plots")}
     assert {"plots/optimization_history.png", "plots/param_importances.png", "plots/parallel_coordinate.png"} <= artifacts
+    # the same plots, interactive (plotly HTML), beside the PNGs
+    assert {"plots/optimization_history.html", "plots/param_importances.html", "plots/parallel_coordinate.html"} <= artifacts
     best = load_recipe(tmp_path / "recipes" / "build_kb.yaml")
     assert best.chunk_size == out["best_params"]["chunk_size"] and best.fusion == out["best_params"]["fusion"]
     # the same name joins the stored study: 2 more trials, no second baseline

@@ -144,30 +144,37 @@ def build_objective(cfg: TuneConfig, progress: bool):
     return objective, space, baseline_params(space, dataclasses.asdict(base)), base
 
 
+PLOTS = {"optimization_history": "plot_optimization_history", "param_importances": "plot_param_importances",
+         "parallel_coordinate": "plot_parallel_coordinate"}
+
+
 def _plots(study, distill: bool) -> dict:
-    """name -> matplotlib figure for the plots the study supports now (too few trials -> skipped)."""
+    """name -> figure for the plots the study supports now (too few trials -> skipped): a matplotlib PNG
+    and, where plotly is installed, the same plot as interactive HTML (zoom, hover on a trial's params)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import optuna.visualization.matplotlib as ov
+    import optuna.visualization as interactive
+    import optuna.visualization.matplotlib as static
     from optuna.exceptions import ExperimentalWarning
 
-    wanted = {"optimization_history.png": ov.plot_optimization_history,
-              "param_importances.png": ov.plot_param_importances,
-              "parallel_coordinate.png": ov.plot_parallel_coordinate}
-    if distill:
-        wanted["intermediate_values.png"] = ov.plot_intermediate_values
+    wanted = dict(PLOTS, **({"intermediate_values": "plot_intermediate_values"} if distill else {}))
+    html = interactive.is_available()
+    if not html:
+        log.info("plotly is not installed: the study's plots are logged as PNG only")
     figures = {}
     for name, fn in wanted.items():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)
-                ax = fn(study)
+                ax = getattr(static, fn)(study)
+                if html:
+                    figures[f"{name}.html"] = getattr(interactive, fn)(study)
             ax = ax.flat[0] if hasattr(ax, "flat") else ax
             fig = ax.figure
             fig.set_size_inches(8, 5)
             fig.tight_layout()
-            figures[name] = fig
+            figures[f"{name}.png"] = fig
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
             log.warning("plot %s skipped: %s", name, exc)
     return figures
