@@ -268,3 +268,16 @@ def test_real_offline_qwen_answers_through_the_backend_layer():
     d = Answerer(llm, InferConfig(kb=None, context="none", max_new_tokens=24)).answer(
         classify_question("D1", "일회용 비밀번호(OTP)를 설명하세요."), [])
     assert d.answer and "<|im_end|>" not in d.answer
+
+
+def test_best_gate_score_on_each_signal():
+    from types import SimpleNamespace
+
+    from fsku.config import InferConfig
+    from fsku.infer.answer import best_gate_score
+
+    hits = [SimpleNamespace(dense=0.81, bm25=6.0, rerank=None), SimpleNamespace(dense=0.93, bm25=2.0, rerank=0.4)]
+    assert best_gate_score(hits, InferConfig(gate_signal="dense")) == 0.93
+    assert best_gate_score(hits, InferConfig(gate_signal="bm25", gate_threshold=1.0), query_terms=3) == 2.0
+    assert best_gate_score(hits, InferConfig(gate_signal="rerank", gate_threshold=0.1, reranker="llm")) == 0.4
+    assert best_gate_score([], InferConfig()) is None

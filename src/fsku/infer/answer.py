@@ -90,6 +90,7 @@ class Answer:
     copy_overlap: float = 0.0  # share of its 8-character grams found in the context
     copied: bool = False  # over a copy limit after the re-ask (or with no re-ask possible)
     rephrased: bool = False  # the answer copied its context and the model was asked to rephrase it
+    gate_score: Optional[float] = None  # the best retrieved passage on the gate's scale (None: no retrieval)
 
     def to_record(self) -> dict:
         return dict(self.__dict__)
@@ -110,6 +111,12 @@ def gate_signal(hit, cfg: InferConfig, query_terms: int = 1) -> Optional[float]:
     if cfg.gate_signal == "rerank":
         return getattr(hit, "rerank", None)
     return None if hit.bm25 is None else hit.bm25 / max(1, query_terms)
+
+
+def best_gate_score(hits: list, cfg: InferConfig, query_terms: int = 1) -> Optional[float]:
+    """The highest gate signal among `hits` (what the gate compares with its threshold); None without any."""
+    values = [v for h in hits if (v := gate_signal(h, cfg, query_terms)) is not None]
+    return float(max(values)) if values else None
 
 
 def gate_passages(hits: list, cfg: InferConfig, query_terms: int = 1) -> list:
@@ -514,6 +521,7 @@ class Answerer:
         fn = self.answer_mc if q.question_type == "multiple_choice" else self.answer_descriptive
         a = fn(q, hits, fast=fast, deadline=deadline, query_terms=query_terms, minimal=minimal)
         a.inference_time = round(time.perf_counter() - t0, 3)
+        a.gate_score = best_gate_score(hits, self.cfg, query_terms) if hits else None
         return a
 
 

@@ -23,7 +23,7 @@ import logging
 import resource
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -59,7 +59,29 @@ def peak_memory_mb() -> dict:
     return out
 
 
-def _plots(table: pd.DataFrame):
+def option_positions(table: pd.DataFrame) -> tuple[list[int], list[int]]:
+    """(gold option, predicted option) of every multiple-choice row whose both are option numbers."""
+    from ..evaluate.fsku_metric import mc_choice
+
+    gold, pred = [], []
+    for _, row in table[table["question_type"] == "multiple_choice"].iterrows():
+        g, p = mc_choice(row["gold"]), mc_choice(row["answer"])
+        if g is not None and p is not None:
+            gold.append(g)
+            pred.append(p)
+    return gold, pred
+
+
+def confusion(gold: list[int], pred: list[int]) -> np.ndarray:
+    """counts[g - 1, p - 1]: rows gold option, columns predicted option, sized by the largest seen."""
+    size = max(gold + pred, default=0)
+    counts = np.zeros((size, size), dtype=int)
+    for g, p in zip(gold, pred, strict=True):
+        counts[g - 1, p - 1] += 1
+    return counts
+
+
+def _plots(table: pd.DataFrame, gate_threshold: Optional[float] = None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,6 +103,55 @@ def _plots(table: pd.DataFrame):
     ax.set_title("latency")
     fig.tight_layout()
     figs["plots/latency_hist.png"] = fig
+    gold, pred = option_positions(table)
+    if gold:
+        # position bias shows as a predicted-position histogram unlike the gold one, and as a column in the matrix
+        counts = confusion(gold, pred)
+        options = np.arange(1, counts.shape[0] + 1)
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+        width = 0.4
+        left.bar(options - width / 2, counts.sum(axis=1), width, label="gold", color="#4c72b0")
+        left.bar(options + width / 2, counts.sum(axis=0), width, label="predicted", color="#dd8452")
+        left.set_xticks(options)
+        left.set_xlabel("option")
+        left.set_ylabel("questions")
+        left.set_title("answer positions")
+        left.legend(fontsize=8)
+        right.imshow(counts, cmap="Blues")
+        for (g, p), n in np.ndenumerate(counts):
+            right.text(p, g, str(n), ha="center", va="center", fontsize=8)
+        right.set_xticks(options - 1, options)
+        right.set_yticks(options - 1, options)
+        right.set_xlabel("predicted option")
+        right.set_ylabel("gold option")
+        right.set_title("confusion (multiple choice)")
+        fig.tight_layout()
+        figs["plots/mc_positions.png"] = fig
+    domains = table[table["domain"].astype(str) != ""]
+    if len(domains):
+        parts = domains.groupby("domain")["score"].agg(["mean", "size"]).sort_values("mean")
+        fig, ax = plt.subplots(figsize=(6, 0.35 * len(parts) + 1.2))
+        ax.barh([f"{d} (n={n})" for d, n in zip(parts.index, parts["size"], strict=True)], parts["mean"], color="#4c72b0")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("score")
+        ax.set_title("score by domain")
+        fig.tight_layout()
+        figs["plots/score_by_domain.png"] = fig
+    scores = pd.to_numeric(table.get("gate_score", pd.Series(dtype=float)), errors="coerce").dropna()
+    if len(scores):
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.hist(scores, bins=min(30, max(5, len(scores) // 3)), color="#8172b2")
+        if gate_threshold is not None:
+            ax.axvline(gate_threshold, color="#c44e52", lw=1.2, ls="--", label=f"gate threshold {gate_threshold:g}")
+            opened = float((scores >= gate_threshold).mean())
+            ax.set_title(f"best passage relevance (gate opens for {opened:.0%})")
+            ax.legend(fontsize=8)
+        else:
+            ax.set_title("best passage relevance")
+        ax.set_xlabel("gate signal")
+        ax.set_ylabel("questions")
+        fig.tight_layout()
+        figs["plots/gate_scores.png"] = fig
     return figs
 
 
@@ -207,7 +278,8 @@ def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
                          "score": s.get("correct", s.get("score")), "cosine": s.get("cosine"),
                          "keyword_recall": s.get("keyword_recall"), "confidence": r["confidence"],
                          "raw_choice": r.get("raw_choice"), "n_context": r["n_context"],
-                         "inference_time": r["inference_time"], "used_fallback": r["used_fallback"], "error": r.get("error", "")})
+                         "inference_time": r["inference_time"], "used_fallback": r["used_fallback"], "error": r.get("error", ""),
+                         "gate_score": r.get("gate_score")})
         table = pd.DataFrame(rows)
         desc = [g for g in gold if g.question_type == "descriptive"]
         text = text_scores([preds[g.ID] for g in desc], [g.answer for g in desc]) if desc else {}
@@ -269,7 +341,7 @@ def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
         tracking.log_metrics(headline, model_uri=cfg.model, dataset=gold_dataset)
         tracking.log_metrics({k: v for k, v in metrics.items() if v is not None and k not in headline})
         tracking.log_table(table, "per_question.json")
-        for name, fig in _plots(table).items():
+        for name, fig in _plots(table, cfg.gate_threshold if cfg.context == "gated" else None).items():
             tracking.log_figure(fig, name)
         tracking.log_artifact(result.submission, "submission")
         records_path = out / "records.jsonl"
