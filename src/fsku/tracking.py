@@ -357,6 +357,10 @@ KB_SIGNATURE = ModelSignature(
 )
 
 
+KB_EXAMPLE_QUESTION = "전자금융거래법상 접근매체를 양도하는 것이 금지되는 이유는?"
+STUDENT_EXAMPLE_PROMPT = "전자금융거래에서 접근매체란 무엇인가?"
+
+
 def _describe_version(name: str, version: str, tags: dict, description: str, model_description: str) -> None:
     client = mlflow.MlflowClient()
     for key, value in tags.items():
@@ -374,7 +378,9 @@ def register_knowledge_base(kb_folder: str | Path, name: str, tags: Optional[dic
     returns the version."""
     info = mlflow.pyfunc.log_model(
         name="kb", python_model=KnowledgeBaseModel(), artifacts={"kb": str(kb_folder)},
-        signature=KB_SIGNATURE, registered_model_name=name, pip_requirements=_pip_requirements())
+        signature=KB_SIGNATURE, registered_model_name=name, pip_requirements=_pip_requirements(),
+        # shown on the model page; MLflow also checks it by loading the KB and searching once
+        input_example=(pd.DataFrame({"question": [KB_EXAMPLE_QUESTION]}), {"top_k": 3}))
     version = str(info.registered_model_version)
     _describe_version(name, version, tags or {}, description, model_description)
     mlflow.set_tag("fsku.kb_model", f"models:/{name}/{version}")
@@ -411,7 +417,9 @@ def register_student(model_folder: str | Path, name: str, tags: dict[str, str], 
     (its lineage: base model, teacher, loss, training data digest, KB version, ...) and describe it."""
     info = mlflow.pyfunc.log_model(
         name=logged_name, python_model=StudentModel(), artifacts={"model": str(model_folder)},
-        signature=STUDENT_SIGNATURE, registered_model_name=name, pip_requirements=_pip_requirements())
+        signature=STUDENT_SIGNATURE, registered_model_name=name, pip_requirements=_pip_requirements(),
+        # one generated token: MLflow checks the example by loading the model and predicting once
+        input_example=(pd.DataFrame({"prompt": [STUDENT_EXAMPLE_PROMPT]}), {"max_new_tokens": 1}))
     version = str(info.registered_model_version)
     _describe_version(name, version, tags, description, model_description)
     mlflow.set_tag("fsku.student_model", f"models:/{name}/{version}")
