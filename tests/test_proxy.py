@@ -16,18 +16,20 @@ def test_raw_similarity_normalises_inputs():
 
 
 def test_centred_similarity_by_hand():
-    # every text shares the direction (1, 1); what is left separates them
-    a = np.array([[1.0, 1.2]])
-    b = np.array([[1.0, 0.8]])
-    centre = np.array([1.0, 1.0]) / math.sqrt(2)
-    raw = rowwise_similarity(a, b)[0]
-    ua, ub = a[0] / np.linalg.norm(a[0]), b[0] / np.linalg.norm(b[0])
-    ca, cb = ua - centre, ub - centre
-    expected = float(ca @ cb / np.linalg.norm(ca) / np.linalg.norm(cb))
-    assert raw == pytest.approx((1 + 0.96) / math.sqrt(2.44 * 1.64))
-    assert raw > 0.95
-    assert rowwise_similarity(a, b, centre)[0] == pytest.approx(expected)
-    assert expected < -0.99  # the two lie on opposite sides of the shared direction
+    # every text shares the direction (0, 1); what is left separates them
+    a, b, centre = np.array([[1.0, 1.0]]), np.array([[-1.0, 1.0]]), np.array([0.0, 1.0])
+    assert rowwise_similarity(a, b)[0] == pytest.approx(0.0)
+    # (1, 1)/sqrt2 - (0, 1) = (0.7071, -0.2929); (-1, 1)/sqrt2 - (0, 1) = (-0.7071, -0.2929):
+    # cosine = (-0.5 + 0.0858) / 0.5858 = -1/sqrt2
+    assert rowwise_similarity(a, b, centre)[0] == pytest.approx(-1 / math.sqrt(2), abs=1e-4)
+    assert similarity_matrix(a, b, centre)[0, 0] == pytest.approx(-1 / math.sqrt(2), abs=1e-4)
+
+
+def test_shapes_are_checked():
+    with pytest.raises(ValueError, match="one width"):
+        similarity_matrix(np.ones((2, 3)), np.ones((2, 4)))
+    with pytest.raises(ValueError, match="centre must be one embedding of width 3"):
+        rowwise_similarity(np.ones((2, 3)), np.ones((2, 3)), np.ones(2))
 
 
 def test_zero_vector_has_cosine_zero():
@@ -41,7 +43,7 @@ def test_centre_is_the_mean_of_unit_vectors():
     assert centre_of(bg) == pytest.approx([0.5, 0.0])
     with pytest.raises(ValueError, match="at least 4 background"):
         centre_of(bg[:3])
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match=r"2-D array\); got shape \(8,\)"):
         centre_of(np.ones(8))
 
 
@@ -69,14 +71,18 @@ def test_calibration_limits():
     # a proxy that says the same for everything: no gap, chance AUC, no spread
     flat = calibrate(np.full((4, 4), 0.88))
     assert (flat.gap, flat.gap_sd, flat.rank_auc) == (pytest.approx(0.0), 0.0, pytest.approx(0.5))
-    # a perfect proxy beats every other reference
-    assert calibrate(np.eye(5)).rank_auc == 1.0
+    # a perfect proxy beats every other reference; its others do not vary: infinitely many spreads, not 0
+    perfect = calibrate(np.eye(5))
+    assert perfect.rank_auc == 1.0 and perfect.gap == pytest.approx(1.0) and perfect.gap_sd == math.inf
+    assert calibrate(1 - np.eye(5)).gap_sd == -math.inf
     # an inverted one never does
     assert calibrate(1 - np.eye(5)).rank_auc == 0.0
     with pytest.raises(ValueError, match="square matrix of at least 2"):
         calibrate(np.ones((1, 1)))
     with pytest.raises(ValueError, match="square"):
         calibrate(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="square"):
+        calibrate(np.float64(0.5))
 
 
 def test_descriptive_baselines_by_hand():
@@ -90,11 +96,19 @@ def test_descriptive_baselines_by_hand():
     assert out["raw_auc"] == 1.0
     assert out["raw_echo_question"] == pytest.approx(1 / math.sqrt(2))
     assert out["raw_other_reference"] == pytest.approx(0.0)  # orthogonal references
-    centre = centre_of(np.vstack([refs, questions]))
-    expected_echo = float(np.mean(rowwise_similarity(questions, refs, centre)))
-    assert out["centred_echo_question"] == pytest.approx(expected_echo)
-    assert out["centred"] == pytest.approx(1.0)
-    assert set(out) == {f"{p}{s}" for p in ("raw", "centred") for s in ("", "_echo_question", "_other_reference", "_auc")}
+    assert set(out) == {"raw", "raw_echo_question", "raw_other_reference", "raw_auc"}  # no centre, no centred
+    # centre (0.5, 0, 0): e1 -> (1, 0, 0); e2 -> (-0.5, 1, 0)/sqrt1.25; e3 -> (-0.5, 0, 1)/sqrt1.25; the next row's
+    # reference: cos(e2', e1') = cos(e1', e3') = -0.5/sqrt1.25, cos(e3', e2') = 0.25/1.25
+    out = descriptive_baselines(answers, refs, questions, centre=np.array([0.5, 0.0, 0.0]))
+    assert out["centred_other_reference"] == pytest.approx((-2 * 0.5 / math.sqrt(1.25) + 0.25 / 1.25) / 3)
+    assert out["centred"] == pytest.approx(1.0) and out["centred_auc"] == 1.0
+    # an unanswered row scores 0 for the answers; baselines keep every row, the AUC the answered ones
+    part = descriptive_baselines(answers, refs, questions, answered=[True, True, False])
+    assert part["raw"] == pytest.approx(2 / 3) and part["raw_auc"] == 1.0
+    assert part["raw_echo_question"] == out["raw_echo_question"]
+    assert "raw_auc" not in descriptive_baselines(answers, refs, questions, answered=[True, False, False])
+    with pytest.raises(ValueError, match="one flag per row"):
+        descriptive_baselines(answers, refs, questions, answered=[True])
     with pytest.raises(ValueError, match="at least 2 rows"):
         descriptive_baselines(answers[:1], refs[:1], questions[:1])
     with pytest.raises(ValueError, match="one shape"):

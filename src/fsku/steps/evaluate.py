@@ -220,7 +220,7 @@ MODEL_PAGE_METRICS = ("fsku_score", "mc_accuracy", "descriptive_score", "descrip
 def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> dict:
     """Predict on cfg.gold, score, log everything to one MLflow run; `llm` / `kb`: already loaded ones."""
     from ..evaluate.fsku_metric import embedding_cosine, embedding_encoder, fsku_score, keyword_recall
-    from ..evaluate.proxy import descriptive_baselines
+    from ..evaluate.proxy import MIN_BACKGROUND, centre_of, descriptive_baselines
     from ..evaluate.text_metrics import text_scores
     from ..infer.predict import predict
     from ..outputs import check_not_input
@@ -297,14 +297,18 @@ def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
             "timeouts": result.stats["timeouts"], "errors": result.stats["errors"], "cache_hits": result.stats["cache_hits"],
             **peak_memory_mb(),
         }
-        answered = [g for g in desc if str(preds.get(g.ID, "") or "").strip()]
-        if encode is not None and len(answered) >= 2:
+        answered = [bool(str(preds.get(g.ID, "") or "").strip()) for g in desc]
+        if encode is not None and len(desc) >= 2 and sum(answered) >= 1:
             # the cosine is a proxy (the organisers' embedder is not ours): the calibration rows say what
-            # echoing the question and another row's reference score on it, raw and centred (issue 23)
-            base = descriptive_baselines(encode([preds[g.ID] for g in answered]), encode([g.answer for g in answered]),
-                                         encode([g.question for g in answered]))
+            # echoing the question and another row's reference score on it, raw and centred (issue 23); over
+            # every descriptive row (an unanswered one scores 0, as in the headline); the centre from the
+            # questions, not from the references being scored
+            questions = encode([g.question for g in desc])
+            centre = centre_of(questions) if len(desc) >= MIN_BACKGROUND else None
+            base = descriptive_baselines(encode([preds.get(g.ID) or " " for g in desc]), encode([g.answer for g in desc]),
+                                         questions, centre=centre, answered=answered)
             metrics.update({f"descriptive_cosine_{k}": v for k, v in base.items() if k != "raw"})
-            echo_recall = [keyword_recall(g.question, g.keywords) for g in answered if g.keywords]
+            echo_recall = [keyword_recall(g.question, g.keywords) for g in desc if g.keywords]
             metrics["descriptive_keyword_recall_echo_question"] = float(np.mean(echo_recall)) if echo_recall else None
         # n and a 95 % interval for each headline quality metric (Wilson / bootstrap over questions)
         found = intervals(rows, EVALUATE_METRICS)
