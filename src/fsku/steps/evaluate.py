@@ -230,7 +230,8 @@ def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
     check_not_input(out, {"--gold": [p.strip() for p in cfg.gold.split(",")],
                           "--retrieval-labels": [p.strip() for p in (cfg.retrieval_labels or "").split(",")],
                           "--kb": cfg.kb, "--model": cfg.model, "--judge-model": cfg.judge_model}, "--out-dir")
-    check_inputs(models={"--model": cfg.model if llm is None else None, "--judge-model": cfg.judge_model},
+    check_inputs(models={"--model": cfg.model if llm is None else None,
+                         "--judge-model": None if cfg.judge_model in (None, "", "same") else cfg.judge_model},
                  kbs={"--kb": cfg.kb if kb is None and cfg.use_context else None},
                  files={"--gold": cfg.gold, "--retrieval-labels": cfg.retrieval_labels})  # before anything loads
     gold = load_gold_sets(cfg.gold)
