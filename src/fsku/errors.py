@@ -38,7 +38,12 @@ def print_error(exc: BaseException, file=None) -> int:
 def log_level() -> int:
     """The entry points' logging level: DEBUG when the environment sets FSKU_DEBUG (to anything but
     '', '0' or 'false'), else INFO."""
-    return logging.DEBUG if os.environ.get("FSKU_DEBUG", "").strip().lower() not in ("", "0", "false") else logging.INFO
+    return logging.DEBUG if _env_flag("FSKU_DEBUG") else logging.INFO
+
+
+def _env_flag(name: str) -> bool:
+    """An environment switch: set to anything but '', '0' or 'false'."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false")
 
 
 # libraries whose INFO/WARNING chatter (kernel probes, deprecations, tokenizer notices) buries a step's own
@@ -51,8 +56,7 @@ VERBOSE_ENV = "FSKU_VERBOSE"
 
 def verbose_requested() -> bool:
     """FSKU_VERBOSE (anything but '', '0' or 'false') or FSKU_DEBUG: third-party logs are shown."""
-    flags = (os.environ.get(VERBOSE_ENV, ""), os.environ.get("FSKU_DEBUG", ""))
-    return any(v.strip().lower() not in ("", "0", "false") for v in flags)
+    return _env_flag(VERBOSE_ENV) or _env_flag("FSKU_DEBUG")
 
 
 def configure_logging(verbose: bool = False) -> None:

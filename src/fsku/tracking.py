@@ -362,9 +362,8 @@ STUDENT_EXAMPLE_PROMPT = "전자금융거래에서 접근매체란 무엇인가?
 
 
 def _describe_version(name: str, version: str, tags: dict, description: str, model_description: str) -> None:
+    set_version_tags(name, version, tags)
     client = mlflow.MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value))
     if description:
         client.update_model_version(name, version, description=description)
     if model_description and not (client.get_registered_model(name).description or "").strip():

@@ -65,6 +65,7 @@ def run_step(cfg: BuildKBConfig, progress: bool = True) -> dict:
         if not documents.empty:  # the corpus as a run input: one row per document (source, sha256, title, level)
             tracking.log_dataset(documents, name=f"fsku-corpus-{Path(cfg.corpus).name}", source=str(cfg.corpus),
                                  context="corpus", tags={"corpus_sha256": str(kb.manifest.get("corpus_sha256", ""))[:16]})
+        result = {"run_id": active.info.run_id, "kb": str(Path(cfg.out).resolve()), "stats": stats}
         if cfg.labels:
             from ..jsonl import iter_jsonl
 
@@ -72,8 +73,6 @@ def run_step(cfg: BuildKBConfig, progress: bool = True) -> dict:
             if not labels.empty:
                 tracking.log_dataset(labels, name=f"fsku-retrieval-labels-{Path(cfg.labels).stem}", source=str(cfg.labels),
                                      context="evaluation")
-        result = {"run_id": active.info.run_id, "kb": str(Path(cfg.out).resolve()), "stats": stats}
-        if cfg.labels:
             rcfg = dataclasses.replace(kb.retrieve_defaults(), top_k=cfg.top_k, candidates=max(50, cfg.top_k))
             rmetrics, table = evaluate_retrieval(kb, cfg.labels, rcfg)
             curve = rmetrics.pop("curve")
