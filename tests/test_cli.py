@@ -172,7 +172,9 @@ def test_build_kb_cli_tracks_and_registers(tmp_path, e5_model_dir):
 @pytest.mark.slow
 def test_mlflow_run_entry_point(tmp_path, e5_model_dir):
     """`mlflow run . -e build_kb --env-manager local` leaves a FINISHED run and a registered version."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    # a fresh store in the folder the command runs from, as `make demo` has in the project
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": store}
     out = tmp_path / "kb"
     cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", "build_kb", "--env-manager", "local",
            "-P", f"corpus={SAMPLE_CORPUS}", "-P", f"out={out}", "-P", f"labels={SAMPLE_LABELS}",
@@ -184,7 +186,7 @@ def test_mlflow_run_entry_point(tmp_path, e5_model_dir):
     # without --experiment-name MLflow filed the run under experiment 0: on a SQLite store it is the project's
     import mlflow
 
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
     run = client.get_run(client.get_model_version("fsku-kb-e2e", "1").run_id)
     assert client.get_experiment(run.info.experiment_id).name == "fsku"
     assert run.info.run_name.startswith("build_kb-sample_corpus-")

@@ -11,6 +11,8 @@ from fsku import tracking
 
 @pytest.fixture
 def fresh_store(tmp_path, monkeypatch):
+    # created from the folder that holds it, as `mlflow run` in the project does: Default's artifacts under ./mlruns
+    monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
@@ -84,3 +86,19 @@ def test_experiment_name_follows_the_environment(monkeypatch):
     assert tracking.experiment_name() == "mine"
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "theirs")
     assert tracking.experiment_name() == "theirs"
+
+
+def test_a_default_made_elsewhere_keeps_its_name(tmp_path, monkeypatch):
+    """A store whose Default keeps artifacts outside <store folder>/mlruns: the project's experiment is created."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    uri = f"sqlite:///{store}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("FSKU_EXPERIMENT", raising=False)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    assert tracking.adopt_default_experiment(client, "fsku", uri) is False
+    assert client.get_experiment("0").name == "Default"

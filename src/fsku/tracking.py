@@ -121,9 +121,27 @@ def adopt_default_experiment(client, name: str, uri: str) -> bool:
         return False
     if default.name != "Default" or default.lifecycle_stage != "active":
         return False
+    # only when its artifacts already go where the project keeps them (<store folder>/mlruns: a store that
+    # `mlflow run` created in the project); a Default made from another working directory keeps them there
+    if not _is_under(default.artifact_location, home.default_artifact_location(uri)):
+        return False
     client.rename_experiment(DEFAULT_EXPERIMENT_ID, name)
     log.info("experiment 0 ('Default') of %s is now %r: runs of `mlflow run` and of the CLI share it", uri, name)
     return True
+
+
+def _is_under(location: Optional[str], root: Optional[str]) -> bool:
+    """Whether the local artifact location (a path or file: URI) lies inside `root` (a file: URI)."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    def local(text: str) -> Path:
+        parsed = urlparse(text)
+        return Path(url2pathname(parsed.path) if parsed.scheme == "file" else text).resolve()
+
+    if not location or not root or urlparse(location).scheme not in ("", "file"):
+        return False
+    return local(location).is_relative_to(local(root))
 
 
 def _describe_experiment(client, experiment) -> None:
