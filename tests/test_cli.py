@@ -174,7 +174,8 @@ def test_mlflow_run_entry_point(tmp_path, e5_model_dir):
     """`mlflow run . -e build_kb --env-manager local` leaves a FINISHED run and a registered version."""
     # a fresh store in the folder the command runs from, as `make demo` has in the project
     store = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": store}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_EXPERIMENT", "MLFLOW_RUN_ID"))}  # other stores'
+    env.update({"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": store})
     out = tmp_path / "kb"
     cmd = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", "build_kb", "--env-manager", "local",
            "-P", f"corpus={SAMPLE_CORPUS}", "-P", f"out={out}", "-P", f"labels={SAMPLE_LABELS}",
