@@ -203,7 +203,7 @@ def test_promote_step_evaluates_both_students_on_the_same_set(tiny_models, tmp_p
     assert client.get_run(promote_run).info.run_name == f"promote-{name}@latest-significant"
     # the evaluations' headline scores are on the registered models' pages, with the gold set they came from
     for version in (v1, v2):
-        logged = client.get_logged_model(client.get_model_version(name, version).model_id)
+        logged = client.get_logged_model(tracking.logged_model_id(f"models:/{name}/{version}"))
         scores = [m for m in logged.metrics or [] if m.key == "mc_accuracy"]
         assert scores and scores[0].dataset_name == "fsku-gold-sample_qa"
 

@@ -253,9 +253,12 @@ def logged_model_id(model_uri: str) -> Optional[str]:
         return None
     try:
         name, version = parse_model_uri(model_uri)
-        return getattr(mlflow.MlflowClient().get_model_version(name, version), "model_id", None)
+        mv = mlflow.MlflowClient().get_model_version(name, version)
     except (ValueError, mlflow.exceptions.MlflowException):
         return None
+    # a SQLite registry leaves ModelVersion.model_id empty; the version's source is then models:/<model id>
+    source = str(mv.source or "")
+    return getattr(mv, "model_id", None) or (source[len("models:/"):] if source.startswith("models:/m-") else None)
 
 
 def log_artifacts(folder: str | Path, artifact_path: Optional[str] = None) -> None:
