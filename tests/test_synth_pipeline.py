@@ -95,7 +95,10 @@ def synth_env(sample_kb, tmp_path, monkeypatch):
     teacher = ScriptedTeacher()
     monkeypatch.setattr("fsku.llm.load_llm", lambda *a, **k: teacher)
     monkeypatch.chdir(tmp_path)  # no project evaluation/ folder here: decontamination uses given files only
-    cfg = SynthQAConfig(kb=str(kb.folder), teacher="scripted", n_chunks=12, questions_per_chunk=3, min_chunk_chars=40,
+    folder = tmp_path / "scripted"  # what the steps' input check sees: a local model folder (load_llm is scripted)
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    cfg = SynthQAConfig(kb=str(kb.folder), teacher=str(folder), n_chunks=12, questions_per_chunk=3, min_chunk_chars=40,
                         out=str(tmp_path / "synth"), cache_dir=str(tmp_path / "cache"), batch_size=4, min_grounding=0.5)
     return cfg, teacher
 
