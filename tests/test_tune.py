@@ -416,16 +416,20 @@ def test_set_experiment_survives_a_concurrent_creation(monkeypatch):
     from fsku import tracking
 
     calls = []
+    real_set_experiment = mlflow.set_experiment
 
     def flaky(name):
         calls.append(name)
         if len(calls) == 1:
             raise mlflow.exceptions.MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: "
                                                     "experiments.workspace, experiments.name")
+        return real_set_experiment(name)
 
     monkeypatch.setattr(mlflow, "set_experiment", flaky)
     tracking.set_experiment("fsku-race")
     assert calls == ["fsku-race"] * 2
+    described = mlflow.MlflowClient().get_experiment_by_name("fsku-race")
+    assert tracking.NOTE_TAG in described.tags
 
     def broken(name):
         raise mlflow.exceptions.MlflowException("permission denied")
