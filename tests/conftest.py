@@ -23,6 +23,9 @@ def _mlflow_tmp(tmp_path_factory, monkeypatch):
     store.mkdir(exist_ok=True)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    from fsku import tracking  # an entry run one test attached to is not the next test's
+
+    monkeypatch.setattr(tracking, "_ENTRY_POINT_RUN_ID", None)
 
 
 @pytest.fixture(scope="session")

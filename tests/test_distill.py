@@ -34,7 +34,8 @@ def synth_dir(tmp_path):
     for r in recs:
         r.split = "train"
     write_jsonl(recs, folder / "train.jsonl")
-    # what synth_qa writes beside it: the split as parquet, and its stats (the KB version the items came from)
+    # what synth_qa writes beside it: the split as parquet, and its stats (an older stats.json: the corpus hash
+    # of the KB the items came from under the key kb_version)
     from fsku.synth.pipeline import records_frame
 
     records_frame(recs).to_parquet(folder / "train.parquet", index=False)
@@ -420,7 +421,7 @@ def test_distill_step_logs_to_mlflow_and_registers_the_student(tiny_models, synt
     with tracking.run("synth_qa", {}):
         produced = log_split_dataset(synth_dir, "train", {})
     assert mv.tags["training_dataset"] == f"fsku-synth-train@{produced.digest}"
-    assert mv.tags["kb_version"] == "abc123def456" and mv.tags["distill_run"] == run_id
+    assert mv.tags["synth_kb_corpus_sha256"] == "abc123def456" and mv.tags["distill_run"] == run_id
     assert "distilled from" in mv.description and "abc123def456" in mv.description
     assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"fsku-synth-train"}
     assert run.info.run_name == "distill-distillm_v2-r4-2steps"

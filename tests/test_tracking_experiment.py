@@ -55,6 +55,29 @@ def test_entry_point_run_in_default_is_renamed_and_adopted(fresh_store, monkeypa
     assert run.data.tags["fsku.step"] == "distill"
 
 
+def test_runs_nested_under_an_entry_point_run_are_new_runs(fresh_store, monkeypatch):
+    """Under `mlflow run` (MLFLOW_RUN_ID set), promote's evaluations and tune's trials are children of the
+    entry run; MLflow's start_run(nested=True) would otherwise resume MLFLOW_RUN_ID and rename it."""
+    client = mlflow.MlflowClient()
+    entry = client.create_run("0", run_name="random-name-2").info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", entry)
+    with tracking.run("promote", {}, name="promote-x"):
+        with tracking.run("evaluate", {}, name="evaluate-x") as evaluation:
+            pass
+        with tracking.child_run("trial-0", {"k": 1}) as trial:
+            pass
+    assert evaluation.info.run_id != entry and trial.run_id != entry
+    for child in (evaluation.info.run_id, trial.run_id):
+        assert client.get_run(child).data.tags["mlflow.parentRunId"] == entry
+    run = client.get_run(entry)
+    assert run.info.run_name == "promote-x" and run.data.tags["fsku.step"] == "promote"
+    assert client.get_run(evaluation.info.run_id).info.run_name == "evaluate-x"
+    # a second block of the same step attaches to the entry run again, not to a new unparented run
+    with tracking.run("promote", {}, name="promote-x") as again:
+        pass
+    assert again.info.run_id == entry
+
+
 def test_a_taken_name_is_not_stolen_and_the_user_is_told(fresh_store, monkeypatch, caplog):
     client = mlflow.MlflowClient()
     client.create_experiment("fsku")  # made earlier (an older fsku, or by hand): Default stays Default

@@ -153,9 +153,14 @@ def promote_release(model_name: str, candidate: Release, score: Callable[[Releas
     if decision.promote and cand.dataset_digest:
         # the set that chose this version: a later report on it is not held out (evaluate warns)
         tags["promotion.gold_digest"] = cand.dataset_digest
-    tracking.set_version_tags(model_name, candidate.model_version, tags)
     if kb_name and candidate.kb_version:
-        tracking.set_version_tags(kb_name, candidate.kb_version, tags)
+        # a joint release: each version names its partner, so the student's page links the KB it ships with
+        tracking.set_version_tags(model_name, candidate.model_version,
+                                  {**tags, "promotion.kb_model": f"models:/{kb_name}/{candidate.kb_version}"})
+        tracking.set_version_tags(kb_name, candidate.kb_version,
+                                  {**tags, "promotion.student_model": f"models:/{model_name}/{candidate.model_version}"})
+    else:
+        tracking.set_version_tags(model_name, candidate.model_version, tags)
     if decision.promote:
         if champion:
             tracking.set_alias(model_name, PREVIOUS, champion.model_version)

@@ -171,14 +171,17 @@ def _settle_entry_experiment(run_id: str) -> None:
                 "MLFLOW_EXPERIMENT_NAME) to keep the project's runs in one experiment", experiment.name, name, name)
 
 
-# the run `mlflow run` started for this process: MLflow deletes MLFLOW_RUN_ID from the environment the
-# first time a run starts on it, so a step that opens several blocks (promote: two evaluations, then the
-# decision) must name it explicitly, or every block after the first lands in a new, unparented run
+# the run `mlflow run` started for this process, remembered here and taken out of the environment when a
+# block attaches to it: mlflow.start_run(nested=True) resumes MLFLOW_RUN_ID when it is set, so a run nested
+# under the entry run (promote's evaluations, tune's trials) would otherwise BE the entry run, renamed; and
+# a step that opens several blocks must name it explicitly, or every block after the first is unparented
 _ENTRY_POINT_RUN_ID = os.environ.get("MLFLOW_RUN_ID")
 
 
 def _entry_point_run_id() -> Optional[str]:
-    return os.environ.get("MLFLOW_RUN_ID") or _ENTRY_POINT_RUN_ID
+    global _ENTRY_POINT_RUN_ID
+    _ENTRY_POINT_RUN_ID = os.environ.pop("MLFLOW_RUN_ID", None) or _ENTRY_POINT_RUN_ID
+    return _ENTRY_POINT_RUN_ID
 
 
 @contextlib.contextmanager

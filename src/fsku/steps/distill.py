@@ -132,7 +132,9 @@ def run_step(cfg: DistillConfig, progress: bool = True) -> dict:
         tracking.log_dict(s, "stats.json")
         tracking.log_artifact(Path(cfg.out) / f"pairs_r{cfg.rounds}.jsonl", "distill")
         synth_stats = _synth_stats(cfg.data)
-        datasets = {split: log_split_dataset(cfg.data, split, {"kb_version": synth_stats.get("kb_version", ""),
+        # the same source metadata as synth_qa logged (older stats.json files call the corpus hash kb_version)
+        synth_corpus = synth_stats.get("kb_corpus_sha256", synth_stats.get("kb_version", ""))
+        datasets = {split: log_split_dataset(cfg.data, split, {"kb": synth_stats.get("kb", ""), "kb_corpus_sha256": synth_corpus,
                                                                 "teacher": synth_stats.get("teacher", "")})
                     for split in ("train", "validation")}
         model_version = ""
@@ -144,7 +146,8 @@ def run_step(cfg: DistillConfig, progress: bool = True) -> dict:
                 "rounds": cfg.rounds, "steps": final["steps"], "distill_run": active.info.run_id,
                 # the MLflow dataset digest: the same as on the synth_qa run that wrote the data
                 "training_dataset": f"{train.name}@{train.digest}" if train is not None else "",
-                "kb_version": synth_stats.get("kb_version", ""), "synth_teacher": synth_stats.get("teacher", "")}
+                "synth_kb": synth_stats.get("kb", ""), "synth_kb_corpus_sha256": synth_corpus,
+                "synth_teacher": synth_stats.get("teacher", "")}
             model_version = tracking.register_student(result.merged, cfg.register_as, lineage,
                                                       description=student_description("distilled", lineage),
                                                       model_description=STUDENT_MODEL_DESCRIPTION)

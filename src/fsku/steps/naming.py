@@ -102,8 +102,8 @@ def run_labels(stage: str, cfg) -> dict[str, str]:
 KB_MODEL_DESCRIPTION = ("Knowledge bases built by fsku's build_kb: statute-aware chunks, BM25 + dense index, fusion "
                         "settings in the manifest. Each version's tags give its corpus hash, counts and settings.")
 STUDENT_MODEL_DESCRIPTION = ("LLM students of fsku: LoRA-distilled from a teacher (distill) or quantized (quantize). "
-                             "Each version's tags give base model, teacher, training data digest and KB version; "
-                             "promote's tags say which evaluation made it champion.")
+                             "Each version's tags give base model, teacher, training data digest and the KB the data came from; "
+                             "promote's tags say which evaluation made it champion and the KB version it ships with.")
 KB_LINEAGE_FIELDS = ("chunk_size", "chunk_overlap", "length_unit", "statute_mode", "bm25_tokenizer", "embedding_model",
                      "fusion", "w_bm25", "statute_family", "w_link", "group")
 
@@ -134,4 +134,6 @@ def student_description(kind: str, tags: dict) -> str:
                 f"the comparison set; base model {tags.get('base_model', '?')}, teacher {tags.get('teacher', '?')}.")
     return (f"{short_model(tags.get('base_model'))} student distilled from {short_model(tags.get('teacher'))} with "
             f"{tags.get('loss_type', '?')} (LoRA, {tags.get('steps', '?')} steps) on {tags.get('training_dataset', '?')} "
-            f"(synthetic QA from KB version {tags.get('kb_version', '?')}); distill run {tags.get('distill_run', '?')}.")
+            f"(synthetic QA from the KB {tags.get('synth_kb') or '?'}, corpus sha256 "
+            f"{tags.get('synth_kb_corpus_sha256') or '?'}); "
+            f"distill run {tags.get('distill_run', '?')}.")

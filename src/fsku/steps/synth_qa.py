@@ -107,7 +107,8 @@ def run_step(cfg: SynthQAConfig, progress: bool = True) -> dict:
         accepted = pd.DataFrame([r.to_dict() for r in result.outcome.accepted])
         if not accepted.empty:
             for split in SPLIT_NAMES:
-                log_split_dataset(cfg.out, split, {"kb": str(cfg.kb), "kb_version": s["kb_version"], "teacher": cfg.teacher})
+                log_split_dataset(cfg.out, split, {"kb": str(cfg.kb), "kb_corpus_sha256": s["kb_corpus_sha256"],
+                                                         "teacher": cfg.teacher})
             sample = accepted.groupby(["kind", "qtype"], group_keys=False).head(5)
             tracking.log_table(sample[["qa_id", "kind", "qtype", "question", "answer", "keywords", "difficulty_level",
                                        "overall_quality_score", "split"]].astype(str), "tables/sample_items.json")
