@@ -121,6 +121,9 @@ def test_better_candidate_moves_champion_and_keeps_previous(registered):
     tags = mlflow.MlflowClient().get_model_version(name, v2).tags
     assert float(tags["promotion.candidate_score"]) == 0.6 and float(tags["promotion.champion_score"]) == 0.5
     assert tags["promotion.metric"] == "fsku_score" and tags["promotion.champion_version"] == v1
+    # the champion's model card says when, why and by how much
+    card = mlflow.MlflowClient().get_model_version(name, v2).description
+    assert f"fsku_score 0.6000 vs 0.5000 of version {v1}" in card and "(gate margin: " in card
 
 
 @pytest.mark.parametrize("candidate_score, reason", [(0.40, "worse by 0.1"), (0.50, "equal to the champion"),
@@ -156,7 +159,14 @@ def test_joint_release_moves_student_and_kb_together(registered, tmp_path):
     out = promote_release(name, Release(v2, k2), score, kb_name=kb)
     assert out["decision"]["promote"] and set(seen) == {Release(v1, k1), Release(v2, k2)}
     assert tracking.alias_version(kb, "champion") == k2 and tracking.alias_version(kb, "previous") == k1
-    assert mlflow.MlflowClient().get_model_version(kb, k2).tags["promotion.decision"] == "promoted"
+    client = mlflow.MlflowClient()
+    assert client.get_model_version(kb, k2).tags["promotion.decision"] == "promoted"
+    # each version of the joint release names the other, in its tags and in its description
+    assert client.get_model_version(name, v2).tags["promotion.kb_model"] == f"models:/{kb}/{k2}"
+    assert client.get_model_version(kb, k2).tags["promotion.student_model"] == f"models:/{name}/{v2}"
+    assert f"Ships with models:/{kb}/{k2}." in client.get_model_version(name, v2).description
+    assert f"Ships with models:/{name}/{v2}." in client.get_model_version(kb, k2).description
+    assert "Champion since" not in (client.get_model_version(name, v1).description or "")
 
 
 @pytest.mark.slow

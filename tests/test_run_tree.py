@@ -138,5 +138,8 @@ def test_champion_versions_carry_their_lineage_and_a_description(demo_store):
     assert tags["promotion.kb_model"] == f"models:/fsku-kb/{kb.version}"
     assert kb.tags["promotion.student_model"] == f"models:/fsku-student/{student.version}"
     assert tags["synth_kb_corpus_sha256"] == kb.tags["corpus_sha256"][:12]
-    assert student.description and kb.description
+    assert student.description.count("Champion since") == 1 and f"Ships with models:/fsku-kb/{kb.version}." in \
+        student.description
+    assert "trained on fsku-synth-train@" in student.description
+    assert f"Ships with models:/fsku-student/{student.version}." in kb.description
     assert client.get_registered_model("fsku-student").description

@@ -169,11 +169,29 @@ def promote_release(model_name: str, candidate: Release, score: Callable[[Releas
         tracking.set_alias(model_name, CHAMPION, candidate.model_version)
         if kb_name and candidate.kb_version:
             tracking.set_alias(kb_name, CHAMPION, candidate.kb_version)
+        card = promotion_card(tags)
+        joint = kb_name and candidate.kb_version
+        tracking.append_version_description(model_name, candidate.model_version, card + (
+            f" Ships with models:/{kb_name}/{candidate.kb_version}." if joint else ""))
+        if joint:
+            tracking.append_version_description(kb_name, candidate.kb_version,
+                                                f"{card} Ships with models:/{model_name}/{candidate.model_version}.")
     return {"decision": asdict(decision), "champion": asdict(candidate if decision.promote else champion),
             "previous": asdict(champion) if decision.promote and champion else None,
             "evaluations": {"candidate": {**asdict(candidate), "score": cand.score, "run_id": cand.run_id},
                             **({"champion": {**asdict(champion), "score": champ.score, "run_id": champ.run_id}}
                                if champ else {})}}
+
+
+def promotion_card(tags: dict) -> str:
+    """The paragraph a promotion adds to the champion's description, from the promotion tags."""
+    evidence = (f"; {tags['promotion.test']} p = {float(tags['promotion.p_value']):.3g}, gain {tags['promotion.gain_ci95']}"
+                if "promotion.test" in tags else "")
+    versus = (f" vs {float(tags['promotion.champion_score']):.4f} of version {tags['promotion.champion_version']}"
+              if tags.get("promotion.champion_score") != "" else "")
+    return (f"Champion since {tags['promotion.time']} (gate {tags['promotion.gate']}: {tags['promotion.reason']}): "
+            f"{tags['promotion.metric']} {float(tags['promotion.candidate_score']):.4f}{versus}{evidence}; "
+            f"evaluation run {tags['promotion.candidate_run'] or '?'}.")
 
 
 def _as_evaluation(value) -> Evaluation:

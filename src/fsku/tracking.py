@@ -494,6 +494,14 @@ def set_alias(name: str, alias: str, version: str) -> None:
     mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
 
 
+def append_version_description(name: str, version: str, line: str) -> None:
+    """Add `line` as a paragraph of a model version's description (its model card on the version page)."""
+    _store()
+    client = mlflow.MlflowClient()
+    current = (client.get_model_version(name, version).description or "").rstrip()
+    client.update_model_version(name, version, description=f"{current}\n\n{line}" if current else line)
+
+
 def set_version_tags(name: str, version: str, tags: dict) -> None:
     _store()
     client = mlflow.MlflowClient()

@@ -131,7 +131,9 @@ def student_description(kind: str, tags: dict) -> str:
     if kind == "quantized":
         return (f"{tags.get('source', '?')} quantized with {tags.get('quantization', '?')} ({tags.get('bits', '?')} bits); "
                 f"multiple-choice accuracy {tags.get('mc_accuracy_original', '?')} -> {tags.get('mc_accuracy', '?')} on "
-                f"the comparison set; base model {tags.get('base_model', '?')}, teacher {tags.get('teacher', '?')}.")
+                f"the comparison set; base model {tags.get('base_model', '?')}, teacher {tags.get('teacher', '?')}"
+                + (f", trained on {tags['training_dataset']}" if tags.get("training_dataset") else "")
+                + (f" (distill run {tags['distill_run']})" if tags.get("distill_run") else "") + ".")
     return (f"{short_model(tags.get('base_model'))} student distilled from {short_model(tags.get('teacher'))} with "
             f"{tags.get('loss_type', '?')} (LoRA, {tags.get('steps', '?')} steps) on {tags.get('training_dataset', '?')} "
             f"(synthetic QA from the KB {tags.get('synth_kb') or '?'}, corpus sha256 "
