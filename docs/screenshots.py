@@ -7,7 +7,8 @@
 
 The runs, the promote run and the champion are looked up through the tracking server's REST API, so the
 pages shown are the current store's: the runs table (child runs expanded), the promote decision run,
-the champion student version and the Models tab.
+the champion student version, the experiment's Models tab (logged models and their scores) and
+the registered models.
 """
 from __future__ import annotations
 
@@ -103,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         shoot(page, f"{base}/experiments/{ids['experiment_id']}/runs/{ids['promote_run']}", a.out / "promote-run.png",
               "promote-")
         shoot(page, f"{base}/models/{a.model}/versions/{ids['champion_version']}", a.out / "champion-version.png",
-              f"Version {ids['champion_version']}", height=2900)
-        shoot(page, f"{base}/models", a.out / "models-tab.png", a.model)
+              f"Version {ids['champion_version']}", height=1000)
+        # the experiment's Models tab: logged models with the evaluation scores linked to them
+        shoot(page, f"{base}/experiments/{ids['experiment_id']}/models", a.out / "models-tab.png", "student-int8")
+        shoot(page, f"{base}/models", a.out / "registered-models.png", a.model)
         browser.close()
     return 0
 
