@@ -16,6 +16,8 @@ import argparse
 import json
 import shutil
 import sys
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -31,12 +33,19 @@ def api(ui: str, path: str, body: dict | None = None) -> dict:
 
 
 def lookup(ui: str, experiment: str, model: str) -> dict:
-    exp = api(ui, f"experiments/get-by-name?experiment_name={experiment}")["experiment"]
+    try:
+        exp = api(ui, "experiments/get-by-name?" + urllib.parse.urlencode({"experiment_name": experiment}))["experiment"]
+    except urllib.error.URLError as exc:
+        sys.exit(f"{ui}: no MLflow UI with experiment {experiment!r} ({exc}); start it with `make ui`")
     runs = api(ui, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 500,
                                    "filter": "tags.`fsku.step` = 'promote'", "order_by": ["attributes.start_time DESC"]})
     if not runs.get("runs"):
         sys.exit(f"no promote run in experiment {experiment!r}: run `make demo` first")
-    champion = api(ui, f"registered-models/alias?name={model}&alias=champion")["model_version"]
+    try:
+        champion = api(ui, "registered-models/alias?" + urllib.parse.urlencode({"name": model, "alias": "champion"}))
+    except urllib.error.HTTPError as exc:
+        sys.exit(f"{model} has no champion version ({exc}): run `make demo` first")
+    champion = champion["model_version"]
     return {"experiment_id": exp["experiment_id"], "promote_run": runs["runs"][0]["info"]["run_id"],
             "champion_version": champion["version"]}
 

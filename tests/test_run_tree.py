@@ -38,13 +38,21 @@ def _tiny_models(tmp_path: Path, kb_folder: Path, env: dict) -> Path:
     return out
 
 
+# the stages with a cache: under `mlflow run` they run in the project folder, where the default caches live
+CACHED_STAGES = ("build_kb", "synth_qa", "distill", "evaluate")
+
+
 def _demo_recipes(tmp_path: Path) -> Path:
-    """experiments/demo, pointing at its own copy, with the bundle verified in this Python (no fresh venv)."""
+    """experiments/demo, pointing at its own copy, with caches in tmp_path and the bundle verified in this
+    Python (no fresh venv)."""
     out = tmp_path / "recipes"
     out.mkdir()
     for recipe in (ROOT / "experiments" / "demo").glob("*.yaml"):
         text = recipe.read_text(encoding="utf-8").replace("experiments/demo/", f"{out}/")
         (out / recipe.name).write_text(text, encoding="utf-8")
+    for stage in CACHED_STAGES:
+        with open(out / f"{stage}.yaml", "a", encoding="utf-8") as fh:
+            fh.write(f"\ncache_dir: {tmp_path / 'cache' / stage}\n")
     with open(out / "package.yaml", "a", encoding="utf-8") as fh:
         fh.write("verify: current\n")
     return out
@@ -54,17 +62,20 @@ def _demo_recipes(tmp_path: Path) -> Path:
 def demo_store(tmp_path_factory, sample_kb):
     tmp_path = tmp_path_factory.mktemp("demo-store")
     store = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_EXPERIMENT", "MLFLOW_RUN_ID", "FSKU_EXPERIMENT"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_EXPERIMENT", "MLFLOW_RUN_ID", "MLFLOW_REGISTRY_URI", "FSKU_EXPERIMENT"))}
     env.update({"PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": store,
                 "FSKU_MODELS_DIR": str(tmp_path / "models")})  # registry downloads stay out of the project
     tiny = _tiny_models(tmp_path, sample_kb[0].folder, env)
+    recipes = _demo_recipes(tmp_path)
     _mlflow_run("main", {"corpus": SAMPLE_CORPUS, "labels": SAMPLE_LABELS, "kb_out": tmp_path / "kb",
                          "teacher": tiny / "teacher", "student": tiny / "student",
                          "gold": ROOT / "evaluation" / "sample_qa.csv", "out": tmp_path / "main",
-                         "recipes": _demo_recipes(tmp_path)}, env, tmp_path)
+                         "recipes": recipes}, env, tmp_path)
     _mlflow_run("tune", {"study": "retrieval", "n_trials": 2, "chunk_sizes": 480, "chunk_overlaps": 32,
                          "bm25_tokenizers": "kiwi", "out": tmp_path / "tune",
-                         "storage": f"sqlite:///{tmp_path}/optuna.db", "recipe_out": tmp_path / "tune" / "recipes"},
+                         "storage": f"sqlite:///{tmp_path}/optuna.db", "recipe_out": tmp_path / "tune" / "recipes",
+                         "base_recipe": recipes / "build_kb.yaml"},
                 env, tmp_path)
     import mlflow
 

@@ -161,6 +161,7 @@ def promote_release(model_name: str, candidate: Release, score: Callable[[Releas
                                   {**tags, "promotion.student_model": f"models:/{model_name}/{candidate.model_version}"})
     else:
         tracking.set_version_tags(model_name, candidate.model_version, tags)
+    card = promotion_card(tags) if decision.promote else ""  # built before any alias moves
     if decision.promote:
         if champion:
             tracking.set_alias(model_name, PREVIOUS, champion.model_version)
@@ -169,13 +170,7 @@ def promote_release(model_name: str, candidate: Release, score: Callable[[Releas
         tracking.set_alias(model_name, CHAMPION, candidate.model_version)
         if kb_name and candidate.kb_version:
             tracking.set_alias(kb_name, CHAMPION, candidate.kb_version)
-        card = promotion_card(tags)
-        joint = kb_name and candidate.kb_version
-        tracking.append_version_description(model_name, candidate.model_version, card + (
-            f" Ships with models:/{kb_name}/{candidate.kb_version}." if joint else ""))
-        if joint:
-            tracking.append_version_description(kb_name, candidate.kb_version,
-                                                f"{card} Ships with models:/{model_name}/{candidate.model_version}.")
+        _describe_champion(model_name, kb_name, candidate, card)
     return {"decision": asdict(decision), "champion": asdict(candidate if decision.promote else champion),
             "previous": asdict(champion) if decision.promote and champion else None,
             "evaluations": {"candidate": {**asdict(candidate), "score": cand.score, "run_id": cand.run_id},
@@ -183,12 +178,28 @@ def promote_release(model_name: str, candidate: Release, score: Callable[[Releas
                                if champ else {})}}
 
 
+def _describe_champion(model_name: str, kb_name: Optional[str], candidate: Release, card: str) -> None:
+    """The promotion paragraph on the new champion's description(s); the aliases have moved already, so a
+    failure here is a warning, not a failed promotion."""
+    from . import tracking
+
+    joint = kb_name and candidate.kb_version
+    try:
+        tracking.append_version_description(model_name, candidate.model_version, card + (
+            f" Ships with models:/{kb_name}/{candidate.kb_version}." if joint else ""))
+        if joint:
+            tracking.append_version_description(kb_name, candidate.kb_version,
+                                                f"{card} Ships with models:/{model_name}/{candidate.model_version}.")
+    except Exception as exc:  # the registry refused the update (permissions, a server error)
+        log.warning("promoted, but the champion's description was not updated: %s", exc)
+
+
 def promotion_card(tags: dict) -> str:
     """The paragraph a promotion adds to the champion's description, from the promotion tags."""
     evidence = (f"; {tags['promotion.test']} p = {float(tags['promotion.p_value']):.3g}, gain {tags['promotion.gain_ci95']}"
                 if "promotion.test" in tags else "")
     versus = (f" vs {float(tags['promotion.champion_score']):.4f} of version {tags['promotion.champion_version']}"
-              if tags.get("promotion.champion_score") != "" else "")
+              if tags.get("promotion.champion_score") not in ("", None) else "")
     return (f"Champion since {tags['promotion.time']} (gate {tags['promotion.gate']}: {tags['promotion.reason']}): "
             f"{tags['promotion.metric']} {float(tags['promotion.candidate_score']):.4f}{versus}{evidence}; "
             f"evaluation run {tags['promotion.candidate_run'] or '?'}.")
