@@ -400,17 +400,27 @@ def test_distill_step_logs_to_mlflow_and_registers_the_student(tiny_models, synt
                         max_steps=2, batch_size=2, max_new_tokens=8, mc_max_new_tokens=3, max_model_len=512,
                         max_prompt_length=400, lora_r=4, lora_alpha=8, cache_dir="", temperature=1.0,
                         register_as="fsku-student-test", loss_type="distillm_v2", alpha=0.2, beta=0.5)
+    # a held-out split: the KL to the teacher is measured at the start and at the last step (eval_steps 10 > 2)
+    recs = _records()[:3]
+    for r in recs:
+        r.split, r.qa_id = "validation", f"val-{r.qa_id}"
+    write_jsonl(recs, synth_dir / "validation.jsonl")
     out = run_step(cfg, progress=False)
     run_id, version = out["run_id"], out["version"]
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)
     assert run.data.tags["fsku.loss_type"] == "distillm_v2"
+    kl = client.get_metric_history(run_id, "heldout/kl_to_teacher")
+    assert [h.step for h in kl] == [0, 2] and all(h.value > 0 for h in kl)
+    assert len(client.get_metric_history(run_id, "heldout/teacher_nll")) == 2
+    assert out["result"].stats["heldout_prompts"] == 3
+    assert out["result"].stats["rounds"][0]["heldout"]["final"]["step"] == 2
     for key in ("loss", "grad_norm", "learning_rate", "loss/chosen_skew_forward_kl", "loss/rejected_skew_reverse_kl",
                 "alpha/chosen", "s_per_step", "pairs_pairs"):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(run_id, "loss")) == 2
     artifacts = {a.path for a in client.list_artifacts(run_id, "plots")}
-    assert {"plots/loss_terms.png", "plots/alpha_beta.png", "plots/lr_grad_norm.png"} <= artifacts
+    assert {"plots/loss_terms.png", "plots/alpha_beta.png", "plots/lr_grad_norm.png", "plots/heldout_kl.png"} <= artifacts
     mv = client.get_model_version("fsku-student-test", version)
     assert mv.tags["loss_type"] == "distillm_v2" and mv.tags["alpha"] == "0.2" and mv.tags["beta"] == "0.5"
     assert mv.tags["teacher"] == cfg.teacher and len(mv.tags["data_version"]) == 12

@@ -302,7 +302,22 @@ def test_tiny_teacher_learns_the_format_from_templated_qa(sample_kb, tmp_path):
     info = train_on_examples(pair["teacher"], examples[:4], steps=12, lr=3e-3, batch_size=2)
     assert info["examples"] == 4 and info["final_loss"] < info["first_loss"]
     assert cli_main(["make-tiny-models", "--out", str(tmp_path / "cli"), "--kb", str(kb.folder), "--teacher-steps", "1"]) == 0
-    assert json.loads((tmp_path / "cli" / "teacher" / "sft.json").read_text())["steps"] == 1
+    recorded = json.loads((tmp_path / "cli" / "teacher" / "sft.json").read_text())
+    assert recorded["steps"] == 1 and len(recorded["losses"]) == 1 and len(info["losses"]) == 12
+
+
+def test_teacher_sft_figure_only_for_a_teacher_trained_here(tmp_path):
+    from fsku.steps.synth_qa import teacher_sft_figure
+
+    assert teacher_sft_figure("Qwen/Qwen2.5-1.5B-Instruct") is None and teacher_sft_figure(str(tmp_path)) is None
+    (tmp_path / "sft.json").write_text("{not json")
+    assert teacher_sft_figure(str(tmp_path)) is None
+    (tmp_path / "sft.json").write_text(json.dumps({"steps": 3, "examples": 2}))  # written before losses were kept
+    assert teacher_sft_figure(str(tmp_path)) is None
+    (tmp_path / "sft.json").write_text(json.dumps({"steps": 3, "examples": 2, "losses": [3.0, 2.0, 1.5]}))
+    fig = teacher_sft_figure(str(tmp_path))
+    line = fig.axes[0].lines[0]
+    assert list(line.get_ydata()) == [3.0, 2.0, 1.5] and "2 templated" in fig.axes[0].get_title()
 
 
 def test_bad_synth_inputs_get_clear_errors(tmp_path):

@@ -308,11 +308,12 @@ def test_two_worker_processes_share_one_study(tmp_path):
     assert not (tmp_path / "recipes").exists()
 
 
-def test_validation_kl_is_zero_against_itself_and_positive_against_another_model(tiny_models):
+def test_held_out_kl_is_zero_against_itself_and_positive_against_another_model(tiny_models):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fsku.distill.heldout import KL_KEY, NLL_KEY, held_out_metrics
     from fsku.distill.trainer import encode_pairs, precompute_topk
-    from fsku.tune import validation_kl
 
     tok = AutoTokenizer.from_pretrained(tiny_models["teacher"])
     teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval()
@@ -322,12 +323,27 @@ def test_validation_kl_is_zero_against_itself_and_positive_against_another_model
     pairs = [{"prompt_id": str(i), "prompt": msgs, "chosen": [{"role": "assistant", "content": text}],
               "rejected": [{"role": "assistant", "content": text}]}
              for i, text in enumerate(["보안 강화", "이용자 보호와 안전성"])]
-    features, _ = encode_pairs(tok, pairs, 256, 200)
-    precompute_topk(teacher, features, vocab, vocab)  # k = vocab: the exact teacher distribution
-    assert validation_kl(teacher, features, vocab) == pytest.approx(0.0, abs=1e-5)
-    kl = validation_kl(student, features, vocab, batch_size=1)
-    assert kl > 0.01 and kl == pytest.approx(validation_kl(student, features, vocab, batch_size=2), rel=1e-4)
+    features, _ = encode_pairs(tok, pairs, 256, 200, sides=("chosen",))
+    assert "rejected_input_ids" not in features[0]
+    precompute_topk(teacher, features, vocab, vocab, sides=("chosen",))  # k = vocab: the exact teacher distribution
+    own = held_out_metrics(teacher, features, vocab)
+    assert own[KL_KEY] == pytest.approx(0.0, abs=1e-5)
+    m = held_out_metrics(student, features, vocab, batch_size=1)
+    assert m[KL_KEY] > 0.01 and m[KL_KEY] == pytest.approx(held_out_metrics(student, features, vocab, batch_size=2)[KL_KEY],
+                                                         rel=1e-4)
     assert student.training is False
+    # the NLL by hand: −log q(token) averaged over the response tokens of both responses
+    nll, count = 0.0, 0
+    for f in features:
+        ids = torch.tensor([f["chosen_input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(student(input_ids=ids).logits[0, :-1, :vocab].float(), -1)
+        for t, label in enumerate(f["chosen_labels"][1:]):
+            if label != -100:
+                nll, count = nll - float(logp[t, label]), count + 1
+    assert m[NLL_KEY] == pytest.approx(nll / count, rel=1e-4)
+    with pytest.raises(ValueError, match="no held-out features"):
+        held_out_metrics(student, [], vocab)
 
 
 def test_distill_study_reports_intermediate_values_and_prunes(tiny_models, tmp_path, monkeypatch):

@@ -674,6 +674,9 @@ class DistillConfig(with_defaults(LLMSettings, max_model_len=1024, batch_size=2)
     rounds: int = param(1, "Rounds; each regenerates the student responses with the student of the round before.")
     logging_steps: int = param(1, "Log loss terms, alpha, lr and grad norm every this many steps.")
     save_steps: int = param(25, "Checkpoint every this many steps (a killed run resumes from the last one).")
+    eval_prompts: int = param(32, "Held-out prompts (validation.jsonl) whose KL(teacher||student) and the student's NLL"
+                                  " of the teacher's responses are measured during training (0 = off).")
+    eval_steps: int = param(10, "Measure the held-out KL every this many steps (also at the start and the last step).")
     register_as: Optional[str] = param("fsku-student", "Registered model name of the merged student (none: do not "
                                                        "register).")
     cache_dir: Optional[str] = param(".cache/distill", "Cache folder (JSON in SQLite) of responses (none disables).")
@@ -692,6 +695,7 @@ class DistillConfig(with_defaults(LLMSettings, max_model_len=1024, batch_size=2)
         _check(64 <= self.max_prompt_length < self.max_model_len, "max_prompt_length must be >= 64 and < max_model_len")
         _check(self.rounds >= 1 and self.max_prompts >= 0, "rounds must be >= 1 and max_prompts >= 0")
         _check(self.logging_steps >= 1 and self.save_steps >= 1, "logging_steps and save_steps must be >= 1")
+        _check(self.eval_prompts >= 0 and self.eval_steps >= 1, "eval_prompts must be >= 0 and eval_steps >= 1")
         super().__post_init__()
 
 

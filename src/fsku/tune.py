@@ -305,42 +305,6 @@ class RetrievalObjective:
 
 # ----------------------------------------------------------------------------- distill objective
 
-def validation_kl(model, features: Sequence[dict], vocab_size: int, batch_size: int = 4) -> float:
-    """Mean per-token KL(teacher ‖ student) over the teacher's responses to held-out prompts, the
-    teacher given as top-k log-probabilities (``chosen_topk_*`` from `precompute_topk`)."""
-    import torch
-
-    from .distill import losses as L
-    from .distill.trainer import IGNORE, PairCollator, dense_from_topk, response_window, window_logits
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    collate = PairCollator(0)
-    with torch.no_grad():
-        for start in range(0, len(features), batch_size):
-            batch = collate(list(features[start:start + batch_size]))
-            labels = batch["chosen_labels"]
-            keep = response_window(labels)
-            log_q = L.log_probs(window_logits(model, batch["chosen_input_ids"].to(device),
-                                              batch["chosen_attention_mask"].to(device), keep), vocab_size)
-            mask = (labels[:, labels.shape[1] - keep + 1:] != IGNORE).to(device)
-            log_p = dense_from_topk(batch["chosen_topk_idx"].to(device), batch["chosen_topk_logp"].to(device),
-                                    vocab_size)
-            # top-k rows hold the response positions in order: scatter them onto the masked positions
-            teacher = torch.zeros_like(log_q)
-            for b in range(log_q.shape[0]):
-                n = int(mask[b].sum())
-                teacher[b, mask[b]] = log_p[b, :n]
-            kl = L.forward_kl(teacher, log_q)
-            total += float(kl[mask].sum())
-            count += int(mask.sum())
-    if was_training:
-        model.train()
-    return total / max(1, count)
-
-
 class DistillObjective:
     """Held-out KL(teacher ‖ student) of one distillation configuration (lower is better).
 
@@ -361,9 +325,10 @@ class DistillObjective:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from .config import ResponseSettings, block_view
-        from .distill.data import build_prompts, generate_responses, make_pairs
+        from .distill.data import build_prompts, generate_responses
+        from .distill.heldout import build_features
         from .distill.pipeline import load_records, pick_device_dtype
-        from .distill.trainer import check_shared_vocab, encode_pairs, precompute_topk
+        from .distill.trainer import check_shared_vocab
         from .llm import load_llm
         from .llm.resolve import resolve_model
         from .stores import AnswerCache
@@ -384,13 +349,13 @@ class DistillObjective:
         responses = generate_responses(prompts, llm, settings, self.work / "validation_teacher.jsonl",
                                        AnswerCache(cfg.cache_dir))
         del llm
-        pairs, _ = make_pairs(prompts, responses, responses)  # both sides the teacher's; only one is read
-        if not pairs:
-            raise ValueError("the teacher gave no usable validation response")
-        features, _ = encode_pairs(tok, pairs, cfg.max_model_len, cfg.max_prompt_length)
         teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype).to(device).eval()
-        precompute_topk(teacher, features, self.topk, vocab, batch_size=cfg.batch_size)
+        features = build_features(prompts, responses, tok, teacher, vocab_size=vocab, topk=self.topk,
+                                  max_length=cfg.max_model_len, max_prompt_length=cfg.max_prompt_length,
+                                  batch_size=cfg.batch_size)
         del teacher
+        if not features:
+            raise ValueError("the teacher gave no usable validation response")
         self._features, self._vocab = features, vocab
         log.info("validation: %d teacher responses, top-%d teacher log-probabilities", len(features), self.topk)
         return features, vocab
@@ -399,13 +364,15 @@ class DistillObjective:
         values = dict(params)
         if "lora_r" in values:
             values["lora_alpha"] = 2 * int(values["lora_r"])
+        # eval_prompts 0: the trial's own callback measures the held-out KL (on the study's shared features)
         return dataclasses.replace(self.base, out=str(self.work / f"trial_{trial_number:04d}"), register_as=None,
-                                   restart=True, **values)
+                                   restart=True, eval_prompts=0, **values)
 
     def __call__(self, trial, params: dict, report: Callable[[dict], None]) -> float:
         import optuna
         from transformers import TrainerCallback
 
+        from .distill.heldout import KL_KEY, held_out_metrics
         from .distill.pipeline import distill
 
         features, vocab = self.validation_features()
@@ -417,7 +384,7 @@ class DistillObjective:
             def on_step_end(self, args, state, control, model=None, **kwargs):
                 if state.global_step % every and state.global_step != state.max_steps:
                     return
-                kl = validation_kl(model, features, vocab)
+                kl = held_out_metrics(model, features, vocab)[KL_KEY]
                 measured[state.global_step] = kl
                 report({"validation_kl": kl, "step": state.global_step})
                 trial.report(kl, state.global_step)

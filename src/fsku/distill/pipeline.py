@@ -4,6 +4,7 @@ one or more rounds. MLflow stays in the steps layer: progress and metrics leave 
 
 Output folder:
     prompts.jsonl, responses_r<R>_{teacher,student}.jsonl, pairs_r<R>.jsonl   (schemas in data.py)
+    responses_validation_teacher.jsonl   the teacher's greedy answers to the held-out prompts (heldout.py)
     round_<R>/checkpoints/   Trainer checkpoints (adapter + optimizer), resumed when present
     round_<R>/merged/        the student with that round's LoRA merged in
     merged/                  the final student (= last round's merged), tokenizer, generation config
@@ -27,6 +28,7 @@ from ..outputs import check_not_input, check_replaceable, remove_ours, staged_fo
 from ..stores import AnswerCache
 from ..synth.records import read_jsonl
 from .data import build_prompts, generate_responses, make_pairs
+from .heldout import HeldOutCallback, build_features
 from .losses import LOSS_TYPES
 from .trainer import (
     DistillTrainer,
@@ -86,6 +88,32 @@ def retrieve_contexts(records, cfg: DistillConfig, llm) -> list[str]:
     answerer = Answerer(llm, InferConfig(context=cfg.context), kb)
     hits = answerer.retrieve([r.question for r in records])
     return [answerer.context_text(h, terms)[0] for h, terms in hits]
+
+
+def heldout_prompts(cfg: DistillConfig, teacher_llm, out: Path, cache, progress: bool
+                    ) -> Optional[tuple[list[dict], dict[str, dict]]]:
+    """(prompt rows, teacher responses) of up to `eval_prompts` validation records, with the context
+    inference would give them; None when off or when the data has no validation split (a warning)."""
+    from tqdm.auto import tqdm
+
+    from ..config import ResponseSettings, block_view
+
+    if cfg.eval_prompts == 0:
+        return None
+    if not (Path(cfg.data) / "validation.jsonl").is_file():
+        log.warning("%s has no validation.jsonl: no held-out KL during training (eval_prompts 0 silences this)", cfg.data)
+        return None
+    records = load_records(cfg.data, "validation", cfg.eval_prompts)
+    if not records:
+        log.warning("%s/validation.jsonl holds no records: no held-out KL during training", cfg.data)
+        return None
+    contexts = retrieve_contexts(records, cfg, teacher_llm) if cfg.context != "none" else None
+    rows = build_prompts(records, contexts)
+    settings = block_view(cfg, ResponseSettings, temperature=0.0, top_p=1.0)  # greedy: one reference per prompt
+    with tqdm(total=len(rows), desc="teacher responses (held out)", unit="prompt", disable=not progress) as bar:
+        responses = generate_responses(rows, teacher_llm, settings, out / "responses_validation_teacher.jsonl", cache,
+                                       progress=bar.update)
+    return rows, responses
 
 
 def peak_rss_mb() -> float:
@@ -155,6 +183,7 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
         teacher_resp = generate_responses(prompt_rows, teacher_llm, cfg, out / "responses_r1_teacher.jsonl", cache,
                                           progress=bar.update)
     stats["teacher_response_s"] = round(time.perf_counter() - t0, 1)
+    heldout_rows = heldout_prompts(cfg, teacher_llm, out, cache, progress)
     needs_teacher = LOSS_TYPES[cfg.loss_type].needs_teacher
     # the backend's own HF model serves the teacher logits when it has one
     teacher_model = getattr(teacher_llm, "model", None) if needs_teacher else None
@@ -165,6 +194,22 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
         _release_memory()
         if needs_teacher and cfg.teacher_logits == "online":
             teacher_model = load_teacher()
+    heldout_features: list[dict] = []
+    if heldout_rows:
+        # the teacher's top-k on the held-out responses, once for every round (a transformers copy when the
+        # generation backend has none: it leaves memory again before the student loads)
+        scorer = teacher_model if hasattr(teacher_model, "forward") else load_teacher()
+        t0 = time.perf_counter()
+        with tqdm(total=len(heldout_rows[0]), desc=f"held-out teacher top-{cfg.topk}", unit="prompt",
+                  disable=not progress) as bar:
+            heldout_features = build_features(*heldout_rows, student_tok, scorer, vocab_size=vocab_size, topk=cfg.topk,
+                                              max_length=cfg.max_model_len, max_prompt_length=cfg.max_prompt_length,
+                                              batch_size=cfg.batch_size, progress=bar.update)
+        stats["heldout_prompts"] = len(heldout_features)
+        stats["heldout_topk_s"] = round(time.perf_counter() - t0, 1)
+        if scorer is not teacher_model:
+            del scorer
+            _release_memory()
 
     history: list[dict] = []
     current_student = student_path
@@ -221,10 +266,13 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
             remove_unused_columns=False, seed=cfg.seed, data_seed=cfg.seed, use_cpu=device == "cpu",
             bf16=torch_dtype == torch.bfloat16, gradient_checkpointing=cfg.gradient_checkpointing,
             disable_tqdm=not progress, dataloader_num_workers=0, max_grad_norm=1.0)
-        callback = MetricsCallback(log_fn, prefix=f"r{rnd}/" if cfg.rounds > 1 else "")
+        prefix = f"r{rnd}/" if cfg.rounds > 1 else ""
+        callback = MetricsCallback(log_fn, prefix=prefix)
+        measures = [HeldOutCallback(heldout_features, vocab_size, cfg.eval_steps, cfg.batch_size, log_fn, prefix)
+                    ] if heldout_features else []
         trainer = DistillTrainer(
             model=student, args=args, train_dataset=PairDataset(features), data_collator=PairCollator(student_tok.pad_token_id),
-            teacher=teacher_for_training, callbacks=[callback, *callbacks],
+            teacher=teacher_for_training, callbacks=[callback, *measures, *callbacks],
             loss=cfg,
             vocab_size=vocab_size)
         ckpt_dir = rdir / "checkpoints"
@@ -245,6 +293,10 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
             rstats["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         rstats["peak_rss_mb"] = peak_rss_mb()
         history.extend({"round": rnd, **h} for h in callback.history)
+        for measure in measures:
+            history.extend({"round": rnd, **h} for h in measure.history)
+            if measure.history:
+                rstats["heldout"] = {"start": measure.history[0], "final": measure.history[-1]}
         merge_and_save(trainer.model, student_tok, rdir / "merged")
         current_student = rdir / "merged"
         stats["rounds"].append(rstats)

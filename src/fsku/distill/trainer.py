@@ -51,9 +51,10 @@ def encode_side(tokenizer, prompt_ids: list[int], response: str, max_length: int
     return {"input_ids": prompt_ids + resp_ids, "labels": [IGNORE] * len(prompt_ids) + resp_ids}
 
 
-def encode_pairs(tokenizer, pairs: Sequence[dict], max_length: int = 1024, max_prompt_length: int = 768
-                 ) -> tuple[list[dict], int]:
-    """Token features per pair and how many prompts were cut from the left to fit max_prompt_length."""
+def encode_pairs(tokenizer, pairs: Sequence[dict], max_length: int = 1024, max_prompt_length: int = 768,
+                 sides: Sequence[str] = SIDES) -> tuple[list[dict], int]:
+    """Token features per pair (of `sides`) and how many prompts were cut from the left to fit
+    max_prompt_length."""
     feats, cut = [], 0
     for pair in pairs:
         text = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=False)
@@ -62,7 +63,7 @@ def encode_pairs(tokenizer, pairs: Sequence[dict], max_length: int = 1024, max_p
             prompt_ids = prompt_ids[-max_prompt_length:]
             cut += 1
         feat = {"prompt_id": pair["prompt_id"]}
-        for side in SIDES:
+        for side in sides:
             enc = encode_side(tokenizer, prompt_ids, pair[side][-1]["content"], max_length)
             feat[f"{side}_input_ids"], feat[f"{side}_labels"] = enc["input_ids"], enc["labels"]
         feats.append(feat)
@@ -84,9 +85,9 @@ class PairDataset(torch.utils.data.Dataset):
 class PairCollator:
     pad_token_id: int
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: list[dict], sides: Sequence[str] = SIDES) -> dict[str, torch.Tensor]:
         batch: dict[str, torch.Tensor] = {}
-        for side in SIDES:
+        for side in sides:
             ids = [r[f"{side}_input_ids"] for r in rows]
             width = max(len(x) for x in ids)
             batch[f"{side}_input_ids"] = torch.tensor([x + [self.pad_token_id] * (width - len(x)) for x in ids])
@@ -143,14 +144,14 @@ def dense_from_topk(topk_idx: torch.Tensor, topk_logp: torch.Tensor, vocab_size:
 
 @torch.no_grad()
 def precompute_topk(teacher, features: list[dict], k: int, vocab_size: int, batch_size: int = 2,
-                    progress: Optional[Callable[[int], None]] = None) -> None:
+                    progress: Optional[Callable[[int], None]] = None, sides: Sequence[str] = SIDES) -> None:
     """Adds ``<side>_topk_idx`` / ``<side>_topk_logp`` (one row per response token) to each feature."""
     device = next(teacher.parameters()).device
     collate = PairCollator(0)
     for start in range(0, len(features), batch_size):
         rows = features[start:start + batch_size]
-        batch = collate([{key: r[key] for key in r if not key.endswith(("topk_idx", "topk_logp"))} for r in rows])
-        for side in SIDES:
+        batch = collate([{key: r[key] for key in r if not key.endswith(("topk_idx", "topk_logp"))} for r in rows], sides)
+        for side in sides:
             ids, attn = batch[f"{side}_input_ids"].to(device), batch[f"{side}_attention_mask"].to(device)
             labels = batch[f"{side}_labels"]
             keep = response_window(labels)

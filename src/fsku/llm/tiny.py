@@ -114,7 +114,8 @@ def train_on_examples(model_dir: str | Path, examples: list[tuple[list[dict], st
     """Supervised fine-tuning of a (tiny) chat model in place: loss on the response tokens only.
 
     `examples` are (chat messages, response text). Used to teach the tiny offline teacher the
-    synth_qa output format; examples longer than max_len tokens are skipped."""
+    synth_qa output format; examples longer than max_len tokens are skipped. Returns steps, examples,
+    first/final loss and the loss of every step (`losses`, plotted by synth_qa's run)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -167,6 +168,6 @@ def train_on_examples(model_dir: str | Path, examples: list[tuple[list[dict], st
     model.eval()
     model.save_pretrained(model_dir)
     info = {"steps": steps, "examples": len(encoded), "first_loss": losses[0],
-            "final_loss": sum(losses[-10:]) / len(losses[-10:])}
+            "final_loss": sum(losses[-10:]) / len(losses[-10:]), "losses": [round(x, 4) for x in losses]}
     log.info("trained %s on %d examples: loss %.3f -> %.3f", model_dir, len(encoded), info["first_loss"], info["final_loss"])
     return info

@@ -77,6 +77,28 @@ def loss_curve_figures(history: list[dict]) -> dict:
     return figs
 
 
+def heldout_figure(history: list[dict]):
+    """Held-out KL to the teacher and NLL of its responses against the optimizer step (None when not measured)."""
+    rows = [h for h in history if any("heldout/" in k for k in h)]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for col in sorted(c for c in df.columns if "heldout/" in c):
+        for rnd, part in df.groupby("round") if "round" in df and df["round"].nunique() > 1 else [(None, df)]:
+            ax.plot(part["step"], part[col], marker="o", label=col if rnd is None else f"{col} (round {rnd})")
+    ax.set_xlabel("optimizer step")
+    ax.set_title("held-out prompts: student vs teacher")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def _synth_stats(data: str | Path) -> dict:
     """synth_qa's stats.json in the data folder ({} when the folder was not written by synth_qa)."""
     import json
@@ -122,6 +144,9 @@ def run_step(cfg: DistillConfig, progress: bool = True) -> dict:
         tracking.log_metrics(summary)
         for name, fig in loss_curve_figures(result.history).items():
             tracking.log_figure(fig, name)
+        held = heldout_figure(result.history)
+        if held is not None:
+            tracking.log_figure(held, "plots/heldout_kl.png")
         pairs = pd.read_json(Path(cfg.out) / f"pairs_r{cfg.rounds}.jsonl", lines=True)
         if not pairs.empty:
             sample = pd.DataFrame({"prompt_id": pairs["prompt_id"], "kind": pairs["kind"],

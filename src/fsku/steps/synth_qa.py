@@ -88,6 +88,40 @@ def log_split_dataset(folder: str | Path, split: str, tags: dict, context: str |
                                 tags={k: str(v) for k, v in tags.items()})
 
 
+def teacher_sft_figure(teacher: str):
+    """The loss curve of a teacher fine-tuned here (`fsku make-tiny-models --kb`: its folder's sft.json), None
+    for any other teacher (a hub id, a GGUF, a folder without a readable loss history)."""
+    import json
+
+    path = Path(teacher) / "sft.json"
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        log.warning("%s is not JSON: no teacher SFT loss plot", path)
+        return None
+    losses = info.get("losses") if isinstance(info, dict) else None
+    if not isinstance(losses, list) or not losses:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.plot(range(1, len(losses) + 1), losses, lw=1, label="batch loss")
+    window = max(1, len(losses) // 20)
+    smooth = pd.Series(losses).rolling(window, min_periods=1).mean()
+    ax.plot(range(1, len(losses) + 1), smooth, lw=2, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (response tokens)")
+    ax.set_title(f"teacher SFT on {info.get('examples', '?')} templated examples")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def run_step(cfg: SynthQAConfig, progress: bool = True) -> dict:
     """Synthesize, filter and split QA items, logged to one MLflow run: {"result" (SynthResult), "run_id",
     "tracking_uri"}."""
@@ -98,8 +132,12 @@ def run_step(cfg: SynthQAConfig, progress: bool = True) -> dict:
     check_inputs(models={"--teacher": cfg.teacher, "--judge-model": cfg.judge_model}, kbs={"--kb": cfg.kb})
     params = dataclasses.asdict(cfg)
     with tracking.run("synth_qa", params, tags={"fsku.teacher": cfg.teacher}, **run_labels("synth_qa", cfg)) as active:
-        result = synthesize(tracking.resolve_model_fields(cfg, "teacher", "judge_model"), progress=progress)
+        resolved = tracking.resolve_model_fields(cfg, "teacher", "judge_model")
+        result = synthesize(resolved, progress=progress)
         s = result.stats
+        sft = teacher_sft_figure(resolved.teacher)
+        if sft is not None:
+            tracking.log_figure(sft, "plots/teacher_sft_loss.png")
         tracking.log_metrics({k: v for k, v in s.items() if isinstance(v, (int, float)) and v is not None})
         tracking.log_metrics({f"rejected_{k}": v for k, v in s["rejected_by_reason"].items()})
         tracking.log_metrics({f"accepted_{k}": v for k, v in {**s["accepted_by_kind"], **s["accepted_by_qtype"],
