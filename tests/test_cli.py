@@ -147,7 +147,7 @@ def test_build_kb_cli_tracks_and_registers(tmp_path, e5_model_dir):
     run = client.get_run(client.get_model_version("fsku-kb", str(version)).run_id)
     assert run.info.status == "FINISHED" and run.data.params["chunk_size"] == "200"
     assert run.data.metrics["documents"] == 6 and run.data.metrics["retrieval_hit_at_5"] == 1.0
-    assert "seconds_embed" in run.data.metrics
+    assert "cost/seconds_embed" in run.data.metrics and "seconds_embed" not in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"retrieval_hit_at_k.png", "retrieval_per_query.json", "kb"} <= artifacts
     curve = client.get_metric_history(run.info.run_id, "retrieval_hit_curve")

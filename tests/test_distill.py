@@ -416,7 +416,7 @@ def test_distill_step_logs_to_mlflow_and_registers_the_student(tiny_models, synt
     assert out["result"].stats["heldout_prompts"] == 3
     assert out["result"].stats["rounds"][0]["heldout"]["final"]["step"] == 2
     for key in ("loss", "grad_norm", "learning_rate", "loss/chosen_skew_forward_kl", "loss/rejected_skew_reverse_kl",
-                "alpha/chosen", "s_per_step", "pairs_pairs"):
+                "alpha/chosen", "cost/s_per_step", "pairs_pairs"):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(run_id, "loss")) == 2
     artifacts = {a.path for a in client.list_artifacts(run_id, "plots")}

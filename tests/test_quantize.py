@@ -228,7 +228,7 @@ def test_quantize_step_measures_registers_and_the_version_loads(wide_tiny, tmp_p
     assert set(result["table"]["metric"]) >= {"mc_accuracy", "perplexity", "latency_p95_s", "tokens_per_s", "size_mb",
                                               "peak_rss_mb"}
     run = mlflow.get_run(result["run_id"])
-    assert run.data.metrics["size_mb_ratio"] == pytest.approx(s["size_mb_ratio"])
+    assert run.data.metrics["cost/size_mb_ratio"] == pytest.approx(s["size_mb_ratio"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result["run_id"], "plots")}
     assert "plots/quantize_comparison.png" in artifacts
     mv = mlflow.MlflowClient().get_model_version("tiny-student", result["version"])

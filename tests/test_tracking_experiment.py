@@ -125,3 +125,21 @@ def test_a_default_made_elsewhere_keeps_its_name(tmp_path, monkeypatch):
     client = mlflow.MlflowClient()
     assert tracking.adopt_default_experiment(client, "fsku", uri) is False
     assert client.get_experiment("0").name == "Default"
+
+
+def test_cost_metrics_are_grouped_under_one_prefix_and_quality_metrics_keep_their_names(fresh_store):
+    from fsku.tracking import metric_key
+
+    cost = ["seconds_embed", "s_per_step", "latency_p95_s", "load_s_ratio", "peak_rss_mb", "quantized_tokens_per_s",
+            "tokens_per_s_ratio", "projected_minutes", "train_runtime", "train_samples_per_second", "size_mb_ratio",
+            "original_size_mb", "teacher_seconds", "r2/train_runtime", "total_flos"]
+    quality = ["fsku_score", "mc_accuracy_ratio", "retrieval_mrr_at_10", "loss/chosen_skew_forward_kl", "heldout/kl_to_teacher",
+               "accepted_descriptive", "pairs_pairs", "documents", "teacher_tokens", "skipped_too_many_pages",
+               "descriptive_cosine_ci95_low", "epoch", "score_domain/정보보호", "links_cite_resolved"]
+    assert [metric_key(n) for n in cost] == [f"cost/{n}" for n in cost]
+    assert [metric_key(n) for n in quality] == quality
+    assert metric_key("cost/seconds_embed") == "cost/seconds_embed"  # never twice
+    with tracking.run("evaluate", {}) as active:
+        tracking.log_metrics({"fsku_score": 0.5, "latency_p50_s": 1.2, "flag": True})
+    logged = mlflow.get_run(active.info.run_id).data.metrics
+    assert logged == {"fsku_score": 0.5, "cost/latency_p50_s": 1.2}

@@ -239,11 +239,36 @@ def set_tags(tags: dict) -> None:
     mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
+# What the runs table and the chart view group as cost (time, memory, size) rather than quality: names
+# ending in a unit or a rate; the Trainer's own throughput counters. Judged on the name's last segment,
+# with a trailing _ratio (a comparison of two such values) ignored.
+COST_PREFIX = "cost/"
+_COST_SUFFIXES = ("_s", "_ms", "_seconds", "_minutes", "_mb", "_gb", "_per_s", "_per_second")
+_COST_STARTS = ("seconds_", "s_per_", "latency_", "peak_", "size_", "train_runtime", "total_flos")
+_COST_WORDS = ("_latency_", "_tokens_per_s", "_peak_", "_size_mb")
+
+
+def metric_key(name: str) -> str:
+    """The logged name of a metric: time, memory and size measurements go under ``cost/`` (the MLflow UI
+    then shows them as their own chart section and the runs table's column filter separates them);
+    quality and count metrics keep their names."""
+    if name.startswith(COST_PREFIX):
+        return name
+    last = name.rsplit("/", 1)[-1]
+    if last.endswith("_ratio"):
+        last = last[:-len("_ratio")]
+    padded = f"_{last}_"
+    if last.endswith(_COST_SUFFIXES) or last.startswith(_COST_STARTS) or any(w in padded for w in _COST_WORDS):
+        return COST_PREFIX + name
+    return name
+
+
 def log_metrics(metrics: dict, step: Optional[int] = None, model_uri: Optional[str] = None, dataset=None) -> None:
-    """Numeric values of `metrics` on the active run; with `model_uri` (a models:/ URI) also linked to that
-    version's logged model and with `dataset` (what log_dataset returned) to the data, so the scores show on
-    the model's page in the UI."""
-    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """Numeric values of `metrics` on the active run, cost measurements under ``cost/`` (`metric_key`); with
+    `model_uri` (a models:/ URI) also linked to that version's logged model and with `dataset` (what
+    log_dataset returned) to the data, so the scores show on the model's page in the UI."""
+    clean = {metric_key(k): float(v) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)}
     model_id = logged_model_id(model_uri) if model_uri else None
     mlflow.log_metrics(clean, step=step, **({"model_id": model_id} if model_id else {}),
                        **({"dataset": dataset} if dataset is not None and model_id else {}))
