@@ -274,6 +274,39 @@ def test_adaptive_alpha_sets_a_reference_then_adapts(tiny_models, tmp_path):
     assert "gap/chosen" in cb.history[-2]  # the last entry is the end-of-training summary
 
 
+def test_adaptive_alpha_with_a_non_positive_reference_gap_warns_and_keeps_alpha(tiny_models, tmp_path, monkeypatch,
+                                                                                 caplog):
+    from fsku.distill import losses as L
+
+    # the student likelier than the teacher on every response: the mean gap is negative
+    monkeypatch.setattr(L, "sequence_prob_gap", lambda log_p, log_q, labels, mask: torch.full((labels.shape[0],), -0.25))
+    trainer, cb = _trainer(tiny_models, tmp_path, steps=3, adaptive_alpha=True, alpha_reference_steps=1, alpha=0.2)
+    with caplog.at_level("WARNING", logger="fsku.distill.trainer"):
+        trainer.train()
+    assert trainer.reference_gap["chosen"] == pytest.approx(-0.25)
+    assert "reference gap over the first 1 steps is -0.25 <= 0" in caplog.text
+    assert [h["alpha/chosen"] for h in cb.history if "alpha/chosen" in h] == pytest.approx([0.2, 0.2, 0.2])
+
+
+def test_gradual_beta_rises_from_one_during_training(tiny_models, tmp_path):
+    trainer, cb = _trainer(tiny_models, tmp_path, steps=4, gradual_beta=True)
+    trainer.train()
+    # 4 steps, ramp over the first half: global steps 0, 1, 2, 3 -> 1.0, 1.25, 1.5, 1.5
+    assert [h["beta"] for h in cb.history if "beta" in h] == pytest.approx([1.0, 1.25, 1.5, 1.5])
+
+
+def test_topk_tail_mass_by_hand():
+    import math
+
+    feats = [{"chosen_topk_logp": [[math.log(0.5), math.log(0.3)], [math.log(0.9), math.log(0.1)]],
+              "rejected_topk_logp": [[math.log(0.6), math.log(0.2)]]},
+             {"chosen_topk_logp": [], "rejected_topk_logp": [[math.log(0.7), math.log(0.3)]]}]
+    # tails 0.2, 0.0, 0.2, 0.0 over four tokens
+    assert T.topk_tail_mass(feats) == pytest.approx(0.1)
+    assert T.topk_tail_mass(feats, ("chosen",)) == pytest.approx(0.1)  # 0.2 and 0.0
+    assert T.topk_tail_mass([{"chosen_input_ids": [1, 2]}]) is None
+
+
 def _naive_sides(trainer, batch):
     """Both sides of a batch as plain-list probabilities (student q, teacher p) at every response
     position, from full-width forward passes of the two models (no response window, no top-k)."""
@@ -475,6 +508,8 @@ def test_topk_teacher_pipeline_frees_and_reloads_the_teacher_between_rounds(tiny
     res = distill(cfg, progress=False)
     assert [r["steps"] for r in res.stats["rounds"]] == [1, 1]
     assert all(r["teacher_topk_s"] >= 0 for r in res.stats["rounds"])
+    # the tiny teacher spreads its mass over ~2,000 ids: top-8 leaves most of it outside
+    assert all(0.0 < r["teacher_tail_mass"] < 1.0 for r in res.stats["rounds"])
 
 
 def test_qlora_needs_cuda_and_gradient_checkpointing_trains(tiny_models, tmp_path):

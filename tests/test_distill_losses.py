@@ -181,10 +181,37 @@ def test_adaptive_alpha_and_beta_schedule():
     # gap as large as the reference: 1 - 0.9*0.5/0.5 = 0.1 (the cap); a closed gap hits the floor;
     # a negative gap (student already likelier) keeps the cap
     assert a.tolist() == pytest.approx([0.1, 0.01, 0.1], abs=1e-4)
-    assert L.scheduled_beta(1.0, 0, 100, 0.0) == 1.0
-    assert L.scheduled_beta(1.0, 0, 100, 0.5) == pytest.approx(0.02)
-    assert L.scheduled_beta(1.0, 49, 100, 0.5) == pytest.approx(1.0)
-    assert L.scheduled_beta(1.0, 99, 100, 0.5) == 1.0
+
+
+def test_adaptive_alpha_keeps_the_base_alpha_when_the_reference_gap_is_not_positive():
+    gap = torch.tensor([0.5, 0.05, -0.1, -0.6])
+    for ref in (0.0, -0.2, float("nan")):
+        assert L.adaptive_alpha(gap, reference_gap=ref, base_alpha=0.1).tolist() == pytest.approx([0.1] * 4)
+    # a tiny positive reference still adapts: 1 - 0.9 * 1e-3 / 0.5 = 0.9982 -> capped at 0.1; gap 1e-4 -> floor
+    assert L.adaptive_alpha(torch.tensor([0.5, 1e-4]), 1e-3, 0.1).tolist() == pytest.approx([0.1, 0.01], abs=1e-4)
+
+
+def test_gradual_beta_is_the_authors_curriculum():
+    # the authors' trainer: beta = 1.0 + 0.5 * min(1, 2 * global_step / max_steps)
+    for total in (1, 7, 100):
+        for step in range(total):
+            got = L.scheduled_beta(1.0, step, total, gradual=True, start=1.0, end=1.5, ramp_ratio=0.5)
+            assert got == pytest.approx(1.0 + 0.5 * min(1.0, 2 * step / total)), (total, step)
+    kw = dict(gradual=True, start=0.5, end=1.7, ramp_ratio=0.25)
+    assert [L.scheduled_beta(1.0, s, 8, **kw) for s in (0, 1, 2, 5)] == pytest.approx([0.5, 1.1, 1.7, 1.7])
+    assert L.scheduled_beta(1.0, 3, 0, **kw) == 1.7  # no step count known: the end value
+    assert L.scheduled_beta(0.7, 3, 100, gradual=False, start=1.0, end=1.5, ramp_ratio=0.5) == 0.7
+    # it never starts from 0 (the old ramp did: 0.02 at the first step)
+    assert L.scheduled_beta(1.0, 0, 100, gradual=True, start=1.0, end=1.5, ramp_ratio=0.5) == 1.0
+
+
+def test_gradual_beta_settings_are_checked():
+    from fsku.config import LossSettings
+
+    assert LossSettings().gradual_beta is False and (LossSettings().beta_start, LossSettings().beta_end) == (1.0, 1.5)
+    for bad in ({"beta_start": -0.1}, {"beta_end": 2.5}, {"beta_ramp_ratio": 0.0}, {"beta_ramp_ratio": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LossSettings(**bad)
 
 
 def test_masked_mean_ignores_empty_sequences():

@@ -244,8 +244,14 @@ class LossSettings(Block):
                                         "capped at alpha.")
     alpha_reference_steps: int = param(5, "adaptive_alpha: steps whose mean teacher-student gap becomes the reference "
                                           "gap.")
-    beta: float = param(1.0, "Weight of the student-response term: (2-beta)*chosen + beta*rejected, in [0, 2].")
-    beta_warmup_ratio: float = param(0.0, "Gradual beta: ramp beta from 0 over this share of the steps (0 = fixed).")
+    beta: float = param(1.0, "Weight of the student-response term: (2-beta)*chosen + beta*rejected, in [0, 2] (with "
+                             "gradual_beta the curriculum beta_start -> beta_end replaces it).")
+    gradual_beta: bool = param(False, "DistiLLM-2's beta curriculum: beta rises linearly from beta_start to beta_end over"
+                                      " the first beta_ramp_ratio of the steps, then stays (the authors' trainer: 1.0 "
+                                      "-> 1.5 over the first half).")
+    beta_start: float = param(1.0, "gradual_beta: beta at the first step, in [0, 2].")
+    beta_end: float = param(1.5, "gradual_beta: beta from the end of the ramp on, in [0, 2].")
+    beta_ramp_ratio: float = param(0.5, "gradual_beta: share of the steps over which beta rises, in (0, 1].")
     jsd_weight: float = param(0.5, "Mixture weight of the generalised JSD (gkd), in (0, 1).")
 
     def __post_init__(self):
@@ -255,7 +261,10 @@ class LossSettings(Block):
         _check(0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}")
         _check(self.alpha_reference_steps >= 1, f"alpha_reference_steps must be >= 1, got {self.alpha_reference_steps}")
         _check(BETA_RANGE[0] <= self.beta <= BETA_RANGE[1], f"beta must be in [0, 2], got {self.beta}")
-        _check(0 <= self.beta_warmup_ratio <= 1, f"beta_warmup_ratio must be in [0, 1], got {self.beta_warmup_ratio}")
+        for name in ("beta_start", "beta_end"):
+            value = getattr(self, name)
+            _check(BETA_RANGE[0] <= value <= BETA_RANGE[1], f"{name} must be in [0, 2], got {value}")
+        _check(0 < self.beta_ramp_ratio <= 1, f"beta_ramp_ratio must be in (0, 1], got {self.beta_ramp_ratio}")
         _check(0 < self.jsd_weight < 1, f"jsd_weight must be in (0, 1), got {self.jsd_weight}")
         super().__post_init__()
 

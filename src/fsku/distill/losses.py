@@ -17,6 +17,7 @@ holds a stop-gradient copy of q: gradients flow only through the outer q.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -139,17 +140,27 @@ def adaptive_alpha(gap: torch.Tensor, reference_gap: float, base_alpha: float, f
     """alpha_i = clip(1 - (1 - a0) * g_ref / g_i, floor, a0) per sequence.
 
     g_ref is the gap measured early in training; sequences whose teacher-student gap is still as large
-    as at the start keep the full skew a0, those the student has caught up on get less (DistiLLM-2)."""
+    as at the start keep the full skew a0, those the student has caught up on get less (DistiLLM-2).
+    A reference gap <= 0 (the student already as likely as the teacher on average) would flip the
+    formula's direction (a gap further below zero gets less skew): every sequence keeps a0."""
+    if not math.isfinite(reference_gap) or reference_gap <= 0:
+        return torch.full_like(gap, base_alpha, dtype=torch.float32 if not gap.is_floating_point() else gap.dtype)
     anchor = (1.0 - base_alpha) * reference_gap
     return torch.clamp(1.0 - anchor / (gap.detach() + 1e-5), min=floor, max=base_alpha)
 
 
-def scheduled_beta(beta: float, step: int, total_steps: int, warmup_ratio: float) -> float:
-    """beta ramped linearly from 0 over the first `warmup_ratio` of training (gradual beta), then fixed."""
-    if warmup_ratio <= 0 or total_steps <= 0:
+def scheduled_beta(beta: float, step: int, total_steps: int, *, gradual: bool, start: float, end: float,
+                   ramp_ratio: float) -> float:
+    """beta at optimizer step `step` (0-based) of `total_steps`: `beta` throughout, or with `gradual`
+    DistiLLM-2's curriculum, linear from `start` to `end` over the first `ramp_ratio` of the steps and
+    `end` after. The authors' trainer has 1.0 + 0.5 * min(1, 2 * global_step / max_steps): start 1.0,
+    end 1.5, ratio 0.5. Raising beta shifts weight from the teacher's responses to the student's own."""
+    if not gradual:
         return beta
-    ramp = max(1.0, warmup_ratio * total_steps)
-    return beta * min(1.0, (step + 1) / ramp)
+    if total_steps <= 0:
+        return end
+    progress = min(1.0, step / (ramp_ratio * total_steps))
+    return start + (end - start) * progress
 
 
 # ---------------------------------------------------------------- loss types

@@ -40,6 +40,7 @@ from .trainer import (
     load_student,
     merge_and_save,
     precompute_topk,
+    topk_tail_mass,
 )
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,7 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
                                               max_length=cfg.max_model_len, max_prompt_length=cfg.max_prompt_length,
                                               batch_size=cfg.batch_size, progress=bar.update)
         stats["heldout_prompts"] = len(heldout_features)
+        stats["heldout_tail_mass"] = topk_tail_mass(heldout_features, ("chosen",))
         stats["heldout_topk_s"] = round(time.perf_counter() - t0, 1)
         if scorer is not teacher_model:
             del scorer
@@ -246,6 +248,7 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
                     precompute_topk(teacher_model, features, cfg.topk, vocab_size, batch_size=cfg.batch_size,
                                     progress=bar.update)
                 rstats["teacher_topk_s"] = round(time.perf_counter() - t0, 1)
+                rstats["teacher_tail_mass"] = topk_tail_mass(features)
                 # the point of top-k: the teacher leaves memory before the student trains (reloaded next round)
                 teacher_model = teacher_llm = None
                 _release_memory()

@@ -142,6 +142,20 @@ def dense_from_topk(topk_idx: torch.Tensor, topk_logp: torch.Tensor, vocab_size:
     return dense.scatter(-1, topk_idx, topk_logp)
 
 
+def topk_tail_mass(features: Sequence[dict], sides: Sequence[str] = SIDES) -> Optional[float]:
+    """Mean over the response tokens of the teacher probability outside its stored top-k (1 − Σ top-k p):
+    what `dense_from_topk` has to spread evenly. None when no feature holds top-k rows."""
+    total, count = 0.0, 0
+    for f in features:
+        for side in sides:
+            rows = f.get(f"{side}_topk_logp")
+            if rows:
+                kept = torch.as_tensor(rows, dtype=torch.float64).exp().sum(-1).clamp(max=1.0)
+                total += float((1.0 - kept).sum())
+                count += len(rows)
+    return total / count if count else None
+
+
 @torch.no_grad()
 def precompute_topk(teacher, features: list[dict], k: int, vocab_size: int, batch_size: int = 2,
                     progress: Optional[Callable[[int], None]] = None, sides: Sequence[str] = SIDES) -> None:
@@ -215,7 +229,11 @@ class DistillTrainer(Trainer):
         if ref is None:
             self._gap_history[side].append(gap.mean().item())
             if len(self._gap_history[side]) >= s.alpha_reference_steps:
-                self.reference_gap[side] = sum(self._gap_history[side]) / len(self._gap_history[side])
+                ref = self.reference_gap[side] = sum(self._gap_history[side]) / len(self._gap_history[side])
+                if ref <= 0:
+                    log.warning("adaptive alpha (%s responses): the reference gap over the first %d steps is %.4g <= 0 "
+                                "(the student is already as likely as the teacher on them); alpha stays at %g",
+                                side, s.alpha_reference_steps, ref, s.alpha)
             return s.alpha
         return L.adaptive_alpha(gap, ref, s.alpha)
 
@@ -224,7 +242,8 @@ class DistillTrainer(Trainer):
 
     def current_beta(self) -> float:
         s = self.loss_settings
-        return L.scheduled_beta(s.beta, self.state.global_step, self.state.max_steps or 0, s.beta_warmup_ratio)
+        return L.scheduled_beta(s.beta, self.state.global_step, self.state.max_steps or 0, gradual=s.gradual_beta,
+                                start=s.beta_start, end=s.beta_end, ramp_ratio=s.beta_ramp_ratio)
 
     # -- Trainer hooks
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

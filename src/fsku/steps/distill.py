@@ -137,6 +137,11 @@ def run_step(cfg: DistillConfig, progress: bool = True) -> dict:
                    "final_train_loss": final["train_loss"], "s_per_step": final["s_per_step"],
                    "trainable_parameters": final["trainable_parameters"], "pairs": final["pairs"]["pairs"]}
         summary["peak_rss_mb"] = final["peak_rss_mb"]
+        # the teacher's probability outside the stored top-k (teacher_logits=topk; spread evenly in the loss)
+        for key, value in (("teacher_tail_mass", final.get("teacher_tail_mass")),
+                           ("heldout_tail_mass", s.get("heldout_tail_mass"))):
+            if value is not None:
+                summary[key] = value
         if "peak_gpu_mb" in final:
             summary["peak_gpu_mb"] = final["peak_gpu_mb"]
         for key, value in final["pairs"].items():
@@ -167,7 +172,9 @@ def run_step(cfg: DistillConfig, progress: bool = True) -> dict:
             train = datasets.get("train")
             lineage = {
                 "base_model": cfg.student, "teacher": cfg.teacher, "loss_type": cfg.loss_type, "alpha": cfg.alpha,
-                "adaptive_alpha": cfg.adaptive_alpha, "beta": cfg.beta, "data": cfg.data, "data_version": version,
+                "adaptive_alpha": cfg.adaptive_alpha,
+                "beta": (f"{cfg.beta_start:g}->{cfg.beta_end:g} over {cfg.beta_ramp_ratio:g} of the steps"
+                         if cfg.gradual_beta else cfg.beta), "data": cfg.data, "data_version": version,
                 "rounds": cfg.rounds, "steps": final["steps"], "distill_run": active.info.run_id,
                 # the MLflow dataset digest: the same as on the synth_qa run that wrote the data
                 "training_dataset": f"{train.name}@{train.digest}" if train is not None else "",
