@@ -278,8 +278,15 @@ def test_adaptive_alpha_with_a_non_positive_reference_gap_warns_and_keeps_alpha(
                                                                                  caplog):
     from fsku.distill import losses as L
 
-    # the student likelier than the teacher on every response: the mean gap is negative
-    monkeypatch.setattr(L, "sequence_prob_gap", lambda log_p, log_q, labels, mask: torch.full((labels.shape[0],), -0.25))
+    # the student likelier than the teacher: the reference gap is negative (-0.25); later gaps close towards 0,
+    # where the unguarded formula would give 1 - 0.8 * (-0.25) / (-0.05) < 0, i.e. the 0.01 floor
+    calls = []
+
+    def gap(log_p, log_q, labels, mask):
+        calls.append(1)
+        return torch.full((labels.shape[0],), -0.25 if len(calls) <= 2 else -0.05)
+
+    monkeypatch.setattr(L, "sequence_prob_gap", gap)
     trainer, cb = _trainer(tiny_models, tmp_path, steps=3, adaptive_alpha=True, alpha_reference_steps=1, alpha=0.2)
     with caplog.at_level("WARNING", logger="fsku.distill.trainer"):
         trainer.train()
@@ -378,8 +385,13 @@ def test_trainer_applies_the_adapted_alpha_after_its_reference_steps(tiny_models
     assert logged["alpha/chosen"] == pytest.approx(a0) and logged["alpha/rejected"] == pytest.approx(a0)
 
     sides = _naive_sides(trainer, final)
-    want_alpha = {side: [min(a0, max(0.01, 1 - (1 - a0) * want_ref[side] / (g + 1e-5)))
-                         for g in naive_sequence_gap(sides[side], reverse[side])] for side in T.SIDES}
+    gaps = {side: naive_sequence_gap(sides[side], reverse[side]) for side in T.SIDES}
+    # the tiny models' reference gaps are ~1e-4 (the rejected side's below 0, where the guard keeps a0): put a
+    # positive reference above this batch's gaps in their place, so the formula moves every side's alpha
+    used_ref = {side: 1.3 * max(abs(g) for g in gaps[side]) + 1e-6 for side in T.SIDES}
+    trainer.reference_gap.update(used_ref)
+    want_alpha = {side: [min(a0, max(0.01, 1 - (1 - a0) * used_ref[side] / (g + 1e-5))) for g in gaps[side]]
+                  for side in T.SIDES}
     # the adaptation must matter on this batch, or the loss below could not tell it from the base alpha
     assert max(abs(a - a0) for side in T.SIDES for a in want_alpha[side]) > 1e-2, want_alpha
     want, _ = naive_loss("distillm_v2", sides["chosen"], sides["rejected"], want_alpha["chosen"],
@@ -391,7 +403,7 @@ def test_trainer_applies_the_adapted_alpha_after_its_reference_steps(tiny_models
     assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
     logged = _logged(trainer, cb)
     for side in T.SIDES:
-        assert logged[f"alpha/{side}"] == pytest.approx(mean(want_alpha[side]), abs=1e-6), side
+        assert logged[f"alpha/{side}"] == pytest.approx(mean(want_alpha[side]), abs=1e-5), side  # float32 vs double
 
 
 def test_distill_pipeline_end_to_end_and_resume(tiny_models, synth_dir, tmp_path):
@@ -402,8 +414,12 @@ def test_distill_pipeline_end_to_end_and_resume(tiny_models, synth_dir, tmp_path
     cfg = DistillConfig(data=str(synth_dir), teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]),
                         backend="transformers", device="cpu", dtype="float32", out=str(tmp_path / "out"),
                         max_steps=2, batch_size=2, save_steps=1, max_new_tokens=12, mc_max_new_tokens=3,
-                        max_model_len=512, max_prompt_length=400, lora_r=4, lora_alpha=8, register_as=None,
-                        cache_dir=str(tmp_path / "cache"), rounds=2, temperature=1.0)
+                        max_model_len=768, max_prompt_length=640, lora_r=4, lora_alpha=8, register_as=None,
+                        cache_dir=str(tmp_path / "cache"), rounds=2, temperature=1.0, eval_steps=1, eval_prompts=2)
+    held_out = _records()[:3]
+    for r in held_out:
+        r.split, r.qa_id = "validation", f"val-{r.qa_id}"
+    write_jsonl(held_out, synth_dir / "validation.jsonl")
     logged = []
     res = distill(cfg, log_fn=lambda m, s: logged.append((s, m)), progress=False)
     out = Path(cfg.out)
@@ -413,14 +429,27 @@ def test_distill_pipeline_end_to_end_and_resume(tiny_models, synth_dir, tmp_path
     assert res.stats["rounds"][0]["pairs"]["prompts"] == 6 and len(res.stats["rounds"]) == 2
     assert res.stats["rounds"][1]["steps"] == 2
     assert any("r2/loss" in m for _, m in logged)
+    # held out: a seeded sample of 2 of the 3 validation prompts, measured at steps 0, 1, 2 of each round
+    assert res.stats["heldout_prompts"] == 2
+    for rnd in (1, 2):
+        steps = [s for s, m in logged if f"r{rnd}/heldout/kl_to_teacher" in m]
+        assert steps == [0, 1, 2], (rnd, steps)
+    assert res.stats["rounds"][0]["heldout_s"] >= 0 and res.stats["rounds"][0]["heldout"]["first"]["step"] == 0
     merged = AutoModelForCausalLM.from_pretrained(res.merged)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert (res.merged / "tokenizer_config.json").exists() and (res.merged / "generation_config.json").exists()
     # a second call continues: responses come from the files, training resumes from the last checkpoint
     cfg2 = DistillConfig(**{**cfg.__dict__, "max_steps": 3, "rounds": 1})
-    res2 = distill(cfg2, progress=False)
+    logged2 = []
+    res2 = distill(cfg2, log_fn=lambda m, s: logged2.append((s, m)), progress=False)
     r = res2.stats["rounds"][0]
     assert r["resumed_from"].endswith("checkpoint-2") and r["steps"] == 3
+    assert [s for s, m in logged2 if "heldout/kl_to_teacher" in m] == [3]  # not step 0 again: resumed at 2
+    # resumed at its last checkpoint, the round trains no step: its end is still measured
+    logged3 = []
+    res3 = distill(cfg2, log_fn=lambda m, s: logged3.append((s, m)), progress=False)
+    assert res3.stats["rounds"][0]["resumed_from"].endswith("checkpoint-3")
+    assert [s for s, m in logged3 if "heldout/kl_to_teacher" in m] == [3]
 
 
 def test_distill_step_logs_to_mlflow_and_registers_the_student(tiny_models, synth_dir, tmp_path):
@@ -430,8 +459,8 @@ def test_distill_step_logs_to_mlflow_and_registers_the_student(tiny_models, synt
 
     cfg = DistillConfig(data=str(synth_dir), teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]),
                         backend="transformers", device="cpu", dtype="float32", out=str(tmp_path / "out"),
-                        max_steps=2, batch_size=2, max_new_tokens=8, mc_max_new_tokens=3, max_model_len=512,
-                        max_prompt_length=400, lora_r=4, lora_alpha=8, cache_dir="", temperature=1.0,
+                        max_steps=2, batch_size=2, max_new_tokens=8, mc_max_new_tokens=3, max_model_len=768,
+                        max_prompt_length=640, lora_r=4, lora_alpha=8, cache_dir="", temperature=1.0,
                         register_as="fsku-student-test", loss_type="distillm_v2", alpha=0.2, beta=0.5)
     # a held-out split: the KL to the teacher is measured at the start and at the last step (eval_steps 10 > 2)
     recs = _records()[:3]
@@ -502,8 +531,8 @@ def test_topk_teacher_pipeline_frees_and_reloads_the_teacher_between_rounds(tiny
 
     cfg = DistillConfig(data=str(synth_dir), teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]),
                         backend="transformers", device="cpu", dtype="float32", out=str(tmp_path / "out"),
-                        max_steps=1, batch_size=2, max_new_tokens=8, mc_max_new_tokens=3, max_model_len=512,
-                        max_prompt_length=400, lora_r=4, lora_alpha=8, cache_dir="", temperature=1.0, rounds=2,
+                        max_steps=1, batch_size=2, max_new_tokens=8, mc_max_new_tokens=3, max_model_len=768,
+                        max_prompt_length=640, lora_r=4, lora_alpha=8, cache_dir="", temperature=1.0, rounds=2,
                         register_as=None, teacher_logits="topk", topk=8, loss_type="kd")
     res = distill(cfg, progress=False)
     assert [r["steps"] for r in res.stats["rounds"]] == [1, 1]
@@ -550,3 +579,121 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_models, tmp_path):
         norms.append((cb.history[0]["loss"], cb.history[0]["grad_norm"]))
     assert norms[0][0] == pytest.approx(norms[1][0], rel=1e-4)
     assert norms[0][1] == pytest.approx(norms[1][1], rel=1e-3)
+
+
+# ---------------------------------------------------------------- label targets (mc_target=label)
+
+class LabelLLM(CountingLLM):
+    """A fake backend that scores option labels: label 3 most likely for every prompt."""
+
+    def __init__(self):
+        super().__init__()
+        self.scored = []
+
+    def render_chat(self, messages):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    def option_logprobs(self, request, deadline=None):
+        import numpy as np
+
+        self.scored.append(request)
+        lp = np.log(np.array([0.1, 0.2, 0.6, 0.1][:len(request.labels)]))
+        return np.stack([lp for _ in request.suffixes])
+
+
+def test_label_rows_carry_the_inference_cut_and_prefill():
+    from fsku.infer import prompts as P
+
+    rows = D.build_prompts(_records(2), style="fewshot+prefill", mc_target="label")
+    mc, desc = rows
+    assert (mc["target"], mc["prefill"], mc["n_options"]) == ("label", "정답: ", 4) and "target" not in desc
+    render = LabelLLM().render_chat
+    prefix, suffix = D.label_prompt_parts(mc, render)
+    # the same cut inference makes: render the messages with the sentinel, split there, end with the prefill
+    want = P.mc_prompt_parts(render(P.mc_messages(_records(2)[0].stem, ["1년", "5년", "10년", "영구"],
+                                                  style="fewshot+prefill")), "fewshot+prefill")
+    assert (prefix, suffix) == want and suffix.endswith("정답: ") and suffix.startswith("선택지:")
+    assert prefix + suffix == render(mc["messages"]) + "정답: "
+    assert D.build_prompts(_records(2), mc_target="generated")[0].keys() == {"prompt_id", "kind", "messages", "reference"}
+    many = SyntheticQA(qa_id="m", kind="multiple_choice", qtype="lookup", question="q", answer="1",
+                       choices={str(i): f"o{i}" for i in range(1, 11)})
+    with pytest.raises(ValueError, match="10 options; label targets take at most 9"):
+        D.build_prompts([many], mc_target="label")
+
+
+def test_pick_label_by_hand():
+    import math
+
+    lp = [math.log(0.1), math.log(0.6), math.log(0.3)]
+    assert D.pick_label(lp, 0.0, 0) == 2
+    draws = [D.pick_label(lp, 1.0, s) for s in range(2000)]
+    assert draws == [D.pick_label(lp, 1.0, s) for s in range(2000)]  # seeded
+    share = {k: draws.count(k) / len(draws) for k in (1, 2, 3)}
+    assert share[2] == pytest.approx(0.6, abs=0.04) and share[1] == pytest.approx(0.1, abs=0.03)
+
+
+def test_label_responses_are_scored_not_generated_and_resume(tmp_path):
+    rows = D.build_prompts(_records(4), style="prefill", mc_target="label")
+    llm = LabelLLM()
+    path = tmp_path / "resp.jsonl"
+    got = D.generate_responses(rows, llm, D.ResponseSettings(gen_batch_size=2, temperature=0.0), path)
+    assert got["mc0"]["text"] == "3" and got["mc0"]["n_tokens"] == 1
+    assert got["mc0"]["label_logprobs"] == pytest.approx([math_log(0.1), math_log(0.2), math_log(0.6), math_log(0.1)],
+                                                          abs=1e-4)
+    assert len(llm.scored) == 2 and all(r.suffixes[0].endswith("정답: ") for r in llm.scored)
+    assert llm.calls == 2  # only the two descriptive prompts were generated
+    again = LabelLLM()
+    D.generate_responses(rows, again, D.ResponseSettings(gen_batch_size=2, temperature=0.0), path)
+    assert again.scored == [] and again.calls == 0
+    pairs, _ = D.make_pairs(rows, got, {k: {**v, "text": "1"} for k, v in got.items()})
+    mc = next(p for p in pairs if p["prompt_id"] == "mc0")
+    assert (mc["prefill"], mc["eos"], mc["chosen"][0]["content"], mc["rejected"][0]["content"]) == ("정답: ", False, "3", "1")
+    assert "eos" not in next(p for p in pairs if p["kind"] == "descriptive")
+
+
+def math_log(x):
+    import math
+
+    return math.log(x)
+
+
+def test_label_pairs_train_the_one_position_inference_reads(tiny_models):
+    """The student's log-probs of the labels at the trained position equal what the inference backend
+    scores for the same question: training and answering read the same distribution."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fsku.distill import losses as L
+    from fsku.llm import load_llm
+    from fsku.llm.base import OptionRequest
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["student"])
+    rows = D.build_prompts(_records(1), style="fewshot+prefill", mc_target="label")
+    pair = {"prompt_id": "mc0", "kind": "multiple_choice", "prompt": rows[0]["messages"], "prefill": "정답: ",
+            "eos": False, "chosen": [{"role": "assistant", "content": "2"}],
+            "rejected": [{"role": "assistant", "content": "4"}]}
+    feats, _ = T.encode_pairs(tok, [pair], 2048, 2000)
+    labels = feats[0]["chosen_labels"]
+    assert sum(x != T.IGNORE for x in labels) == 1 and labels[-1] == tok("2", add_special_tokens=False)["input_ids"][0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["student"]).eval()
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([feats[0]["chosen_input_ids"]])).logits[0, -2]
+    label_ids = [tok(str(j), add_special_tokens=False)["input_ids"][0] for j in range(1, 5)]
+    trained = L.log_probs(logits, len(tok))[label_ids]
+    llm = load_llm(str(tiny_models["student"]), backend="transformers", device="cpu", dtype="float32")
+    prefix, suffix = D.label_prompt_parts(rows[0], llm.render_chat)
+    scored = llm.option_logprobs(OptionRequest(prefix, [suffix], ["1", "2", "3", "4"]))[0]
+    assert trained.numpy() == pytest.approx(scored, abs=1e-4)
+
+
+def test_long_label_prompts_are_dropped_not_cut():
+    rows = D.build_prompts(_records(4), style="prefill", mc_target="label")
+    render = LabelLLM().render_chat
+    lengths = {r["prompt_id"]: len(render(r["messages"]) + r.get("prefill", "")) for r in rows}
+    limit = lengths["mc0"]  # mc0 fits exactly; mc2 is one character longer (its option reads 3년 vs 1년: same length)
+    kept, dropped = D.drop_long_label_prompts(rows, len, render, limit)
+    assert dropped == 0 and kept == rows
+    kept, dropped = D.drop_long_label_prompts(rows, len, render, limit - 1)
+    # every label row is over the limit; descriptive rows are never dropped (generated prompts are cut instead)
+    assert dropped == 2 and [r["prompt_id"] for r in kept] == ["d1", "d3"]

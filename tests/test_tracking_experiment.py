@@ -132,7 +132,8 @@ def test_cost_metrics_are_grouped_under_one_prefix_and_quality_metrics_keep_thei
 
     cost = ["seconds_embed", "s_per_step", "latency_p95_s", "load_s_ratio", "peak_rss_mb", "quantized_tokens_per_s",
             "tokens_per_s_ratio", "projected_minutes", "train_runtime", "train_samples_per_second", "size_mb_ratio",
-            "original_size_mb", "teacher_seconds", "r2/train_runtime", "total_flos"]
+            "original_size_mb", "teacher_seconds", "r2/train_runtime", "total_flos", "bundle_bytes", "projected_min",
+            "seconds"]
     quality = ["fsku_score", "mc_accuracy_ratio", "retrieval_mrr_at_10", "loss/chosen_skew_forward_kl", "heldout/kl_to_teacher",
                "accepted_descriptive", "pairs_pairs", "documents", "teacher_tokens", "skipped_too_many_pages",
                "descriptive_cosine_ci95_low", "epoch", "score_domain/정보보호", "links_cite_resolved"]

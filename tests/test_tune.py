@@ -319,19 +319,24 @@ def test_held_out_kl_is_zero_against_itself_and_positive_against_another_model(t
     teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"]).eval()
     student = AutoModelForCausalLM.from_pretrained(tiny_models["student"]).eval()
     vocab = len(tok)
-    msgs = [{"role": "user", "content": "전자금융거래법의 목적은?"}]
-    pairs = [{"prompt_id": str(i), "prompt": msgs, "chosen": [{"role": "assistant", "content": text}],
-              "rejected": [{"role": "assistant", "content": text}]}
-             for i, text in enumerate(["보안 강화", "이용자 보호와 안전성"])]
+    # prompts and responses of different lengths in one batch: the top-k rows must follow each row's positions
+    pairs = [{"prompt_id": str(i), "prompt": [{"role": "user", "content": q}],
+              "chosen": [{"role": "assistant", "content": text}], "rejected": [{"role": "assistant", "content": text}]}
+             for i, (q, text) in enumerate([("전자금융거래법의 목적은?", "보안 강화"),
+                                            ("전자금융거래법에서 이용자를 보호하는 방법을 자세히 설명하세요.",
+                                             "이용자 보호와 거래의 안전성 및 신뢰성 확보")])]
     features, _ = encode_pairs(tok, pairs, 256, 200, sides=("chosen",))
     assert "rejected_input_ids" not in features[0]
     precompute_topk(teacher, features, vocab, vocab, sides=("chosen",))  # k = vocab: the exact teacher distribution
     own = held_out_metrics(teacher, features, vocab)
     assert own[KL_KEY] == pytest.approx(0.0, abs=1e-5)
     m = held_out_metrics(student, features, vocab, batch_size=1)
-    assert m[KL_KEY] > 0.01 and m[KL_KEY] == pytest.approx(held_out_metrics(student, features, vocab, batch_size=2)[KL_KEY],
-                                                         rel=1e-4)
-    assert student.training is False
+    student.train()
+    m2 = held_out_metrics(student, features, vocab, batch_size=2)
+    assert m[KL_KEY] > 0.01 and m[KL_KEY] == pytest.approx(m2[KL_KEY], rel=1e-4)
+    assert m[NLL_KEY] == pytest.approx(m2[NLL_KEY], rel=1e-4)
+    assert student.training is True  # the mode it was in
+    student.eval()
     # the NLL by hand: −log q(token) averaged over the response tokens of both responses
     nll, count = 0.0, 0
     for f in features:
@@ -361,8 +366,8 @@ def test_distill_study_reports_intermediate_values_and_prunes(tiny_models, tmp_p
     write_jsonl([r for r in recs if r.split == "train"], data / "train.jsonl")
     write_jsonl([r for r in recs if r.split == "validation"], data / "validation.jsonl")
     recipe = tmp_path / "distill.yaml"
-    recipe.write_text(f"backend: transformers\ndevice: cpu\ndtype: float32\nbatch_size: 2\nmax_model_len: 384\n"
-                      f"max_prompt_length: 300\nmc_max_new_tokens: 3\ncache_dir: {tmp_path / 'cache'}\n"
+    recipe.write_text(f"backend: transformers\ndevice: cpu\ndtype: float32\nbatch_size: 2\nmax_model_len: 640\n"
+                      f"max_prompt_length: 560\nmc_max_new_tokens: 3\ncache_dir: {tmp_path / 'cache'}\n"
                       f"data: {data}\nteacher: {tiny_models['teacher']}\nstudent: {tiny_models['student']}\n"
                       f"max_steps: 4\nmax_new_tokens: 8\n", encoding="utf-8")
     cfg = TuneConfig(study="distill", storage=f"sqlite:///{tmp_path}/optuna.db", n_trials=5, sampler="random", seed=0,

@@ -8,6 +8,7 @@
     fsku ingest --corpus DIR --out FILE.jsonl
     fsku eval-retrieval --kb DIR --labels FILE.jsonl [--top-k K] [--fusion ...] [--w-bm25 F ...]   (default: the KB's fusion)
     fsku level-set --kb DIR --out FILE.jsonl [--per-level N --seed S]   (validation questions on every statute level)
+    fsku mc-bank --kb DIR --out DIR [--exclude F1,F2 --seed S]        (rule-written training items for distill --data)
     fsku prepare-models [--models-dir DIR]
     fsku classify --input test.csv --out FILE.jsonl
     fsku predict --input test.csv --out submission.csv --kb DIR --model ID_OR_PATH [--context none|always|gated] ...
@@ -189,6 +190,37 @@ def cmd_level_set(argv: list[str]) -> int:
     short = [lv for lv, n in by_level.items() if n < cfg.per_level]
     if short:
         print(f"fewer than {cfg.per_level} at: {', '.join(sorted(short))} (too few usable clauses)")
+    return 0
+
+
+def cmd_mc_bank(argv: list[str]) -> int:
+    from .config import MCBankConfig
+    from .kb import KnowledgeBase
+    from .steps.args import add_config_args, config_from_namespace
+    from .synth.mcbank import build_mc_bank, load_exclusions, write_bank
+
+    p = argparse.ArgumentParser(prog="fsku mc-bank", description="Multiple-choice (and descriptive) training items "
+                                "written by rules from the KB's statute articles, split by article, decontaminated "
+                                "against evaluation files: a synth_qa-format folder for distill --data.")
+    add_config_args(p, MCBankConfig, recipe=False)
+    cfg = config_from_namespace(p.parse_args(argv), MCBankConfig)
+    excludes = [x.strip() for x in cfg.exclude.split(",") if x.strip()]
+    check_not_input(cfg.out, {"--kb": cfg.kb, "--exclude": excludes}, "--out")
+    exclusions = load_exclusions(excludes, cfg.shingle_chars)
+    kb = KnowledgeBase.load(cfg.kb)
+    if "level" not in kb.chunks.columns:
+        raise ValueError(f"{cfg.kb}: the KB has no statute levels (built before them); rebuild it with `fsku build-kb`")
+    records, stats = build_mc_bank(kb.chunks.to_dict("records"), cfg, parents=kb.parents(), exclusions=exclusions)
+    if not records:
+        raise ValueError(f"{cfg.kb}: no article yielded an item (no statute articles in this KB?)")
+    source = {"kb": str(cfg.kb), "kb_corpus_sha256": kb.manifest.get("corpus_sha256", ""), "exclude": excludes,
+              "config": {k: v for k, v in vars(cfg).items()}}
+    out = write_bank(records, stats, cfg.out, source)
+    print(f"{stats['records']} items -> {out}: {stats['by_kind']}, splits {stats['by_split']}, levels {stats['by_level']}")
+    print(f"from {stats['clauses_usable']} usable clauses of {stats['articles']} articles; left out: "
+          f"{stats['excluded_articles']} articles named by --exclude ({stats['excluded_article_pairs_found']} of "
+          f"{stats['excluded_article_pairs_given']} pairs found in the KB), {stats.get('clauses_contaminated', 0)} "
+          f"clauses sharing text with them")
     return 0
 
 
@@ -395,6 +427,7 @@ COMMANDS = {
     "ingest": cmd_ingest,
     "eval-retrieval": cmd_eval_retrieval,
     "level-set": cmd_level_set,
+    "mc-bank": cmd_mc_bank,
     "prepare-models": cmd_prepare_models,
     "classify": cmd_classify,
     "predict": step_command("predict"),

@@ -220,6 +220,22 @@ class DescriptiveSettings(Block):
 
 
 @dataclass
+class MCPromptSettings(Block):
+    """The multiple-choice prompt (predict/evaluate; distill trains on the same prompt)."""
+
+    mc_prompt: str = param("fewshot+prefill", "Multiple-choice prompt style: plain, prefill (the answer turn starts "
+                                              "with '정답: '), fewshot (two worked examples written for this project as "
+                                              "earlier turns), fewshot+prefill, bare (no system turn of ours: the chat"
+                                              " template's default).")
+
+    def __post_init__(self):
+        from .choices import MC_STYLES
+
+        _check(self.mc_prompt in MC_STYLES, f"mc_prompt must be one of {tuple(MC_STYLES)}, got {self.mc_prompt!r}")
+        super().__post_init__()
+
+
+@dataclass
 class DebiasSettings(Block):
     """Multiple-choice position debiasing of option scores (predict/evaluate and quantize's measurement)."""
 
@@ -420,6 +436,50 @@ class LevelSetConfig(Block):
 
 
 @dataclass
+class MCBankConfig(Block):
+    """mc-bank: multiple-choice (and descriptive) training items written by rules from a KB's statute
+    articles, in synth_qa's output format, for distillation at scale (fsku.synth.mcbank)."""
+
+    kb: str = param("outputs/kb", "Knowledge-base folder whose articles the items are about.")
+    out: str = param("outputs/mc_bank", "Output folder (train/validation/test.jsonl and .parquet, stats.json), the "
+                                        "format distill --data reads.")
+    exclude: str = param("", "Evaluation files, comma-separated (JSONL with law/article/question/evidence, or CSV "
+                             "with Question/Answer): their articles are left out and clauses sharing text with them "
+                             "dropped.")
+    shingle_chars: int = param(20, "A clause sharing a run of this many characters (spacing ignored) with an "
+                                   "evaluation text is dropped.")
+    items_per_clause: int = param(2, "Multiple-choice items per usable clause: 1 (lookup or negative, drawn) or 2 "
+                                     "(both).")
+    max_clauses_per_article: int = param(6, "Most clauses of one article used.")
+    descriptive_share: float = param(0.15, "Share of clauses that also give a descriptive item (the clause as the "
+                                           "reference answer).")
+    five_option_share: float = param(0.3, "Share of multiple-choice items with 5 options (else 4).")
+    p_synonym: float = param(0.8, "Probability of each synonym rewrite applying to a clause.")
+    max_term_articles: int = param(3, "A clause is used when at most this many articles hold all its key terms.")
+    split_ratios: str = param("0.8,0.1,0.1", "train,validation,test shares; split by source article.")
+    seed: int = param(0, "Seed of every random choice (mentions, stems, distractors, positions, the split).")
+
+    def __post_init__(self):
+        _check(self.shingle_chars >= 8, f"shingle_chars must be >= 8, got {self.shingle_chars}")
+        _check(self.items_per_clause in (1, 2), f"items_per_clause must be 1 or 2, got {self.items_per_clause}")
+        _check(self.max_clauses_per_article >= 1, "max_clauses_per_article must be >= 1")
+        for name in ("descriptive_share", "five_option_share", "p_synonym"):
+            value = getattr(self, name)
+            _check(0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value}")
+        _check(self.max_term_articles >= 1, f"max_term_articles must be >= 1, got {self.max_term_articles}")
+        ratios = self.split_ratios_tuple()
+        _check(len(ratios) == 3 and all(r >= 0 for r in ratios) and sum(ratios) > 0,
+               f"split_ratios must be three non-negative numbers, got {self.split_ratios!r}")
+        super().__post_init__()
+
+    def split_ratios_tuple(self) -> tuple[float, ...]:
+        try:
+            return tuple(float(x) for x in self.split_ratios.split(","))
+        except ValueError:
+            raise ValueError(f"split_ratios must be numbers like 0.8,0.1,0.1, got {self.split_ratios!r}") from None
+
+
+@dataclass
 class RetrieveRunSettings(Block):
     """How `fsku retrieve` runs through a queries file (run control, not retrieval settings: the
     hits do not depend on them, so they stay out of RetrieveConfig, which tune, the pyfunc model and
@@ -435,7 +495,7 @@ class RetrieveRunSettings(Block):
 
 
 @dataclass
-class InferConfig(LLMSettings, DebiasSettings, RerankSettings, DescriptiveSettings):
+class InferConfig(LLMSettings, MCPromptSettings, DebiasSettings, RerankSettings, DescriptiveSettings):
     """predict / evaluate: answer test.csv with one LLM (+ optional gated retrieval) into submission.csv."""
 
     model: str = param("offline:qwen2.5-coder-1.5b-instruct", "LLM: hub id, local folder, .gguf file, or "
@@ -455,10 +515,6 @@ class InferConfig(LLMSettings, DebiasSettings, RerankSettings, DescriptiveSettin
                                         "threshold itself.")
     context_tokens: int = param(900, "Token budget for all context passages (LLM tokens).")
     passage_tokens: int = param(450, "Token cap per passage.")
-    mc_prompt: str = param("fewshot+prefill", "Multiple-choice prompt style: plain, prefill (the answer turn starts "
-                                              "with '정답: '), fewshot (two worked examples written for this project as "
-                                              "earlier turns), fewshot+prefill, bare (no system turn of ours: the chat"
-                                              " template's default).")
     mc_scoring: str = param("label", "Multiple-choice scores: label (log-prob of the option number, debiased), cloze "
                                      "(likelihood of each option's text as the answer, length-normalised), cloze-pmi "
                                      "(that likelihood against a content-free question), label+cloze or "
@@ -495,9 +551,7 @@ class InferConfig(LLMSettings, DebiasSettings, RerankSettings, DescriptiveSettin
         _check(self.gate_signal != "rerank" or self.reranker != "none", "gate_signal 'rerank' needs a reranker")
         _check(self.gate_scope in ("question", "passage"), f"gate_scope must be question or passage, got {self.gate_scope!r}")
         _check(self.context_tokens >= 32 and self.passage_tokens >= 16, "context_tokens must be >= 32 and passage_tokens >= 16")
-        from .choices import MC_STYLES
 
-        _check(self.mc_prompt in MC_STYLES, f"mc_prompt must be one of {tuple(MC_STYLES)}, got {self.mc_prompt!r}")
         _check(self.mc_scoring in MC_SCORING, f"mc_scoring must be one of {MC_SCORING}, got {self.mc_scoring!r}")
         _check(self.self_consistency >= 0, "self_consistency must be >= 0")
         _check(self.sc_temperature > 0, "sc_temperature must be > 0")
@@ -658,8 +712,8 @@ class SynthQAConfig(with_defaults(LLMSettings, batch_size=4)):
 
 
 @dataclass
-class DistillConfig(with_defaults(LLMSettings, max_model_len=1024, batch_size=2), LossSettings, LoraSettings,
-                    ResponseSettings):
+class DistillConfig(with_defaults(LLMSettings, max_model_len=1024, batch_size=2), MCPromptSettings, LossSettings,
+                    LoraSettings, ResponseSettings):
     """distill: teacher and student answer the synth_qa prompts; a LoRA student learns from both (DistiLLM-2)."""
 
 
@@ -671,6 +725,10 @@ class DistillConfig(with_defaults(LLMSettings, max_model_len=1024, batch_size=2)
     max_prompts: int = param(0, "Use at most this many training prompts (0 = all).")
     context: str = param("none", "Retrieved context in the prompts, as at inference: none, gated or always (needs kb).")
     kb: Optional[str] = param(None, "Knowledge-base folder for context != none.")
+    mc_target: str = param("label", "Multiple-choice targets: label (the option number right after the inference "
+                                    "prompt's prefill, scored rather than generated by teacher and student: the loss "
+                                    "reads that one answer position) or generated (a generated response and the end "
+                                    "of turn).")
     teacher_logits: str = param("online", "online (teacher stays loaded, logits per batch) or topk (precomputed top-k "
                                           "log-probs; the teacher is freed before training).")
     topk: int = param(64, "Teacher log-probabilities kept per token for teacher_logits=topk.")
@@ -695,6 +753,7 @@ class DistillConfig(with_defaults(LLMSettings, max_model_len=1024, batch_size=2)
         _check(0 <= self.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         _check(self.context in ("none", "gated", "always"), f"context must be none|gated|always, got {self.context!r}")
         _check(self.context == "none" or bool(self.kb), "context gated/always needs kb")
+        _check(self.mc_target in ("label", "generated"), f"mc_target must be label|generated, got {self.mc_target!r}")
         _check(self.teacher_logits in ("online", "topk"), f"teacher_logits must be online|topk, got {self.teacher_logits!r}")
         _check(self.topk >= 1, "topk must be >= 1")
         _check(self.learning_rate > 0, "learning_rate must be > 0")

@@ -243,7 +243,8 @@ def set_tags(tags: dict) -> None:
 # ending in a unit or a rate; the Trainer's own throughput counters. Judged on the name's last segment,
 # with a trailing _ratio (a comparison of two such values) ignored.
 COST_PREFIX = "cost/"
-_COST_SUFFIXES = ("_s", "_ms", "_seconds", "_minutes", "_mb", "_gb", "_per_s", "_per_second")
+_COST_SUFFIXES = ("_s", "_ms", "_seconds", "_min", "_minutes", "_bytes", "_mb", "_gb", "_per_s", "_per_second")
+_COST_NAMES = ("seconds", "minutes")
 _COST_STARTS = ("seconds_", "s_per_", "latency_", "peak_", "size_", "train_runtime", "total_flos")
 _COST_WORDS = ("_latency_", "_tokens_per_s", "_peak_", "_size_mb")
 
@@ -258,7 +259,8 @@ def metric_key(name: str) -> str:
     if last.endswith("_ratio"):
         last = last[:-len("_ratio")]
     padded = f"_{last}_"
-    if last.endswith(_COST_SUFFIXES) or last.startswith(_COST_STARTS) or any(w in padded for w in _COST_WORDS):
+    if (last in _COST_NAMES or last.endswith(_COST_SUFFIXES) or last.startswith(_COST_STARTS)
+            or any(w in padded for w in _COST_WORDS)):
         return COST_PREFIX + name
     return name
 

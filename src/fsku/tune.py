@@ -175,6 +175,8 @@ def recipes_from_params(study: str, params: dict, build: Optional[BuildKBConfig]
         values = {k: v for k, v in params.items() if k in fields}
         if "lora_r" in values:
             values["lora_alpha"] = 2 * int(values["lora_r"])
+        if "beta" in values and distill.gradual_beta:  # as its trials ran
+            values["gradual_beta"] = False
         cfg = dataclasses.replace(distill, **values)
         return {"distill": recipe_values(cfg, exclude=("restart", "register_as"))}
     raise ValueError(f"unknown study {study!r}; expected one of {STUDIES}")
@@ -324,30 +326,27 @@ class DistillObjective:
             return self._features, self._vocab
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .config import ResponseSettings, block_view
-        from .distill.data import build_prompts, generate_responses
         from .distill.heldout import build_features
-        from .distill.pipeline import load_records, pick_device_dtype
+        from .distill.pipeline import heldout_prompts, pick_device_dtype
         from .distill.trainer import check_shared_vocab
         from .llm import load_llm
         from .llm.resolve import resolve_model
         from .stores import AnswerCache
 
-        cfg = self.base
-        records = load_records(cfg.data, "validation", self.max_validation)
-        if not records:
-            raise ValueError(f"{cfg.data}/validation.jsonl holds no records: the distill study measures the held-out KL on it")
+        # the same held-out prompts distill measures (validation split, a seeded sample, the training context)
+        cfg = dataclasses.replace(self.base, eval_prompts=self.max_validation)
         device, dtype = pick_device_dtype(cfg.device, cfg.dtype)
         teacher_path = resolve_model(cfg.teacher)
         tok = AutoTokenizer.from_pretrained(resolve_model(cfg.student))
         vocab = check_shared_vocab(tok, AutoTokenizer.from_pretrained(teacher_path))
-        prompts = build_prompts(records)
-        settings = block_view(cfg, ResponseSettings, temperature=0.0, top_p=1.0)  # greedy: one reference per prompt
         llm = load_llm(cfg.teacher, **cfg.llm_kwargs(max_model_len=cfg.max_model_len + cfg.max_new_tokens,
                                                       batch_size=LLMSettings.batch_size))  # not the training batch
         self.work.mkdir(parents=True, exist_ok=True)
-        responses = generate_responses(prompts, llm, settings, self.work / "validation_teacher.jsonl",
-                                       AnswerCache(cfg.cache_dir))
+        held = heldout_prompts(cfg, llm, self.work, AnswerCache(cfg.cache_dir), self.progress)
+        if held is None:
+            raise ValueError(f"{cfg.data}/validation.jsonl is missing or empty: the distill study measures the held-out "
+                             "KL on it")
+        prompts, responses = held
         del llm
         teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype).to(device).eval()
         features = build_features(prompts, responses, tok, teacher, vocab_size=vocab, topk=self.topk,
@@ -364,6 +363,12 @@ class DistillObjective:
         values = dict(params)
         if "lora_r" in values:
             values["lora_alpha"] = 2 * int(values["lora_r"])
+        if "beta" in values and self.base.gradual_beta:
+            log.warning("the study samples beta: the base recipe's gradual_beta is turned off in its trials")
+            values["gradual_beta"] = False
+        if "beta" in values and self.base.gradual_beta:
+            log.warning("the study samples beta: the base recipe's gradual_beta is turned off in its trials")
+            values["gradual_beta"] = False
         # eval_prompts 0: the trial's own callback measures the held-out KL (on the study's shared features)
         return dataclasses.replace(self.base, out=str(self.work / f"trial_{trial_number:04d}"), register_as=None,
                                    restart=True, eval_prompts=0, **values)

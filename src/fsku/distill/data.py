@@ -7,10 +7,19 @@ a short answer. A prompt may carry retrieved context the way inference adds it.
 
 Files (JSONL, one object per line, validated on read by `read_pairs`):
     prompts.jsonl                 {"prompt_id", "kind", "messages": [{"role", "content"}], "reference"}
+                                  + for a label target: "target": "label", "prefill", "n_options", "split_at"
     responses_r<R>_<role>.jsonl   header line, then {"ID": prompt_id, "text", "n_tokens", "truncated", "seconds"}
+                                  (+ "label_logprobs" for a label target: the model's log-probs of 1..n)
     pairs_r<R>.jsonl              {"prompt_id", "kind", "prompt": messages,
                                    "chosen": [{"role": "assistant", "content": teacher text}],
                                    "rejected": [{"role": "assistant", "content": student text}]}
+                                  (+ "prefill" and "eos": false for a label target)
+
+Multiple-choice targets (`mc_target`): `generated` trains on a generated response and the end of turn;
+`label` on the option number right after the inference prompt's prefill — the one position inference
+reads (it scores the labels there, it does not generate) — with the teacher's full next-token
+distribution at that position as the soft target. Teacher and student "responses" are then their
+most likely label (or one drawn at `temperature`), scored in one forward pass instead of generated.
 """
 from __future__ import annotations
 
@@ -31,17 +40,27 @@ log = logging.getLogger(__name__)
 ROLES = ("teacher", "student")
 
 
-def prompt_messages(record: SyntheticQA, context: str = "") -> list[dict]:
+def prompt_messages(record: SyntheticQA, context: str = "", style: str = "plain") -> list[dict]:
     """The inference prompt for a synth_qa record (the option-order split sentinel removed)."""
+    return [{**m, "content": m["content"].replace(P.SPLIT, "")} for m in _messages_with_split(record, context, style)]
+
+
+def _messages_with_split(record: SyntheticQA, context: str, style: str) -> list[dict]:
     if record.kind == "multiple_choice":
         options = [record.choices[k] for k in sorted(record.choices, key=int)]
-        msgs = P.mc_messages(record.stem, options, context=context)
-        return [{**m, "content": m["content"].replace(P.SPLIT, "")} for m in msgs]
+        return P.mc_messages(record.stem, options, context=context, style=style)
     return P.desc_messages(record.question, context=context)
 
 
-def build_prompts(records: Sequence[SyntheticQA], contexts: Optional[Sequence[str]] = None) -> list[dict]:
-    """One prompt per record, keyed by its qa_id (duplicates are an error: ids key every later file)."""
+MAX_LABEL_OPTIONS = 9  # labels 1..9 are one token each; more options are scored digit by digit at inference
+
+
+def build_prompts(records: Sequence[SyntheticQA], contexts: Optional[Sequence[str]] = None, style: str = "plain",
+                  mc_target: str = "generated") -> list[dict]:
+    """One prompt per record, keyed by its qa_id (duplicates are an error: ids key every later file).
+    With mc_target "label" a multiple-choice row also carries `target: "label"`, the style's `prefill`,
+    `n_options` and `split_at` (where the options start in the last message: the prefix/suffix cut the
+    backends' option scoring shares with inference)."""
     seen: set[str] = set()
     out = []
     for i, r in enumerate(records):
@@ -49,8 +68,70 @@ def build_prompts(records: Sequence[SyntheticQA], contexts: Optional[Sequence[st
             raise ValueError(f"duplicate qa_id {r.qa_id!r} in the training records")
         seen.add(r.qa_id)
         ctx = contexts[i] if contexts is not None else ""
-        out.append({"prompt_id": r.qa_id, "kind": r.kind, "messages": prompt_messages(r, ctx),
-                    "reference": r.answer})
+        raw = _messages_with_split(r, ctx, style)
+        row = {"prompt_id": r.qa_id, "kind": r.kind,
+               "messages": [{**m, "content": m["content"].replace(P.SPLIT, "")} for m in raw], "reference": r.answer}
+        if mc_target == "label" and r.kind == "multiple_choice":
+            if len(r.choices) > MAX_LABEL_OPTIONS:
+                raise ValueError(f"{r.qa_id}: {len(r.choices)} options; label targets take at most {MAX_LABEL_OPTIONS}")
+            row.update(target="label", prefill=P.mc_style(style).prefill, n_options=len(r.choices),
+                       split_at=raw[-1]["content"].index(P.SPLIT))
+        out.append(row)
+    return out
+
+
+def drop_long_label_prompts(rows: Sequence[dict], count_tokens: Callable[[str], int], render: Callable[[list[dict]], str],
+                            limit: int) -> tuple[list[dict], int]:
+    """(rows, how many were dropped): a label row whose prompt and prefill exceed `limit` tokens goes, since
+    cutting it from the left (as long generated prompts are) would move the scored position's context away
+    from what the teacher's label was scored on."""
+    kept = [r for r in rows if r.get("target") != "label" or count_tokens(render(r["messages"]) + r.get("prefill", "")) <= limit]
+    return kept, len(rows) - len(kept)
+
+
+def label_prompt_parts(row: dict, render: Callable[[list[dict]], str]) -> tuple[str, str]:
+    """(prefix, suffix ending with the prefill) of a label row, as inference scores option labels."""
+    msgs = [dict(m) for m in row["messages"]]
+    content, cut = msgs[-1]["content"], int(row["split_at"])
+    msgs[-1]["content"] = content[:cut] + P.SPLIT + content[cut:]
+    prefix, suffix = P.split_rendered(render(msgs))
+    return prefix, suffix + row.get("prefill", "")
+
+
+def pick_label(logprobs: Sequence[float], temperature: float, seed: int) -> int:
+    """1-based label: the most likely one (temperature 0) or one drawn from the label distribution
+    sharpened or flattened by the temperature."""
+    import numpy as np
+
+    lp = np.asarray(logprobs, dtype=np.float64)
+    if temperature <= 0:
+        return int(np.argmax(lp)) + 1
+    z = (lp - lp.max()) / temperature
+    p = np.exp(z) / np.exp(z).sum()
+    return int(np.random.default_rng(seed).choice(len(p), p=p)) + 1
+
+
+def _label_responses(rows: Sequence[dict], llm, settings: ResponseSettings, fingerprint: dict,
+                     cache: Optional[AnswerCache]) -> list[dict]:
+    """Scored option labels for label rows: {text: the picked label, label_logprobs, n_tokens 1, ...}."""
+    from ..llm.base import OptionRequest
+
+    out = []
+    for row in rows:
+        prefix, suffix = label_prompt_parts(row, llm.render_chat)
+        labels = [str(j) for j in range(1, int(row["n_options"]) + 1)]
+        key = "distill-label|" + digest({"prefix": prefix, "suffix": suffix, "labels": labels, "model": fingerprint["model"],
+                                          "settings": fingerprint["settings"]}, 24)
+        hit = cache.get(key) if cache is not None else None
+        if hit is None:
+            t0 = time.perf_counter()
+            logp = [float(x) for x in llm.option_logprobs(OptionRequest(prefix, [suffix], labels))[0]]
+            seed = settings.seed + int(digest(row["prompt_id"], 8), 16) % 100_000
+            hit = {"text": str(pick_label(logp, settings.temperature, seed)), "n_tokens": 1, "truncated": False,
+                   "seconds": round(time.perf_counter() - t0, 3), "label_logprobs": [round(x, 5) for x in logp]}
+            if cache is not None:
+                cache.set(key, hit)
+        out.append(hit)
     return out
 
 
@@ -80,6 +161,14 @@ def generate_responses(prompt_rows: Sequence[dict], llm, settings: ResponseSetti
         log.info("resuming: %d of %d responses already in %s", len(prompt_rows) - len(todo), len(prompt_rows), out_path)
     if progress:
         progress(len(prompt_rows) - len(todo))
+    labelled = [r for r in todo if r.get("target") == "label"]
+    for start in range(0, len(labelled), settings.gen_batch_size):
+        batch = labelled[start:start + settings.gen_batch_size]
+        for row, res in zip(batch, _label_responses(batch, llm, settings, fingerprint, cache), strict=True):
+            results.append({"ID": row["prompt_id"], **res})
+        if progress:
+            progress(len(batch))
+    todo = [r for r in todo if r.get("target") != "label"]
     # multiple-choice and descriptive prompts in separate batches: they differ in max_new_tokens
     for kind in ("multiple_choice", "descriptive"):
         rows = [r for r in todo if r["kind"] == kind]
@@ -139,9 +228,13 @@ def make_pairs(prompt_rows: Sequence[dict], teacher: dict[str, dict], student: d
             counts.empty_student += 1
         if t is None or s is None or not t["text"].strip() or not s["text"].strip():
             continue
-        pairs.append({"prompt_id": pid, "kind": row["kind"], "prompt": row["messages"],
-                      "chosen": [{"role": "assistant", "content": t["text"].strip()}],
-                      "rejected": [{"role": "assistant", "content": s["text"].strip()}]})
+        pair = {"prompt_id": pid, "kind": row["kind"], "prompt": row["messages"],
+                "chosen": [{"role": "assistant", "content": t["text"].strip()}],
+                "rejected": [{"role": "assistant", "content": s["text"].strip()}]}
+        if row.get("target") == "label":
+            # the prompt text ends with the prefill and the response is the label alone, without end of turn
+            pair.update(prefill=row.get("prefill", ""), eos=False)
+        pairs.append(pair)
     counts.pairs = len(pairs)
     return pairs, counts
 

@@ -14,6 +14,7 @@ one quantity.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -88,14 +89,17 @@ class HeldOutCallback(TrainerCallback):
         self.features, self.vocab_size, self.every, self.batch_size = features, vocab_size, every, batch_size
         self.log_fn, self.prefix = log_fn, prefix
         self.history: list[dict] = []
+        self.seconds = 0.0  # spent measuring (inside Trainer.train: the caller subtracts it from the training time)
         self._measured: set[int] = set()
 
     def _measure(self, model, step: int) -> None:
         if model is None or step in self._measured:
             return
         self._measured.add(step)
+        t0 = time.perf_counter()
         metrics = {f"{self.prefix}{k}": v for k, v in
                    held_out_metrics(model, self.features, self.vocab_size, self.batch_size).items()}
+        self.seconds += time.perf_counter() - t0
         self.history.append({"step": step, **metrics})
         log.info("step %d: held-out KL %.4f, NLL %.4f", step, metrics[f"{self.prefix}{KL_KEY}"],
                  metrics[f"{self.prefix}{NLL_KEY}"])
@@ -109,6 +113,10 @@ class HeldOutCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0 or state.global_step == state.max_steps:
             self._measure(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        # a round resumed from its last checkpoint runs no step: its end is measured here (never twice)
+        self._measure(model, state.global_step)
 
 
 def build_features(prompt_rows: Sequence[dict], responses: dict[str, dict], tokenizer, teacher, *, vocab_size: int,

@@ -91,6 +91,32 @@ def retrieve_contexts(records, cfg: DistillConfig, llm) -> list[str]:
     return [answerer.context_text(h, terms)[0] for h, terms in hits]
 
 
+def _fit_label_prompts(rows: list[dict], cfg: DistillConfig, what: str, stats: Optional[dict] = None) -> list[dict]:
+    """Label rows longer than max_prompt_length tokens (student tokenizer) dropped, with a warning and a count."""
+    from transformers import AutoTokenizer
+
+    from ..llm.resolve import resolve_model
+    from .data import drop_long_label_prompts
+
+    if not any(r.get("target") == "label" for r in rows):
+        return rows
+    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.student))
+
+    def render(messages):
+        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    kept, dropped = drop_long_label_prompts(rows, lambda t: len(tok(t, add_special_tokens=False)["input_ids"]), render,
+                                            cfg.max_prompt_length)
+    if dropped:
+        log.warning("%d of the %d %s prompts (multiple choice, label targets) are longer than max_prompt_length %d tokens "
+                    "and are left out "
+                    "(raise max_prompt_length and max_model_len, or give the context fewer tokens)", dropped, len(rows),
+                    what, cfg.max_prompt_length)
+    if stats is not None:
+        stats["prompts_too_long"] = dropped
+    return kept
+
+
 def heldout_prompts(cfg: DistillConfig, teacher_llm, out: Path, cache, progress: bool
                     ) -> Optional[tuple[list[dict], dict[str, dict]]]:
     """(prompt rows, teacher responses) of up to `eval_prompts` validation records, with the context
@@ -104,12 +130,17 @@ def heldout_prompts(cfg: DistillConfig, teacher_llm, out: Path, cache, progress:
     if not (Path(cfg.data) / "validation.jsonl").is_file():
         log.warning("%s has no validation.jsonl: no held-out KL during training (eval_prompts 0 silences this)", cfg.data)
         return None
-    records = load_records(cfg.data, "validation", cfg.eval_prompts)
+    records = load_records(cfg.data, "validation")
     if not records:
         log.warning("%s/validation.jsonl holds no records: no held-out KL during training", cfg.data)
         return None
+    if len(records) > cfg.eval_prompts:  # a seeded sample: the file is in chunk order, its head is a few articles
+        import random
+
+        keep = sorted(random.Random(cfg.seed).sample(range(len(records)), cfg.eval_prompts))
+        records = [records[i] for i in keep]
     contexts = retrieve_contexts(records, cfg, teacher_llm) if cfg.context != "none" else None
-    rows = build_prompts(records, contexts)
+    rows = _fit_label_prompts(build_prompts(records, contexts, cfg.mc_prompt, cfg.mc_target), cfg, "held-out")
     settings = block_view(cfg, ResponseSettings, temperature=0.0, top_p=1.0)  # greedy: one reference per prompt
     with tqdm(total=len(rows), desc="teacher responses (held out)", unit="prompt", disable=not progress) as bar:
         responses = generate_responses(rows, teacher_llm, settings, out / "responses_validation_teacher.jsonl", cache,
@@ -177,7 +208,10 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
     # teacher responses (once: the teacher does not change between rounds)
     teacher_llm = load_llm(cfg.teacher, **gen_kw)
     contexts = retrieve_contexts(records, cfg, teacher_llm) if cfg.context != "none" else None
-    prompt_rows = build_prompts(records, contexts)
+    prompt_rows = _fit_label_prompts(build_prompts(records, contexts, cfg.mc_prompt, cfg.mc_target), cfg, "training",
+                                     stats)
+    if not prompt_rows:
+        raise ValueError(f"every training prompt is longer than max_prompt_length {cfg.max_prompt_length} tokens")
     write_jsonl(prompt_rows, out / "prompts.jsonl")
     t0 = time.perf_counter()
     with tqdm(total=len(prompt_rows), desc="teacher responses", unit="prompt", disable=not progress) as bar:
@@ -206,6 +240,9 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
             heldout_features = build_features(*heldout_rows, student_tok, scorer, vocab_size=vocab_size, topk=cfg.topk,
                                               max_length=cfg.max_model_len, max_prompt_length=cfg.max_prompt_length,
                                               batch_size=cfg.batch_size, progress=bar.update)
+        if not heldout_features:
+            log.warning("the teacher gave no usable answer to the %d held-out prompts: no held-out KL during training",
+                        len(heldout_rows[0]))
         stats["heldout_prompts"] = len(heldout_features)
         stats["heldout_tail_mass"] = topk_tail_mass(heldout_features, ("chosen",))
         stats["heldout_topk_s"] = round(time.perf_counter() - t0, 1)
@@ -286,7 +323,10 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         result = trainer.train(resume_from_checkpoint=resume)
-        rstats["train_s"] = round(time.perf_counter() - t0, 1)
+        measured_s = sum(m.seconds for m in measures)
+        rstats["train_s"] = round(time.perf_counter() - t0 - measured_s, 1)  # the held-out measurements apart
+        if measures:
+            rstats["heldout_s"] = round(measured_s, 1)
         rstats["steps"] = trainer.state.global_step
         done = trainer.state.global_step - (int(resume.rsplit("-", 1)[-1]) if resume else 0)
         rstats["s_per_step"] = round(rstats["train_s"] / max(1, done), 3)
@@ -298,8 +338,8 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
         history.extend({"round": rnd, **h} for h in callback.history)
         for measure in measures:
             history.extend({"round": rnd, **h} for h in measure.history)
-            if measure.history:
-                rstats["heldout"] = {"start": measure.history[0], "final": measure.history[-1]}
+            if measure.history:  # first: step 0, or the first step after a resume
+                rstats["heldout"] = {"first": measure.history[0], "final": measure.history[-1]}
         merge_and_save(trainer.model, student_tok, rdir / "merged")
         current_student = rdir / "merged"
         stats["rounds"].append(rstats)

@@ -43,10 +43,11 @@ def check_shared_vocab(student_tokenizer, teacher_tokenizer) -> int:
 
 # ---------------------------------------------------------------- features
 
-def encode_side(tokenizer, prompt_ids: list[int], response: str, max_length: int) -> dict[str, list[int]]:
-    """prompt + response + end-of-turn as input_ids, with labels only on the response."""
-    eos = tokenizer.eos_token or ""
-    resp_ids = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
+def encode_side(tokenizer, prompt_ids: list[int], response: str, max_length: int, eos: bool = True
+                ) -> dict[str, list[int]]:
+    """prompt + response (+ end-of-turn) as input_ids, with labels only on the response."""
+    end = (tokenizer.eos_token or "") if eos else ""
+    resp_ids = tokenizer(response + end, add_special_tokens=False)["input_ids"]
     resp_ids = resp_ids[:max(1, max_length - len(prompt_ids))]
     return {"input_ids": prompt_ids + resp_ids, "labels": [IGNORE] * len(prompt_ids) + resp_ids}
 
@@ -57,14 +58,15 @@ def encode_pairs(tokenizer, pairs: Sequence[dict], max_length: int = 1024, max_p
     max_prompt_length."""
     feats, cut = [], 0
     for pair in pairs:
+        # a label target's prompt ends with the inference prompt's prefill ('정답: '); its response is the label alone
         text = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(text + pair.get("prefill", ""), add_special_tokens=False)["input_ids"]
         if len(prompt_ids) > max_prompt_length:
             prompt_ids = prompt_ids[-max_prompt_length:]
             cut += 1
         feat = {"prompt_id": pair["prompt_id"]}
         for side in sides:
-            enc = encode_side(tokenizer, prompt_ids, pair[side][-1]["content"], max_length)
+            enc = encode_side(tokenizer, prompt_ids, pair[side][-1]["content"], max_length, eos=pair.get("eos", True))
             feat[f"{side}_input_ids"], feat[f"{side}_labels"] = enc["input_ids"], enc["labels"]
         feats.append(feat)
     return feats, cut

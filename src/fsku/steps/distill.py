@@ -89,9 +89,10 @@ def heldout_figure(history: list[dict]):
 
     df = pd.DataFrame(rows)
     fig, ax = plt.subplots(figsize=(6, 3.4))
+    # with rounds > 1 the names carry the round (r1/heldout/...): one line per column
     for col in sorted(c for c in df.columns if "heldout/" in c):
-        for rnd, part in df.groupby("round") if "round" in df and df["round"].nunique() > 1 else [(None, df)]:
-            ax.plot(part["step"], part[col], marker="o", label=col if rnd is None else f"{col} (round {rnd})")
+        part = df.dropna(subset=[col])
+        ax.plot(part["step"], part[col], marker="o", label=col)
     ax.set_xlabel("optimizer step")
     ax.set_title("held-out prompts: student vs teacher")
     ax.legend(fontsize=7)

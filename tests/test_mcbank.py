@@ -1,0 +1,172 @@
+"""mc-bank: rule-written training items from statute articles (fsku.synth.mcbank)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from fsku.config import MCBankConfig
+from fsku.synth import mcbank as M
+from fsku.synth.records import read_jsonl
+
+ARTICLES = {
+    ("가상전자금융법", "제3조", "act"): [
+        "금융회사는 전자금융거래기록을 5년간 보존하여야 한다.",
+        "금융회사는 이용자의 요청이 있는 경우 거래내용을 14일 이내에 서면으로 제공하여야 한다.",
+        "금융위원회는 금융회사의 보안점검 결과를 매년 1회 이상 공개할 수 있다.",
+    ],
+    ("가상전자금융법", "제4조", "act"): [
+        "전자금융업자는 접근매체를 발급할 때 이용자의 신원을 확인하여야 한다.",
+        "전자금융업자는 분실신고를 받은 때에는 접근매체의 사용을 즉시 정지하여야 한다.",
+        "전자금융업자는 이용자에게 접근매체 재발급 수수료를 3천원 이하로 받을 수 있다.",
+    ],
+    ("가상전자금융법 시행령", "제5조", "decree"): [
+        "금융회사는 정보보호최고책임자를 임원 중에서 1명 이상 지정하여야 한다.",
+        "정보보호최고책임자는 침해사고 대응훈련을 매년 2회 이상 실시하여야 한다.",
+        "한국은행은 지급결제시스템 운영기관의 장애기록을 10년간 보관할 수 있다.",
+    ],
+    ("가상전자금융감독규정", "제7조", "regulation"): [
+        "금융회사는 외부 주문등록 단말기를 통한 전산실 출입을 30분 이내로 제한하여야 한다.",
+        "금융회사는 망분리 예외 승인 내역을 6개월마다 금융감독원장에게 보고하여야 한다.",
+        "금융감독원장은 비상대책 훈련 결과를 검사할 때 3년치 자료를 요구할 수 있다.",
+    ],
+}
+
+
+def _chunks():
+    out = []
+    for i, ((title, article, level), clauses) in enumerate(ARTICLES.items()):
+        body = " ".join(f"{'①②③'[j]} {c}" for j, c in enumerate(clauses))
+        out.append({"chunk_id": f"c{i}", "source": f"{title}.pdf", "title": title, "level": level, "article": article,
+                    "path": f"{title} › {article}", "text": f"{title} › {article}\n{article}(목적) {body}"})
+    return out
+
+
+def _bank(**kw):
+    return M.build_mc_bank(_chunks(), MCBankConfig(**{"descriptive_share": 0.0, **kw}))
+
+
+def test_particle_agrees_with_the_last_syllable():
+    assert [M.with_and(w) for w in ("책임자", "신고", "보안점검", "")] == ["책임자와", "신고와", "보안점검과", ""]
+
+
+def test_every_item_has_one_right_answer_in_the_competition_format():
+    records, stats = _bank()
+    mcs = [r for r in records if r.kind == "multiple_choice"]
+    assert len(mcs) >= 12 and stats["records"] == len(records)
+    statements = set()
+    for clauses in ARTICLES.values():
+        statements |= {M.compact(c).rstrip(".") for c in clauses}
+    for r in mcs:
+        lines = r.question.split("\n")
+        assert len(lines) == len(r.choices) + 1 and len(r.choices) in (4, 5)
+        assert [ln.split(" ", 1)[0] for ln in lines[1:]] == [str(i) for i in range(1, len(r.choices) + 1)]
+        assert "제3조" not in r.question and "제4조" not in r.question  # references stripped
+        options = {k: M.compact(v) for k, v in r.choices.items()}
+        assert len(set(options.values())) == len(options)  # distinct options
+        if r.qtype == "negative":
+            assert "않은" in lines[0] or "틀린" in lines[0]
+        else:
+            assert "않은" not in lines[0] and "틀린" not in lines[0]
+        assert r.split in ("train", "validation", "test") and r.teacher_model == M.TEACHER
+    # a lookup item's answer is the clause as written (the synonym table off), every other option is not a clause
+    records, _ = _bank(p_synonym=0.0)
+    for r in records:
+        if r.kind == "multiple_choice" and r.qtype == "lookup":
+            right = M.compact(r.choices[r.answer])
+            wrong = [M.compact(v) for k, v in r.choices.items() if k != r.answer]
+            assert right in statements and not any(w in statements for w in wrong), r.question
+        if r.kind == "multiple_choice" and r.qtype == "negative":
+            assert M.compact(r.choices[r.answer]) not in statements
+
+
+def test_answer_positions_are_dealt_evenly_and_articles_stay_in_one_split():
+    records, stats = _bank(five_option_share=0.0, split_ratios="0.5,0.25,0.25")
+    positions = Counter(r.answer for r in records if r.kind == "multiple_choice")
+    assert set(positions) == {"1", "2", "3", "4"} and max(positions.values()) - min(positions.values()) <= 1
+    assert stats["answer_positions"]["4"] == dict(sorted(positions.items()))
+    splits_of = {}
+    for r in records:
+        splits_of.setdefault(r.source_article, set()).add(r.split)
+    assert all(len(s) == 1 for s in splits_of.values()) and len({next(iter(s)) for s in splits_of.values()}) >= 2
+
+
+def test_seeded_and_deterministic():
+    a, _ = _bank(seed=3)
+    b, _ = _bank(seed=3)
+    c, _ = _bank(seed=4)
+    assert [r.to_dict() for r in a] == [r.to_dict() for r in b]
+    assert [r.question for r in a] != [r.question for r in c]
+
+
+def test_descriptive_items_carry_the_clause_as_reference():
+    records, _ = _bank(descriptive_share=1.0)
+    desc = [r for r in records if r.kind == "descriptive"]
+    assert desc and all(r.answer.endswith(".") and r.keywords for r in desc)
+
+
+def test_evaluation_articles_and_text_are_left_out(tmp_path):
+    labels = tmp_path / "retrieval_dev.jsonl"
+    labels.write_text(json.dumps({"qid": "q1", "question": "가상전자금융법 제4조에 따르면?", "law": "가상전자금융법",
+                                  "article": "제4조", "evidence": "접근매체"}, ensure_ascii=False) + "\n")
+    mcq = tmp_path / "mcq_dev.csv"
+    # shares a 20-character run (spacing ignored) with one clause of 제5조 of the decree
+    mcq.write_text("Question,Answer\n\"정보보호최고책임자는 침해사고 대응훈련을 매년 몇 회 실시하는가?\n1 1회\n2 2회\",2\n",
+                   encoding="utf-8")
+    ex = M.load_exclusions([str(labels), str(mcq)], 20)
+    assert ex.articles == {("가상전자금융법", "제4조")}
+    records, stats = M.build_mc_bank(_chunks(), MCBankConfig(descriptive_share=0.0), exclusions=ex)
+    assert not any(r.source_article == "가상전자금융법 제4조" for r in records)
+    assert stats["excluded_articles"] == 1 and stats["excluded_article_pairs_found"] == 1
+    assert stats["clauses_contaminated"] == 1
+    assert not any("대응훈련" in "".join(r.choices.values()) for r in records if r.qtype == "lookup")
+
+
+def test_bad_exclusion_files_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--exclude .*nope.jsonl: no such file"):
+        M.load_exclusions([str(tmp_path / "nope.jsonl")], 20)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"law": "x", "article": "제1조"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected one JSON object per line"):
+        M.load_exclusions([str(bad)], 20)
+
+
+def test_config_checks():
+    for bad in ({"items_per_clause": 3}, {"shingle_chars": 4}, {"descriptive_share": 1.5}, {"split_ratios": "a,b,c"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MCBankConfig(**bad)
+
+
+def test_cli_writes_a_folder_distill_reads_and_replaces_only_its_own(tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    from fsku.cli import main as cli_main
+    from fsku.kb import KnowledgeBase
+
+    class FakeKB:
+        chunks = pd.DataFrame(_chunks())
+        manifest = {"corpus_sha256": "abc"}
+
+        def parents(self):
+            return {"가상전자금융감독규정": "가상전자금융법"}
+
+    monkeypatch.setattr(KnowledgeBase, "load", classmethod(lambda cls, folder: FakeKB()))
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    out = tmp_path / "bank"
+    assert cli_main(["mc-bank", "--kb", str(kb), "--out", str(out), "--descriptive-share", "0.5"]) == 0
+    train = read_jsonl(out / "train.jsonl")  # validated on read, as distill reads it
+    stats = json.loads((out / "stats.json").read_text())
+    assert train and stats["teacher"] == M.TEACHER and stats["kb_corpus_sha256"] == "abc"
+    assert len(pd.read_parquet(out / "train.parquet")) == len(train)
+    assert (out / M.MARKER).is_file()
+    assert cli_main(["mc-bank", "--kb", str(kb), "--out", str(out), "--seed", "1"]) == 0  # its own: replaced
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert cli_main(["mc-bank", "--kb", str(kb), "--out", str(foreign)]) != 0
+    assert "refusing to replace it" in capsys.readouterr().err
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"] and (foreign / "notes.txt").read_text() == "mine"
+    assert cli_main(["mc-bank", "--kb", str(kb), "--out", str(kb / "bank")]) != 0  # never inside its input
