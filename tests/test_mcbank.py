@@ -170,3 +170,32 @@ def test_cli_writes_a_folder_distill_reads_and_replaces_only_its_own(tmp_path, m
     assert "refusing to replace it" in capsys.readouterr().err
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"] and (foreign / "notes.txt").read_text() == "mine"
     assert cli_main(["mc-bank", "--kb", str(kb), "--out", str(kb / "bank")]) != 0  # never inside its input
+
+
+def test_only_statements_become_options_and_actor_swaps_agree():
+    assert M.is_statement("금융회사는 기록을 5년간 보존하여야 한다.") and M.is_statement("정지할 수 없다")
+    assert not M.is_statement("특별법에 따라 설립된 법인") and not M.is_statement("기능을 변경한 경우")
+    assert M.agree_particles("금융감독원장가 정한다") == "금융감독원장이 정한다"
+    assert M.agree_particles("금융위원회이 정한 금융위원회는") == "금융위원회가 정한 금융위원회는"
+    assert M._REVISION.sub("", "초과할 수 없다. <개정 2020. 2. 4.>") == "초과할 수 없다."
+    assert M._REVISION.sub("", "초과할 수 없다.<개정") == "초과할 수 없다."
+    chunks = _chunks()
+    chunks[0]["text"] += " ④ 특별법에 따라 설립된 법인 중 금융위원회가 지정하는 비영리 법인"
+    records, stats = M.build_mc_bank(chunks, MCBankConfig(descriptive_share=0.0))
+    assert stats["clauses_not_statements"] >= 1
+    assert not any("설립된 법인" in "".join(r.choices.values()) for r in records)
+
+
+def test_a_false_option_that_another_article_states_is_not_used():
+    # 제3조②'s period doubled (14일 -> 28일) is what another law says: not a false statement
+    chunks = _chunks()
+    chunks.append({"chunk_id": "c9", "source": "다른법.pdf", "title": "다른법", "level": "act", "article": "제1조",
+                   "path": "다른법 › 제1조", "text": "다른법 › 제1조\n제1조(제공) ① 금융회사는 이용자의 요청이 있는 경우 "
+                                                      "거래내용을 28일 이내에 서면으로 제공하여야 한다."})
+    records, stats = M.build_mc_bank(chunks, MCBankConfig(descriptive_share=0.0, p_synonym=0.0))
+    assert stats["distractors_true_elsewhere"] >= 1
+    for r in records:
+        wrong = [v for k, v in r.choices.items() if (k != r.answer) == (r.qtype == "lookup")]
+        assert not any("28일 이내에 서면으로 제공하여야 한다" in w and r.source_article != "다른법 제1조" for w in wrong)
+    assert not M.is_statement('이하 "기부금영수증"이라 한다]을 발급하는 자는 가산세를 납부해야 한다.')
+    assert not M.is_statement("기부금 영수증(주요 사항을 적지 아니한 경우를 포함한다")

@@ -57,6 +57,32 @@ def compact(text: str) -> str:
     return re.sub(r"\s+", "", str(text))
 
 
+# revision notes the PDFs carry inline ('<개정 2020. 2. 4.>', a '<개정' cut at the clause's end)
+_REVISION = re.compile(r"\s*[<〈]\s*(?:개정|신설|전문개정|본조신설|시행일)[^>〉]*[>〉]?")
+# a statement ends in a predicate ('…하여야 한다.', '…할 수 없다.'); list items ('…한 경우', '…법인') do not
+_STATEMENT_END = re.compile(r"다\.?$")
+
+
+def is_statement(clause: str) -> bool:
+    """Whether the clause states something whole, so it can be right or wrong as an option: it ends in a
+    predicate, its brackets close, and it does not open mid-sentence ('이하 "…"이라 한다]을 …')."""
+    c = clause.strip()
+    return (bool(_STATEMENT_END.search(c)) and c.count("(") == c.count(")") and c.count("[") == c.count("]")
+            and not c.startswith(("이하", ")", "]", "을 ", "를 ")))
+
+
+def agree_particles(text: str) -> str:
+    """The particle after each actor name agreeing with it (a distractor that swapped '금융위원회가' for
+    '금융감독원장' must read '금융감독원장이')."""
+    for actor in LV._ACTORS:
+        final = LV._has_final(actor[-1])
+        for after_vowel, after_consonant in LV._PARTICLES.items():
+            right = after_consonant if final else after_vowel
+            wrong = after_vowel if final else after_consonant
+            text = re.sub(re.escape(actor + wrong) + r"(?=\s)", actor + right, text)
+    return text
+
+
 # ------------------------------------------------------------------ decontamination
 
 @dataclass
@@ -172,6 +198,16 @@ def build_mc_bank(chunks: Sequence[dict], cfg: Optional[MCBankConfig] = None, pa
     idf = LV.noun_idf([" ".join(a["bodies"]) for a in articles.values()])
     article_text = [compact(" ".join(a["bodies"])) for a in articles.values()]
     corpus_index = [(key, t) for key, texts in compact_text.items() for t in texts]
+    # every clause the corpus states (compact, no final period): a "false" option equal to one is true somewhere
+    stated_somewhere = {compact(_REVISION.sub("", c)).rstrip(".") for texts in compact_text.values() for t in texts
+                        for c in LV.clauses(t)}
+    stated_somewhere |= {compact(c).rstrip(".") for a in articles.values() for b in a["bodies"] for c in LV.clauses(b)}
+
+    def false_ones(candidates: Sequence[str]) -> list[str]:
+        out = [agree_particles(w) for w in candidates]
+        kept = [w for w in out if compact(w).rstrip(".") not in stated_somewhere]
+        stats["distractors_true_elsewhere"] += len(out) - len(kept)
+        return kept
 
     def narrow(terms: Sequence[str]) -> bool:
         return sum(all(t in text for t in terms) for text in article_text) <= cfg.max_term_articles
@@ -188,8 +224,11 @@ def build_mc_bank(chunks: Sequence[dict], cfg: Optional[MCBankConfig] = None, pa
         parent = parents.get(art["title"]) or (law_base_name(art["title"]) if art["level"] in ("decree", "rule") else None)
         names = all_titles + ([parent] if parent else [])
         found = []
-        for clause in dict.fromkeys(c for body in art["bodies"] for c in LV.clauses(body)):
+        for clause in dict.fromkeys(_REVISION.sub("", c).strip() for body in art["bodies"] for c in LV.clauses(body)):
             stats["clauses"] += 1
+            if not is_statement(clause):
+                stats["clauses_not_statements"] += 1
+                continue
             if exclusions.shingles and exclusions.touches(clause, cfg.shingle_chars):
                 stats["clauses_contaminated"] += 1
                 continue
@@ -229,12 +268,12 @@ def build_mc_bank(chunks: Sequence[dict], cfg: Optional[MCBankConfig] = None, pa
             for qtype in rng.sample(("lookup", "negative"), 2)[:cfg.items_per_clause]:
                 n = 5 if rng.random() < cfg.five_option_share else 4
                 if qtype == "lookup":
-                    wrong = LV.distractors(stated, rng)
+                    wrong = false_ones(LV.distractors(stated, rng))
                     pool = rng.sample(same_doc, min(len(same_doc), 3 * n))
                     for other in pool:
                         if len(wrong) >= n - 1:
                             break
-                        more = LV.distractors(other, rng, 1)
+                        more = false_ones(LV.distractors(other, rng, 1))
                         wrong += [w for w in more if w not in wrong]
                     if len(wrong) < n - 1:
                         stats["skipped_few_distractors"] += 1
@@ -243,7 +282,7 @@ def build_mc_bank(chunks: Sequence[dict], cfg: Optional[MCBankConfig] = None, pa
                     options = _options_with_answer(stated, rng.sample(wrong, n - 1), n, position)
                     stem = rng.choice(POSITIVE_STEMS).format(topic=topic, topic_and=with_and(topic))
                 else:
-                    false = LV.distractors(stated, rng, 1)
+                    false = false_ones(LV.distractors(stated, rng, 1))
                     siblings = [s for _, s in found if s != stated]
                     true = [stated] + rng.sample(siblings, len(siblings))
                     true += rng.sample(same_doc, min(len(same_doc), n))
