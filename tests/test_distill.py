@@ -697,3 +697,31 @@ def test_long_label_prompts_are_dropped_not_cut():
     kept, dropped = D.drop_long_label_prompts(rows, len, render, limit - 1)
     # every label row is over the limit; descriptive rows are never dropped (generated prompts are cut instead)
     assert dropped == 2 and [r["prompt_id"] for r in kept] == ["d1", "d3"]
+
+
+def test_teacher_topk_is_cached_and_read_back(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fsku.stores import AnswerCache
+
+    _, feats, _ = _features(tiny_models)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"], dtype=torch.float32).eval()
+    vocab = teacher.config.vocab_size
+    cache = AnswerCache(str(tmp_path / "cache"))
+    first = [dict(f) for f in feats]
+    done = []
+    counts = T.precompute_topk(teacher, first, 8, vocab, cache=cache, teacher_id="tiny@1", progress=done.append)
+    assert counts == {"computed": 2 * len(feats), "cached": 0} and sum(done) == len(feats)
+    again = [{k: v for k, v in f.items() if "topk" not in k} for f in feats]
+    done = []
+    counts = T.precompute_topk(None, again, 8, vocab, cache=cache, teacher_id="tiny@1", progress=done.append)
+    assert counts == {"computed": 0, "cached": 2 * len(feats)} and sum(done) == len(feats)
+    for a, b in zip(first, again, strict=True):
+        for side in T.SIDES:
+            assert a[f"{side}_topk_idx"] == b[f"{side}_topk_idx"]
+            assert a[f"{side}_topk_logp"] == b[f"{side}_topk_logp"]  # JSON floats round-trip exactly
+    # another teacher, another k or other tokens are other keys: computed, never mixed in
+    other = [{k: v for k, v in f.items() if "topk" not in k} for f in feats]
+    with pytest.raises(ValueError, match="no cached teacher top-k and no teacher"):
+        T.precompute_topk(None, other, 8, vocab, cache=cache, teacher_id="tiny@2")
+    assert T.precompute_topk(teacher, other, 4, vocab, cache=cache, teacher_id="tiny@1")["computed"] == 2 * len(feats)

@@ -121,7 +121,7 @@ class HeldOutCallback(TrainerCallback):
 
 def build_features(prompt_rows: Sequence[dict], responses: dict[str, dict], tokenizer, teacher, *, vocab_size: int,
                    topk: int, max_length: int, max_prompt_length: int, batch_size: int = 2,
-                   progress: Optional[Callable[[int], None]] = None) -> list[dict]:
+                   progress: Optional[Callable[[int], None]] = None, cache=None, teacher_id: str = "") -> list[dict]:
     """Token features of the teacher's held-out responses with its top-k log-probabilities."""
     from .data import make_pairs
     from .trainer import encode_pairs, precompute_topk
@@ -130,5 +130,6 @@ def build_features(prompt_rows: Sequence[dict], responses: dict[str, dict], toke
     if not pairs:
         return []
     features, _ = encode_pairs(tokenizer, pairs, max_length, max_prompt_length, sides=("chosen",))
-    precompute_topk(teacher, features, topk, vocab_size, batch_size=batch_size, progress=progress, sides=("chosen",))
+    precompute_topk(teacher, features, topk, vocab_size, batch_size=batch_size, progress=progress, sides=("chosen",),
+                    cache=cache, teacher_id=teacher_id)
     return features

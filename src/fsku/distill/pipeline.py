@@ -207,6 +207,9 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
 
     # teacher responses (once: the teacher does not change between rounds)
     teacher_llm = load_llm(cfg.teacher, **gen_kw)
+    # names the teacher in the top-k cache: its weights (the generation backend's fingerprint: path, size, mtime)
+    # and how the transformers copy that computes the top-k runs
+    teacher_id = f"{teacher_llm.fingerprint()}|{teacher_path}|{torch_dtype}|{device}"
     contexts = retrieve_contexts(records, cfg, teacher_llm) if cfg.context != "none" else None
     prompt_rows = _fit_label_prompts(build_prompts(records, contexts, cfg.mc_prompt, cfg.mc_target), cfg, "training",
                                      stats)
@@ -239,7 +242,8 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
                   disable=not progress) as bar:
             heldout_features = build_features(*heldout_rows, student_tok, scorer, vocab_size=vocab_size, topk=cfg.topk,
                                               max_length=cfg.max_model_len, max_prompt_length=cfg.max_prompt_length,
-                                              batch_size=cfg.batch_size, progress=bar.update)
+                                              batch_size=cfg.batch_size, progress=bar.update, cache=cache,
+                                              teacher_id=teacher_id)
         if not heldout_features:
             log.warning("the teacher gave no usable answer to the %d held-out prompts: no held-out KL during training",
                         len(heldout_rows[0]))
@@ -282,8 +286,9 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
                     teacher_model = load_teacher()
                 t0 = time.perf_counter()
                 with tqdm(total=len(features), desc=f"teacher top-{cfg.topk}", unit="pair", disable=not progress) as bar:
-                    precompute_topk(teacher_model, features, cfg.topk, vocab_size, batch_size=cfg.batch_size,
-                                    progress=bar.update)
+                    got = precompute_topk(teacher_model, features, cfg.topk, vocab_size, batch_size=cfg.batch_size,
+                                          progress=bar.update, cache=cache, teacher_id=teacher_id)
+                rstats["teacher_topk_cached"] = got["cached"]
                 rstats["teacher_topk_s"] = round(time.perf_counter() - t0, 1)
                 rstats["teacher_tail_mass"] = topk_tail_mass(features)
                 # the point of top-k: the teacher leaves memory before the student trains (reloaded next round)

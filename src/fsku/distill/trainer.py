@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -158,28 +158,70 @@ def topk_tail_mass(features: Sequence[dict], sides: Sequence[str] = SIDES) -> Op
     return total / count if count else None
 
 
+def topk_key(teacher_id: str, k: int, vocab_size: int, input_ids: Sequence[int], labels: Sequence[int]) -> str:
+    """Cache key of one sequence's teacher top-k rows: the teacher, k, the vocabulary and the exact tokens
+    (and which of them are response positions)."""
+    from ..stores import digest
+
+    return "topk|" + digest({"teacher": teacher_id, "k": k, "vocab": vocab_size, "ids": list(input_ids),
+                             "labelled": [x != IGNORE for x in labels]}, 32)
+
+
 @torch.no_grad()
 def precompute_topk(teacher, features: list[dict], k: int, vocab_size: int, batch_size: int = 2,
-                    progress: Optional[Callable[[int], None]] = None, sides: Sequence[str] = SIDES) -> None:
-    """Adds ``<side>_topk_idx`` / ``<side>_topk_logp`` (one row per response token) to each feature."""
-    device = next(teacher.parameters()).device
+                    progress: Optional[Callable[[int], None]] = None, sides: Sequence[str] = SIDES,
+                    cache=None, teacher_id: str = "") -> dict[str, int]:
+    """Adds ``<side>_topk_idx`` / ``<side>_topk_logp`` (one row per response token) to each feature.
+
+    With `cache` (get/set of JSON values, e.g. `stores.AnswerCache`) and a `teacher_id` naming the
+    teacher's weights, rows computed once are read back (a second distill run on the same prompts, a
+    killed run, another loss type of the same comparison): {"computed", "cached"} sequences."""
+    device = next(teacher.parameters()).device if teacher is not None else None
     collate = PairCollator(0)
-    for start in range(0, len(features), batch_size):
-        rows = features[start:start + batch_size]
-        batch = collate([{key: r[key] for key in r if not key.endswith(("topk_idx", "topk_logp"))} for r in rows], sides)
+    counts = {"computed": 0, "cached": 0}
+    use_cache = cache is not None and getattr(cache, "enabled", True) and bool(teacher_id)
+    todo: list[tuple[dict, str, str]] = []  # (feature, side, key) still to compute
+    for r in features:
         for side in sides:
+            key = topk_key(teacher_id, k, vocab_size, r[f"{side}_input_ids"], r[f"{side}_labels"]) if use_cache else ""
+            hit = cache.get(key) if use_cache else None
+            if hit is not None:
+                r[f"{side}_topk_idx"], r[f"{side}_topk_logp"] = hit["idx"], hit["logp"]
+                counts["cached"] += 1
+            else:
+                todo.append((r, side, key))
+    if todo and teacher is None:
+        raise ValueError(f"{len(todo)} sequences have no cached teacher top-k and no teacher was given")
+    remaining = Counter(id(r) for r, _, _ in todo)  # sides still to compute, per feature
+    if progress and len(features) > len(remaining):
+        progress(len(features) - len(remaining))
+    for side in sides:
+        pending = [(r, key) for r, s, key in todo if s == side]
+        for start in range(0, len(pending), batch_size):
+            part = pending[start:start + batch_size]
+            rows = [r for r, _ in part]
+            batch = collate([{key: r[key] for key in r if not key.endswith(("topk_idx", "topk_logp"))} for r in rows],
+                            (side,))
             ids, attn = batch[f"{side}_input_ids"].to(device), batch[f"{side}_attention_mask"].to(device)
             labels = batch[f"{side}_labels"]
             keep = response_window(labels)
             logp = L.log_probs(window_logits(teacher, ids, attn, keep), vocab_size)
             top = logp.topk(min(k, vocab_size), dim=-1)
             mask = labels[:, labels.shape[1] - keep + 1:] != IGNORE
-            for b, r in enumerate(rows):
+            for b, (r, key) in enumerate(part):
                 m = mask[b].to(device)
                 r[f"{side}_topk_idx"] = top.indices[b][m].cpu().tolist()
                 r[f"{side}_topk_logp"] = top.values[b][m].cpu().tolist()
-        if progress:
-            progress(len(rows))
+                if use_cache:
+                    cache.set(key, {"idx": r[f"{side}_topk_idx"], "logp": r[f"{side}_topk_logp"]})
+            counts["computed"] += len(part)
+            finished = 0
+            for r in rows:
+                remaining[id(r)] -= 1
+                finished += remaining[id(r)] == 0
+            if progress and finished:
+                progress(finished)
+    return counts
 
 
 # ---------------------------------------------------------------- trainer
