@@ -32,10 +32,9 @@ log = logging.getLogger(__name__)
 
 
 def hit_curve_figure(curve: dict[int, float], title: str):
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ks = sorted(curve)

@@ -33,10 +33,9 @@ log = logging.getLogger(__name__)
 
 def loss_curve_figures(history: list[dict]) -> dict:
     """Loss terms, alpha/beta and learning rate / grad norm against the step."""
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figs = {}
     df = pd.DataFrame([h for h in history if "loss" in h or any(k.endswith("/loss") for k in h)])
@@ -82,10 +81,9 @@ def heldout_figure(history: list[dict]):
     rows = [h for h in history if any("heldout/" in k for k in h)]
     if not rows:
         return None
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     df = pd.DataFrame(rows)
     fig, ax = plt.subplots(figsize=(6, 3.4))

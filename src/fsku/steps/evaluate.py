@@ -82,10 +82,9 @@ def confusion(gold: list[int], pred: list[int]) -> np.ndarray:
 
 
 def _plots(table: pd.DataFrame, gate_threshold: Optional[float] = None):
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figs = {}
     fig, ax = plt.subplots(figsize=(5, 3.2))

@@ -92,10 +92,9 @@ def _reuse(path: Path, settings: dict, restart: bool):
 
 
 def comparison_figure(summary: dict):
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from ..quantize import ratio_verdict
 

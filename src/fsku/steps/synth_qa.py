@@ -29,10 +29,9 @@ log = logging.getLogger(__name__)
 
 
 def _plots(stats: dict, accepted: pd.DataFrame) -> dict:
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figs = {}
 
@@ -104,10 +103,9 @@ def teacher_sft_figure(teacher: str):
     losses = info.get("losses") if isinstance(info, dict) else None
     if not isinstance(losses, list) or not losses:
         return None
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.plot(range(1, len(losses) + 1), losses, lw=1, label="batch loss")

@@ -151,13 +151,13 @@ PLOTS = {"optimization_history": "plot_optimization_history", "param_importances
 def _plots(study, distill: bool) -> dict:
     """name -> figure for the plots the study supports now (too few trials -> skipped): a matplotlib PNG
     and, where plotly is installed, the same plot as interactive HTML (zoom, hover on a trial's params)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import optuna.visualization as interactive
     import optuna.visualization.matplotlib as static
     from optuna.exceptions import ExperimentalWarning
 
+    from .plotting import pyplot
+
+    pyplot()  # the Agg backend and a Hangul font (parameter names are ASCII; a trial's values need not be)
     wanted = dict(PLOTS, **({"intermediate_values": "plot_intermediate_values"} if distill else {}))
     html = interactive.is_available()
     if not html:
