@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import hashlib
 import json
 import random
 import sys
@@ -40,7 +42,7 @@ from fsku.evaluate.compare import paired  # noqa: E402
 from fsku.evaluate.stats import wilson_interval  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "fsku-benchmark"
-KL = "heldout/kl_to_teacher"
+KL = "heldout/kl_to_teacher_mc"  # at the answer position of the held-out multiple-choice prompts
 
 
 def sample_bank(bank: Path, out: Path, max_prompts: int, seed: int) -> Path:
@@ -48,7 +50,11 @@ def sample_bank(bank: Path, out: Path, max_prompts: int, seed: int) -> Path:
     whole validation split, written once (an existing sample is reused: the comparison resumes)."""
     from fsku.synth.records import read_jsonl, write_jsonl
 
+    made_by = {"bank": str(bank.resolve()), "max_prompts": max_prompts, "seed": seed,
+               "bank_stats": (bank / "stats.json").stat().st_mtime if (bank / "stats.json").is_file() else None}
     if (out / "train.jsonl").is_file():
+        if json.loads((out / "sample.json").read_text(encoding="utf-8")) != made_by:
+            raise SystemExit(f"{out} holds a sample of another bank, size or seed: use another --out")
         return out
     train = read_jsonl(bank / "train.jsonl")
     if max_prompts and len(train) > max_prompts:
@@ -61,6 +67,7 @@ def sample_bank(bank: Path, out: Path, max_prompts: int, seed: int) -> Path:
     stats = bank / "stats.json"
     if stats.is_file():
         (out / "stats.json").write_text(stats.read_text(encoding="utf-8"), encoding="utf-8")
+    (out / "sample.json").write_text(json.dumps(made_by), encoding="utf-8")
     return out
 
 
@@ -94,12 +101,18 @@ def eval_sets(limit: int, out: Path) -> dict[str, Path]:
 def evaluate_model(name: str, model: str, gold: Path, args, out: Path) -> dict:
     """One `fsku evaluate` run of `model` on `gold` (its per-question rows cached in out/<name>.json)."""
     from fsku.steps.evaluate import run_step
+    from fsku.stores import digest
 
-    cached = out / f"{name}.json"
+    # the model's weights (a retrained student at the same path is another model), the questions and the settings
+    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime) for p in Path(model).glob("*.safetensors")) \
+        if Path(model).is_dir() else model
+    key = digest({"model": str(model), "weights": weights, "gold": hashlib.sha256(gold.read_bytes()).hexdigest(),
+                  "kb": args.kb, "context": args.eval_context, "backend": args.backend}, 16)
+    cached = out / f"{name}-{key}.json"
     if cached.is_file():
         return json.loads(cached.read_text(encoding="utf-8"))
     cfg = EvaluateConfig(model=model, kb=args.kb, gold=str(gold), context=args.eval_context, backend=args.backend,
-                         out_dir=str(out / name), dataset_role="report")
+                         out_dir=str(out / f"{name}-{key}"), dataset_role="report")
     t0 = time.perf_counter()
     res = run_step(cfg, progress=args.progress)
     rows = res["table"].to_dict("records")
@@ -162,7 +175,14 @@ def main() -> int:
                             teacher_logits="topk", backend=args.backend, out=str(args.out / loss), register_as=None,
                             cache_dir=str(args.out / "cache"), seed=args.seed, save_steps=25, logging_steps=5)
         t0 = time.perf_counter()
-        res = distill(cfg, progress=args.progress)
+        done = Path(cfg.out) / "stats.json"
+        if done.is_file() and json.loads(done.read_text(encoding="utf-8")).get("config") == dataclasses.asdict(cfg):
+            # finished with these settings: its numbers as measured then (a resumed run would train no step)
+            from fsku.distill.pipeline import DistillResult
+
+            res = DistillResult(Path(cfg.out), Path(cfg.out) / "merged", json.loads(done.read_text(encoding="utf-8")))
+        else:
+            res = distill(cfg, progress=args.progress)
         final = res.stats["rounds"][-1]
         held = final.get("heldout") or {}
         first, last = held.get("first", {}), held.get("final", {})

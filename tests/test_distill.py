@@ -658,8 +658,8 @@ def math_log(x):
 
 
 def test_label_pairs_train_the_one_position_inference_reads(tiny_models):
-    """The student's log-probs of the labels at the trained position equal what the inference backend
-    scores for the same question: training and answering read the same distribution."""
+    """Through the trainer's own encoding and response window: the student's log-probs of the labels at the
+    trained position equal what the inference backend scores for the same question."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fsku.distill import losses as L
@@ -668,23 +668,80 @@ def test_label_pairs_train_the_one_position_inference_reads(tiny_models):
 
     tok = AutoTokenizer.from_pretrained(tiny_models["student"])
     rows = D.build_prompts(_records(1), style="fewshot+prefill", mc_target="label")
-    pair = {"prompt_id": "mc0", "kind": "multiple_choice", "prompt": rows[0]["messages"], "prefill": "정답: ",
-            "eos": False, "chosen": [{"role": "assistant", "content": "2"}],
-            "rejected": [{"role": "assistant", "content": "4"}]}
-    feats, _ = T.encode_pairs(tok, [pair], 2048, 2000)
-    labels = feats[0]["chosen_labels"]
-    assert sum(x != T.IGNORE for x in labels) == 1 and labels[-1] == tok("2", add_special_tokens=False)["input_ids"][0]
+    pairs, _ = D.make_pairs(rows, {"mc0": {"text": "2"}}, {"mc0": {"text": "4"}})
+    feats, _ = T.encode_pairs(tok, pairs, 2048, 2000)
+    labels = torch.tensor([feats[0]["chosen_labels"]])
+    assert int((labels != T.IGNORE).sum()) == 1 and feats[0]["rejected_labels"][-1] == T.label_token_id(tok, "4")
     model = AutoModelForCausalLM.from_pretrained(tiny_models["student"]).eval()
-    import torch
-
+    keep = T.response_window(labels)
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([feats[0]["chosen_input_ids"]])).logits[0, -2]
-    label_ids = [tok(str(j), add_special_tokens=False)["input_ids"][0] for j in range(1, 5)]
-    trained = L.log_probs(logits, len(tok))[label_ids]
+        logits = T.window_logits(model, torch.tensor([feats[0]["chosen_input_ids"]]),
+                                 torch.ones_like(labels), keep)
+    mask = labels[:, labels.shape[1] - keep + 1:] != T.IGNORE
+    label_ids = [T.label_token_id(tok, str(j)) for j in range(1, 5)]
+    trained = L.log_probs(logits, len(tok))[mask][0][label_ids]
     llm = load_llm(str(tiny_models["student"]), backend="transformers", device="cpu", dtype="float32")
     prefix, suffix = D.label_prompt_parts(rows[0], llm.render_chat)
+    assert feats[0]["chosen_input_ids"][:-1] == llm.encode(prefix) + llm.encode(suffix)  # the ids the backend scores
     scored = llm.option_logprobs(OptionRequest(prefix, [suffix], ["1", "2", "3", "4"]))[0]
     assert trained.numpy() == pytest.approx(scored, abs=1e-4)
+
+
+def test_label_encoding_matches_the_backend_on_the_real_qwen_tokenizer():
+    from fsku.home import models_dir
+
+    folder = models_dir() / "qwen2.5-coder-0.5b-instruct"
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip("the real offline model is absent (make llm-models)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    rows = D.build_prompts(_records(1), contexts=["[자료 1] (출처: 전자금융거래법.pdf)\n제22조 보존 기간은 5년이다."],
+                           style="fewshot+prefill", mc_target="label")
+    pairs, _ = D.make_pairs(rows, {"mc0": {"text": "2"}}, {"mc0": {"text": "3"}})
+    feats, _ = T.encode_pairs(tok, pairs, 4096, 4000)
+
+    def render(msgs):
+        return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+    prefix, suffix = D.label_prompt_parts(rows[0], render)
+    enc = tok(prefix, add_special_tokens=False)["input_ids"] + tok(suffix, add_special_tokens=False)["input_ids"]
+    whole = tok(render(rows[0]["messages"]) + "정답: ", add_special_tokens=False)["input_ids"]
+    assert feats[0]["chosen_input_ids"] == enc + [tok("2", add_special_tokens=False)["input_ids"][0]]
+    assert enc == whole  # on Qwen's tokenizer the cut at the options is a token boundary anyway
+
+
+def test_responses_of_another_prompt_under_the_same_id_are_not_reused(tmp_path):
+    path = tmp_path / "resp.jsonl"
+    generated = D.build_prompts(_records(2), mc_target="generated")
+    D.generate_responses(generated, CountingLLM(), D.ResponseSettings(gen_batch_size=2, temperature=0.0), path)
+    # the same ids as label targets: scored again, not the generated text reused
+    llm = LabelLLM()
+    got = D.generate_responses(D.build_prompts(_records(2), style="prefill", mc_target="label"), llm,
+                               D.ResponseSettings(gen_batch_size=2, temperature=0.0), path)
+    assert len(llm.scored) == 1 and got["mc0"]["text"] == "3" and llm.calls == 0  # d1's prompt is unchanged
+    label_rows = D.build_prompts(_records(2), style="prefill", mc_target="label")
+    with pytest.raises(ValueError, match="mc0: the teacher's response '정답: 3' is not an option label 1..4"):
+        D.make_pairs(label_rows, {"mc0": {"text": "정답: 3"}, "d1": {"text": "x"}}, {"mc0": {"text": "1"}, "d1": {"text": "y"}})
+
+
+def test_mc_prompt_is_checked_and_generated_targets_use_the_plain_prompt():
+    from fsku.distill.pipeline import mc_style
+
+    with pytest.raises(ValueError, match="mc_prompt must be one of"):
+        DistillConfig(mc_prompt="chatty")
+    assert mc_style(DistillConfig()) == "fewshot+prefill"
+    assert mc_style(DistillConfig(mc_target="generated")) == "plain"
+
+
+def test_the_topk_cache_names_the_scorer_dtype(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    from fsku.distill.pipeline import scorer_id
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"], dtype=torch.float32)
+    a = scorer_id("tiny@1", m)
+    assert a == "tiny@1|torch.float32|cpu" and scorer_id("tiny@1", m.to(torch.bfloat16)) != a
 
 
 def test_long_label_prompts_are_dropped_not_cut():

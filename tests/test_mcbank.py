@@ -21,6 +21,21 @@ ARTICLES = {
         "전자금융업자는 분실신고를 받은 때에는 접근매체의 사용을 즉시 정지하여야 한다.",
         "전자금융업자는 이용자에게 접근매체 재발급 수수료를 3천원 이하로 받을 수 있다.",
     ],
+    ("가상전자금융법", "제8조", "act"): [
+        "전자금융업자는 전자지급수단의 이용한도를 1일 200만원 이내로 정하여야 한다.",
+        "전자금융업자는 거래지시의 철회 요청을 받은 때에는 3일 이내에 처리하여야 한다.",
+        "금융위원회는 전자금융업자의 경영지도기준 준수 여부를 분기마다 점검할 수 있다.",
+    ],
+    ("가상전자금융법", "제9조", "act"): [
+        "선불전자지급수단 발행자는 미상환잔액의 50퍼센트 이상을 신탁하여야 한다.",
+        "선불전자지급수단 발행자는 고객의 환급 청구를 받은 날부터 5일 이내에 환급하여야 한다.",
+        "한국은행은 선불전자지급수단의 발행 통계를 매년 2회 공표할 수 있다.",
+    ],
+    ("가상전자금융법", "제10조", "act"): [
+        "전자금융업자는 보안사고가 발생한 때에는 24시간 이내에 금융위원회에 보고하여야 한다.",
+        "전자금융업자는 보안사고 기록을 7년간 보관하여야 한다.",
+        "금융위원회는 보안사고 보고를 게을리한 전자금융업자에게 시정을 명할 수 있다.",
+    ],
     ("가상전자금융법 시행령", "제5조", "decree"): [
         "금융회사는 정보보호최고책임자를 임원 중에서 1명 이상 지정하여야 한다.",
         "정보보호최고책임자는 침해사고 대응훈련을 매년 2회 이상 실시하여야 한다.",
@@ -54,7 +69,7 @@ def test_particle_agrees_with_the_last_syllable():
 def test_every_item_has_one_right_answer_in_the_competition_format():
     records, stats = _bank()
     mcs = [r for r in records if r.kind == "multiple_choice"]
-    assert len(mcs) >= 12 and stats["records"] == len(records)
+    assert len(mcs) >= 8 and stats["records"] == len(records)
     statements = set()
     for clauses in ARTICLES.values():
         statements |= {M.compact(c).rstrip(".") for c in clauses}
@@ -199,3 +214,59 @@ def test_a_false_option_that_another_article_states_is_not_used():
         assert not any("28일 이내에 서면으로 제공하여야 한다" in w and r.source_article != "다른법 제1조" for w in wrong)
     assert not M.is_statement('이하 "기부금영수증"이라 한다]을 발급하는 자는 가산세를 납부해야 한다.')
     assert not M.is_statement("기부금 영수증(주요 사항을 적지 아니한 경우를 포함한다")
+
+
+def _true_forms(chunks=None):
+    titles = sorted({t for t, _, _ in ARTICLES}, key=len, reverse=True)
+    forms = {}
+    for (title, article, _), clauses in ARTICLES.items():
+        for c in clauses:
+            forms[M.canonical(c, titles)] = f"{title} {article}"
+    return titles, forms
+
+
+def test_one_right_answer_with_the_synonym_rewrites_on():
+    titles, forms = _true_forms()
+    records, stats = _bank()  # p_synonym 0.8: options are paraphrased
+    mcs = [r for r in records if r.kind == "multiple_choice"]
+    assert mcs
+    for r in mcs:
+        true = [k for k, v in r.choices.items() if M.canonical(v, titles) in forms]
+        assert (true == [r.answer]) if r.qtype == "lookup" else (r.answer not in true and len(true) == len(r.choices) - 1)
+        if r.qtype == "negative":  # the clause a negative item perturbs is not among its options
+            false = M.canonical(r.choices[r.answer], titles)
+            assert not any(M.compact(v) and M.canonical(v, titles) == false for k, v in r.choices.items() if k != r.answer)
+
+
+def test_no_option_text_crosses_the_split():
+    titles, forms = _true_forms()
+    records, _ = _bank(split_ratios="0.5,0.25,0.25", p_synonym=0.0)
+    split_of = {r.source_article: r.split for r in records}
+    assert len(set(split_of.values())) >= 2
+    for r in records:
+        if r.kind != "multiple_choice":
+            continue
+        for v in r.choices.values():
+            home = forms.get(M.canonical(v, titles))
+            if home is not None and home in split_of:
+                assert split_of[home] == r.split, (r.split, home, v)
+
+
+def test_a_document_of_no_known_level_is_named_in_full():
+    chunks = [dict(c, level="other") for c in _chunks()]
+    for seed in range(6):  # some clause draws the "level" mention at some seed
+        records, _ = M.build_mc_bank(chunks, MCBankConfig(seed=seed))
+        assert records
+
+
+def test_short_evaluation_texts_and_named_articles_are_excluded(tmp_path):
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(
+        json.dumps({"qid": "a", "question": "가상전자금융법 제8조에 따르면 이용한도는?", "law": "다른법", "article": "제1조",
+                    "evidence": "7년간 보관하여야"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    ex = M.load_exclusions([str(labels)], 20)
+    assert "7년간보관하여야" in ex.short and ex.names_article("가상전자금융법", "제8조")
+    records, stats = M.build_mc_bank(_chunks(), MCBankConfig(descriptive_share=0.0), exclusions=ex)
+    assert stats["excluded_articles_named"] == 1 and not any(r.source_article == "가상전자금융법 제8조" for r in records)
+    assert stats["clauses_contaminated"] >= 1
+    assert not any("7년간" in "".join(r.choices.values()) for r in records if r.qtype == "lookup")

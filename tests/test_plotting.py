@@ -16,3 +16,13 @@ def test_korean_labels_render_without_missing_glyphs(tmp_path):
         warnings.simplefilter("error")  # "Glyph ... missing from font(s)" is a UserWarning
         fig.savefig(tmp_path / "domains.png")
     plt.close(fig)
+
+
+def test_without_a_hangul_font_it_says_so(monkeypatch, caplog):
+    from fsku.steps import plotting
+
+    monkeypatch.setattr(plotting, "_CONFIGURED", [])
+    monkeypatch.setattr(plotting, "hangul_family", lambda: "")
+    with caplog.at_level("WARNING", logger="fsku.steps.plotting"):
+        plotting.pyplot()
+    assert "no font with Hangul found" in caplog.text

@@ -349,6 +349,14 @@ def test_held_out_kl_is_zero_against_itself_and_positive_against_another_model(t
     assert m[NLL_KEY] == pytest.approx(nll / count, rel=1e-4)
     with pytest.raises(ValueError, match="no held-out features"):
         held_out_metrics(student, [], vocab)
+    # features that know their kind: the means per kind, which the overall mean weighs by tokens
+    for f, kind in zip(features, ("multiple_choice", "descriptive"), strict=True):
+        f["kind"] = kind
+    per = held_out_metrics(student, features, vocab, batch_size=2)
+    n = [sum(x != -100 for x in f["chosen_labels"][1:]) for f in features]
+    assert per[KL_KEY] == pytest.approx(m[KL_KEY], rel=1e-4)
+    want = (per[KL_KEY + "_mc"] * n[0] + per[KL_KEY + "_descriptive"] * n[1]) / sum(n)
+    assert per[KL_KEY] == pytest.approx(want, rel=1e-4) and per[NLL_KEY + "_mc"] > 0
 
 
 def test_distill_study_reports_intermediate_values_and_prunes(tiny_models, tmp_path, monkeypatch):

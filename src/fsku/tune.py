@@ -366,9 +366,6 @@ class DistillObjective:
         if "beta" in values and self.base.gradual_beta:
             log.warning("the study samples beta: the base recipe's gradual_beta is turned off in its trials")
             values["gradual_beta"] = False
-        if "beta" in values and self.base.gradual_beta:
-            log.warning("the study samples beta: the base recipe's gradual_beta is turned off in its trials")
-            values["gradual_beta"] = False
         # eval_prompts 0: the trial's own callback measures the held-out KL (on the study's shared features)
         return dataclasses.replace(self.base, out=str(self.work / f"trial_{trial_number:04d}"), register_as=None,
                                    restart=True, eval_prompts=0, **values)

@@ -8,7 +8,8 @@ a short answer. A prompt may carry retrieved context the way inference adds it.
 Files (JSONL, one object per line, validated on read by `read_pairs`):
     prompts.jsonl                 {"prompt_id", "kind", "messages": [{"role", "content"}], "reference"}
                                   + for a label target: "target": "label", "prefill", "n_options", "split_at"
-    responses_r<R>_<role>.jsonl   header line, then {"ID": prompt_id, "text", "n_tokens", "truncated", "seconds"}
+    responses_r<R>_<role>.jsonl   header line, then {"ID": prompt_id, "text", "n_tokens", "truncated", "seconds",
+                                  "prompt_digest"} (a row is reused only for the same prompt)
                                   (+ "label_logprobs" for a label target: the model's log-probs of 1..n)
     pairs_r<R>.jsonl              {"prompt_id", "kind", "prompt": messages,
                                    "chosen": [{"role": "assistant", "content": teacher text}],
@@ -144,6 +145,11 @@ def response_fingerprint(settings: ResponseSettings) -> dict:
             "seed": values["seed"]}
 
 
+def prompt_digest(row: dict) -> str:
+    """What makes a prompt row the prompt it is (its id aside)."""
+    return digest({k: row.get(k) for k in ("messages", "target", "prefill", "split_at", "n_options")}, 16)
+
+
 def generate_responses(prompt_rows: Sequence[dict], llm, settings: ResponseSettings, out_path: Path,
                        cache: Optional[AnswerCache] = None, restart: bool = False,
                        progress: Optional[Callable[[int], None]] = None) -> dict[str, dict]:
@@ -156,7 +162,10 @@ def generate_responses(prompt_rows: Sequence[dict], llm, settings: ResponseSetti
     results = ResultLog(out_path, fingerprint, restart=restart)
     if cache is not None and not cache.enabled:
         cache = None
-    todo = [r for r in prompt_rows if r["prompt_id"] not in results.done]
+    # a response is reused only for the same prompt (messages, target, prefill): a prompt rewritten under the
+    # same id (another mc_prompt or mc_target, other context) is answered again
+    row_digest = {r["prompt_id"]: prompt_digest(r) for r in prompt_rows}
+    todo = [r for r in prompt_rows if results.done.get(r["prompt_id"], {}).get("prompt_digest") != row_digest[r["prompt_id"]]]
     if len(todo) < len(prompt_rows):
         log.info("resuming: %d of %d responses already in %s", len(prompt_rows) - len(todo), len(prompt_rows), out_path)
     if progress:
@@ -165,7 +174,7 @@ def generate_responses(prompt_rows: Sequence[dict], llm, settings: ResponseSetti
     for start in range(0, len(labelled), settings.gen_batch_size):
         batch = labelled[start:start + settings.gen_batch_size]
         for row, res in zip(batch, _label_responses(batch, llm, settings, fingerprint, cache), strict=True):
-            results.append({"ID": row["prompt_id"], **res})
+            results.append({"ID": row["prompt_id"], **res, "prompt_digest": row_digest[row["prompt_id"]]})
         if progress:
             progress(len(batch))
     todo = [r for r in todo if r.get("target") != "label"]
@@ -190,7 +199,7 @@ def generate_responses(prompt_rows: Sequence[dict], llm, settings: ResponseSetti
                     if cache is not None:
                         cache.set(keys[i], got[i])
             for row, res in zip(batch, got, strict=True):
-                results.append({"ID": row["prompt_id"], **res})
+                results.append({"ID": row["prompt_id"], **res, "prompt_digest": row_digest[row["prompt_id"]]})
             if progress:
                 progress(len(batch))
     return {r["prompt_id"]: results.done[r["prompt_id"]] for r in prompt_rows}
@@ -226,6 +235,12 @@ def make_pairs(prompt_rows: Sequence[dict], teacher: dict[str, dict], student: d
             counts.missing_student += 1
         elif not s["text"].strip():
             counts.empty_student += 1
+        if row.get("target") == "label":  # a label row's response must be one of its labels (not '정답: 3')
+            labels = {str(j) for j in range(1, int(row["n_options"]) + 1)}
+            for side, value in (("teacher", t), ("student", s)):
+                if value is not None and value["text"].strip() and value["text"].strip() not in labels:
+                    raise ValueError(f"{pid}: the {side}'s response {value['text'][:20]!r} is not an option label "
+                                     f"1..{row['n_options']} (responses of another mc_target? start with --restart)")
         if t is None or s is None or not t["text"].strip() or not s["text"].strip():
             continue
         pair = {"prompt_id": pid, "kind": row["kind"], "prompt": row["messages"],
@@ -233,7 +248,7 @@ def make_pairs(prompt_rows: Sequence[dict], teacher: dict[str, dict], student: d
                 "rejected": [{"role": "assistant", "content": s["text"].strip()}]}
         if row.get("target") == "label":
             # the prompt text ends with the prefill and the response is the label alone, without end of turn
-            pair.update(prefill=row.get("prefill", ""), eos=False)
+            pair.update(prefill=row.get("prefill", ""), eos=False, split_at=row["split_at"])
         pairs.append(pair)
     counts.pairs = len(pairs)
     return pairs, counts

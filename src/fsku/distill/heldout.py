@@ -7,6 +7,8 @@ steps (and at the start and the end of a round):
 
     heldout/kl_to_teacher   mean per-token KL(teacher ‖ student) on the teacher's responses
     heldout/teacher_nll     mean per-token negative log-likelihood of those responses under the student
+    …_mc, …_descriptive     the same per kind of prompt (a label target is one token, a descriptive answer
+                            a hundred: the overall mean is mostly the descriptive part)
 
 The same numbers are the distill study's objective (fsku.tune), so a trial and a distill run report
 one quantity.
@@ -46,36 +48,50 @@ def token_kl_and_nll(log_p: torch.Tensor, log_q: torch.Tensor, labels: torch.Ten
     return float(kl[mask].sum()), float(nll[mask].sum()), int(mask.sum())
 
 
+KIND_SUFFIX = {"multiple_choice": "mc", "descriptive": "descriptive"}
+
+
 def held_out_metrics(model, features: Sequence[dict], vocab_size: int, batch_size: int = 4) -> dict[str, float]:
     """{KL_KEY, NLL_KEY}: per-token means over the teacher's responses to held-out prompts, the teacher
-    given as top-k log-probabilities (``chosen_topk_*`` from `precompute_topk`). The model's train/eval
-    mode is restored."""
+    given as top-k log-probabilities (``chosen_topk_*`` from `precompute_topk`). Features that carry their
+    prompt's `kind` also give the means per kind (``…_mc``, ``…_descriptive``): a descriptive answer has
+    a hundred tokens, a label target one, so the overall mean is mostly the descriptive part. The
+    model's train/eval mode is restored."""
     if not features:
         raise ValueError("no held-out features to measure")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    kl_sum = nll_sum = 0.0
-    count = 0
+    sums: dict[str, list[float]] = {}  # group -> [kl, nll, tokens]
     collate = PairCollator(0)
+    groups = sorted({f.get("kind", "") for f in features})
     try:
         with torch.no_grad():
-            for start in range(0, len(features), batch_size):
-                batch = collate(list(features[start:start + batch_size]), sides=("chosen",))
-                labels = batch["chosen_labels"]
-                keep = response_window(labels)
-                log_q = L.log_probs(window_logits(model, batch["chosen_input_ids"].to(device),
-                                                  batch["chosen_attention_mask"].to(device), keep), vocab_size)
-                labels = labels[:, labels.shape[1] - keep + 1:].to(device)
-                mask = labels != IGNORE
-                dense = dense_from_topk(batch["chosen_topk_idx"].to(device), batch["chosen_topk_logp"].to(device),
-                                        vocab_size)
-                kl, nll, n = token_kl_and_nll(scatter_topk(dense, mask, log_q), log_q, labels, mask)
-                kl_sum, nll_sum, count = kl_sum + kl, nll_sum + nll, count + n
+            for group in groups:
+                part = [f for f in features if f.get("kind", "") == group]
+                for start in range(0, len(part), batch_size):
+                    batch = collate(list(part[start:start + batch_size]), sides=("chosen",))
+                    labels = batch["chosen_labels"]
+                    keep = response_window(labels)
+                    log_q = L.log_probs(window_logits(model, batch["chosen_input_ids"].to(device),
+                                                      batch["chosen_attention_mask"].to(device), keep), vocab_size)
+                    labels = labels[:, labels.shape[1] - keep + 1:].to(device)
+                    mask = labels != IGNORE
+                    dense = dense_from_topk(batch["chosen_topk_idx"].to(device), batch["chosen_topk_logp"].to(device),
+                                            vocab_size)
+                    kl, nll, n = token_kl_and_nll(scatter_topk(dense, mask, log_q), log_q, labels, mask)
+                    acc = sums.setdefault(group, [0.0, 0.0, 0])
+                    acc[0], acc[1], acc[2] = acc[0] + kl, acc[1] + nll, acc[2] + n
     finally:
         if was_training:
             model.train()
-    return {KL_KEY: kl_sum / max(1, count), NLL_KEY: nll_sum / max(1, count)}
+    total = [sum(v[i] for v in sums.values()) for i in range(3)]
+    out = {KL_KEY: total[0] / max(1, total[2]), NLL_KEY: total[1] / max(1, total[2])}
+    for group, (kl, nll, n) in sums.items():
+        if group in KIND_SUFFIX:
+            out[f"{KL_KEY}_{KIND_SUFFIX[group]}"] = kl / max(1, n)
+            out[f"{NLL_KEY}_{KIND_SUFFIX[group]}"] = nll / max(1, n)
+    return out
 
 
 class HeldOutCallback(TrainerCallback):
@@ -130,6 +146,9 @@ def build_features(prompt_rows: Sequence[dict], responses: dict[str, dict], toke
     if not pairs:
         return []
     features, _ = encode_pairs(tokenizer, pairs, max_length, max_prompt_length, sides=("chosen",))
+    kinds = {p["prompt_id"]: p["kind"] for p in pairs}
+    for f in features:
+        f["kind"] = kinds[f["prompt_id"]]
     precompute_topk(teacher, features, topk, vocab_size, batch_size=batch_size, progress=progress, sides=("chosen",),
                     cache=cache, teacher_id=teacher_id)
     return features

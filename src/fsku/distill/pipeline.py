@@ -91,6 +91,18 @@ def retrieve_contexts(records, cfg: DistillConfig, llm) -> list[str]:
     return [answerer.context_text(h, terms)[0] for h, terms in hits]
 
 
+def scorer_id(teacher_id: str, model) -> str:
+    """The top-k cache's name for the teacher as this model computes it: weights, dtype, device."""
+    p = next(model.parameters())
+    return f"{teacher_id}|{p.dtype}|{p.device}"
+
+
+def mc_style(cfg: DistillConfig) -> str:
+    """The multiple-choice prompt style of the training prompts: predict's for label targets (the position it
+    reads), the plain prompt for generated answers (a prefill would have to be generated too)."""
+    return cfg.mc_prompt if cfg.mc_target == "label" else "plain"
+
+
 def _fit_label_prompts(rows: list[dict], cfg: DistillConfig, what: str, stats: Optional[dict] = None) -> list[dict]:
     """Label rows longer than max_prompt_length tokens (student tokenizer) dropped, with a warning and a count."""
     from transformers import AutoTokenizer
@@ -140,7 +152,7 @@ def heldout_prompts(cfg: DistillConfig, teacher_llm, out: Path, cache, progress:
         keep = sorted(random.Random(cfg.seed).sample(range(len(records)), cfg.eval_prompts))
         records = [records[i] for i in keep]
     contexts = retrieve_contexts(records, cfg, teacher_llm) if cfg.context != "none" else None
-    rows = _fit_label_prompts(build_prompts(records, contexts, cfg.mc_prompt, cfg.mc_target), cfg, "held-out")
+    rows = _fit_label_prompts(build_prompts(records, contexts, mc_style(cfg), cfg.mc_target), cfg, "held-out")
     settings = block_view(cfg, ResponseSettings, temperature=0.0, top_p=1.0)  # greedy: one reference per prompt
     with tqdm(total=len(rows), desc="teacher responses (held out)", unit="prompt", disable=not progress) as bar:
         responses = generate_responses(rows, teacher_llm, settings, out / "responses_validation_teacher.jsonl", cache,
@@ -207,11 +219,11 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
 
     # teacher responses (once: the teacher does not change between rounds)
     teacher_llm = load_llm(cfg.teacher, **gen_kw)
-    # names the teacher in the top-k cache: its weights (the generation backend's fingerprint: path, size, mtime)
-    # and how the transformers copy that computes the top-k runs
-    teacher_id = f"{teacher_llm.fingerprint()}|{teacher_path}|{torch_dtype}|{device}"
+    # names the teacher's weights in the top-k cache (the generation backend's fingerprint: path, size, mtime);
+    # `scorer_id` adds how the model computing the top-k runs (the backend's own HF model or a transformers copy)
+    teacher_id = f"{teacher_llm.fingerprint()}|{teacher_path}"
     contexts = retrieve_contexts(records, cfg, teacher_llm) if cfg.context != "none" else None
-    prompt_rows = _fit_label_prompts(build_prompts(records, contexts, cfg.mc_prompt, cfg.mc_target), cfg, "training",
+    prompt_rows = _fit_label_prompts(build_prompts(records, contexts, mc_style(cfg), cfg.mc_target), cfg, "training",
                                      stats)
     if not prompt_rows:
         raise ValueError(f"every training prompt is longer than max_prompt_length {cfg.max_prompt_length} tokens")
@@ -243,7 +255,7 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
             heldout_features = build_features(*heldout_rows, student_tok, scorer, vocab_size=vocab_size, topk=cfg.topk,
                                               max_length=cfg.max_model_len, max_prompt_length=cfg.max_prompt_length,
                                               batch_size=cfg.batch_size, progress=bar.update, cache=cache,
-                                              teacher_id=teacher_id)
+                                              teacher_id=scorer_id(teacher_id, scorer))
         if not heldout_features:
             log.warning("the teacher gave no usable answer to the %d held-out prompts: no held-out KL during training",
                         len(heldout_rows[0]))
@@ -287,7 +299,8 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
                 t0 = time.perf_counter()
                 with tqdm(total=len(features), desc=f"teacher top-{cfg.topk}", unit="pair", disable=not progress) as bar:
                     got = precompute_topk(teacher_model, features, cfg.topk, vocab_size, batch_size=cfg.batch_size,
-                                          progress=bar.update, cache=cache, teacher_id=teacher_id)
+                                          progress=bar.update, cache=cache,
+                                          teacher_id=scorer_id(teacher_id, teacher_model))
                 rstats["teacher_topk_cached"] = got["cached"]
                 rstats["teacher_topk_s"] = round(time.perf_counter() - t0, 1)
                 rstats["teacher_tail_mass"] = topk_tail_mass(features)

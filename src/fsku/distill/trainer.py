@@ -58,7 +58,9 @@ def encode_pairs(tokenizer, pairs: Sequence[dict], max_length: int = 1024, max_p
     max_prompt_length."""
     feats, cut = [], 0
     for pair in pairs:
-        # a label target's prompt ends with the inference prompt's prefill ('정답: '); its response is the label alone
+        if "split_at" in pair:  # a label target: the ids exactly as the backends score the option labels
+            feats.append(encode_label_pair(tokenizer, pair, max_length))
+            continue
         text = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=False)
         prompt_ids = tokenizer(text + pair.get("prefill", ""), add_special_tokens=False)["input_ids"]
         if len(prompt_ids) > max_prompt_length:
@@ -70,6 +72,36 @@ def encode_pairs(tokenizer, pairs: Sequence[dict], max_length: int = 1024, max_p
             feat[f"{side}_input_ids"], feat[f"{side}_labels"] = enc["input_ids"], enc["labels"]
         feats.append(feat)
     return feats, cut
+
+
+def label_token_id(tokenizer, label: str) -> int:
+    """The token that starts `label` after the assistant header: `LLMBackend.label_token_ids`' rule (a
+    SentencePiece '▁' piece before the digit is skipped)."""
+    ids = tokenizer(label, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"label {label!r} encodes to no token")
+    return ids[-1] if len(ids) > 1 and tokenizer.decode(ids[:-1]).strip() == "" else ids[0]
+
+
+def encode_label_pair(tokenizer, pair: dict, max_length: int) -> dict:
+    """A label pair's features: prefix and suffix (+ prefill) tokenized apart, as `fsku.llm` backends encode
+    an option-scoring request, then the one label token of each side (no end of turn). Label prompts are
+    never cut (longer ones were left out before): a prompt over max_length is an error."""
+    from ..infer import prompts as P
+
+    msgs = [dict(m) for m in pair["prompt"]]
+    content, at = msgs[-1]["content"], int(pair["split_at"])
+    msgs[-1]["content"] = content[:at] + P.SPLIT + content[at:]
+    prefix, suffix = P.split_rendered(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+    prompt_ids = (tokenizer(prefix, add_special_tokens=False)["input_ids"]
+                  + tokenizer(suffix + pair.get("prefill", ""), add_special_tokens=False)["input_ids"])
+    if len(prompt_ids) + 1 > max_length:
+        raise ValueError(f"{pair['prompt_id']}: a label prompt of {len(prompt_ids)} tokens exceeds {max_length}")
+    feat = {"prompt_id": pair["prompt_id"]}
+    for side in SIDES:
+        label = label_token_id(tokenizer, pair[side][-1]["content"].strip())
+        feat[f"{side}_input_ids"], feat[f"{side}_labels"] = prompt_ids + [label], [IGNORE] * len(prompt_ids) + [label]
+    return feat
 
 
 class PairDataset(torch.utils.data.Dataset):

@@ -13,16 +13,17 @@ _CONFIGURED: list[str] = []
 
 def hangul_family() -> str:
     """The first Hangul-capable font family matplotlib can use ('' when none is installed)."""
+    # the wheel's TTF files, added by path: importing the package (which sets rcParams itself and imports
+    # distutils, gone from Python 3.12) is not needed
+    import importlib.util
+    from pathlib import Path
+
     from matplotlib import font_manager
 
-    try:  # the wheel ships its TTF files without registering them until imported: add them by path
-        from importlib.resources import files
-
-        for ttf in (files("koreanize_matplotlib") / "fonts").iterdir():
-            if str(ttf).endswith(".ttf"):
-                font_manager.fontManager.addfont(str(ttf))
-    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
-        pass
+    spec = importlib.util.find_spec("koreanize_matplotlib")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for ttf in sorted((Path(folder) / "fonts").glob("*.ttf")):
+            font_manager.fontManager.addfont(str(ttf))
     names = {f.name for f in font_manager.fontManager.ttflist}
     return next((family for family in HANGUL_FAMILIES if family in names), "")
 

@@ -65,10 +65,21 @@ _STATEMENT_END = re.compile(r"다\.?$")
 
 def is_statement(clause: str) -> bool:
     """Whether the clause states something whole, so it can be right or wrong as an option: it ends in a
-    predicate, its brackets close, and it does not open mid-sentence ('이하 "…"이라 한다]을 …')."""
+    predicate, its brackets close, and it does not open mid-sentence ('이하 "…"이라 한다]을 …') or with a
+    proviso ('다만, …': true or false only with the sentence before it)."""
     c = clause.strip()
     return (bool(_STATEMENT_END.search(c)) and c.count("(") == c.count(")") and c.count("[") == c.count("]")
-            and not c.startswith(("이하", ")", "]", "을 ", "를 ")))
+            and not c.startswith(("이하", "다만", ")", "]", "을 ", "를 ")))
+
+
+_CANON_RNG = random.Random(0)  # paraphrase(p=1) draws nothing that matters: every rewrite applies
+
+
+def canonical(text: str, law_names: Sequence[str] = ()) -> str:
+    """One form for a statement however it was written: revision notes, references and law names
+    stripped, every synonym rewrite applied, spacing and the final period dropped."""
+    plain = LV.strip_references(_REVISION.sub("", text), law_names)
+    return compact(LV.paraphrase(plain, _CANON_RNG, 1.0)).rstrip(".")
 
 
 def agree_particles(text: str) -> str:
@@ -85,21 +96,37 @@ def agree_particles(text: str) -> str:
 
 # ------------------------------------------------------------------ decontamination
 
+MIN_SHORT_CHARS = 8  # an evaluation text shorter than the shingle but at least this long is matched as a substring
+
+
 @dataclass
 class Exclusions:
-    """What no training item may touch: (law, article) pairs and character shingles of evaluation text."""
+    """What no training item may touch: (law, article) pairs, character shingles of evaluation text, the
+    evaluation texts shorter than a shingle, and the texts themselves (for the articles they name)."""
     articles: set[tuple[str, str]] = field(default_factory=set)
     shingles: set[str] = field(default_factory=set)
+    short: set[str] = field(default_factory=set)
+    texts: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+
+    def add_text(self, text: str, size: int) -> None:
+        c = compact(text)
+        if len(c) >= size:
+            self.shingles |= {c[i:i + size] for i in range(len(c) - size + 1)}
+        elif len(c) >= MIN_SHORT_CHARS:
+            self.short.add(c)
+        if c:
+            self.texts.append(c)
 
     def touches(self, text: str, size: int) -> bool:
         c = compact(text)
-        return any(c[i:i + size] in self.shingles for i in range(max(1, len(c) - size + 1)))
+        return (any(c[i:i + size] in self.shingles for i in range(max(1, len(c) - size + 1)))
+                or any(s in c for s in self.short))
 
-
-def shingles(text: str, size: int) -> set[str]:
-    c = compact(text)
-    return {c[i:i + size] for i in range(len(c) - size + 1)} if len(c) >= size else ({c} if c else set())
+    def names_article(self, title: str, article: str) -> bool:
+        """Whether an evaluation text names the article ('전자금융거래법 제7조에 따라 …')."""
+        needle = compact(title) + compact(article)
+        return any(needle in t for t in self.texts)
 
 
 def _texts_of_row(row: dict) -> Iterable[str]:
@@ -125,7 +152,7 @@ def load_exclusions(paths: Sequence[str], size: int) -> Exclusions:
             with path.open(encoding="utf-8-sig", newline="") as fh:
                 for row in csv.DictReader(fh):
                     for text in _texts_of_row(row):
-                        out.shingles |= shingles(text, size)
+                        out.add_text(text, size)
             continue
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
@@ -139,7 +166,7 @@ def load_exclusions(paths: Sequence[str], size: int) -> Exclusions:
             if row.get("law") and row.get("article"):
                 out.articles.add((compact(row["law"]), compact(row["article"])))
             for text in _texts_of_row(row):
-                out.shingles |= shingles(text, size)
+                out.add_text(text, size)
     return out
 
 
@@ -164,6 +191,10 @@ class PositionDealer:
         if not self.queues[n]:
             self.queues[n] = self.rng.sample(range(1, n + 1), n)
         return self.queues[n].pop()
+
+    def give_back(self, n: int, position: int) -> None:
+        """A position dealt to an item that was then dropped: the next item with n options gets it."""
+        self.queues[n].append(position)
 
 
 def build_mc_bank(chunks: Sequence[dict], cfg: Optional[MCBankConfig] = None, parents: Optional[dict[str, str]] = None,
@@ -192,22 +223,38 @@ def build_mc_bank(chunks: Sequence[dict], cfg: Optional[MCBankConfig] = None, pa
         art = articles.setdefault(key, {"title": c["title"], "article": c["article"], "level": c.get("level") or "other",
                                         "chunk_id": c.get("chunk_id", ""), "bodies": []})
         art["bodies"].append(body)
+    if exclusions.texts:  # articles an evaluation question names, not only the one it is labelled with
+        named = [key for key in articles if exclusions.names_article(*key)]
+        for key in named:
+            del articles[key]
+        stats["excluded_articles_named"] = len(named)
     stats["articles"] = len(articles)
     stats["excluded_articles"] = len({k for k in compact_text if k not in articles})
+    every_title = sorted({k[0] for k in compact_text} | set(parents.values()), key=len, reverse=True)
     all_titles = sorted({a["title"] for a in articles.values()}, key=len, reverse=True)
     idf = LV.noun_idf([" ".join(a["bodies"]) for a in articles.values()])
     article_text = [compact(" ".join(a["bodies"])) for a in articles.values()]
     corpus_index = [(key, t) for key, texts in compact_text.items() for t in texts]
-    # every clause the corpus states (compact, no final period): a "false" option equal to one is true somewhere
-    stated_somewhere = {compact(_REVISION.sub("", c)).rstrip(".") for texts in compact_text.values() for t in texts
-                        for c in LV.clauses(t)}
-    stated_somewhere |= {compact(c).rstrip(".") for a in articles.values() for b in a["bodies"] for c in LV.clauses(b)}
+
+    def canon(text: str) -> str:
+        return canonical(text, every_title)
+
+    # what the corpus states (every clause of every article, excluded ones included), in that one form: an
+    # option whose form is here is true somewhere, so it is never a wrong option
+    true_forms = {canon(c) for texts in compact_text.values() for t in texts for c in LV.clauses(t)}
+    true_forms |= {canon(c) for a in articles.values() for b in a["bodies"] for c in LV.clauses(b)}
 
     def false_ones(candidates: Sequence[str]) -> list[str]:
         out = [agree_particles(w) for w in candidates]
-        kept = [w for w in out if compact(w).rstrip(".") not in stated_somewhere]
+        kept = [w for w in out if canon(w) not in true_forms]
         stats["distractors_true_elsewhere"] += len(out) - len(kept)
         return kept
+
+    def one_answer(options: Sequence[str], qtype: str) -> bool:
+        """n distinct statements, exactly one of them right: the true one (lookup) or the false one (negative)."""
+        forms = [canon(o) for o in options]
+        true = sum(f in true_forms for f in forms)
+        return len(set(forms)) == len(forms) and true == (1 if qtype == "lookup" else len(forms) - 1)
 
     def narrow(terms: Sequence[str]) -> bool:
         return sum(all(t in text for t in terms) for text in article_text) <= cfg.max_term_articles
@@ -219,7 +266,6 @@ def build_mc_bank(chunks: Sequence[dict], cfg: Optional[MCBankConfig] = None, pa
 
     # usable clauses per article, paraphrased once (the statement every item about the clause uses)
     usable: dict[tuple[str, str], list[tuple[str, str]]] = {}
-    doc_statements: dict[str, list[tuple[tuple[str, str], str]]] = defaultdict(list)
     for key, art in sorted(articles.items()):
         parent = parents.get(art["title"]) or (law_base_name(art["title"]) if art["level"] in ("decree", "rule") else None)
         names = all_titles + ([parent] if parent else [])
@@ -229,7 +275,7 @@ def build_mc_bank(chunks: Sequence[dict], cfg: Optional[MCBankConfig] = None, pa
             if not is_statement(clause):
                 stats["clauses_not_statements"] += 1
                 continue
-            if exclusions.shingles and exclusions.touches(clause, cfg.shingle_chars):
+            if exclusions.touches(clause, cfg.shingle_chars):
                 stats["clauses_contaminated"] += 1
                 continue
             if unique_home(clause) != key or not LV.self_contained(clause, names, idf, narrow):
@@ -239,25 +285,33 @@ def build_mc_bank(chunks: Sequence[dict], cfg: Optional[MCBankConfig] = None, pa
                 continue
             stated = LV.paraphrase(plain, rng, cfg.p_synonym).rstrip(" .") + "."
             found.append((clause, stated))
-            doc_statements[art["title"]].append((key, stated))
         if found:
             usable[key] = found[:cfg.max_clauses_per_article]
     stats["clauses_usable"] = sum(len(v) for v in usable.values())
+
+    # the split first, by article: an item's options come only from articles of its own split, so no text of a
+    # validation or test article is seen in training
+    groups = [f"{k[0]} {k[1]}" for k, found in sorted(usable.items()) for _ in found]
+    split_of = dict(zip(groups, split_by_group(groups, cfg.split_ratios_tuple(), cfg.seed), strict=True))
+    doc_statements: dict[tuple[str, str], list[tuple[tuple[str, str], str]]] = defaultdict(list)
+    for key, found in sorted(usable.items()):
+        doc_statements[(key[0], split_of[f"{key[0]} {key[1]}"])].extend((key, st) for _, st in found)
 
     records: list[SyntheticQA] = []
     for key, found in sorted(usable.items()):
         art = articles[key]
         parent = parents.get(art["title"]) or (law_base_name(art["title"]) if art["level"] in ("decree", "rule") else None)
         names = all_titles + ([parent] if parent else [])
-        same_doc = [s for k, s in doc_statements[art["title"]] if k != key]
+        source_article = f"{art['title']} {art['article']}"
+        split = split_of[source_article]
+        same_doc = [st for k, st in doc_statements[(art["title"], split)] if k != key]
         for clause, stated in found:
             mention = rng.choice(LV.MENTIONS)
-            if mention == "parent" and not parent:
-                mention = "full"
+            if (mention == "parent" and not parent) or (mention == "level" and art["level"] not in LV.LEVEL_WORDS):
+                mention = "full"  # an act has no parent; a document of no known level has no level words
             prefix = LV.mention_prefix(mention, art["title"], art["level"], parent, rng)
             plain = LV.strip_references(clause, names)
             topic = " ".join(LV.keywords(plain, 2, idf))
-            source_article = f"{art['title']} {art['article']}"
             made = []
             if rng.random() < cfg.descriptive_share:
                 for form in rng.sample(("describe", "yesno", "amount"), 3):
@@ -268,24 +322,27 @@ def build_mc_bank(chunks: Sequence[dict], cfg: Optional[MCBankConfig] = None, pa
             for qtype in rng.sample(("lookup", "negative"), 2)[:cfg.items_per_clause]:
                 n = 5 if rng.random() < cfg.five_option_share else 4
                 if qtype == "lookup":
-                    wrong = false_ones(LV.distractors(stated, rng))
-                    pool = rng.sample(same_doc, min(len(same_doc), 3 * n))
-                    for other in pool:
-                        if len(wrong) >= n - 1:
+                    # at most two wrong versions of the clause itself, the rest wrong versions of other clauses: the
+                    # right option is not simply the one every other option was made from
+                    own = false_ones(LV.distractors(stated, rng))[:2]
+                    others: list[str] = []
+                    for other in rng.sample(same_doc, min(len(same_doc), 3 * n)):
+                        if len(own) + len(others) >= n - 1:
                             break
-                        more = false_ones(LV.distractors(other, rng, 1))
-                        wrong += [w for w in more if w not in wrong]
+                        others += [w for w in false_ones(LV.distractors(other, rng, 1)) if w not in others]
+                    wrong = own + others
                     if len(wrong) < n - 1:
                         stats["skipped_few_distractors"] += 1
                         continue
                     position = deal(n)
-                    options = _options_with_answer(stated, rng.sample(wrong, n - 1), n, position)
+                    options = _options_with_answer(stated, rng.sample(wrong[:n - 1], n - 1), n, position)
                     stem = rng.choice(POSITIVE_STEMS).format(topic=topic, topic_and=with_and(topic))
                 else:
+                    # one wrong version of the clause among true statements of the article and its law, the clause
+                    # itself left out (else the answer would be one of the two near-identical options)
                     false = false_ones(LV.distractors(stated, rng, 1))
-                    siblings = [s for _, s in found if s != stated]
-                    true = [stated] + rng.sample(siblings, len(siblings))
-                    true += rng.sample(same_doc, min(len(same_doc), n))
+                    siblings = [st for _, st in found if st != stated]
+                    true = rng.sample(siblings, len(siblings)) + rng.sample(same_doc, min(len(same_doc), n))
                     true = list(dict.fromkeys(true))[:n - 1]
                     if not false or len(true) < n - 1:
                         stats["skipped_few_true_statements"] += 1
@@ -294,12 +351,16 @@ def build_mc_bank(chunks: Sequence[dict], cfg: Optional[MCBankConfig] = None, pa
                     rng.shuffle(true)
                     options = _options_with_answer(false[0], true, n, position)
                     stem = rng.choice(NEGATIVE_STEMS).format(topic=topic, topic_and=with_and(topic))
+                if not one_answer(options, qtype):
+                    stats["skipped_ambiguous"] += 1
+                    deal.give_back(n, position)
+                    continue
                 made.append(("multiple_choice", qtype, render_mc_question(prefix + stem, options), str(position),
                              options))
             for kind, qtype, question, answer, options in made:
                 common = dict(kind=kind, qtype=qtype, question=question, answer=answer, context_chunk_ids=[art["chunk_id"]],
                               source_article=source_article, teacher_model=TEACHER, overall_quality_score=10.0,
-                              difficulty_level=2, prompt_version=PROMPT_VERSION)
+                              difficulty_level=2, prompt_version=PROMPT_VERSION, split=split)
                 if kind == "multiple_choice":
                     rec = SyntheticQA(qa_id=qa_id_for(art["chunk_id"] or source_article, kind, question),
                                       choices={str(i): o for i, o in enumerate(options, start=1)}, **common)
@@ -314,9 +375,6 @@ def build_mc_bank(chunks: Sequence[dict], cfg: Optional[MCBankConfig] = None, pa
             seen.add(r.qa_id)
             unique.append(r)
     records = unique
-    for r, split in zip(records, split_by_group([r.source_article for r in records], cfg.split_ratios_tuple(), cfg.seed),
-                        strict=True):
-        r.split = split
     stats["records"] = len(records)
     stats["excluded_article_pairs_given"] = len(exclusions.articles)
     stats["excluded_article_pairs_found"] = len(matched_exclusions)
