@@ -98,12 +98,16 @@ def main(argv: list[str] | None = None) -> int:
             row = page.locator("[role=row]", has_text=parent).first
             row.locator("button[data-component-id$='runnamecellrenderer.tsx_46']").first.click()
             page.wait_for_timeout(800)
-        handle = page.locator("[role=columnheader][col-id='attributes.`Run Name`'] .ag-header-cell-resize").first
-        box = handle.bounding_box()
+        # ag-grid resizes a column by a drag from its header's right edge (the resize handle is 8 px wide there)
+        header = page.locator("[role=columnheader][col-id='attributes.`Run Name`']").first
+        box = header.bounding_box()
         if box:
-            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            x, y = box["x"] + box["width"] - 2, box["y"] + box["height"] / 2
+            page.mouse.move(x, y)
+            page.wait_for_timeout(200)
             page.mouse.down()
-            page.mouse.move(box["x"] + 260, box["y"] + box["height"] / 2, steps=8)
+            page.mouse.move(x + 100, y, steps=5)
+            page.mouse.move(x + 200, y, steps=10)
             page.mouse.up()
 
     with sync_playwright() as pw:
