@@ -145,6 +145,8 @@ def main() -> int:
     ap.add_argument("--context", default="gated", help="context of the training prompts (none, gated, always)")
     ap.add_argument("--max-prompt-length", type=int, default=DistillConfig.max_prompt_length)
     ap.add_argument("--max-model-len", type=int, default=DistillConfig.max_model_len)
+    ap.add_argument("--eval-prompts", type=int, default=DistillConfig.eval_prompts,
+                    help="held-out (validation) prompts for the KL to the teacher")
     ap.add_argument("--eval-context", default="gated")
     ap.add_argument("--eval-limit", type=int, default=0, help="questions per evaluation set (0: all)")
     ap.add_argument("--with-teacher", action="store_true", help="evaluate the teacher too")
@@ -173,7 +175,8 @@ def main() -> int:
                             context=args.context, kb=args.kb if args.context != "none" else None,
                             max_prompt_length=args.max_prompt_length, max_model_len=args.max_model_len,
                             teacher_logits="topk", backend=args.backend, out=str(args.out / loss), register_as=None,
-                            cache_dir=str(args.out / "cache"), seed=args.seed, save_steps=25, logging_steps=5)
+                            cache_dir=str(args.out / "cache"), seed=args.seed, save_steps=25, logging_steps=5,
+                            eval_prompts=args.eval_prompts, eval_steps=max(1, args.max_steps // 10))
         t0 = time.perf_counter()
         done = Path(cfg.out) / "stats.json"
         if done.is_file() and json.loads(done.read_text(encoding="utf-8")).get("config") == dataclasses.asdict(cfg):

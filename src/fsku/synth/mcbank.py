@@ -281,7 +281,8 @@ def build_mc_bank(chunks: Sequence[dict], cfg: Optional[MCBankConfig] = None, pa
             if unique_home(clause) != key or not LV.self_contained(clause, names, idf, narrow):
                 continue
             plain = LV.strip_references(clause, names)
-            if len(compact(plain)) < 15:
+            # too short, or opening with the particle a stripped reference left ('제5조에서 규정한' -> '에서 규정한')
+            if len(compact(plain)) < 15 or LV._PARTICLE_START.match(plain):
                 continue
             stated = LV.paraphrase(plain, rng, cfg.p_synonym).rstrip(" .") + "."
             found.append((clause, stated))
