@@ -33,6 +33,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -71,9 +72,20 @@ def sample_bank(bank: Path, out: Path, max_prompts: int, seed: int) -> Path:
     return out
 
 
-def eval_sets(limit: int, out: Path) -> dict[str, Path]:
-    """{name: gold file}: the statute MCQs of retrieval_dev and mcq_dev, the first `limit` rows of each (0: all)."""
+def eval_sets(limit: int, out: Path, bank: Optional[Path] = None, bank_rows: int = 0, seed: int = 0) -> dict[str, Path]:
+    """{name: gold file}: the statute MCQs of retrieval_dev and mcq_dev, the first `limit` rows of each (0: all);
+    with `bank_rows`, also a seeded sample of the bank's validation multiple-choice items ("bank": can the teacher
+    answer the training items at all, and by how much more than the base student?)."""
     sets = {}
+    if bank is not None and bank_rows:
+        rows = [json.loads(x) for x in (bank / "validation.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+        rows = [r for r in rows if r["kind"] == "multiple_choice"]
+        rows = random.Random(seed).sample(rows, min(bank_rows, len(rows)))
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "bank_validation.jsonl"
+        path.write_text("".join(json.dumps({"qid": r["qa_id"], "question": r["question"], "answer": r["answer"]},
+                                           ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        sets["bank"] = path
     statute = DATA / "retrieval_dev.jsonl"
     rows = [json.loads(x) for x in statute.read_text(encoding="utf-8").splitlines() if x.strip()]
     rows = [r for r in rows if str(r.get("answer", "")).strip().isdigit()]  # the multiple-choice ones
@@ -150,6 +162,11 @@ def main() -> int:
     ap.add_argument("--eval-context", default="gated")
     ap.add_argument("--eval-limit", type=int, default=0, help="questions per evaluation set (0: all)")
     ap.add_argument("--with-teacher", action="store_true", help="evaluate the teacher too")
+    ap.add_argument("--bank-eval", type=int, default=0,
+                    help="also evaluate on this many of the bank's validation multiple-choice items")
+    ap.add_argument("--sets", default="bank,statute,mcq_dev", help="evaluation sets to report")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="no training: evaluate the base student (and --with-teacher the teacher) only")
     ap.add_argument("--backend", default="transformers", help="backend of training-side generation and of evaluation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_distill_mc")
@@ -168,7 +185,7 @@ def main() -> int:
     from fsku.distill.pipeline import distill
 
     base_kl = None
-    for loss in losses:
+    for loss in ([] if args.eval_only else losses):
         cfg = DistillConfig(data=str(data), teacher=args.teacher, student=args.student, loss_type=loss,
                             max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                             learning_rate=args.learning_rate, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
@@ -203,10 +220,14 @@ def main() -> int:
     from fsku.llm.resolve import resolve_model
 
     models = {"base": resolve_model(args.student),
-              **{loss: results["students"][loss]["merged"] for loss in losses}}
+              **{loss: results["students"][loss]["merged"] for loss in losses if loss in results["students"]}}
     if args.with_teacher:
         models["teacher"] = resolve_model(args.teacher)
-    sets = eval_sets(args.eval_limit, args.out / "eval_sets")
+    sets = eval_sets(args.eval_limit, args.out / "eval_sets", args.bank, args.bank_eval, args.seed)
+    wanted = [x.strip() for x in args.sets.split(",") if x.strip()]
+    sets = {k: v for k, v in sets.items() if k in wanted}
+    if not sets:
+        raise SystemExit(f"--sets {args.sets!r}: none of bank (needs --bank-eval), statute, mcq_dev")
     for set_name, gold in sets.items():
         for name, model in models.items():
             found = evaluate_model(name, model, gold, args, args.out / "eval" / set_name)
