@@ -217,12 +217,11 @@ def main() -> int:
         print(f"{loss}: {final['steps']} steps, {final['s_per_step']} s/step, held-out KL {first.get(KL)} -> {last.get(KL)}",
               flush=True)
 
-    from fsku.llm.resolve import resolve_model
-
-    models = {"base": resolve_model(args.student),
+    # base and teacher as given (an offline: name runs on llama.cpp under --backend auto), students as merged folders
+    models = {"base": args.student,
               **{loss: results["students"][loss]["merged"] for loss in losses if loss in results["students"]}}
     if args.with_teacher:
-        models["teacher"] = resolve_model(args.teacher)
+        models["teacher"] = args.teacher
     sets = eval_sets(args.eval_limit, args.out / "eval_sets", args.bank, args.bank_eval, args.seed)
     wanted = [x.strip() for x in args.sets.split(",") if x.strip()]
     sets = {k: v for k, v in sets.items() if k in wanted}
