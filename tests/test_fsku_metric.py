@@ -107,3 +107,22 @@ def test_rouge_and_bleu_by_hand():
 def test_korean_text_scores_are_not_zero():
     s = text_scores(["금융회사는 접근수단의 사용을 정지한다"], ["금융회사는 즉시 접근수단의 사용을 정지하여야 한다"])
     assert 0.3 < s["rouge_l"] < 1.0 and s["bleu"] > 0
+
+
+def test_memoized_encoder_embeds_each_distinct_text_once():
+    import numpy as np
+
+    from fsku.evaluate.fsku_metric import memoized
+
+    calls = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return np.array([[len(t), 1.0] for t in texts])
+
+    enc = memoized(encode)
+    a = enc(["가나", "다", "가나"])
+    b = enc(["다", "라마바"])
+    assert calls == [["가나", "다"], ["라마바"]]
+    assert a.tolist() == [[2, 1], [1, 1], [2, 1]] and b.tolist() == [[1, 1], [3, 1]]
+    assert enc([]).shape[0] == 0

