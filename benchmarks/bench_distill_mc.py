@@ -147,7 +147,8 @@ def main() -> int:
     ap.add_argument("--kb", default=str(ROOT / "outputs" / "lawkb"))
     ap.add_argument("--teacher", default="offline:qwen2.5-coder-1.5b-instruct")
     ap.add_argument("--student", default="offline:qwen2.5-coder-0.5b-instruct")
-    ap.add_argument("--losses", default="sft,kd,gkd,distillm_v2")
+    ap.add_argument("--losses", default="sft,kd,gkd,distillm_v2",
+                    help="loss types; <loss>+gold trains on the items' own answers as the chosen labels (sft+gold)")
     ap.add_argument("--max-prompts", type=int, default=2000)
     ap.add_argument("--max-steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=DistillConfig.batch_size)
@@ -186,7 +187,12 @@ def main() -> int:
 
     base_kl = None
     for loss in ([] if args.eval_only else losses):
-        cfg = DistillConfig(data=str(data), teacher=args.teacher, student=args.student, loss_type=loss,
+        # "<loss>+gold": the chosen label is the item's own (rule-made) answer instead of the teacher's
+        loss_type, _, source = loss.partition("+")
+        if source not in ("", "gold"):
+            raise SystemExit(f"--losses {loss!r}: expected <loss> or <loss>+gold")
+        cfg = DistillConfig(data=str(data), teacher=args.teacher, student=args.student, loss_type=loss_type,
+                            mc_chosen="reference" if source == "gold" else "teacher",
                             max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                             learning_rate=args.learning_rate, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
                             context=args.context, kb=args.kb if args.context != "none" else None,
@@ -209,6 +215,10 @@ def main() -> int:
         if first.get("step") == 0 and base_kl is None:
             base_kl = first.get(KL)
         results["students"][loss] = {"merged": str(res.merged), "s_per_step": final["s_per_step"],
+                                     "teacher_label_accuracy": res.stats.get("teacher_label_accuracy"),
+                                     "teacher_response_s": res.stats.get("teacher_response_s"),
+                                     "teacher_topk_s": final.get("teacher_topk_s"),
+                                     "student_response_s": final.get("student_response_s"),
                                      "train_s": final["train_s"], "steps": final["steps"], "pairs": final["pairs"]["pairs"],
                                      "kl_final": last.get(KL), "peak_rss_mb": final["peak_rss_mb"],
                                      "teacher_tail_mass": final.get("teacher_tail_mass"),

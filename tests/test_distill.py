@@ -427,6 +427,7 @@ def test_distill_pipeline_end_to_end_and_resume(tiny_models, synth_dir, tmp_path
                  "responses_r2_student.jsonl", "pairs_r1.jsonl", "pairs_r2.jsonl", "stats.json"):
         assert (out / name).exists(), name
     assert res.stats["rounds"][0]["pairs"]["prompts"] == 6 and len(res.stats["rounds"]) == 2
+    assert 0.0 <= res.stats["teacher_label_accuracy"] <= 1.0  # the teacher's label vs the records' answers
     assert res.stats["rounds"][1]["steps"] == 2
     assert any("r2/loss" in m for _, m in logged)
     # held out: a seeded sample of 2 of the 3 validation prompts, measured at steps 0, 1, 2 of each round
@@ -744,16 +745,15 @@ def test_the_topk_cache_names_the_scorer_dtype(tiny_models):
     assert a == "tiny@1|torch.float32|cpu" and scorer_id("tiny@1", m.to(torch.bfloat16)) != a
 
 
-def test_long_label_prompts_are_dropped_not_cut():
+def test_long_prompts_are_dropped_not_cut():
     rows = D.build_prompts(_records(4), style="prefill", mc_target="label")
     render = LabelLLM().render_chat
     lengths = {r["prompt_id"]: len(render(r["messages"]) + r.get("prefill", "")) for r in rows}
-    limit = lengths["mc0"]  # mc0 fits exactly; mc2 is one character longer (its option reads 3년 vs 1년: same length)
-    kept, dropped = D.drop_long_label_prompts(rows, len, render, limit)
+    kept, dropped = D.drop_long_prompts(rows, len, render, max(lengths.values()))
     assert dropped == 0 and kept == rows
-    kept, dropped = D.drop_long_label_prompts(rows, len, render, limit - 1)
-    # every label row is over the limit; descriptive rows are never dropped (generated prompts are cut instead)
-    assert dropped == 2 and [r["prompt_id"] for r in kept] == ["d1", "d3"]
+    limit = sorted(lengths.values())[1]  # the two shortest fit
+    kept, dropped = D.drop_long_prompts(rows, len, render, limit)
+    assert dropped == 2 and sorted(lengths[r["prompt_id"]] for r in kept) == sorted(lengths.values())[:2]
 
 
 def test_teacher_topk_is_cached_and_read_back(tiny_models, tmp_path):
@@ -782,3 +782,27 @@ def test_teacher_topk_is_cached_and_read_back(tiny_models, tmp_path):
     with pytest.raises(ValueError, match="no cached teacher top-k and no teacher"):
         T.precompute_topk(None, other, 8, vocab, cache=cache, teacher_id="tiny@2")
     assert T.precompute_topk(teacher, other, 4, vocab, cache=cache, teacher_id="tiny@1")["computed"] == 2 * len(feats)
+
+
+def test_reference_labels_replace_the_teachers_choice_for_label_rows_only():
+    rows = D.build_prompts(_records(4), style="prefill", mc_target="label")
+    teacher = {"mc0": {"text": "3"}, "d1": {"text": "즉시 신고"}, "mc2": {"text": "2"}}
+    got = D.with_reference_labels(rows, teacher)
+    assert got["mc0"] == {"text": "2", "teacher_text": "3"} and got["mc2"]["text"] == "2"
+    assert got["d1"] == {"text": "즉시 신고"} and "d3" not in got and teacher["mc0"]["text"] == "3"
+    with pytest.raises(ValueError, match="mc_chosen must be teacher|reference"):
+        DistillConfig(mc_chosen="judge")
+
+
+def test_distill_with_reference_labels_trains_on_the_gold_option(tiny_models, synth_dir, tmp_path):
+    from fsku.distill.pipeline import distill
+
+    cfg = DistillConfig(data=str(synth_dir), teacher=str(tiny_models["teacher"]), student=str(tiny_models["student"]),
+                        backend="transformers", device="cpu", dtype="float32", out=str(tmp_path / "out"),
+                        max_steps=1, batch_size=2, max_new_tokens=8, mc_max_new_tokens=3, max_model_len=768,
+                        max_prompt_length=640, lora_r=4, lora_alpha=8, cache_dir="", register_as=None,
+                        loss_type="sft", mc_chosen="reference", eval_prompts=0)
+    distill(cfg, progress=False)
+    pairs = D.read_pairs(tmp_path / "out" / "pairs_r1.jsonl")
+    mc = [p for p in pairs if p["kind"] == "multiple_choice"]
+    assert mc and all(p["chosen"][0]["content"] == "2" for p in mc)  # every MC record's answer is option 2

@@ -81,12 +81,12 @@ def build_prompts(records: Sequence[SyntheticQA], contexts: Optional[Sequence[st
     return out
 
 
-def drop_long_label_prompts(rows: Sequence[dict], count_tokens: Callable[[str], int], render: Callable[[list[dict]], str],
-                            limit: int) -> tuple[list[dict], int]:
-    """(rows, how many were dropped): a label row whose prompt and prefill exceed `limit` tokens goes, since
-    cutting it from the left (as long generated prompts are) would move the scored position's context away
-    from what the teacher's label was scored on."""
-    kept = [r for r in rows if r.get("target") != "label" or count_tokens(render(r["messages"]) + r.get("prefill", "")) <= limit]
+def drop_long_prompts(rows: Sequence[dict], count_tokens: Callable[[str], int], render: Callable[[list[dict]], str],
+                      limit: int) -> tuple[list[dict], int]:
+    """(rows, how many were dropped): a prompt (with its prefill) over `limit` tokens goes. A label row cut from
+    the left would move its context away from what the teacher's label was scored on; a generated one would
+    first fail to fit the generation window and then lose its system prompt and examples in training."""
+    kept = [r for r in rows if count_tokens(render(r["messages"]) + r.get("prefill", "")) <= limit]
     return kept, len(rows) - len(kept)
 
 
@@ -216,6 +216,17 @@ class PairCounts:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def with_reference_labels(prompt_rows: Sequence[dict], teacher: dict[str, dict]) -> dict[str, dict]:
+    """The teacher's responses with every label row's text replaced by the row's own answer (its reference):
+    the chosen side becomes the gold option; the teacher's label log-probs stay in the record."""
+    out = dict(teacher)
+    for row in prompt_rows:
+        pid = row["prompt_id"]
+        if row.get("target") == "label" and pid in out and str(row.get("reference", "")).strip():
+            out[pid] = {**out[pid], "text": str(row["reference"]).strip(), "teacher_text": out[pid]["text"]}
+    return out
 
 
 def make_pairs(prompt_rows: Sequence[dict], teacher: dict[str, dict], student: dict[str, dict]

@@ -27,7 +27,7 @@ from ..jsonl import write_jsonl
 from ..outputs import check_not_input, check_replaceable, remove_ours, staged_folder
 from ..stores import AnswerCache
 from ..synth.records import read_jsonl
-from .data import build_prompts, generate_responses, make_pairs
+from .data import build_prompts, generate_responses, make_pairs, with_reference_labels
 from .heldout import HeldOutCallback, build_features
 from .losses import LOSS_TYPES
 from .trainer import (
@@ -103,27 +103,24 @@ def mc_style(cfg: DistillConfig) -> str:
     return cfg.mc_prompt if cfg.mc_target == "label" else "plain"
 
 
-def _fit_label_prompts(rows: list[dict], cfg: DistillConfig, what: str, stats: Optional[dict] = None) -> list[dict]:
-    """Label rows longer than max_prompt_length tokens (student tokenizer) dropped, with a warning and a count."""
+def _fit_prompts(rows: list[dict], cfg: DistillConfig, what: str, stats: Optional[dict] = None) -> list[dict]:
+    """Prompts longer than max_prompt_length tokens (student tokenizer) dropped, with a warning and a count."""
     from transformers import AutoTokenizer
 
     from ..llm.resolve import resolve_model
-    from .data import drop_long_label_prompts
+    from .data import drop_long_prompts
 
-    if not any(r.get("target") == "label" for r in rows):
-        return rows
     tok = AutoTokenizer.from_pretrained(resolve_model(cfg.student))
 
     def render(messages):
         return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    kept, dropped = drop_long_label_prompts(rows, lambda t: len(tok(t, add_special_tokens=False)["input_ids"]), render,
-                                            cfg.max_prompt_length)
+    kept, dropped = drop_long_prompts(rows, lambda t: len(tok(t, add_special_tokens=False)["input_ids"]), render,
+                                      cfg.max_prompt_length)
     if dropped:
-        log.warning("%d of the %d %s prompts (multiple choice, label targets) are longer than max_prompt_length %d tokens "
-                    "and are left out "
-                    "(raise max_prompt_length and max_model_len, or give the context fewer tokens)", dropped, len(rows),
-                    what, cfg.max_prompt_length)
+        log.warning("%d of the %d %s prompts are longer than max_prompt_length %d tokens and are left out (raise "
+                    "max_prompt_length and max_model_len, or give the context fewer tokens)", dropped, len(rows), what,
+                    cfg.max_prompt_length)
     if stats is not None:
         stats["prompts_too_long"] = dropped
     return kept
@@ -152,7 +149,7 @@ def heldout_prompts(cfg: DistillConfig, teacher_llm, out: Path, cache, progress:
         keep = sorted(random.Random(cfg.seed).sample(range(len(records)), cfg.eval_prompts))
         records = [records[i] for i in keep]
     contexts = retrieve_contexts(records, cfg, teacher_llm) if cfg.context != "none" else None
-    rows = _fit_label_prompts(build_prompts(records, contexts, mc_style(cfg), cfg.mc_target), cfg, "held-out")
+    rows = _fit_prompts(build_prompts(records, contexts, mc_style(cfg), cfg.mc_target), cfg, "held-out")
     settings = block_view(cfg, ResponseSettings, temperature=0.0, top_p=1.0)  # greedy: one reference per prompt
     with tqdm(total=len(rows), desc="teacher responses (held out)", unit="prompt", disable=not progress) as bar:
         responses = generate_responses(rows, teacher_llm, settings, out / "responses_validation_teacher.jsonl", cache,
@@ -223,7 +220,7 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
     # `scorer_id` adds how the model computing the top-k runs (the backend's own HF model or a transformers copy)
     teacher_id = f"{teacher_llm.fingerprint()}|{teacher_path}"
     contexts = retrieve_contexts(records, cfg, teacher_llm) if cfg.context != "none" else None
-    prompt_rows = _fit_label_prompts(build_prompts(records, contexts, mc_style(cfg), cfg.mc_target), cfg, "training",
+    prompt_rows = _fit_prompts(build_prompts(records, contexts, mc_style(cfg), cfg.mc_target), cfg, "training",
                                      stats)
     if not prompt_rows:
         raise ValueError(f"every training prompt is longer than max_prompt_length {cfg.max_prompt_length} tokens")
@@ -233,6 +230,13 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
         teacher_resp = generate_responses(prompt_rows, teacher_llm, cfg, out / "responses_r1_teacher.jsonl", cache,
                                           progress=bar.update)
     stats["teacher_response_s"] = round(time.perf_counter() - t0, 1)
+    # how often the teacher's label is the record's own answer (its accuracy on the training items)
+    label_rows = [r for r in prompt_rows if r.get("target") == "label" and r["prompt_id"] in teacher_resp]
+    if label_rows:
+        stats["teacher_label_accuracy"] = sum(teacher_resp[r["prompt_id"]]["text"].strip() == str(r["reference"]).strip()
+                                              for r in label_rows) / len(label_rows)
+    if cfg.mc_chosen == "reference":
+        teacher_resp = with_reference_labels(prompt_rows, teacher_resp)
     heldout_rows = heldout_prompts(cfg, teacher_llm, out, cache, progress)
     needs_teacher = LOSS_TYPES[cfg.loss_type].needs_teacher
     # the backend's own HF model serves the teacher logits when it has one

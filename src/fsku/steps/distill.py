@@ -138,7 +138,8 @@ def run_step(cfg: DistillConfig, progress: bool = True) -> dict:
         summary["peak_rss_mb"] = final["peak_rss_mb"]
         # the teacher's probability outside the stored top-k (teacher_logits=topk; spread evenly in the loss)
         for key, value in (("teacher_tail_mass", final.get("teacher_tail_mass")),
-                           ("heldout_tail_mass", s.get("heldout_tail_mass"))):
+                           ("heldout_tail_mass", s.get("heldout_tail_mass")),
+                           ("teacher_label_accuracy", s.get("teacher_label_accuracy"))):
             if value is not None:
                 summary[key] = value
         if "peak_gpu_mb" in final:
