@@ -806,3 +806,26 @@ def test_distill_with_reference_labels_trains_on_the_gold_option(tiny_models, sy
     pairs = D.read_pairs(tmp_path / "out" / "pairs_r1.jsonl")
     mc = [p for p in pairs if p["kind"] == "multiple_choice"]
     assert mc and all(p["chosen"][0]["content"] == "2" for p in mc)  # every MC record's answer is option 2
+
+
+def test_a_label_pair_computes_the_teachers_distribution_once(tiny_models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["teacher"])
+    rows = D.build_prompts(_records(4), style="prefill", mc_target="label")
+    pairs, _ = D.make_pairs(rows, {r["prompt_id"]: {"text": "2" if r["kind"] != "descriptive" else "신고"} for r in rows},
+                            {r["prompt_id"]: {"text": "4" if r["kind"] != "descriptive" else "접수"} for r in rows})
+    feats, _ = T.encode_pairs(tok, pairs, 1024, 900)
+    assert [T.same_answer_position(f) for f in feats] == [p["kind"] == "multiple_choice" for p in pairs]
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["teacher"], dtype=torch.float32).eval()
+    vocab = len(tok)
+    counts = T.precompute_topk(teacher, feats, 8, vocab)
+    assert counts["computed"] == 2 * 2 + 2 * 1  # descriptive pairs: both sides; label pairs: one
+    separate = [dict(f) for f in feats]
+    for f in separate:
+        for side in T.SIDES:
+            f.pop(f"{side}_topk_idx"), f.pop(f"{side}_topk_logp")
+    T.precompute_topk(teacher, separate, 8, vocab, sides=("rejected",))  # the rejected side on its own
+    for a, b in zip(feats, separate, strict=True):
+        assert a["rejected_topk_idx"] == b["rejected_topk_idx"]
+        assert torch.allclose(torch.tensor(a["rejected_topk_logp"]), torch.tensor(b["rejected_topk_logp"]), atol=1e-5)

@@ -190,6 +190,16 @@ def topk_tail_mass(features: Sequence[dict], sides: Sequence[str] = SIDES) -> Op
     return total / count if count else None
 
 
+def same_answer_position(feature: dict) -> bool:
+    """Whether both sides of a pair are one label token after the same prompt (label targets): the teacher's
+    distribution at that position is then one, computed once for both sides."""
+    a, b = feature.get(f"{SIDES[0]}_input_ids"), feature.get(f"{SIDES[1]}_input_ids")
+    la, lb = feature.get(f"{SIDES[0]}_labels"), feature.get(f"{SIDES[1]}_labels")
+    if not (a and b and la and lb) or len(a) != len(b) or a[:-1] != b[:-1]:
+        return False
+    return sum(x != IGNORE for x in la) == 1 and sum(x != IGNORE for x in lb) == 1 and la[-1] != IGNORE and lb[-1] != IGNORE
+
+
 def topk_key(teacher_id: str, k: int, vocab_size: int, input_ids: Sequence[int], labels: Sequence[int]) -> str:
     """Cache key of one sequence's teacher top-k rows: the teacher, k, the vocabulary and the exact tokens
     (and which of them are response positions)."""
@@ -213,12 +223,18 @@ def precompute_topk(teacher, features: list[dict], k: int, vocab_size: int, batc
     counts = {"computed": 0, "cached": 0}
     use_cache = cache is not None and getattr(cache, "enabled", True) and bool(teacher_id)
     todo: list[tuple[dict, str, str]] = []  # (feature, side, key) still to compute
+    shared: set[int] = set()  # ids of label pairs whose rejected side reads the chosen side's one position
     for r in features:
-        for side in sides:
+        share = len(sides) == 2 and same_answer_position(r)
+        if share:
+            shared.add(id(r))
+        for side in sides[:1] if share else sides:
             key = topk_key(teacher_id, k, vocab_size, r[f"{side}_input_ids"], r[f"{side}_labels"]) if use_cache else ""
             hit = cache.get(key) if use_cache else None
             if hit is not None:
                 r[f"{side}_topk_idx"], r[f"{side}_topk_logp"] = hit["idx"], hit["logp"]
+                if share:
+                    r[f"{SIDES[1]}_topk_idx"], r[f"{SIDES[1]}_topk_logp"] = hit["idx"], hit["logp"]
                 counts["cached"] += 1
             else:
                 todo.append((r, side, key))
@@ -247,6 +263,9 @@ def precompute_topk(teacher, features: list[dict], k: int, vocab_size: int, batc
                 if use_cache:
                     cache.set(key, {"idx": r[f"{side}_topk_idx"], "logp": r[f"{side}_topk_logp"]})
             counts["computed"] += len(part)
+            for r in rows:  # the other side of a label pair: the same position, the same distribution
+                if id(r) in shared:
+                    r[f"{SIDES[1]}_topk_idx"], r[f"{SIDES[1]}_topk_logp"] = r[f"{side}_topk_idx"], r[f"{side}_topk_logp"]
             finished = 0
             for r in rows:
                 remaining[id(r)] -= 1
