@@ -155,11 +155,20 @@ def cmd_eval_retrieval(argv: list[str]) -> int:
     return 0
 
 
+def statute_kb(folder: str):
+    """The KB at `folder`, refused when it was built before chunks carried their statute level."""
+    from .kb import KnowledgeBase
+
+    kb = KnowledgeBase.load(folder)
+    if "level" not in kb.chunks.columns:
+        raise ValueError(f"{folder}: the KB has no statute levels (built before them); rebuild it with `fsku build-kb`")
+    return kb
+
+
 def cmd_level_set(argv: list[str]) -> int:
     from collections import Counter
 
     from .config import LevelSetConfig
-    from .kb import KnowledgeBase
     from .steps.args import add_config_args, config_from_namespace
     from .synth.levelset import build_level_set, excluded_articles
 
@@ -172,9 +181,7 @@ def cmd_level_set(argv: list[str]) -> int:
     check_not_input(out, {"--kb": cfg.kb, **({"--exclude": cfg.exclude} if cfg.exclude else {})}, "--out")
     if out.exists():
         raise FileExistsError(f"{out} exists; give another --out or remove it (level-set never overwrites)")
-    kb = KnowledgeBase.load(cfg.kb)
-    if "level" not in kb.chunks.columns:
-        raise ValueError(f"{cfg.kb}: the KB has no statute levels (built before them); rebuild it with `fsku build-kb`")
+    kb = statute_kb(cfg.kb)
     exclude = excluded_articles(cfg.exclude) if cfg.exclude else set()
     rows = build_level_set(kb.chunks.to_dict("records"), cfg, parents=kb.parents(), exclude=exclude)
     if not rows:
@@ -195,7 +202,6 @@ def cmd_level_set(argv: list[str]) -> int:
 
 def cmd_mc_bank(argv: list[str]) -> int:
     from .config import MCBankConfig
-    from .kb import KnowledgeBase
     from .steps.args import add_config_args, config_from_namespace
     from .synth.mcbank import build_mc_bank, load_exclusions, write_bank
 
@@ -207,9 +213,7 @@ def cmd_mc_bank(argv: list[str]) -> int:
     excludes = [x.strip() for x in cfg.exclude.split(",") if x.strip()]
     check_not_input(cfg.out, {"--kb": cfg.kb, "--exclude": excludes}, "--out")
     exclusions = load_exclusions(excludes, cfg.shingle_chars)
-    kb = KnowledgeBase.load(cfg.kb)
-    if "level" not in kb.chunks.columns:
-        raise ValueError(f"{cfg.kb}: the KB has no statute levels (built before them); rebuild it with `fsku build-kb`")
+    kb = statute_kb(cfg.kb)
     records, stats = build_mc_bank(kb.chunks.to_dict("records"), cfg, parents=kb.parents(), exclusions=exclusions)
     if not records:
         raise ValueError(f"{cfg.kb}: no article yielded an item (no statute articles in this KB?)")

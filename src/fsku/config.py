@@ -80,6 +80,17 @@ def block_view(config: Block, block: type, **changes: Any) -> Block:
 
 # ---------------------------------------------------------------- shared blocks
 
+def split_ratios(text: str) -> tuple[float, ...]:
+    """'0.8,0.1,0.1' -> the train, validation and test shares (three non-negative numbers, not all 0)."""
+    try:
+        ratios = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"split_ratios must be numbers like 0.8,0.1,0.1, got {text!r}") from None
+    _check(len(ratios) == 3 and all(r >= 0 for r in ratios) and sum(ratios) > 0,
+           f"split_ratios must be three non-negative numbers, got {text!r}")
+    return ratios
+
+
 @dataclass
 class LLMSettings(Block):
     """How an LLM is loaded and batched (predict/evaluate, synth_qa's teacher, distill, quantize)."""
@@ -467,16 +478,11 @@ class MCBankConfig(Block):
             value = getattr(self, name)
             _check(0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value}")
         _check(self.max_term_articles >= 1, f"max_term_articles must be >= 1, got {self.max_term_articles}")
-        ratios = self.split_ratios_tuple()
-        _check(len(ratios) == 3 and all(r >= 0 for r in ratios) and sum(ratios) > 0,
-               f"split_ratios must be three non-negative numbers, got {self.split_ratios!r}")
+        split_ratios(self.split_ratios)
         super().__post_init__()
 
     def split_ratios_tuple(self) -> tuple[float, ...]:
-        try:
-            return tuple(float(x) for x in self.split_ratios.split(","))
-        except ValueError:
-            raise ValueError(f"split_ratios must be numbers like 0.8,0.1,0.1, got {self.split_ratios!r}") from None
+        return split_ratios(self.split_ratios)
 
 
 @dataclass
@@ -688,17 +694,12 @@ class SynthQAConfig(with_defaults(LLMSettings, batch_size=4)):
         _check(self.judge_reading in ("mode", "mean"), f"judge_reading must be mode|mean, got {self.judge_reading!r}")
         _check(0 < self.dedup_threshold <= 1 and 0 < self.decontam_threshold <= 1, "dedup/decontam thresholds must be in (0, 1]")
         _check(self.decontam_ngram >= 3, "decontam_ngram must be >= 3")
-        ratios = self.ratios
-        _check(len(ratios) == 3 and all(r >= 0 for r in ratios) and sum(ratios) > 0,
-               f"split_ratios must be three non-negative numbers, got {self.split_ratios!r}")
+        split_ratios(self.split_ratios)
         super().__post_init__()
 
     @property
     def ratios(self) -> tuple[float, ...]:
-        try:
-            return tuple(float(x) for x in self.split_ratios.split(","))
-        except ValueError:
-            raise ValueError(f"split_ratios must be numbers like 0.8,0.1,0.1, got {self.split_ratios!r}") from None
+        return split_ratios(self.split_ratios)
 
     @property
     def chunks_needed(self) -> int:

@@ -342,7 +342,7 @@ class DistillObjective:
         llm = load_llm(cfg.teacher, **cfg.llm_kwargs(max_model_len=cfg.max_model_len + cfg.max_new_tokens,
                                                       batch_size=LLMSettings.batch_size))  # not the training batch
         self.work.mkdir(parents=True, exist_ok=True)
-        held = heldout_prompts(cfg, llm, self.work, AnswerCache(cfg.cache_dir), self.progress)
+        held = heldout_prompts(cfg, llm, tok, self.work, AnswerCache(cfg.cache_dir), self.progress)
         if held is None:
             raise ValueError(f"{cfg.data}/validation.jsonl is missing or empty: the distill study measures the held-out "
                              "KL on it")

@@ -41,12 +41,12 @@ log = logging.getLogger(__name__)
 ROLES = ("teacher", "student")
 
 
-def prompt_messages(record: SyntheticQA, context: str = "", style: str = "plain") -> list[dict]:
-    """The inference prompt for a synth_qa record (the option-order split sentinel removed)."""
-    return [{**m, "content": m["content"].replace(P.SPLIT, "")} for m in _messages_with_split(record, context, style)]
+def _without_split(messages: Sequence[dict]) -> list[dict]:
+    return [{**m, "content": m["content"].replace(P.SPLIT, "")} for m in messages]
 
 
 def _messages_with_split(record: SyntheticQA, context: str, style: str) -> list[dict]:
+    """The inference prompt for a synth_qa record, the option-order split sentinel still in."""
     if record.kind == "multiple_choice":
         options = [record.choices[k] for k in sorted(record.choices, key=int)]
         return P.mc_messages(record.stem, options, context=context, style=style)
@@ -70,8 +70,7 @@ def build_prompts(records: Sequence[SyntheticQA], contexts: Optional[Sequence[st
         seen.add(r.qa_id)
         ctx = contexts[i] if contexts is not None else ""
         raw = _messages_with_split(r, ctx, style)
-        row = {"prompt_id": r.qa_id, "kind": r.kind,
-               "messages": [{**m, "content": m["content"].replace(P.SPLIT, "")} for m in raw], "reference": r.answer}
+        row = {"prompt_id": r.qa_id, "kind": r.kind, "messages": _without_split(raw), "reference": r.answer}
         if mc_target == "label" and r.kind == "multiple_choice":
             if len(r.choices) > MAX_LABEL_OPTIONS:
                 raise ValueError(f"{r.qa_id}: {len(r.choices)} options; label targets take at most {MAX_LABEL_OPTIONS}")
@@ -90,13 +89,20 @@ def drop_long_prompts(rows: Sequence[dict], count_tokens: Callable[[str], int], 
     return kept, len(rows) - len(kept)
 
 
-def label_prompt_parts(row: dict, render: Callable[[list[dict]], str]) -> tuple[str, str]:
-    """(prefix, suffix ending with the prefill) of a label row, as inference scores option labels."""
-    msgs = [dict(m) for m in row["messages"]]
-    content, cut = msgs[-1]["content"], int(row["split_at"])
+def split_prompt(messages: Sequence[dict], split_at: int, prefill: str, render: Callable[[list[dict]], str]
+                 ) -> tuple[str, str]:
+    """(prefix, suffix ending with the prefill): the sentinel put back where the options start in the last
+    message, the chat rendered and cut there, as inference scores option labels."""
+    msgs = [dict(m) for m in messages]
+    content, cut = msgs[-1]["content"], int(split_at)
     msgs[-1]["content"] = content[:cut] + P.SPLIT + content[cut:]
     prefix, suffix = P.split_rendered(render(msgs))
-    return prefix, suffix + row.get("prefill", "")
+    return prefix, suffix + prefill
+
+
+def label_prompt_parts(row: dict, render: Callable[[list[dict]], str]) -> tuple[str, str]:
+    """(prefix, suffix ending with the prefill) of a label prompt row."""
+    return split_prompt(row["messages"], row["split_at"], row.get("prefill", ""), render)
 
 
 def pick_label(logprobs: Sequence[float], temperature: float, seed: int) -> int:

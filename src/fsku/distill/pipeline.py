@@ -103,14 +103,10 @@ def mc_style(cfg: DistillConfig) -> str:
     return cfg.mc_prompt if cfg.mc_target == "label" else "plain"
 
 
-def _fit_prompts(rows: list[dict], cfg: DistillConfig, what: str, stats: Optional[dict] = None) -> list[dict]:
-    """Prompts longer than max_prompt_length tokens (student tokenizer) dropped, with a warning and a count."""
-    from transformers import AutoTokenizer
-
-    from ..llm.resolve import resolve_model
+def _fit_prompts(rows: list[dict], tok, cfg: DistillConfig, what: str, stats: Optional[dict] = None) -> list[dict]:
+    """Prompts longer than max_prompt_length tokens (the student's tokenizer `tok`) dropped, with a warning
+    and a count."""
     from .data import drop_long_prompts
-
-    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.student))
 
     def render(messages):
         return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -126,10 +122,11 @@ def _fit_prompts(rows: list[dict], cfg: DistillConfig, what: str, stats: Optiona
     return kept
 
 
-def heldout_prompts(cfg: DistillConfig, teacher_llm, out: Path, cache, progress: bool
+def heldout_prompts(cfg: DistillConfig, teacher_llm, tok, out: Path, cache, progress: bool
                     ) -> Optional[tuple[list[dict], dict[str, dict]]]:
     """(prompt rows, teacher responses) of up to `eval_prompts` validation records, with the context
-    inference would give them; None when off or when the data has no validation split (a warning)."""
+    inference would give them (prompts over max_prompt_length in `tok`, the student's tokenizer, left out);
+    None when off or when the data has no validation split (a warning)."""
     from tqdm.auto import tqdm
 
     from ..config import ResponseSettings, block_view
@@ -149,7 +146,7 @@ def heldout_prompts(cfg: DistillConfig, teacher_llm, out: Path, cache, progress:
         keep = sorted(random.Random(cfg.seed).sample(range(len(records)), cfg.eval_prompts))
         records = [records[i] for i in keep]
     contexts = retrieve_contexts(records, cfg, teacher_llm) if cfg.context != "none" else None
-    rows = _fit_prompts(build_prompts(records, contexts, mc_style(cfg), cfg.mc_target), cfg, "held-out")
+    rows = _fit_prompts(build_prompts(records, contexts, mc_style(cfg), cfg.mc_target), tok, cfg, "held-out")
     settings = block_view(cfg, ResponseSettings, temperature=0.0, top_p=1.0)  # greedy: one reference per prompt
     with tqdm(total=len(rows), desc="teacher responses (held out)", unit="prompt", disable=not progress) as bar:
         responses = generate_responses(rows, teacher_llm, settings, out / "responses_validation_teacher.jsonl", cache,
@@ -220,8 +217,8 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
     # `scorer_id` adds how the model computing the top-k runs (the backend's own HF model or a transformers copy)
     teacher_id = f"{teacher_llm.fingerprint()}|{teacher_path}"
     contexts = retrieve_contexts(records, cfg, teacher_llm) if cfg.context != "none" else None
-    prompt_rows = _fit_prompts(build_prompts(records, contexts, mc_style(cfg), cfg.mc_target), cfg, "training",
-                                     stats)
+    prompt_rows = _fit_prompts(build_prompts(records, contexts, mc_style(cfg), cfg.mc_target), student_tok, cfg,
+                               "training", stats)
     if not prompt_rows:
         raise ValueError(f"every training prompt is longer than max_prompt_length {cfg.max_prompt_length} tokens")
     write_jsonl(prompt_rows, out / "prompts.jsonl")
@@ -237,7 +234,7 @@ def distill(cfg: DistillConfig, log_fn: Optional[LogFn] = None, progress: bool =
                                               for r in label_rows) / len(label_rows)
     if cfg.mc_chosen == "reference":
         teacher_resp = with_reference_labels(prompt_rows, teacher_resp)
-    heldout_rows = heldout_prompts(cfg, teacher_llm, out, cache, progress)
+    heldout_rows = heldout_prompts(cfg, teacher_llm, student_tok, out, cache, progress)
     needs_teacher = LOSS_TYPES[cfg.loss_type].needs_teacher
     # the backend's own HF model serves the teacher logits when it has one
     teacher_model = getattr(teacher_llm, "model", None) if needs_teacher else None

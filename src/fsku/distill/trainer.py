@@ -43,11 +43,10 @@ def check_shared_vocab(student_tokenizer, teacher_tokenizer) -> int:
 
 # ---------------------------------------------------------------- features
 
-def encode_side(tokenizer, prompt_ids: list[int], response: str, max_length: int, eos: bool = True
-                ) -> dict[str, list[int]]:
-    """prompt + response (+ end-of-turn) as input_ids, with labels only on the response."""
-    end = (tokenizer.eos_token or "") if eos else ""
-    resp_ids = tokenizer(response + end, add_special_tokens=False)["input_ids"]
+def encode_side(tokenizer, prompt_ids: list[int], response: str, max_length: int) -> dict[str, list[int]]:
+    """prompt + response + end-of-turn as input_ids, with labels only on the response."""
+    eos = tokenizer.eos_token or ""
+    resp_ids = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
     resp_ids = resp_ids[:max(1, max_length - len(prompt_ids))]
     return {"input_ids": prompt_ids + resp_ids, "labels": [IGNORE] * len(prompt_ids) + resp_ids}
 
@@ -62,39 +61,37 @@ def encode_pairs(tokenizer, pairs: Sequence[dict], max_length: int = 1024, max_p
             feats.append(encode_label_pair(tokenizer, pair, max_length))
             continue
         text = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer(text + pair.get("prefill", ""), add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(prompt_ids) > max_prompt_length:
             prompt_ids = prompt_ids[-max_prompt_length:]
             cut += 1
         feat = {"prompt_id": pair["prompt_id"]}
         for side in sides:
-            enc = encode_side(tokenizer, prompt_ids, pair[side][-1]["content"], max_length, eos=pair.get("eos", True))
+            enc = encode_side(tokenizer, prompt_ids, pair[side][-1]["content"], max_length)
             feat[f"{side}_input_ids"], feat[f"{side}_labels"] = enc["input_ids"], enc["labels"]
         feats.append(feat)
     return feats, cut
 
 
 def label_token_id(tokenizer, label: str) -> int:
-    """The token that starts `label` after the assistant header: `LLMBackend.label_token_ids`' rule (a
-    SentencePiece '▁' piece before the digit is skipped)."""
-    ids = tokenizer(label, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"label {label!r} encodes to no token")
-    return ids[-1] if len(ids) > 1 and tokenizer.decode(ids[:-1]).strip() == "" else ids[0]
+    """The token that starts `label` after the assistant header, by the option-scoring backends' rule
+    (`fsku.llm.base.label_token_id`) on this tokenizer."""
+    from ..llm.base import label_token_id as first_label_token
+
+    return first_label_token(lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+                             lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True), label)
 
 
 def encode_label_pair(tokenizer, pair: dict, max_length: int) -> dict:
     """A label pair's features: prefix and suffix (+ prefill) tokenized apart, as `fsku.llm` backends encode
     an option-scoring request, then the one label token of each side (no end of turn). Label prompts are
     never cut (longer ones were left out before): a prompt over max_length is an error."""
-    from ..infer import prompts as P
+    from .data import split_prompt
 
-    msgs = [dict(m) for m in pair["prompt"]]
-    content, at = msgs[-1]["content"], int(pair["split_at"])
-    msgs[-1]["content"] = content[:at] + P.SPLIT + content[at:]
-    prefix, suffix = P.split_rendered(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+    prefix, suffix = split_prompt(pair["prompt"], pair["split_at"], pair.get("prefill", ""),
+                                  lambda m: tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False))
     prompt_ids = (tokenizer(prefix, add_special_tokens=False)["input_ids"]
-                  + tokenizer(suffix + pair.get("prefill", ""), add_special_tokens=False)["input_ids"])
+                  + tokenizer(suffix, add_special_tokens=False)["input_ids"])
     if len(prompt_ids) + 1 > max_length:
         raise ValueError(f"{pair['prompt_id']}: a label prompt of {len(prompt_ids)} tokens exceeds {max_length}")
     feat = {"prompt_id": pair["prompt_id"]}

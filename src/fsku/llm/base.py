@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -20,6 +20,16 @@ class DeadlineExceeded(TimeoutError):
 def check_deadline(deadline: Optional[float]) -> None:
     if deadline is not None and time.monotonic() > deadline:
         raise DeadlineExceeded("per-question time limit exceeded")
+
+
+def label_token_id(encode: Callable[[str], list[int]], decode: Callable[[Sequence[int]], str], label: str) -> int:
+    """The token that starts `label` after the assistant header: its first token, or its last when the
+    ones before it decode to whitespace (a SentencePiece '▁' piece before the digit). Shared by option
+    scoring (a backend's own encode/decode) and by distillation's label targets, so both read one token."""
+    ids = encode(label)
+    if not ids:
+        raise ValueError(f"label {label!r} encodes to no token")
+    return ids[-1] if len(ids) > 1 and decode(ids[:-1]).strip() == "" else ids[0]
 
 
 @dataclass
@@ -82,10 +92,10 @@ class LLMBackend:
         """The single token that starts each label right after the assistant header."""
         out = []
         for label in labels:
-            ids = self.encode(label)
-            if not ids:
-                raise ValueError(f"{self.model_id}: label {label!r} encodes to no token")
-            out.append(ids[-1] if len(ids) > 1 and self.decode(ids[:-1]).strip() == "" else ids[0])
+            try:
+                out.append(label_token_id(self.encode, self.decode, label))
+            except ValueError:
+                raise ValueError(f"{self.model_id}: label {label!r} encodes to no token") from None
         if len(set(out)) != len(out):
             raise ValueError(f"{self.model_id}: option labels {list(labels)} share first tokens {out}; "
                              "option scoring needs distinct ones")

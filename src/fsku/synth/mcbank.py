@@ -53,8 +53,9 @@ def with_and(word: str) -> str:
     return word + ("과" if LV._has_final(word[-1]) else "와")
 
 
-def compact(text: str) -> str:
-    return re.sub(r"\s+", "", str(text))
+def compact(text) -> str:
+    """Spacing removed, as the level set matches clauses across the corpus (any value read as text)."""
+    return LV._compact(str(text))
 
 
 # revision notes the PDFs carry inline ('<개정 2020. 2. 4.>', a '<개정' cut at the clause's end)
