@@ -829,3 +829,9 @@ def test_a_label_pair_computes_the_teachers_distribution_once(tiny_models):
     for a, b in zip(feats, separate, strict=True):
         assert a["rejected_topk_idx"] == b["rejected_topk_idx"]
         assert torch.allclose(torch.tensor(a["rejected_topk_logp"]), torch.tensor(b["rejected_topk_logp"]), atol=1e-5)
+
+
+def test_held_out_settings_are_checked():
+    for bad in ({"eval_prompts": -1}, {"eval_steps": 0}):
+        with pytest.raises(ValueError, match="eval_prompts must be >= 0 and eval_steps >= 1"):
+            DistillConfig(**bad)

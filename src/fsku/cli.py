@@ -214,7 +214,8 @@ def cmd_mc_bank(argv: list[str]) -> int:
     check_not_input(cfg.out, {"--kb": cfg.kb, "--exclude": excludes}, "--out")
     exclusions = load_exclusions(excludes, cfg.shingle_chars)
     kb = statute_kb(cfg.kb)
-    records, stats = build_mc_bank(kb.chunks.to_dict("records"), cfg, parents=kb.parents(), exclusions=exclusions)
+    records, stats = build_mc_bank(kb.chunks.to_dict("records"), cfg, parents=kb.parents(), exclusions=exclusions,
+                                   progress=True)
     if not records:
         raise ValueError(f"{cfg.kb}: no article yielded an item (no statute articles in this KB?)")
     source = {"kb": str(cfg.kb), "kb_corpus_sha256": kb.manifest.get("corpus_sha256", ""), "exclude": excludes,

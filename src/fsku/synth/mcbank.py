@@ -199,8 +199,11 @@ class PositionDealer:
 
 
 def build_mc_bank(chunks: Sequence[dict], cfg: Optional[MCBankConfig] = None, parents: Optional[dict[str, str]] = None,
-                  exclusions: Optional[Exclusions] = None) -> tuple[list[SyntheticQA], dict]:
-    """(records, stats) from a KB's chunk rows (chunk_id, source, title, level, article, path, text)."""
+                  exclusions: Optional[Exclusions] = None, progress: bool = False) -> tuple[list[SyntheticQA], dict]:
+    """(records, stats) from a KB's chunk rows (chunk_id, source, title, level, article, path, text);
+    `progress`: a bar over the articles while their clauses are checked (the slow part)."""
+    from tqdm.auto import tqdm
+
     cfg = cfg or MCBankConfig()
     exclusions = exclusions or Exclusions()
     rng = random.Random(cfg.seed)
@@ -267,7 +270,7 @@ def build_mc_bank(chunks: Sequence[dict], cfg: Optional[MCBankConfig] = None, pa
 
     # usable clauses per article, paraphrased once (the statement every item about the clause uses)
     usable: dict[tuple[str, str], list[tuple[str, str]]] = {}
-    for key, art in sorted(articles.items()):
+    for key, art in tqdm(sorted(articles.items()), desc="articles", unit="article", disable=not progress):
         parent = parents.get(art["title"]) or (law_base_name(art["title"]) if art["level"] in ("decree", "rule") else None)
         names = all_titles + ([parent] if parent else [])
         found = []
