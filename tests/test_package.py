@@ -3,6 +3,7 @@ and safe zip, manifest, and a bundle that answers its sample test with only its 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -16,7 +17,6 @@ from fsku.config import BuildKBConfig, PackageConfig
 from fsku.package import (
     BundleFacts,
     RulePolicy,
-    base_model_facts,
     build_manifest,
     check_rules,
     check_zip,
@@ -26,40 +26,51 @@ from fsku.package import (
     sha256_file,
     write_zip,
 )
+from fsku.package.facts import load_facts, model_facts
+from fsku.package.pycompat import check_source
+from fsku.package.resources import TimeProjection, memory_projection
 
-QWEN = base_model_facts("offline:qwen2.5-coder-0.5b-instruct")
-
-
-def test_base_model_facts():
-    assert QWEN == {"base_model": "Qwen/Qwen2.5-Coder-0.5B-Instruct", "license": "apache-2.0", "release_date": "2024-11-12",
-                    "from_scratch": False, "source": "fsku.package.KNOWN_BASE_MODELS"}
-    assert base_model_facts("models/qwen2.5-coder-1.5b-instruct")["release_date"] == "2024-09-19"
-    unknown = base_model_facts("someone/new-model-7b")
-    assert unknown["license"] is None and unknown["release_date"] is None
+TABLES = load_facts()
+QWEN = model_facts("offline:qwen2.5-coder-0.5b-instruct", TABLES)
+POLICY = RulePolicy(permitted_licenses=TABLES.permitted_licences())
 
 
 def test_clean_facts_pass_and_each_rule_refuses_with_its_reason():
-    policy = RulePolicy()
-    ok = BundleFacts(llms=["model"], base=QWEN, projected_s=3600.0)
-    assert check_rules(ok, policy) == []
+    ok = BundleFacts(llms=["model"], models=[("base model", QWEN)], projected_s=3600.0, bundle_bytes=10 ** 9)
+    assert check_rules(ok, POLICY) == []
+    over = memory_projection(14.77e9, "bf16", QWEN.architecture, 4096, 8, 1.5, 24.0)
     cases = {
         "2 LLMs bundled (model, kb/extra): the competition allows exactly one": dict(llms=["model", "kb/extra"]),
-        "after the competition cutoff 2025-07-31": dict(base={**QWEN, "release_date": "2025-09-16"}),
-        "release date of Qwen/Qwen2.5-Coder-0.5B-Instruct unknown": dict(base={**QWEN, "release_date": None}),
-        "licence of Qwen/Qwen2.5-Coder-0.5B-Instruct missing": dict(base={**QWEN, "license": None}),
-        "licence 'llama3.1' of Qwen/Qwen2.5-Coder-0.5B-Instruct is not permitted": dict(base={**QWEN, "license": "llama3.1"}),
+        "base model Qwen/Qwen2.5-Coder-0.5B-Instruct was released 2025-09-16, after the competition cutoff 2025-07-31":
+            dict(models=[("base model", dataclasses.replace(QWEN, release_date="2025-09-16"))]),
+        "base model Qwen/Qwen2.5-Coder-0.5B-Instruct: release date unknown":
+            dict(models=[("base model", dataclasses.replace(QWEN, release_date=None))]),
+        "base model Qwen/Qwen2.5-Coder-0.5B-Instruct: licence unknown":
+            dict(models=[("base model", dataclasses.replace(QWEN, license=None))]),
+        "base model Qwen/Qwen2.5-Coder-0.5B-Instruct: licence 'proprietary' is not permitted":
+            dict(models=[("base model", dataclasses.replace(QWEN, license="proprietary"))]),
+        "synth_qa teacher someone/new-model-7b: no facts known":
+            dict(models=[("base model", QWEN), ("synth_qa teacher", model_facts("someone/new-model-7b", TABLES))]),
         "network access in bundled code: code/x.py:1: imports requests":
             dict(network=scan_network_use("import requests\n", "code/x.py")),
+        "bundled code needs a newer Python than the target 3.10: code/y.py:1: module tomllib needs Python 3.11":
+            dict(compat=check_source("import tomllib\n", "code/y.py")),
+        "GPU memory: projected 29.": dict(memory=over),
+        "bundle of 41.00 GB exceeds the 40 GB disk": dict(bundle_bytes=41 * 10 ** 9),
+        "projected 515-question time on the target GPU 300.0 min exceeds the 270-min budget (speeds":
+            dict(time=TimeProjection(18000.0, 270 * 60.0, ["speeds ...", "load 0 s; total 300.0 min"])),
         "projected 515-question time 300.0 min exceeds the 270-min budget": dict(projected_s=18000.0),
     }
     for message, change in cases.items():
         facts = BundleFacts(**{**ok.__dict__, **change})
-        problems = check_rules(facts, policy)
+        problems = check_rules(facts, POLICY)
         assert len(problems) == 1 and message in problems[0], (message, problems)
     # a model trained from scratch has no release date to check, but still needs a permitted licence
-    scratch = {"base_model": "tiny", "license": "mit", "release_date": None, "from_scratch": True}
-    assert check_rules(BundleFacts(llms=["m"], base=scratch), policy) == []
-    assert "not an ISO date" in check_rules(BundleFacts(llms=["m"], base={**QWEN, "release_date": "Nov 2024"}), policy)[0]
+    scratch = dataclasses.replace(model_facts("tiny", TABLES), from_scratch=True, license="apache-2.0")
+    assert check_rules(BundleFacts(llms=["m"], models=[("base model", scratch)]), POLICY) == []
+    bad_date = check_rules(BundleFacts(llms=["m"], models=[("base model", dataclasses.replace(QWEN, release_date="Nov"))]),
+                           POLICY)
+    assert "not an ISO date" in bad_date[0]
 
 
 def test_network_scan_finds_imports_and_downloads_and_honours_reviewed_sites():
@@ -150,7 +161,7 @@ def test_bundle_answers_its_sample_with_only_its_own_files(tiny_models, bm25_kb,
 
     out = run_step(_cfg(tmp_path, tiny_models["student"], bm25_kb, verify="current"), progress=False)
     bundle = Path(out["bundle"])
-    assert out["problems"] == [] and out["llms"] == ["model"] and out["facts"]["from_scratch"]
+    assert out["problems"] == [] and out["llms"] == ["model"] and out["models"][0][1]["from_scratch"]
     v = out["verification"]
     assert v["valid"] and v["questions"] == len(list(csv.reader(open(ROOT / "evaluation/sample_test.csv",
                                                                      encoding="utf-8-sig")))) - 1
@@ -167,7 +178,7 @@ def test_bundle_answers_its_sample_with_only_its_own_files(tiny_models, bm25_kb,
     reqs = (bundle / "requirements.txt").read_text().splitlines()
     assert reqs[0].startswith("torch==") and not any(r.startswith(("mlflow", "optuna", "pytest")) for r in reqs)
     card = (bundle / "MODEL_CARD.md").read_text(encoding="utf-8")
-    assert "trained from scratch" in card and "licence: mit" in card
+    assert "trained from scratch" in card and "## resources on the target machine" in card
     manifest = json.loads((bundle / "MANIFEST.json").read_text(encoding="utf-8"))
     assert manifest["rules"]["passed"] and manifest["projected_min"] is not None
     for rel, meta in manifest["files"].items():
@@ -192,18 +203,19 @@ def test_package_step_refuses_with_the_reason(rule, tiny_models, bm25_kb, tmp_pa
         shutil.copytree(tiny_models["teacher"], kb / "second_llm")
         expect = "2 LLMs bundled (kb/second_llm, model)"
     elif rule == "release_date":
-        kw = dict(base_model="Qwen/Qwen3-0.6B", base_model_license="apache-2.0", base_model_release_date="2025-04-29")
         model = tmp_path / "m"
         shutil.copytree(tiny_models["student"], model)
         (model / "fsku_tiny.json").unlink()
-        kw["base_model_release_date"] = "2025-09-01"
-        expect = "was released 2025-09-01, after the competition cutoff 2025-07-31"
+        kw = dict(base_model="Qwen/Qwen3-4B-Instruct-2507", contenders=str(_contenders(
+            tmp_path, "Qwen/Qwen3-4B-Instruct-2507", "apache-2.0", "2025-08-06")))
+        expect = "base model Qwen/Qwen3-4B-Instruct-2507 was released 2025-08-06, after the competition cutoff 2025-07-31"
     elif rule == "licence":
         model = tmp_path / "m"
         shutil.copytree(tiny_models["student"], model)
         (model / "fsku_tiny.json").unlink()
-        kw = dict(base_model="meta-llama/Llama-3.2-1B", base_model_license="llama3.2", base_model_release_date="2024-09-25")
-        expect = "licence 'llama3.2' of meta-llama/Llama-3.2-1B is not permitted"
+        kw = dict(base_model="meta-llama/Llama-3.2-1B", contenders=str(_contenders(
+            tmp_path, "meta-llama/Llama-3.2-1B", "llama3.2", "2024-09-25")))
+        expect = "base model meta-llama/Llama-3.2-1B: licence 'llama3.2' is not permitted"
     elif rule == "network":
         model = tmp_path / "m"
         shutil.copytree(tiny_models["student"], model)
@@ -222,6 +234,15 @@ def test_package_step_refuses_with_the_reason(rule, tiny_models, bm25_kb, tmp_pa
     manifest = json.loads((tmp_path / "pkg" / "bundle.refused" / "MANIFEST.json").read_text(encoding="utf-8"))
     assert manifest["rules"]["passed"] is False
     assert _beside(tmp_path / "pkg" / "bundle") == ["bundle.refused"]
+
+
+def _contenders(tmp_path: Path, hub_id: str, licence: str, released: str) -> Path:
+    """A user's facts file with one model (the layout of fsku/package/contenders.yaml)."""
+    path = tmp_path / "my_models.yaml"
+    path.write_text(f"sources:\n  card: {{url: https://huggingface.co/{hub_id}, quote: 'License: {licence}'}}\n"
+                    f"models:\n  - hub_id: {hub_id}\n    license: {licence}\n    release_date: {released}\n"
+                    "    sources: {license: card, release_date: card}\n", encoding="utf-8")
+    return path
 
 
 def _beside(bundle: Path) -> list[str]:
@@ -313,7 +334,10 @@ def test_package_config_checks():
     for bad, message in (({"verify": "maybe"}, "verify must be fresh, current or none"),
                          ({"speed_factor": 0}, "speed_factor must be > 0"),
                          ({"cutoff": "July 2025"}, "cutoff must be a date YYYY-MM-DD"),
-                         ({"base_model_release_date": "2025/01/01"}, "base_model_release_date must be a date YYYY-MM-DD")):
+                         ({"target_python": "three"}, "target_python must be MAJOR.MINOR"),
+                         ({"engine": "tpu"}, "engine must be auto, optimized or transformers"),
+                         ({"n_descriptive": 600}, "n_descriptive must be <= n_questions"),
+                         ({"gpu_memory_gib": 0}, "gpu_memory_gib and disk_gb must be > 0")):
         with pytest.raises(ValueError, match=message):
             PackageConfig(**bad)
 

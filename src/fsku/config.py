@@ -108,11 +108,15 @@ class LLMSettings(Block):
                             "may use (llama.cpp) / torch's default.")
     token_batch: int = param(512, "llama.cpp backend: tokens evaluated per decode call while reading a prompt "
                                   "(n_batch).")
+    gpu_memory_utilization: float = param(0.85, "vLLM backend: share of the GPU's memory vLLM may take for weights, "
+                                                "activations and KV cache (the package projection checks against it).")
 
     def __post_init__(self):
         _check(self.backend in BACKENDS, f"backend must be one of {'|'.join(BACKENDS)}, got {self.backend!r}")
         _check(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
         _check(self.token_batch >= 1, f"token_batch must be >= 1, got {self.token_batch}")
+        _check(0 < self.gpu_memory_utilization <= 1,
+               f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         _check(self.dtype in DTYPES, f"dtype must be auto|bfloat16|float16|float32, got {self.dtype!r}")
         _check(self.max_model_len >= 256, f"max_model_len must be >= 256, got {self.max_model_len}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -121,7 +125,8 @@ class LLMSettings(Block):
     def llm_kwargs(self, **overrides) -> dict:
         """The `fsku.llm.load_llm` keyword arguments of these settings (`overrides` replace some)."""
         kw = dict(backend=self.backend, dtype=self.dtype, device=self.device, max_model_len=self.max_model_len,
-                  batch_size=self.batch_size, threads=self.threads, token_batch=self.token_batch)
+                  batch_size=self.batch_size, threads=self.threads, token_batch=self.token_batch,
+                  gpu_memory_utilization=self.gpu_memory_utilization)
         return {**kw, **overrides}
 
 
@@ -811,6 +816,8 @@ class QuantizeConfig(LLMSettings, DebiasSettings):
         _check(self.max_questions >= 0, "max_questions must be >= 0")
         _check(self.gen_prompts >= 0 and self.gen_tokens >= 1, "gen_prompts must be >= 0 and gen_tokens >= 1")
         _check(self.n_calibration >= 1, "n_calibration must be >= 1")
+        _check(not METHODS[self.method].needs_calibration or bool(self.calibration),
+               f"method {self.method} needs calibration texts: set calibration to a synth_qa or KB folder")
         _check(bool(self.gold.strip()), "gold must name at least one labelled file")
         super().__post_init__()
 
@@ -923,12 +930,54 @@ class TuneConfig(Block):
 
 
 @dataclass
-class PackageConfig(Block):
+class TargetSettings(Block):
+    """The machine the submission runs on (the competition's: one RTX 4090, 40 GB disk, Python 3.10) and
+    what the resource projection assumes about it."""
+
+    gpu_memory_gib: float = param(24.0, "GPU memory of the target machine, GiB (RTX 4090: 24).")
+    gpu_overhead_gib: float = param(1.5, "GPU memory the projection reserves besides weights and KV cache (CUDA "
+                                         "context, activations, logits), GiB.")
+    disk_gb: float = param(40.0, "Disk of the target machine in GB (10^9 bytes, as the rules state it): the bundle "
+                                 "must fit, and the Python environment in what is left.")
+    target_python: str = param("3.10", "Python of the organisers' image: the bundled code must parse and run on it.")
+    target_torch: str = param("2.1.0", "PyTorch of the organisers' image: a warning says when the bundle pins another.")
+    n_descriptive: int = param(15, "Descriptive questions among n_questions (the rest are multiple choice; the 2025 "
+                                   "test set: 500 + 15), for the time projection.")
+    engine: str = param("auto", "Throughput class for the time projection: optimized (vLLM-class engine), "
+                                "transformers, or auto (optimized when the settings' backend is vllm).")
+    load_s: float = param(60.0, "Model load time the target-GPU projection adds, seconds.")
+    dry_run_precision: str = param("auto", "Precision a dry run assumes for the model (auto: the settings' dtype; "
+                                           "bf16, int8, 4bit or fp32 for a model to be quantized first); a real "
+                                           "package reads the model folder.")
+
+    def __post_init__(self):
+        _check(self.gpu_memory_gib > 0 and self.disk_gb > 0, "gpu_memory_gib and disk_gb must be > 0")
+        _check(self.gpu_overhead_gib >= 0 and self.load_s >= 0, "gpu_overhead_gib and load_s must be >= 0")
+        _check(self.n_descriptive >= 0, "n_descriptive must be >= 0")
+        _check(self.dry_run_precision in ("auto", "fp32", "bf16", "int8", "4bit"),
+               f"dry_run_precision must be auto, fp32, bf16, int8 or 4bit, got {self.dry_run_precision!r}")
+        _check(self.engine in ("auto", "optimized", "transformers"),
+               f"engine must be auto, optimized or transformers, got {self.engine!r}")
+        try:
+            major, minor = (int(x) for x in self.target_python.split("."))
+        except ValueError:
+            raise ValueError(f"target_python must be MAJOR.MINOR like 3.10, got {self.target_python!r}") from None
+        _check(major == 3 and minor >= 8, f"target_python must be 3.8 or newer, got {self.target_python!r}")
+        super().__post_init__()
+
+    @property
+    def target_version(self) -> tuple[int, int]:
+        major, minor = self.target_python.split(".")
+        return int(major), int(minor)
+
+
+@dataclass
+class PackageConfig(TargetSettings):
     """package: champion student + KB -> a self-contained, rule-checked, verified submission bundle (folder + zip)."""
 
 
-    model: str = param("models:/fsku-student@champion", "Student: registry URI (models:/name@alias or /version) or a "
-                                                        "local folder.")
+    model: str = param("models:/fsku-student@champion", "Student: registry URI (models:/name@alias or /version), a "
+                                                        "local folder, or (dry_run) a hub id.")
     kb: Optional[str] = param("models:/fsku-kb@champion", "Knowledge base: registry URI or folder (None: answer "
                                                           "without retrieval).")
     out: str = param("outputs/package", "Output folder: bundle/, the zip, verify/.")
@@ -937,20 +986,27 @@ class PackageConfig(Block):
     sample_test: str = param("evaluation/sample_test.csv", "Small test.csv shipped in the bundle and answered by the "
                                                            "verification.")
     base_model: Optional[str] = param(None, "Base model of the student (default: the version's base_model tag, else "
-                                            "the model folder).")
-    base_model_license: Optional[str] = param(None, "Licence of the base model when fsku does not know it (SPDX id, "
-                                                    "e.g. apache-2.0).")
-    base_model_release_date: Optional[str] = param(None, "Release date (YYYY-MM-DD) of the base model when fsku does "
-                                                         "not know it.")
-    permitted_licenses: str = param("apache-2.0,mit,bsd-2-clause,bsd-3-clause,cc-by-4.0",
-                                    "Licences the rules accept, comma-separated.")
-    cutoff: str = param("2025-07-31", "Latest permitted release date of the base model.")
+                                            "the model itself).")
+    other_models: Optional[str] = param(None, "Models that touched the submission outside fsku's lineage tags (a teacher "
+                                              "used elsewhere, a data generator), comma-separated; each must pass the "
+                                              "release-date and licence rules.")
+    contenders: Optional[str] = param(None, "Facts files of your own (the layout of fsku/package/contenders.yaml), "
+                                            "comma-separated: models, licences and throughput rows added to or replacing "
+                                            "the project's.")
+    permitted_licenses: Optional[str] = param(None, "Licences the rules accept, comma-separated (None: every licence of "
+                                                    "the facts tables that allows at least non-commercial use).")
+    corpus_license: str = param("kr-public-law", "Licence id of the knowledge-base corpus (and of training data "
+                                                 "written from it); kr-public-law: Korean statutes and notices, not "
+                                                 "protected works under 저작권법 제7조.")
+    cutoff: str = param("2025-07-31", "Latest permitted release date of every model that touched the submission.")
     budget_min: float = param(270.0, "Time budget for the whole test set, minutes.")
     n_questions: int = param(515, "Questions in the competition test set (for the projection).")
     speed_factor: float = param(1.0, "How much faster the target machine is than this one (projection = measured time "
                                      "/ factor).")
     verify: str = param("fresh", "fresh (new virtualenv, offline install + sample run), current (this Python; tests) "
                                  "or none.")
+    dry_run: bool = param(False, "Check the rules on facts alone (model facts, provenance, memory projection) without "
+                                 "weights, registry or KB; writes nothing.")
     zip_name: Optional[str] = param(None, "Zip file name (default fsku-submission-<model>-v<version>.zip).")
     wheelhouse: Optional[str] = param(".cache/wheelhouse", "verify=fresh: folder the pinned wheels are downloaded into"
                                                            " (the only networked step) and installed from with "
@@ -959,17 +1015,19 @@ class PackageConfig(Block):
     def __post_init__(self):
         _check(self.verify in VERIFY_MODES, f"verify must be fresh, current or none, got {self.verify!r}")
         _check(self.budget_min > 0 and self.n_questions >= 1, "budget_min must be > 0 and n_questions >= 1")
+        _check(self.n_descriptive <= self.n_questions, "n_descriptive must be <= n_questions")
         _check(self.speed_factor > 0, "speed_factor must be > 0")
         import datetime
 
-        for name in ("cutoff", "base_model_release_date"):
-            value = getattr(self, name)
-            if value:
-                try:
-                    datetime.date.fromisoformat(value)
-                except ValueError:
-                    raise ValueError(f"{name} must be a date YYYY-MM-DD, got {value!r}") from None
+        try:
+            datetime.date.fromisoformat(self.cutoff)
+        except ValueError:
+            raise ValueError(f"cutoff must be a date YYYY-MM-DD, got {self.cutoff!r}") from None
         super().__post_init__()
+
+    def listed(self, name: str) -> list[str]:
+        """A comma-separated field as a list (empty entries dropped)."""
+        return [x.strip() for x in (getattr(self, name) or "").split(",") if x.strip()]
 
 
 @dataclass

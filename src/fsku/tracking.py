@@ -243,7 +243,7 @@ def set_tags(tags: dict) -> None:
 # ending in a unit or a rate; the Trainer's own throughput counters. Judged on the name's last segment,
 # with a trailing _ratio (a comparison of two such values) ignored.
 COST_PREFIX = "cost/"
-_COST_SUFFIXES = ("_s", "_ms", "_seconds", "_min", "_minutes", "_bytes", "_mb", "_gb", "_per_s", "_per_second")
+_COST_SUFFIXES = ("_s", "_ms", "_seconds", "_min", "_minutes", "_bytes", "_mb", "_gb", "_gib", "_per_s", "_per_second")
 _COST_NAMES = ("seconds", "minutes")
 _COST_STARTS = ("seconds_", "s_per_", "latency_", "peak_", "size_", "train_runtime", "total_flos")
 _COST_WORDS = ("_latency_", "_tokens_per_s", "_peak_", "_size_mb")

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..config import InferConfig
 from ..llm import LLMBackend, OptionRequest, check_deadline
+from ..llm.base import scores_continuations
 from . import options as opt
 from . import prompts
 from .classify import ClassifiedQuestion
@@ -91,6 +92,8 @@ class Answer:
     copied: bool = False  # over a copy limit after the re-ask (or with no re-ask possible)
     rephrased: bool = False  # the answer copied its context and the model was asked to rephrase it
     gate_score: Optional[float] = None  # the best retrieved passage on the gate's scale (None: no retrieval)
+    tokens_read: int = 0  # prompt tokens the model read for this question (every call: option orders, re-asks)
+    tokens_generated: int = 0  # tokens it generated (0 for a multiple-choice answer scored, not written)
 
     def to_record(self) -> dict:
         return dict(self.__dict__)
@@ -138,7 +141,7 @@ class Answerer:
         if cfg.context != "none" and kb is not None and cfg.gate_signal == "dense" and cfg.context == "gated" \
                 and not kb.has_dense:
             raise ValueError(f"{kb.folder}: gate_signal 'dense' needs a KB with a dense index; use gate_signal='bm25'")
-        if "cloze" in cfg.mc_scoring and type(llm).continuation_logprobs is LLMBackend.continuation_logprobs:
+        if "cloze" in cfg.mc_scoring and not scores_continuations(llm):
             raise ValueError(f"mc_scoring {cfg.mc_scoring!r} scores option texts, which backend {llm.name!r} "
                              "cannot do; use backend 'transformers' or mc_scoring 'label'")
         self.llm, self.cfg, self.kb = llm, cfg, kb

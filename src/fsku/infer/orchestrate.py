@@ -29,6 +29,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from ..config import FusionSettings, InferConfig
+from ..llm.base import TokenMeter
 from ..retrieve import Hit
 from ..stores import AnswerCache, ResultLog, digest, make_key
 from .answer import Answer, Answerer
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 # the config fields that change an answer (others, e.g. cache_dir or time limits, do not)
 # every InferConfig field changes the answer cache key except these (runtime, limits, places);
 # a new field is part of the key by default, so it can never serve stale answers
-NON_ANSWER_FIELDS = ("backend", "device", "max_model_len", "batch_size", "threads", "token_batch", "kb", "time_limit_s",
+NON_ANSWER_FIELDS = ("backend", "device", "max_model_len", "batch_size", "threads", "token_batch", "gpu_memory_utilization",
+                     "kb", "time_limit_s",
                      "breaker_failures", "breaker_cooldown", "time_budget_min", "cache_dir", "max_unanswered_share")
 ANSWER_FIELDS = tuple(f.name for f in dataclasses.fields(InferConfig) if f.name not in NON_ANSWER_FIELDS)
 RETRIEVAL_FIELDS = ("top_k", "reranker", "reranker_model", "rerank_top_n", "rerank_weight", "rerank_passage_tokens")
@@ -172,6 +174,8 @@ class Orchestrator:
                 # keyed by the question's text: the same text under another ID gets the answer, not the ID
                 return Answer.from_record({**cached, "ID": q.question_id, "inference_time": 0.0})
         t0 = self.clock()
+        meter = self.answerer.llm if isinstance(self.answerer.llm, TokenMeter) else None
+        before = meter.snapshot() if meter else (0, 0)
         a: Optional[Answer] = None
         errors: list[str] = []
         if not fast and self.breaker.allow_primary():
@@ -205,6 +209,8 @@ class Orchestrator:
         if a.truncated:
             self.stats["truncated"] += 1
         a.inference_time = round(self.clock() - t0, 3)
+        if meter:
+            a.tokens_read, a.tokens_generated = (now - then for now, then in zip(meter.snapshot(), before))
         # a cut question's answer depends on max_model_len, which is not in the key: not cached
         if not a.used_fallback and not a.truncated:
             self.cache.set(key, a.to_record())
@@ -261,10 +267,18 @@ class Orchestrator:
         start = self.clock()
         answered = 0
         bs = max(1, self.cfg.batch_size)
+        meter = self.answerer.llm if isinstance(self.answerer.llm, TokenMeter) else None
         for b in range(0, len(ask), bs):
             batch = ask[b:b + bs]
+            before = meter.snapshot() if meter else (0, 0)
             retrieved = self._retrieve_safely(batch)
-            for q, (hits, terms) in zip(batch, retrieved, strict=True):
+            # an llm reranker reads with the answering model during the batch's retrieval: its tokens are
+            # shared out over the batch's questions (the first ones take the remainder)
+            shares = [(0, 0)] * len(batch)
+            if meter:
+                spent = [now - then for now, then in zip(meter.snapshot(), before)]
+                shares = [tuple(s // len(batch) + (i < s % len(batch)) for s in spent) for i in range(len(batch))]
+            for q, (hits, terms), share in zip(batch, retrieved, shares, strict=True):
                 elapsed = self.clock() - start
                 remaining = len(ask) - answered
                 # project the finish from the mean so far; past the budget, keep answering on the fast path
@@ -272,6 +286,9 @@ class Orchestrator:
                 if fast:
                     self.stats["budget_fast"] += 1
                 record = self.answer_one(q, hits, terms, fast=fast).to_record()
+                if share != (0, 0):
+                    record["tokens_read"] = record.get("tokens_read", 0) + share[0]
+                    record["tokens_generated"] = record.get("tokens_generated", 0) + share[1]
                 results.append(record)
                 answered += 1
                 bar.update(1)

@@ -9,9 +9,10 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..config import InferConfig
+from ..llm.base import TokenMeter
 from ..outputs import check_not_input
 from .classify import FLAG_EMPTY, FLAG_NO_STEM, ClassifiedQuestion, classify_question, read_question_rows
 
@@ -154,6 +155,20 @@ def unanswered_problem(records: list[dict], counts: dict, max_share: float, wher
             f"but check the model: {first}" + (" ..." if n > 3 else ""))
 
 
+def token_profile(records: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Mean tokens read and generated per question, by question type, over the records the model
+    answered (copies of an earlier answer and placeholders left out); types with no such record are
+    absent. {"multiple_choice": {"questions": n, "read": r, "generated": g}, "descriptive": {...}}."""
+    out: dict[str, dict[str, float]] = {}
+    for kind in ("multiple_choice", "descriptive"):
+        rows = [r for r in records if r.get("question_type") == kind and not r.get("duplicate_of")
+                and r.get("path") != "none" and r.get("tokens_read")]
+        if rows:
+            out[kind] = {"questions": len(rows), "read": sum(r["tokens_read"] for r in rows) / len(rows),
+                         "generated": sum(r.get("tokens_generated", 0) for r in rows) / len(rows)}
+    return out
+
+
 def predict(cfg: InferConfig, input_csv: str | Path, out_csv: str | Path, restart: bool = False,
             progress: bool = True, llm=None, kb=None, partial: Optional[str | Path] = None,
             records_out: Optional[str | Path] = None, enforce: bool = True) -> PredictResult:
@@ -179,10 +194,11 @@ def predict(cfg: InferConfig, input_csv: str | Path, out_csv: str | Path, restar
     if llm is None:
         llm = load_llm(cfg.model, **cfg.llm_kwargs())
     load_s = time.perf_counter() - t0
+    meter = llm if isinstance(llm, TokenMeter) else TokenMeter(llm)  # tokens per question: the package projection
     if kb is None and cfg.use_context:
         kb = KnowledgeBase.load(cfg.kb)
     cache = AnswerCache(cfg.cache_dir)
-    orch = Orchestrator(Answerer(llm, cfg, kb), cfg, cache)
+    orch = Orchestrator(Answerer(meter, cfg, kb), cfg, cache)
     partial = Path(partial) if partial else partial_path(out_csv)
     results = ResultLog(partial, orch.fingerprint(file_sha256(input_csv)), restart=restart)
     t1 = time.perf_counter()
@@ -200,7 +216,10 @@ def predict(cfg: InferConfig, input_csv: str | Path, out_csv: str | Path, restar
     cache.close()
     counts = outcome_counts(records, questions)
     stats = {**orch.stats, **counts, "questions": len(questions), "load_s": load_s, "run_s": run_s,
-             "breaker_state": orch.breaker.state.value, "cache_entries": len(cache)}
+             "breaker_state": orch.breaker.state.value, "cache_entries": len(cache),
+             "tokens_read": meter.tokens_read, "tokens_generated": meter.tokens_generated}
+    for kind, profile in token_profile(records).items():
+        stats.update({f"tokens_{key}_per_{kind}": value for key, value in profile.items()})
     if counts["unanswered"] or counts["empty_questions"] or counts["truncated"]:
         log.warning("%s: %d of %d answers are placeholders (path none: %d unanswered by the model, %d empty "
                     "questions%s), %d questions were cut to fit the model, %d copied from an identical question",

@@ -20,9 +20,11 @@ __all__ = ["BACKENDS", "DeadlineExceeded", "Generation", "LLMBackend", "OptionRe
 
 
 # each backend resolves the model name itself: transformers and vLLM load folders (a GGUF is converted
-# once), llama.cpp loads the GGUF file as it is. `threads` and `token_batch` are llama.cpp settings.
+# once), llama.cpp loads the GGUF file as it is. `threads` and `token_batch` are llama.cpp settings,
+# `gpu_memory_utilization` vLLM's.
 
-def _transformers(model: str, threads: int = 0, token_batch: int = 512, **kw) -> LLMBackend:
+def _transformers(model: str, threads: int = 0, token_batch: int = 512, gpu_memory_utilization: float = 0.85,
+                  **kw) -> LLMBackend:
     from .hf import TransformersBackend
     from .resolve import resolve_model
 
@@ -39,7 +41,7 @@ def _vllm(model: str, threads: int = 0, token_batch: int = 512, **kw) -> LLMBack
     return VLLMBackend(resolve_model(model), **kw)
 
 
-def _llamacpp(model: str, **kw) -> LLMBackend:
+def _llamacpp(model: str, gpu_memory_utilization: float = 0.85, **kw) -> LLMBackend:
     from .llamacpp import INSTALL_HINT, LlamaCppBackend
     from .resolve import resolve_gguf
 

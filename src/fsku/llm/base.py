@@ -118,3 +118,53 @@ class LLMBackend:
                  top_p: float = 1.0, seed: Optional[int] = None, max_time: Optional[float] = None,
                  repetition_penalty: float = 1.0) -> list[Generation]:
         raise NotImplementedError
+
+
+def scores_continuations(llm) -> bool:
+    """Whether the backend (or the backend a TokenMeter wraps) implements continuation_logprobs."""
+    inner = llm.inner if isinstance(llm, TokenMeter) else llm
+    return type(inner).continuation_logprobs is not LLMBackend.continuation_logprobs
+
+
+class TokenMeter:
+    """An LLM backend that counts the tokens it reads and generates (for the time projection of a
+    test set on other hardware: seconds per question do not carry over, tokens do). Every other
+    attribute is the wrapped backend's. The prompt is counted before the call (a call that times out
+    has still read it); counting never fails a call: a backend that cannot count is logged once."""
+
+    def __init__(self, inner: LLMBackend):
+        self.inner = inner
+        self.tokens_read = 0
+        self.tokens_generated = 0
+        self._warned = False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.tokens_read, self.tokens_generated
+
+    def _count(self, texts: Sequence[str]) -> int:
+        try:
+            return sum(self.inner.count_tokens(text) for text in texts)
+        except Exception as exc:  # a stand-in backend without a tokenizer: no count, the answer still stands
+            if not self._warned:
+                log.warning("%s: tokens not counted (%s); the package time projection will lack them",
+                            getattr(self.inner, "model_id", "model"), exc)
+                self._warned = True
+            return 0
+
+    def option_logprobs(self, request: OptionRequest, deadline: Optional[float] = None) -> np.ndarray:
+        # the shared prefix is read once, each option order after it
+        self.tokens_read += self._count([request.prefix, *request.suffixes])
+        return self.inner.option_logprobs(request, deadline=deadline)
+
+    def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[np.ndarray]:
+        self.tokens_read += self._count([*prompts, *continuations])
+        return self.inner.continuation_logprobs(prompts, continuations)
+
+    def generate(self, prompts: Sequence[str], *args, **kwargs) -> list[Generation]:
+        self.tokens_read += self._count(prompts)
+        out = self.inner.generate(prompts, *args, **kwargs)
+        self.tokens_generated += sum(g.n_tokens for g in out)
+        return out

@@ -1,8 +1,10 @@
 """package: the champion student + KB as a verified, self-contained submission bundle.
 
-Pure parts (tested on their own): the competition's rule checks (`check_rules`: one LLM, base model
-licence and release date, no network use in the bundled code, projected time within the budget),
-the static network scan (`scan_network_use`), base-model facts (`base_model_facts`), the manifest
+Pure parts (tested on their own): the competition's rule checks (`check_rules`: one LLM; every model
+that touched the submission released by the cutoff under a permitted licence (`fsku.package.facts`,
+facts from `contenders.yaml`); no network use and no post-3.10 Python in the bundled code
+(`scan_network_use`, `fsku.package.pycompat`); GPU memory, disk and time within the target machine
+(`fsku.package.resources`)), the manifest
 (sha256 per file) and a deterministic, safe zip (`write_zip`: sorted entries, fixed timestamps and
 modes, no absolute paths or `..`). `fsku.package.inference` is the bundle's entry point, copied into
 it as inference.py. The step (`fsku.steps.package`) assembles the folder, refuses with the reasons
@@ -14,53 +16,21 @@ import ast
 import json
 import zipfile
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path, PurePosixPath
 from typing import Optional, Sequence
 
 from ..llm.resolve import sha256_file
+from .facts import ModelFacts, eligibility_problems
+from .pycompat import CompatFinding
+from .resources import MemoryProjection, TimeProjection
 
 COMPETITION_CUTOFF = "2025-07-31"
-PERMITTED_LICENSES = ("apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc-by-4.0")
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
-
-# Facts from the models' Hugging Face cards (licence) and release announcements (date).
-KNOWN_BASE_MODELS = {
-    "qwen2.5-coder-0.5b-instruct": {"hub_id": "Qwen/Qwen2.5-Coder-0.5B-Instruct", "license": "apache-2.0",
-                                    "release_date": "2024-11-12"},
-    "qwen2.5-coder-1.5b-instruct": {"hub_id": "Qwen/Qwen2.5-Coder-1.5B-Instruct", "license": "apache-2.0",
-                                    "release_date": "2024-09-19"},
-}
 
 NETWORK_MODULES = ("socket", "requests", "urllib.request", "urllib3", "http.client", "httpx", "aiohttp", "ftplib",
                    "smtplib", "websocket", "websockets", "paramiko")
 NETWORK_CALLS = ("snapshot_download", "hf_hub_download", "urlopen", "urlretrieve")
 GUARD_MARKER = "# offline:"  # a reviewed call site that cannot reach the network in a bundle (reason after the marker)
-
-
-def base_model_key(name: str) -> str:
-    """'offline:qwen2.5-coder-0.5b-instruct', 'Qwen/Qwen2.5-Coder-0.5B-Instruct', 'models/qwen2.5-…' -> table key."""
-    name = name.strip()
-    if name.startswith("offline:"):
-        name = name[len("offline:"):]
-    return PurePosixPath(name.replace("\\", "/")).name.lower()
-
-
-def base_model_facts(base_model: str, model_dir: Optional[Path] = None) -> dict:
-    """{"base_model", "license", "release_date", "from_scratch", "source"}; unknown fields are None.
-    A model built from config by fsku (fsku_tiny.json) is trained from scratch: no pretrained base."""
-    for folder in [p for p in (model_dir, Path(base_model)) if p is not None]:
-        try:
-            if (folder / "fsku_tiny.json").exists():
-                return {"base_model": base_model, "license": "mit", "release_date": None, "from_scratch": True,
-                        "source": "random initialisation from config (fsku make-tiny-models), trained in this project"}
-        except OSError:
-            pass
-    known = KNOWN_BASE_MODELS.get(base_model_key(base_model))
-    if known:
-        return {"base_model": known["hub_id"], "license": known["license"], "release_date": known["release_date"],
-                "from_scratch": False, "source": "fsku.package.KNOWN_BASE_MODELS"}
-    return {"base_model": base_model, "license": None, "release_date": None, "from_scratch": False, "source": "unknown"}
 
 
 @dataclass
@@ -116,21 +86,28 @@ def scan_network_use(source: str, filename: str) -> list[NetworkFinding]:
 
 @dataclass
 class BundleFacts:
-    """What the rules look at, gathered by the step."""
+    """What the rules look at, gathered by the step: the LLMs in the bundle, every model that touched
+    the submission with its role, the code scans and the projections."""
 
     llms: Sequence[str]
-    base: dict
+    models: Sequence[tuple[str, ModelFacts]] = ()
     network: Sequence[NetworkFinding] = ()
-    projected_s: Optional[float] = None
+    compat: Sequence[CompatFinding] = ()
+    memory: Optional[MemoryProjection] = None
+    time: Optional[TimeProjection] = None  # from the measured tokens and the target GPU's throughput table
+    bundle_bytes: Optional[int] = None
+    projected_s: Optional[float] = None  # from the verification run's wall time on this machine
     projection: str = ""
 
 
 @dataclass
 class RulePolicy:
-    permitted_licenses: Sequence[str] = PERMITTED_LICENSES
+    permitted_licenses: Sequence[str] = ()
     cutoff: str = COMPETITION_CUTOFF
     budget_min: float = 270.0
     n_questions: int = 515
+    disk_gb: float = 40.0
+    target_python: str = "3.10"
     extra: dict = field(default_factory=dict)
 
 
@@ -139,27 +116,22 @@ def check_rules(facts: BundleFacts, policy: RulePolicy) -> list[str]:
     problems = []
     if len(facts.llms) != 1:
         problems.append(f"{len(facts.llms)} LLMs bundled ({', '.join(facts.llms) or 'none'}): the competition allows exactly one")
-    base = facts.base
-    name = base.get("base_model") or "the base model"
-    if not base.get("from_scratch"):
-        released = base.get("release_date")
-        if not released:
-            problems.append(f"release date of {name} unknown: check its model card and pass --base-model-release-date "
-                            f"(must be on or before {policy.cutoff})")
-        else:
-            try:
-                if date.fromisoformat(str(released)) > date.fromisoformat(policy.cutoff):
-                    problems.append(f"{name} was released {released}, after the competition cutoff {policy.cutoff}")
-            except ValueError:
-                problems.append(f"release date {released!r} of {name} is not an ISO date (YYYY-MM-DD)")
-    licence = (base.get("license") or "").strip().lower()
-    if not licence:
-        problems.append(f"licence of {name} missing: pass --base-model-license after checking its model card")
-    elif licence not in [x.lower() for x in policy.permitted_licenses]:
-        problems.append(f"licence {licence!r} of {name} is not permitted (permitted: {', '.join(policy.permitted_licenses)})")
+    for role, model in facts.models:
+        problems += eligibility_problems(model, role, policy.permitted_licenses, policy.cutoff)
     for finding in facts.network:
         if not finding.guarded:
             problems.append(f"network access in bundled code: {finding}")
+    for finding in facts.compat:
+        if not finding.guarded:
+            problems.append(f"bundled code needs a newer Python than the target {policy.target_python}: {finding}")
+    if facts.memory is not None and not facts.memory.fits:
+        problems.append(f"GPU memory: projected {facts.memory.total_gib:.2f} GiB exceeds {facts.memory.limit_gib:g} GiB ("
+                        + "; ".join(facts.memory.lines[:-1]) + ")")
+    if facts.bundle_bytes is not None and facts.bundle_bytes > policy.disk_gb * 1e9:
+        problems.append(f"bundle of {facts.bundle_bytes / 1e9:.2f} GB exceeds the {policy.disk_gb:g} GB disk")
+    if facts.time is not None and not facts.time.fits:
+        problems.append(f"projected {policy.n_questions}-question time on the target GPU {facts.time.seconds / 60:.1f} min "
+                        f"exceeds the {policy.budget_min:g}-min budget (" + "; ".join(facts.time.lines) + ")")
     if facts.projected_s is not None and facts.projected_s > policy.budget_min * 60:
         problems.append(f"projected {policy.n_questions}-question time {facts.projected_s / 60:.1f} min exceeds the "
                         f"{policy.budget_min:g}-min budget ({facts.projection})")
@@ -231,12 +203,21 @@ def check_zip(path: Path) -> list[str]:
         return [safe_member(n) for n in zf.namelist()]
 
 
-def model_card(facts: dict, student_tags: dict, kb_info: dict, settings: dict) -> str:
-    lines = ["# fsku submission model card", "",
-             f"- base model: {facts.get('base_model')}" + (" (trained from scratch)" if facts.get("from_scratch") else ""),
-             f"- base model licence: {facts.get('license') or 'unknown'}",
-             f"- base model release date: {facts.get('release_date') or ('n/a' if facts.get('from_scratch') else 'unknown')}",
-             f"- facts source: {facts.get('source')}"]
+def model_card(models: Sequence[tuple[str, ModelFacts]], student_tags: dict, kb_info: dict, settings: dict,
+               data_sources: Sequence[dict] = (), resources: Sequence[str] = ()) -> str:
+    """MODEL_CARD.md: every model that touched the submission with its facts, the training data and
+    its licences, the lineage tags, the KB, the resource arithmetic and the inference settings."""
+    lines = ["# fsku submission model card", "", "## models that touched this submission", ""]
+    for role, m in models:
+        what = "trained from scratch in this project" if m.from_scratch else (
+            f"{m.hub_id}, licence {m.license or 'unknown'}, released {m.release_date or 'unknown'}"
+            if m.known else "facts unknown")
+        lines.append(f"- {role}: {m.name} ({what}; facts from {m.source})")
+    if data_sources:
+        lines += ["", "## data", ""]
+        lines += [f"- {d['role']}: {d['name']} (licence: {d.get('license') or 'unknown'})"
+                  + (f": {d['note']}" if d.get("note") else "") for d in data_sources]
+    lines += ["", "## lineage", ""]
     for key in ("registered_model", "version", "teacher", "loss_type", "alpha", "beta", "data", "data_version",
                 "quantization", "bits", "source_version"):
         if student_tags.get(key) not in (None, ""):
@@ -245,5 +226,7 @@ def model_card(facts: dict, student_tags: dict, kb_info: dict, settings: dict) -
         lines.append(f"- knowledge base: {kb_info.get('registered') or kb_info.get('folder')} "
                      f"({kb_info.get('chunks')} chunks from {kb_info.get('documents')} documents; corpus sha256 "
                      f"{str(kb_info.get('corpus_sha256'))[:16]}…)")
+    if resources:
+        lines += ["", "## resources on the target machine", ""] + [f"- {r}" for r in resources]
     lines += ["", "## inference settings", "", "```json", json.dumps(settings, indent=2, ensure_ascii=False), "```", ""]
     return "\n".join(lines)

@@ -179,7 +179,7 @@ def run_step(cfg: DistillConfig, progress: bool = True) -> dict:
                 # the MLflow dataset digest: the same as on the synth_qa run that wrote the data
                 "training_dataset": f"{train.name}@{train.digest}" if train is not None else "",
                 "synth_kb": synth_stats.get("kb", ""), "synth_kb_corpus_sha256": synth_corpus,
-                "synth_teacher": synth_stats.get("teacher", "")}
+                "synth_teacher": synth_stats.get("teacher", ""), "synth_judge": synth_stats.get("judge", "")}
             model_version = tracking.register_student(result.merged, cfg.register_as, lineage,
                                                       description=student_description("distilled", lineage),
                                                       model_description=STUDENT_MODEL_DESCRIPTION)

@@ -56,7 +56,6 @@ from ..outputs import (
 from ..package import (
     BundleFacts,
     RulePolicy,
-    base_model_facts,
     build_manifest,
     check_rules,
     check_zip,
@@ -67,6 +66,15 @@ from ..package import (
     write_zip,
 )
 from ..package import inference as bundle_inference
+from ..package.facts import FactTables, ModelFacts, is_rule_generator, load_facts, model_facts, provenance_from_tags
+from ..package.pycompat import check_source
+from ..package.resources import (
+    folder_architecture,
+    folder_tensors,
+    memory_projection,
+    pick_throughput,
+    time_projection,
+)
 from .args import step_main
 from .naming import run_labels
 from .preflight import check_inputs
@@ -113,16 +121,30 @@ def count_llms(folder: Path) -> list[str]:
     return found
 
 
-def runtime_requirements(model_dir: Path, pins_file: Path = ROOT / "requirements.txt") -> list[str]:
+def project_pins(pins_file: Path = ROOT / "requirements.txt", pyproject: Path = ROOT / "pyproject.toml") -> dict[str, str]:
+    """name -> 'name==version': requirements.txt, then the pinned extras of pyproject.toml (vllm, gptqmodel)."""
+    import re
+
     pins = {}
+    if pyproject.exists():  # read as text: tomllib is Python 3.11+
+        for name, version in re.findall(r'"([A-Za-z0-9_.-]+)==([^";\s]+)"', pyproject.read_text(encoding="utf-8")):
+            pins[name.lower()] = f"{name}=={version}"
     for line in pins_file.read_text(encoding="utf-8").splitlines():
         line = line.split("#", 1)[0].strip()
         if "==" in line:
             name = line.split("==", 1)[0].strip()
             pins[name.lower()] = line
-    wanted = list(RUNTIME_PACKAGES)
-    info = model_dir / "fsku_quantization.json"
-    if info.exists():
+    return pins
+
+
+def runtime_requirements(model_dir: Path | None, pins_file: Path = ROOT / "requirements.txt",
+                         extra: tuple[str, ...] = ()) -> list[str]:
+    """Pinned runtime packages of a bundle: fsku's runtime, `extra` (vllm for backend vllm) and the
+    quantization backend the model folder needs."""
+    pins = project_pins(pins_file)
+    wanted = list(RUNTIME_PACKAGES) + list(extra)
+    info = model_dir / "fsku_quantization.json" if model_dir is not None else None
+    if info is not None and info.exists():
         wanted += QUANT_PACKAGES.get(json.loads(info.read_text(encoding="utf-8")).get("method"), ())
     missing = [w for w in wanted if w.lower() not in pins]
     out = [pins[w.lower()] for w in wanted if w.lower() in pins]
@@ -136,10 +158,15 @@ def runtime_requirements(model_dir: Path, pins_file: Path = ROOT / "requirements
     return out
 
 
+def is_runtime(rel: Path) -> bool:
+    """Whether a path inside the fsku package (relative to it) is part of a bundle's code."""
+    return rel.parts[0] not in EXCLUDED_CODE and "__pycache__" not in rel.parts
+
+
 def copy_code(dest: Path) -> None:
     def ignore(folder, names):
-        top = Path(folder).resolve() == PACKAGE_DIR
-        return [n for n in names if n == "__pycache__" or (top and n in EXCLUDED_CODE)]
+        rel = Path(folder).resolve().relative_to(PACKAGE_DIR)
+        return [n for n in names if not is_runtime(rel / n)]
 
     shutil.copytree(PACKAGE_DIR, dest / "fsku", ignore=ignore)
 
@@ -261,6 +288,252 @@ def verify_bundle(bundle: Path, mode: str, work: Path, wheelhouse: Path | None =
     return timings
 
 
+# ----------------------------------------------------------------------------- facts, provenance, projections
+
+def policy_for(cfg: PackageConfig, tables: FactTables) -> RulePolicy:
+    permitted = cfg.listed("permitted_licenses") or tables.permitted_licences()
+    return RulePolicy(permitted_licenses=permitted, cutoff=cfg.cutoff, budget_min=cfg.budget_min,
+                      n_questions=cfg.n_questions, disk_gb=cfg.disk_gb, target_python=cfg.target_python)
+
+
+def provenance(cfg: PackageConfig, student: dict, tables: FactTables, model_dir: Path | None,
+               helpers: tuple[tuple[str, str], ...] = ()) -> list[tuple[str, ModelFacts]]:
+    """(role, facts) of every model that touched the submission: the student's base, distill's teacher,
+    synth_qa's teacher and judge (registry lineage tags), `helpers` (the KB's embedder, a cross-encoder
+    reranker) and --other-models. Rule-written data (synth_teacher 'rules:…') involves no model: it is
+    listed with the data, not here."""
+    tags = dict(student)
+    if cfg.base_model:
+        tags["base_model"] = cfg.base_model
+    pairs = provenance_from_tags(tags, cfg.model if model_dir is None else str(model_dir)) + list(helpers)
+    named = {name for _, name in pairs}  # a declared model the lineage already names is not listed twice
+    pairs += [("declared (--other-models)", name) for name in cfg.listed("other_models") if name not in named]
+    out, seen = [], set()
+    for role, name in pairs:
+        if is_rule_generator(name) or (role, name) in seen:
+            continue
+        seen.add((role, name))
+        out.append((role, model_facts(name, tables, model_dir if role == "base model" else None)))
+    return out
+
+
+def helper_models(settings: dict, kb_info: dict) -> tuple[tuple[str, str], ...]:
+    """Models besides the one LLM: the KB's embedding model and a cross-encoder reranker."""
+    out = []
+    if kb_info.get("embedding_model"):
+        out.append(("KB embedder", str(kb_info["embedding_model"])))
+    if settings.get("reranker") == "cross-encoder" and settings.get("reranker_model"):
+        out.append(("reranker", str(settings["reranker_model"])))
+    return tuple(out)
+
+
+def lineage_gaps(cfg: PackageConfig, student: dict, models: list) -> tuple[list[str], list[str]]:
+    """(problems, warnings) about models the lineage may be missing: training data with no recorded
+    generator is refused unless --other-models names it; a folder without registry lineage, or a version
+    registered before the judge was recorded, is a warning."""
+    problems, warnings = [], []
+    declared = bool(cfg.listed("other_models"))
+    if student.get("data") and not student.get("synth_teacher") and not declared:
+        problems.append(f"training data {student['data']} has no recorded generator (no synth_teacher tag): name the "
+                        "model that wrote it with --other-models")
+    if not student and not models[0][1].from_scratch and not declared:
+        warnings.append(f"{cfg.model} has no registry lineage: only its base model is checked; if it was trained from a "
+                        "teacher or on generated data, name those models with --other-models")
+    if student.get("synth_teacher") and "synth_judge" not in student and not declared:
+        warnings.append("the lineage predates recorded synth_qa judges: if synth_qa used a judge, name it with "
+                        "--other-models")
+    return problems, warnings
+
+
+def data_sources(cfg: PackageConfig, student: dict, kb_info: dict) -> list[dict]:
+    """The data behind the submission with its licence: the KB corpus and the training data written from it."""
+    out = []
+    if kb_info:
+        out.append({"role": "knowledge base corpus (retrieval)", "license": cfg.corpus_license,
+                    "name": f"{kb_info.get('documents')} documents, corpus sha256 {str(kb_info.get('corpus_sha256'))[:16]}"})
+    if student.get("data"):
+        writer = student.get("synth_teacher") or "an unrecorded generator"
+        judge = f", judged by {student['synth_judge']}" if student.get("synth_judge") else ""
+        out.append({"role": "training data (distill)", "license": cfg.corpus_license,
+                    "name": f"{student['data']} ({student.get('training_dataset') or student.get('data_version', '')})",
+                    "note": f"written from the corpus {student.get('synth_kb_corpus_sha256') or '?'} by {writer}{judge}"})
+    return out
+
+
+def data_problems(sources: list[dict], policy: RulePolicy) -> list[str]:
+    return [f"{d['role']}: licence {d['license']!r} is not permitted (permitted: {', '.join(policy.permitted_licenses)}); "
+            "set --corpus-license to the corpus's licence id" for d in sources
+            if (d.get("license") or "").lower() not in [x.lower() for x in policy.permitted_licenses]]
+
+
+def precision_of(model_dir: Path | None, settings: dict, assumed: str = "auto") -> str:
+    """fp32 | bf16 | int8 | 4bit: a quantized folder's bits; without a folder (dry run) `assumed` unless
+    auto; else the dtype the settings load (auto = bf16 on a GPU)."""
+    info = (model_dir / "fsku_quantization.json") if model_dir else None
+    if info is not None and info.exists():
+        bits = int(json.loads(info.read_text(encoding="utf-8")).get("bits", 16))
+        return "4bit" if bits <= 4 else "int8" if bits <= 8 else "bf16"
+    if model_dir is None and assumed != "auto":
+        return assumed
+    return "fp32" if settings.get("dtype") == "float32" else "bf16"
+
+
+def engine_of(cfg: PackageConfig, settings: dict) -> str:
+    if cfg.engine != "auto":
+        return cfg.engine
+    return "optimized" if settings.get("backend") == "vllm" else "transformers"
+
+
+def sequences_in_flight(settings: dict) -> int:
+    """Sequences whose KV cache is held at once: a batch, the k samples of a consensus answer or the
+    self-consistency paths of a multiple-choice answer."""
+    k = settings.get("desc_samples", 1) if settings.get("desc_strategy") == "consensus" else 1
+    return max(int(settings.get("batch_size", 1)), int(k), int(settings.get("self_consistency", 0) or 0))
+
+
+def project_resources(cfg: PackageConfig, settings: dict, tables: FactTables, base: ModelFacts,
+                      model_dir: Path | None, profile: dict | None):
+    """(memory projection or None, time projection or None, lines): the model folder's own config and
+    tensors where there is one, else the facts table's numbers."""
+    gpu = tables.gpu.get("gpu", "the target GPU")
+    precision = precision_of(model_dir, settings, cfg.dry_run_precision)
+    limit, where = cfg.gpu_memory_gib, gpu
+    if settings.get("backend") == "vllm":  # vLLM takes its share of the memory up front and must fit in it
+        share = float(settings.get("gpu_memory_utilization", 0.85))
+        limit = share * cfg.gpu_memory_gib
+        where = f"{gpu} (vLLM's gpu_memory_utilization {share:g} of {cfg.gpu_memory_gib:g} GiB)"
+    arch = (folder_architecture(model_dir) if model_dir else None) or base.architecture
+    tensors = folder_tensors(model_dir) if model_dir else None
+    quantized = precision in ("int8", "4bit") and model_dir is not None and (model_dir / "fsku_quantization.json").exists()
+    parameters = (base.parameters_b * 1e9 if quantized and base.parameters_b else None) or (tensors[0] if tensors else None) \
+        or (base.parameters_b * 1e9 if base.parameters_b else None)
+    lines: list[str] = []
+    memory = gpu_time = None
+    if parameters is None:
+        lines.append("memory: not projected (parameter count unknown: give parameters_b in a contenders file)")
+    else:
+        memory = memory_projection(parameters, precision, arch, int(settings.get("max_model_len", 4096)),
+                                   sequences_in_flight(settings), cfg.gpu_overhead_gib, limit,
+                                   kv_bytes_per_value=4.0 if precision == "fp32" else 2.0, gpu=where,
+                                   stored_bytes=tensors[1] if quantized and tensors else None)
+        lines += [f"memory: {line}" for line in memory.lines]
+        engine = engine_of(cfg, settings)
+        row, factor = pick_throughput(tables.throughput, engine, precision, parameters / 1e9)
+        if row is None:
+            lines.append(f"time on {gpu}: not projected (no {engine} {precision} throughput row)")
+        elif not profile:
+            lines.append(f"time on {gpu}: not projected (no measured tokens per question: the verification run "
+                         "measures them)")
+        else:
+            counts = {"multiple_choice": cfg.n_questions - cfg.n_descriptive, "descriptive": cfg.n_descriptive}
+            gpu_time = time_projection(profile, counts, row, factor, cfg.load_s, cfg.budget_min * 60, gpu=gpu)
+            lines += [f"time: {line}" for line in gpu_time.lines]
+    return memory, gpu_time, lines
+
+
+def runtime_code() -> dict[str, str]:
+    """The Python a bundle carries from fsku (bundle path -> source): code/fsku/… and inference.py."""
+    out = {}
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        rel = path.relative_to(PACKAGE_DIR)
+        if not is_runtime(rel):
+            continue
+        out[f"code/fsku/{rel.as_posix()}"] = path.read_text(encoding="utf-8")
+    out["inference.py"] = Path(bundle_inference.__file__).read_text(encoding="utf-8")
+    return out
+
+
+def code_findings(sources: dict[str, str], target: tuple[int, int]):
+    network = [f for name, src in sorted(sources.items()) for f in scan_network_use(src, name)]
+    compat = [f for name, src in sorted(sources.items()) for f in check_source(src, name, target)]
+    return network, compat
+
+
+def runtime_needs(requirements: list[str], target_python: str, target_torch: str = "2.1.0") -> dict:
+    """What the pinned runtime needs, from the installed packages' metadata where the installed version
+    is the pinned one (else the pin is listed as unchecked): the Python its wheels require (the highest
+    `Requires-Python` minimum) and the torch pin, against the target image."""
+    import re
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    target = tuple(int(x) for x in target_python.split("."))
+    floors, unchecked = [], []
+    for pin in requirements:
+        name, _, version = pin.partition("==")
+        try:
+            meta = metadata(name)
+        except PackageNotFoundError:
+            unchecked.append(pin)
+            continue
+        if meta["Version"].split("+")[0] != version.split("+")[0]:
+            unchecked.append(pin)
+            continue
+        found = re.search(r">=\s*(\d+)\.(\d+)", meta.get("Requires-Python") or "")
+        if found:
+            floors.append(((int(found.group(1)), int(found.group(2))), pin))
+    need = max((v for v, _ in floors), default=target)
+    because = [pin for v, pin in floors if v == need and v > target]
+    torch_pin = next((p.partition("==")[2] for p in requirements if p.startswith("torch==")), None)
+    try:
+        import torch
+
+        torch_here = {"torch_build_here": torch.__version__, "cuda_here": torch.version.cuda}
+    except ImportError:
+        torch_here = {}
+    return {"python_code": target_python, "python_pins": f">={need[0]}.{need[1]}", "python_pins_because": because,
+            "pins_fit_target": need <= target, "unchecked_pins": unchecked, "torch": torch_pin,
+            "target_torch": target_torch, **torch_here}
+
+
+def dry_run(cfg: PackageConfig) -> dict:
+    """The rules on facts alone: the model named by --model (hub id or folder), its provenance, the
+    bundled code, the memory projection; no weights, registry or KB are read and nothing is written."""
+    tables = load_facts(cfg.listed("contenders"))
+    policy = policy_for(cfg, tables)
+    settings = inference_settings(cfg)
+    model_dir = Path(cfg.model) if Path(cfg.model).is_dir() else None
+    kb_dir = Path(cfg.kb) if cfg.kb and (Path(cfg.kb) / "manifest.json").is_file() else None
+    embedder = (json.loads((kb_dir / "manifest.json").read_text(encoding="utf-8")).get("embedding") or {}).get("model") \
+        if kb_dir else None
+    models = provenance(cfg, {}, tables, model_dir, helper_models(settings, {"embedding_model": embedder}))
+    base = models[0][1]
+    memory, time, lines = project_resources(cfg, settings, tables, base, model_dir, None)
+    network, compat = code_findings(runtime_code(), cfg.target_version)
+    facts = BundleFacts(llms=[cfg.model], models=models, network=network, compat=compat, memory=memory, time=time)
+    data = data_sources(cfg, {}, {"documents": "?", "corpus_sha256": "?"} if cfg.kb else {})
+    problems = check_rules(facts, policy) + data_problems(data, policy)
+    needs = runtime_needs(runtime_requirements_pins(settings), cfg.target_python, cfg.target_torch)
+    return {"dry_run": True, "problems": problems, "models": [(role, m.to_dict()) for role, m in models], "data": data,
+            "resources": lines, "memory": memory.to_dict() if memory else None, "runtime": needs,
+            "warnings": lineage_gaps(cfg, {}, models)[1] + runtime_warnings(needs, memory),
+            "policy": dataclasses.asdict(policy), "facts_files": tables.files}
+
+
+def runtime_warnings(needs: dict, memory=None) -> list[str]:
+    """What the rules cannot refuse but a user must know: pins that need a newer Python than the
+    target image, a memory projection without its KV cache."""
+    out = []
+    if not needs["pins_fit_target"]:
+        out.append(f"the pinned runtime needs Python {needs['python_pins']} ({', '.join(needs['python_pins_because'][:4])}), "
+                   f"the target image has {needs['python_code']}: install a newer Python beside it or pin older packages "
+                   "(README, section On a GPU); the bundled code itself parses as " + needs["python_code"])
+    if needs.get("torch") and needs["torch"].split("+")[0] != needs.get("target_torch"):
+        out.append(f"the bundle pins torch {needs['torch']}, the target image has {needs.get('target_torch')}: install the "
+                   "pinned torch built for the CUDA the machine's driver supports (README, section On a GPU)")
+    if needs.get("unchecked_pins"):
+        out.append(f"Python requirements of {', '.join(needs['unchecked_pins'][:4])} not checked (not installed here at "
+                   "the pinned version)")
+    if memory is not None and not memory.complete:
+        out.append("the GPU memory projection leaves out the KV cache (the model's layers / KV heads / head_dim are "
+                   "unknown): it may still not fit")
+    return out
+
+
+def runtime_requirements_pins(settings: dict) -> list[str]:
+    """The pins a bundle would carry for these settings (without a model folder: no quantization extra)."""
+    return runtime_requirements(None, extra=("vllm",) if settings.get("backend") == "vllm" else ())
+
+
 def run_step(cfg: PackageConfig, progress: bool = True) -> dict:
     """Assemble, rule-check, verify and zip the bundle (PackageRefused names the failed rules): {"bundle",
     "zip", "zip_sha256", "problems", "facts", "llms", "network", "verification", "projected_min", "run_id"}.
@@ -271,6 +544,11 @@ def run_step(cfg: PackageConfig, progress: bool = True) -> dict:
     good <out>/bundle and its zip stay as they were; a later successful run removes bundle.refused.
     On any error before that (a failed download or copy, a failed verification) the staging folder is
     removed and <out>/bundle is left as it was."""
+    if cfg.dry_run:
+        result = dry_run(cfg)
+        if result["problems"]:
+            raise PackageRefused(result["problems"], None)
+        return result
     from .. import tracking
 
     check_inputs(models={"--model": cfg.model}, kbs={"--kb": cfg.kb})
@@ -283,20 +561,15 @@ def run_step(cfg: PackageConfig, progress: bool = True) -> dict:
     model_dir, student = resolve_folder(cfg.model, "config.json")
     kb_dir, kb_prov = resolve_folder(cfg.kb, "manifest.json") if cfg.kb else (None, {})
 
-    # facts first: refuse before copying gigabytes
-    base_name = cfg.base_model or student.get("base_model") or str(model_dir)
-    facts = base_model_facts(base_name, model_dir)
-    if cfg.base_model_license:
-        facts.update(license=cfg.base_model_license, source="--base-model-license")
-    if cfg.base_model_release_date:
-        facts.update(release_date=cfg.base_model_release_date, source="--base-model-release-date")
-    policy = RulePolicy(permitted_licenses=[x.strip() for x in cfg.permitted_licenses.split(",") if x.strip()],
-                        cutoff=cfg.cutoff, budget_min=cfg.budget_min, n_questions=cfg.n_questions)
+    # facts first: every model of the lineage is looked up before gigabytes are copied (refused after assembly,
+    # with the bundle kept aside as bundle.refused, so the reasons can be read next to what was built)
+    tables = load_facts(cfg.listed("contenders"))
+    policy = policy_for(cfg, tables)
 
     # assembled, checked and verified beside the old bundle; swapped in only when it passed
     staging = begin_staging(final_bundle, BUNDLE_MARKERS, "--out bundle folder")
     try:
-        result, manifest, problems = _assemble_and_check(cfg, staging, out, model_dir, student, kb_dir, kb_prov, facts,
+        result, manifest, problems = _assemble_and_check(cfg, staging, out, model_dir, student, kb_dir, kb_prov, tables,
                                                          policy)
         bundle = replace_folder(staging, refused_bundle if problems else final_bundle, BUNDLE_MARKERS,
                                 "--out refused bundle folder" if problems else "--out bundle folder")
@@ -311,8 +584,11 @@ def run_step(cfg: PackageConfig, progress: bool = True) -> dict:
     with tracking.run("package", dataclasses.asdict(cfg), tags={"fsku.package": "refused" if problems else "ok"},
                       **run_labels("package", cfg)) as run:
         tracking.log_dict(manifest, "package/MANIFEST.json")
+        resources = manifest["resources"]
         tracking.log_metrics({"bundle_bytes": manifest["total_bytes"], "bundle_files": len(manifest["files"]),
                               **({"projected_min": result["projected_min"]} if result["projected_min"] is not None else {}),
+                              **({"gpu_memory_gib": resources["memory"]["total_gib"]} if resources["memory"] else {}),
+                              **({"projected_gpu_min": resources["time"]["minutes"]} if resources["time"] else {}),
                               **{f"verify_{k}": v for k, v in result["verification"].items() if isinstance(v, (int, float))}})
         result["run_id"] = run.info.run_id
     if problems:
@@ -327,9 +603,9 @@ def run_step(cfg: PackageConfig, progress: bool = True) -> dict:
 
 
 def _assemble_and_check(cfg: PackageConfig, bundle: Path, out: Path, model_dir: Path, student: dict, kb_dir, kb_prov: dict,
-                        facts: dict, policy: RulePolicy) -> tuple[dict, dict, list[str]]:
+                        tables: FactTables, policy: RulePolicy) -> tuple[dict, dict, list[str]]:
     """Write the bundle into the staging folder `bundle`, check the rules, verify it (when they pass)
-    and write its MANIFEST.json: (result, manifest, problems)."""
+    and write its MODEL_CARD.md and MANIFEST.json: (result, manifest, problems)."""
     log.info("package: copying the model %s and the knowledge base into %s", model_dir, bundle)
     shutil.copytree(model_dir, bundle / "model", ignore=shutil.ignore_patterns("__pycache__", "MLmodel", "*.pkl"))
     kb_info = copy_kb(kb_dir, bundle) if kb_dir else {}
@@ -339,23 +615,29 @@ def _assemble_and_check(cfg: PackageConfig, bundle: Path, out: Path, model_dir: 
     settings = inference_settings(cfg)
     (bundle / "settings.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     shutil.copyfile(bundle_inference.__file__, bundle / "inference.py")
-    (bundle / "requirements.txt").write_text("\n".join(runtime_requirements(bundle / "model")) + "\n", encoding="utf-8")
+    requirements = runtime_requirements(bundle / "model", extra=("vllm",) if settings.get("backend") == "vllm" else ())
+    (bundle / "requirements.txt").write_text("\n".join(requirements) + "\n", encoding="utf-8")
     (bundle / "sample").mkdir()
     shutil.copyfile(cfg.sample_test, bundle / "sample" / "test.csv")
-    (bundle / "MODEL_CARD.md").write_text(model_card(facts, student, kb_info, settings),
-                                          encoding="utf-8")
     (bundle / "README.md").write_text(
         "# fsku submission bundle\n\n```bash\n# on a machine with network (once): the pinned wheels\n"
         "pip wheel -w wheels -r requirements.txt\n# offline:\n"
         "python -m venv .venv && .venv/bin/pip install --no-index --find-links wheels -r requirements.txt\n"
         ".venv/bin/python inference.py --test test.csv --out submission.csv\n```\n\n"
         "One LLM (`model/`), its knowledge base (`kb/`, embedding model under `models/`), offline. "
-        "MODEL_CARD.md says where the model comes from; MANIFEST.json holds the sha256 of every file.\n", encoding="utf-8")
+        "MODEL_CARD.md lists every model and data source behind it and the resource arithmetic; MANIFEST.json holds "
+        "the sha256 of every file and the Python/torch the pins need (`runtime`).\n", encoding="utf-8")
 
-    network = [f for py in sorted(bundle.rglob("*.py"))
-               for f in scan_network_use(py.read_text(encoding="utf-8"), py.relative_to(bundle).as_posix())]
-    bundle_facts = BundleFacts(llms=count_llms(bundle), base=facts, network=network)
-    problems = check_rules(bundle_facts, policy)
+    models = provenance(cfg, student, tables, model_dir, helper_models(settings, kb_info))
+    gap_problems, gap_warnings = lineage_gaps(cfg, student, models)
+    sources = {py.relative_to(bundle).as_posix(): py.read_text(encoding="utf-8") for py in sorted(bundle.rglob("*.py"))}
+    network, compat = code_findings(sources, cfg.target_version)
+    data = data_sources(cfg, student, kb_info)
+    base = models[0][1]
+    memory, _, resource_lines = project_resources(cfg, settings, tables, base, bundle / "model", None)
+    bundle_facts = BundleFacts(llms=count_llms(bundle), models=models, network=network, compat=compat, memory=memory,
+                               bundle_bytes=sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()))
+    problems = check_rules(bundle_facts, policy) + data_problems(data, policy) + gap_problems
     log.info("package: rule checks %s", "passed" if not problems else f"failed ({len(problems)} problems)")
     verification: dict = {}
     if not problems and cfg.verify != "none":
@@ -367,19 +649,39 @@ def _assemble_and_check(cfg: PackageConfig, bundle: Path, out: Path, model_dir: 
         bundle_facts.projected_s = project_seconds(verification.get("load_s", 0.0), per_q, cfg.n_questions, cfg.speed_factor)
         bundle_facts.projection = (f"{per_q:.2f} s/question measured on {verification['questions']} sample questions + "
                                    f"{verification.get('load_s', 0.0):.1f} s load, speed factor {cfg.speed_factor:g}")
-        problems = check_rules(bundle_facts, policy)
+        memory, bundle_facts.time, resource_lines = project_resources(cfg, settings, tables, base, bundle / "model",
+                                                                      measured_profile(verification))
+        problems = check_rules(bundle_facts, policy) + data_problems(data, policy) + gap_problems
         created = sorted((p for p in bundle.rglob("*") if p not in before), key=lambda p: len(p.parts))
         for path in created:  # the bundle is zipped as built, not as the verification run left it
             if path.exists():
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         verification["files_created_by_run"] = len(created)
-    result = {"problems": problems, "facts": facts, "llms": list(bundle_facts.llms),
-              "network": [str(f) for f in network], "verification": verification,
+    needs = runtime_needs(requirements, cfg.target_python, cfg.target_torch)
+    warnings = gap_warnings + runtime_warnings(needs, memory)
+    disk_line = (f"disk: bundle {bundle_facts.bundle_bytes / 1e9:.2f} GB of {cfg.disk_gb:g} GB (the Python environment, "
+                 "wheels and a CUDA torch, must fit in the rest)")
+    resource_lines = resource_lines + [disk_line]
+    for warning in warnings:
+        log.warning("package: %s", warning)
+    gpu_time = bundle_facts.time
+    (bundle / "MODEL_CARD.md").write_text(model_card(models, student, kb_info, settings, data, resource_lines),
+                                          encoding="utf-8")
+    result = {"problems": problems, "models": [(role, m.to_dict()) for role, m in models], "data": data,
+              "llms": list(bundle_facts.llms), "network": [str(f) for f in network], "verification": verification,
+              "resources": resource_lines, "warnings": warnings, "runtime": needs,
               "projected_min": round(bundle_facts.projected_s / 60, 2) if bundle_facts.projected_s is not None else None}
     manifest = {"created_by": "fsku package", "model": cfg.model, "kb": cfg.kb, "student": student, "kb_info": kb_info,
-                "base_model": facts, "rules": {"passed": not problems, "problems": problems,
-                                               "policy": dataclasses.asdict(policy)},
+                "provenance": {"models": [{"role": role, **m.to_dict()} for role, m in models], "data": data,
+                               "facts_files": tables.files},
+                "rules": {"passed": not problems, "problems": problems, "policy": dataclasses.asdict(policy)},
+                "resources": {"memory": memory.to_dict() if memory else None, "time": gpu_time.to_dict() if gpu_time else None,
+                              "lines": resource_lines, "target": {"gpu": tables.gpu.get("gpu"),
+                                                                  "gpu_memory_gib": cfg.gpu_memory_gib,
+                                                                  "disk_gb": cfg.disk_gb}},
+                "runtime": needs, "warnings": warnings,
                 "llms": list(bundle_facts.llms), "network_sites": [str(f) for f in network],
+                "python_findings": [str(f) for f in compat],
                 "verification": verification, "projected_min": result["projected_min"],
                 # the staging sentinel is removed when the bundle is swapped in: not one of its files
                 **build_manifest(bundle, exclude=("MANIFEST.json", SENTINEL))}
@@ -387,18 +689,49 @@ def _assemble_and_check(cfg: PackageConfig, bundle: Path, out: Path, model_dir: 
     return result, manifest, problems
 
 
+def measured_profile(verification: dict) -> dict:
+    """Tokens read / generated per question by type, as the bundle's own run measured them."""
+    out = {}
+    for kind in ("multiple_choice", "descriptive"):
+        read = verification.get(f"tokens_read_per_{kind}")
+        if read:
+            out[kind] = {"read": read, "generated": verification.get(f"tokens_generated_per_{kind}", 0.0)}
+    return out
+
+
 class PackageRefused(RuntimeError):
-    def __init__(self, problems: list[str], bundle: Path):
+    def __init__(self, problems: list[str], bundle: Path | None):
         self.problems = problems
-        super().__init__(f"refused to package {bundle}:\n  - " + "\n  - ".join(problems))
+        what = f"refused to package {bundle}" if bundle is not None else "refused (dry run: the rules on facts alone)"
+        super().__init__(f"{what}:\n  - " + "\n  - ".join(problems))
 
 
 def report(cfg: PackageConfig, out: dict) -> Iterator[str]:
-    v = out["verification"]
-    yield f"bundle: {out['zip']} (sha256 {out['zip_sha256'][:16]}…)"
+    if out.get("dry_run"):
+        yield (f"dry run: the rules pass on facts alone for {cfg.model} (nothing written; facts from "
+               f"{', '.join(out['facts_files'])})")
+    else:
+        yield f"bundle: {out['zip']} (sha256 {out['zip_sha256'][:16]}…)"
+    yield "models that touched the submission:"
+    for role, m in out["models"]:
+        what = "trained from scratch in this project" if m["from_scratch"] else \
+            f"{m['hub_id']}, {m['license']}, released {m['release_date']}"
+        yield f"  {role}: {m['name']} ({what})"
+    for d in out.get("data", []):
+        yield f"  data: {d['role']}: {d['name']} (licence {d['license']})"
+    yield "resources:"
+    for line in out["resources"]:
+        yield f"  {line}"
+    v = out.get("verification")
     if v:
         yield (f"verified ({v['mode']} venv, isolation: {v['isolation']}): {v['questions']} sample questions valid; "
-               f"projected {cfg.n_questions} questions: {out['projected_min']} min (budget {cfg.budget_min:g})")
+               f"projected {cfg.n_questions} questions here: {out['projected_min']} min (budget {cfg.budget_min:g}, "
+               f"speed factor {cfg.speed_factor:g})")
+    needs = out["runtime"]
+    yield (f"runtime: code parses as Python {needs['python_code']}; the pins need Python {needs['python_pins']}, "
+           f"torch {needs['torch']}")
+    for warning in out.get("warnings", []):
+        yield f"warning: {warning}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,7 +158,8 @@ def synthesize(cfg: SynthQAConfig, progress: bool = True) -> SynthResult:
         "teacher_tokens": sum(r.get("n_tokens", 0) for r in raw),
         "teacher_seconds": teacher_s, "seconds_per_accepted": teacher_s / len(acc) if acc else None,
         "load_s": load_s, "generation_wall_s": gen_s, "filter_s": filter_s,
-        "teacher": cfg.teacher, "kb": str(cfg.kb), "kb_corpus_sha256": manifest.get("corpus_sha256", "")[:12],
+        "teacher": cfg.teacher, "judge": cfg.judge_model or "",
+        "kb": str(cfg.kb), "kb_corpus_sha256": manifest.get("corpus_sha256", "")[:12],
         "eval_files": [str(p) for p in eval_files], "eval_questions": len(eval_questions),
     }
     (out / "stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
