@@ -140,3 +140,36 @@ def test_cached_retrievals_come_back_as_the_same_hits(tiny_llm, sample_kb, tmp_p
     again = Orchestrator(Answerer(tiny_llm, cfg, kb), cfg, cache)._retrieve(qs)
     assert cache.hits >= 1 and first[0][0] and type(again[0][0][0]) is type(first[0][0][0])
     assert [h.to_dict() for h in again[0][0]] == [h.to_dict() for h in first[0][0]] and again[0][1] == first[0][1]
+
+
+class RerankingAnswerer(Answerer):
+    """Retrieval that reads with the answering model (as the llm reranker does): 7 prompts of known
+    length for the whole batch, whatever its size."""
+
+    def retrieve(self, queries):
+        self.llm.generate(["가나다라"] * 7, max_new_tokens=1)
+        return [([], 1) for _ in queries]
+
+
+def test_tokens_spent_during_a_batch_retrieval_are_shared_out_over_its_questions(tiny_llm, tmp_path):
+    from fsku.llm.base import TokenMeter
+
+    from fsku.config import FusionSettings
+
+    class UnreadKB:  # retrieval runs only with a KB; this one is never searched
+        manifest, params, has_dense, folder = {}, {}, False, "kb"
+
+        def retrieve_defaults(self):
+            return FusionSettings()
+
+    meter = TokenMeter(tiny_llm)
+    cfg = InferConfig(model="tiny", kb="kb", context="always", cache_dir="", batch_size=3)
+    orch = Orchestrator(RerankingAnswerer(meter, cfg, UnreadKB()), cfg)
+    spent_per_batch = 7 * tiny_llm.count_tokens("가나다라")
+    records = orch.run(_questions(3), ResultLog(tmp_path / "p.jsonl", {"x": 1}), progress=False)
+    answered = Orchestrator(Answerer(TokenMeter(tiny_llm), InferConfig(model="tiny", kb=None, context="none",
+                                                                       cache_dir="")), cfg)
+    plain = answered.run(_questions(3), ResultLog(tmp_path / "q.jsonl", {"x": 2}), progress=False)
+    extra = [r["tokens_read"] - p["tokens_read"] for r, p in zip(records, plain)]
+    assert sum(extra) == spent_per_batch and max(extra) - min(extra) <= 1  # the remainder goes to the first ones
+    assert sum(r["tokens_read"] for r in records) == meter.tokens_read

@@ -493,14 +493,16 @@ def dry_run(cfg: PackageConfig) -> dict:
     settings = inference_settings(cfg)
     model_dir = Path(cfg.model) if Path(cfg.model).is_dir() else None
     kb_dir = Path(cfg.kb) if cfg.kb and (Path(cfg.kb) / "manifest.json").is_file() else None
-    embedder = (json.loads((kb_dir / "manifest.json").read_text(encoding="utf-8")).get("embedding") or {}).get("model") \
-        if kb_dir else None
-    models = provenance(cfg, {}, tables, model_dir, helper_models(settings, {"embedding_model": embedder}))
+    manifest = json.loads((kb_dir / "manifest.json").read_text(encoding="utf-8")) if kb_dir else {}
+    kb_info = {"documents": manifest.get("stats", {}).get("documents", "?"),
+               "corpus_sha256": manifest.get("corpus_sha256", "? (the KB is not built yet)"),
+               "embedding_model": (manifest.get("embedding") or {}).get("model")} if cfg.kb else {}
+    models = provenance(cfg, {}, tables, model_dir, helper_models(settings, kb_info))
     base = models[0][1]
     memory, time, lines = project_resources(cfg, settings, tables, base, model_dir, None)
     network, compat = code_findings(runtime_code(), cfg.target_version)
     facts = BundleFacts(llms=[cfg.model], models=models, network=network, compat=compat, memory=memory, time=time)
-    data = data_sources(cfg, {}, {"documents": "?", "corpus_sha256": "?"} if cfg.kb else {})
+    data = data_sources(cfg, {}, kb_info)
     problems = check_rules(facts, policy) + data_problems(data, policy)
     needs = runtime_needs(runtime_requirements_pins(settings), cfg.target_python, cfg.target_torch)
     return {"dry_run": True, "problems": problems, "models": [(role, m.to_dict()) for role, m in models], "data": data,
