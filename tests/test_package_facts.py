@@ -131,6 +131,7 @@ def test_a_user_file_adds_and_replaces_entries(tmp_path):
     ("sources:\n  s: {url: u}\nthroughput:\n  rows:\n    - {engine: tpu, precision: bf16, parameters_b: 1, prefill_tps: 1, "
      "decode_tps: 1, kind: measured, source: s}\n", "throughput.rows[0]: engine must be one of"),
     ("licenses:\n  - {id: x, non_commercial_use: maybe, source: spdx}\n", "non_commercial_use must be true or false"),
+    ("torch_cuda:\n  - {torch: 2.13, cuda: 12.6}\n", "torch_cuda[0]: expected {torch: 'MAJOR.MINOR'"),
 ])
 def test_bad_facts_files_name_the_file_entry_and_field(tmp_path, text, message):
     path = _write(tmp_path, text)
@@ -407,6 +408,9 @@ def test_runtime_needs_read_the_pins_metadata():
     other = runtime_needs(["numpy==0.0.1", "torch==2.13.0"], "3.10", "2.1.0")
     assert other["unchecked_pins"][0] == "numpy==0.0.1" and other["pins_fit_target"]
     assert any("pins torch 2.13.0, the target image has 2.1.0" in w for w in runtime_warnings(other))
+    # the CUDA builds PyTorch publishes for the pin, from the facts table (torch 2.13: 12.6 and 13.0, no 11.8)
+    cuda = runtime_needs(["torch==2.13.0"], "3.10", "2.1.0", TABLES.torch_cuda)
+    assert cuda["torch_cuda_builds"] == ["12.6", "13.0"] and "CUDA 12.6, 13.0" in runtime_warnings(cuda)[0]
 
 
 def test_predict_records_the_tokens_each_question_cost(tiny_models, tmp_path):

@@ -99,8 +99,9 @@ class FactTables:
     licences: dict  # id -> LicenceFacts
     sources: dict  # key -> {"url", "quote"}
     throughput: list  # ThroughputRow
-    gpu: dict  # gpu, gpu_memory_gib, gpu_bandwidth_gb_s, gpu_source
+    gpu: dict  # gpu, gpu_bandwidth_gb_s, gpu_source
     files: list  # the files read, in order
+    torch_cuda: dict = field(default_factory=dict)  # torch major.minor -> {"cuda": [...], "source": key}
 
     def permitted_licences(self) -> list[str]:
         """Licences of the table that allow at least non-commercial use (the competition's rule)."""
@@ -203,7 +204,7 @@ def _read(path: Path) -> dict:
         raise FactsError(f"{path}: expected a mapping with models/licenses/sources, got {type(data).__name__}")
     if data.get("schema", SCHEMA) != SCHEMA:
         raise FactsError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA!r}")
-    unknown = sorted(set(data) - {"schema", "sources", "licenses", "models", "throughput"})
+    unknown = sorted(set(data) - {"schema", "sources", "licenses", "models", "throughput", "torch_cuda"})
     if unknown:
         raise FactsError(f"{path}: unknown section(s) {unknown}")
     return data
@@ -239,6 +240,13 @@ def load_facts(extra: Sequence[str | Path] = (), base: Optional[Path] = DEFAULT_
             tables.models[model["hub_id"].lower()] = {**model, "file": str(path)}
             for alias in model["aliases"]:
                 tables.aliases[model_key("offline:" + alias)] = model["hub_id"].lower()
+        for i, row in enumerate(data.get("torch_cuda") or []):
+            where = f"{path}: torch_cuda[{i}]"
+            if not isinstance(row, dict) or not isinstance(row.get("torch"), str) or not isinstance(row.get("cuda"), list):
+                raise FactsError(f"{where}: expected {{torch: 'MAJOR.MINOR', cuda: [versions], source: key}}")
+            if row.get("source") not in tables.sources:
+                raise FactsError(f"{where}: source {row.get('source')!r} is not under `sources`")
+            tables.torch_cuda[row["torch"]] = {"cuda": [str(c) for c in row["cuda"]], "source": row["source"]}
         tp = data.get("throughput")
         if tp:
             if not isinstance(tp, dict) or not isinstance(tp.get("rows"), list):

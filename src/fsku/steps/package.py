@@ -449,7 +449,8 @@ def code_findings(sources: dict[str, str], target: tuple[int, int]):
     return network, compat
 
 
-def runtime_needs(requirements: list[str], target_python: str, target_torch: str = "2.1.0") -> dict:
+def runtime_needs(requirements: list[str], target_python: str, target_torch: str = "2.1.0",
+                  torch_cuda: dict | None = None) -> dict:
     """What the pinned runtime needs, from the installed packages' metadata where the installed version
     is the pinned one (else the pin is listed as unchecked): the Python its wheels require (the highest
     `Requires-Python` minimum) and the torch pin, against the target image."""
@@ -480,8 +481,11 @@ def runtime_needs(requirements: list[str], target_python: str, target_torch: str
         torch_here = {"torch_build_here": torch.__version__, "cuda_here": torch.version.cuda}
     except ImportError:
         torch_here = {}
+    minor = ".".join((torch_pin or "").split("+")[0].split(".")[:2])
+    cuda = (torch_cuda or {}).get(minor)
     return {"python_code": target_python, "python_pins": f">={need[0]}.{need[1]}", "python_pins_because": because,
             "pins_fit_target": need <= target, "unchecked_pins": unchecked, "torch": torch_pin,
+            "torch_cuda_builds": cuda["cuda"] if cuda else None, "torch_cuda_source": cuda["source"] if cuda else None,
             "target_torch": target_torch, **torch_here}
 
 
@@ -504,7 +508,7 @@ def dry_run(cfg: PackageConfig) -> dict:
     facts = BundleFacts(llms=[cfg.model], models=models, network=network, compat=compat, memory=memory, time=time)
     data = data_sources(cfg, {}, kb_info)
     problems = check_rules(facts, policy) + data_problems(data, policy)
-    needs = runtime_needs(runtime_requirements_pins(settings), cfg.target_python, cfg.target_torch)
+    needs = runtime_needs(runtime_requirements_pins(settings), cfg.target_python, cfg.target_torch, tables.torch_cuda)
     return {"dry_run": True, "problems": problems, "models": [(role, m.to_dict()) for role, m in models], "data": data,
             "resources": lines, "memory": memory.to_dict() if memory else None, "runtime": needs,
             "warnings": lineage_gaps(cfg, {}, models)[1] + runtime_warnings(needs, memory),
@@ -520,8 +524,10 @@ def runtime_warnings(needs: dict, memory=None) -> list[str]:
                    f"the target image has {needs['python_code']}: install a newer Python beside it or pin older packages "
                    "(README, section On a GPU); the bundled code itself parses as " + needs["python_code"])
     if needs.get("torch") and needs["torch"].split("+")[0] != needs.get("target_torch"):
+        builds = (f" (published builds: CUDA {', '.join(needs['torch_cuda_builds'])})" if needs.get("torch_cuda_builds")
+                  else "")
         out.append(f"the bundle pins torch {needs['torch']}, the target image has {needs.get('target_torch')}: install the "
-                   "pinned torch built for the CUDA the machine's driver supports (README, section On a GPU)")
+                   f"pinned torch built for a CUDA the machine's driver supports{builds} (README, section On a GPU)")
     if needs.get("unchecked_pins"):
         out.append(f"Python requirements of {', '.join(needs['unchecked_pins'][:4])} not checked (not installed here at "
                    "the pinned version)")
@@ -659,7 +665,7 @@ def _assemble_and_check(cfg: PackageConfig, bundle: Path, out: Path, model_dir: 
             if path.exists():
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         verification["files_created_by_run"] = len(created)
-    needs = runtime_needs(requirements, cfg.target_python, cfg.target_torch)
+    needs = runtime_needs(requirements, cfg.target_python, cfg.target_torch, tables.torch_cuda)
     warnings = gap_warnings + runtime_warnings(needs, memory)
     disk_line = (f"disk: bundle {bundle_facts.bundle_bytes / 1e9:.2f} GB of {cfg.disk_gb:g} GB (the Python environment, "
                  "wheels and a CUDA torch, must fit in the rest)")
@@ -730,8 +736,9 @@ def report(cfg: PackageConfig, out: dict) -> Iterator[str]:
                f"projected {cfg.n_questions} questions here: {out['projected_min']} min (budget {cfg.budget_min:g}, "
                f"speed factor {cfg.speed_factor:g})")
     needs = out["runtime"]
+    cuda = f" (CUDA builds {', '.join(needs['torch_cuda_builds'])})" if needs.get("torch_cuda_builds") else ""
     yield (f"runtime: code parses as Python {needs['python_code']}; the pins need Python {needs['python_pins']}, "
-           f"torch {needs['torch']}")
+           f"torch {needs['torch']}{cuda}")
     for warning in out.get("warnings", []):
         yield f"warning: {warning}"
 
