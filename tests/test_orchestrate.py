@@ -152,9 +152,8 @@ class RerankingAnswerer(Answerer):
 
 
 def test_tokens_spent_during_a_batch_retrieval_are_shared_out_over_its_questions(tiny_llm, tmp_path):
-    from fsku.llm.base import TokenMeter
-
     from fsku.config import FusionSettings
+    from fsku.llm.base import TokenMeter
 
     class UnreadKB:  # retrieval runs only with a KB; this one is never searched
         manifest, params, has_dense, folder = {}, {}, False, "kb"
