@@ -32,6 +32,7 @@ from fsku.evaluate.proxy import PROXIES, calibrate, centre_of, similarity_matrix
 from fsku.evaluate.stats import bootstrap_interval, paired_bootstrap, split_folds  # noqa: E402
 from fsku.infer.answer import Answerer  # noqa: E402
 from fsku.infer.classify import classify_question  # noqa: E402
+from fsku.llm.base import TokenMeter  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsku-benchmark" / "descriptive_dev.csv"
 CALIBRATION = ("echo the question", "another row's reference")
@@ -42,38 +43,6 @@ CALIBRATION = ("echo the question", "another row's reference")
 # streams, i.e. >= 500 tok/s even there); 2,000 is a deliberately low figure.
 GPU_PREFILL_TOK_S, GPU_DECODE_TOK_S = 2000.0, 60.0
 COMPETITION_DESCRIPTIVE = 15  # descriptive questions in the competition's test.csv
-
-
-class TokenMeter:
-    """The LLM as the Answerer sees it, counting what every generate call reads and writes: prompt
-    tokens (each prompt of a batch, as the model tokenises it) and generated tokens (every sample,
-    re-asks included), plus the longest sample of each call (the decode steps of a batched call)."""
-
-    def __init__(self, llm):
-        self._llm = llm
-        self.reset()
-
-    def reset(self) -> None:
-        self.prompt_tokens = self.generated_tokens = self.decode_steps = self.calls = 0
-
-    def generate(self, prompts, *args, **kwargs):
-        gens = self._llm.generate(prompts, *args, **kwargs)
-        # identical prompts of one call (k samples) counted once: what a serving GPU backend (vLLM's prefix
-        # cache) prefills; transformers here prefills each row of the batch, so this projects, not meters, it
-        self.prompt_tokens += sum(self._llm.count_tokens(p) for p in dict.fromkeys(prompts))
-        # every sample's tokens (llama.cpp decodes k identical greedy prompts once and copies the result) and
-        # the longest sample's: the decode steps of a fully batched call on a GPU
-        self.generated_tokens += sum(g.n_tokens for g in gens)
-        self.decode_steps += max((g.n_tokens for g in gens), default=0)
-        self.calls += 1
-        return gens
-
-    def __getattr__(self, name):
-        return getattr(self._llm, name)
-
-    @property
-    def continuation_logprobs(self):  # the Answerer asks the backend's class whether it scores option texts
-        return self._llm.continuation_logprobs
 
 
 def projected_seconds(prompt_tokens: float, decode_steps: float, prefill_tok_s: float, decode_tok_s: float) -> float:
@@ -185,7 +154,7 @@ def main() -> int:
                            "answer": ans.answer, "keywords": row["keywords"], "seconds": round(time.perf_counter() - t, 2),
                            "n_context": ans.n_context, "desc_keywords": ans.desc_keywords, "copy_run": ans.copy_run,
                            "copy_overlap": ans.copy_overlap, "copied": ans.copied, "rephrased": ans.rephrased,
-                           "prompt_tokens": llm.prompt_tokens, "generated_tokens": llm.generated_tokens,
+                           "prompt_tokens": llm.tokens_read, "generated_tokens": llm.tokens_generated,
                            "decode_steps": llm.decode_steps, "llm_calls": llm.calls}
                     fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     fh.flush()

@@ -146,8 +146,10 @@ class RerankingAnswerer(Answerer):
     """Retrieval that reads with the answering model (as the llm reranker does): 7 prompts of known
     length for the whole batch, whatever its size."""
 
+    PROMPTS = [f"가나다라 {i}" for i in range(7)]
+
     def retrieve(self, queries):
-        self.llm.generate(["가나다라"] * 7, max_new_tokens=1)
+        self.llm.generate(self.PROMPTS, max_new_tokens=1)
         return [([], 1) for _ in queries]
 
 
@@ -164,7 +166,7 @@ def test_tokens_spent_during_a_batch_retrieval_are_shared_out_over_its_questions
     meter = TokenMeter(tiny_llm)
     cfg = InferConfig(model="tiny", kb="kb", context="always", cache_dir="", batch_size=3)
     orch = Orchestrator(RerankingAnswerer(meter, cfg, UnreadKB()), cfg)
-    spent_per_batch = 7 * tiny_llm.count_tokens("가나다라")
+    spent_per_batch = sum(tiny_llm.count_tokens(p) for p in RerankingAnswerer.PROMPTS)
     records = orch.run(_questions(3), ResultLog(tmp_path / "p.jsonl", {"x": 1}), progress=False)
     answered = Orchestrator(Answerer(TokenMeter(tiny_llm), InferConfig(model="tiny", kb=None, context="none",
                                                                        cache_dir="")), cfg)

@@ -213,12 +213,12 @@ def test_throughput_row_choice_and_time_by_hand():
     assert pick_throughput(rows, "optimized", "bf16", 0.001)[1] == 8.0  # the factor is limited
     assert pick_throughput(rows, "optimized", "4bit", 4.0) == (None, 1.0)
     row = ThroughputRow("optimized", "bf16", 2.0, 1000, 10, "measured", "s")
-    profile = {"multiple_choice": {"read": 500, "generated": 1}, "descriptive": {"read": 400, "generated": 100}}
+    profile = {"multiple_choice": {"read": 500, "decoded": 1}, "descriptive": {"read": 400, "decoded": 100}}
     t = time_projection(profile, {"multiple_choice": 10, "descriptive": 2}, row, 1.0, 5.0, 60.0)
     # 10 x (0.5 + 0.1) + 2 x (0.4 + 10) + 5 = 6 + 20.8 + 5
     assert t.seconds == 31.8 and t.fits
-    assert "multiple_choice: 10 x (500 read / 1,000 + 1.0 generated / 10.0) = 6 s" in t.lines
-    slow = time_projection({"multiple_choice": {"read": 500, "generated": 1}}, {"multiple_choice": 10, "descriptive": 2},
+    assert "multiple_choice: 10 x (500 read / 1,000 + 1.0 decoded / 10.0) = 6 s" in t.lines
+    slow = time_projection({"multiple_choice": {"read": 500, "decoded": 1}}, {"multiple_choice": 10, "descriptive": 2},
                            row, 0.5, 0.0, 10.0)
     # no descriptive measurement: priced like the dearer measured type (here the only one), and said so
     assert slow.seconds == pytest.approx(12 * (500 / 500 + 1 / 5)) and not slow.fits
@@ -371,10 +371,18 @@ def test_token_meter_counts_what_the_model_reads_and_writes(tiny_models):
     scores = meter.option_logprobs(request)
     assert scores.shape == (2, 2) and np.isfinite(scores).all()
     expected = llm.count_tokens(request.prefix) + sum(llm.count_tokens(s) for s in request.suffixes)
-    assert meter.snapshot() == (expected, 0)
+    assert meter.snapshot() == (expected, 0, 0)
     gens = meter.generate(["가나다", "라마"], max_new_tokens=3)
     assert meter.tokens_read == expected + llm.count_tokens("가나다") + llm.count_tokens("라마")
     assert meter.tokens_generated == sum(g.n_tokens for g in gens) > 0
+    assert meter.decode_steps == max(g.n_tokens for g in gens) and meter.calls == 2
+    # k samples of one prompt in one call: the prompt is read once (a prefix cache), decoded together
+    before = meter.snapshot()
+    samples = meter.generate(["가나다"] * 3, max_new_tokens=3, temperature=0.7, seed=1)
+    assert meter.tokens_read - before[0] == llm.count_tokens("가나다")
+    assert meter.decode_steps - before[2] == max(g.n_tokens for g in samples)
+    meter.reset()
+    assert meter.snapshot() == (0, 0, 0) and meter.calls == 0
     assert meter.fingerprint() == llm.fingerprint() and scores_continuations(meter) == scores_continuations(llm)
 
 
@@ -385,9 +393,11 @@ def test_token_profile_by_hand():
                {"question_type": "multiple_choice", "tokens_read": 300, "tokens_generated": 0, "path": "fallback"},
                {"question_type": "multiple_choice", "tokens_read": 300, "duplicate_of": "Q1", "path": "primary"},
                {"question_type": "multiple_choice", "tokens_read": 0, "path": "none"},
-               {"question_type": "descriptive", "tokens_read": 50, "tokens_generated": 40, "path": "primary"}]
-    assert token_profile(records) == {"multiple_choice": {"questions": 2, "read": 200.0, "generated": 0.0},
-                                      "descriptive": {"questions": 1, "read": 50.0, "generated": 40.0}}
+               {"question_type": "descriptive", "tokens_read": 50, "tokens_generated": 40, "decode_steps": 10,
+                "path": "primary"}]
+    assert token_profile(records) == {
+        "multiple_choice": {"questions": 2, "read": 200.0, "generated": 0.0, "decode_steps": 0.0},
+        "descriptive": {"questions": 1, "read": 50.0, "generated": 40.0, "decode_steps": 10.0}}
     assert token_profile([]) == {}
 
 
@@ -435,6 +445,12 @@ def test_predict_records_the_tokens_each_question_cost(tiny_models, tmp_path):
     assert s["tokens_read"] == by_id["Q1"]["tokens_read"] + by_id["Q2"]["tokens_read"]
     assert s["tokens_read_per_multiple_choice"] == by_id["Q1"]["tokens_read"]
     assert s["tokens_generated_per_descriptive"] == by_id["Q2"]["tokens_generated"]
+    assert 0 < s["tokens_decode_steps_per_descriptive"] == by_id["Q2"]["decode_steps"] <= by_id["Q2"]["tokens_generated"]
+    from fsku.steps.package import measured_profile
+
+    assert measured_profile(s) == {"multiple_choice": {"read": by_id["Q1"]["tokens_read"], "decoded": 0.0},
+                                   "descriptive": {"read": by_id["Q2"]["tokens_read"],
+                                                   "decoded": by_id["Q2"]["decode_steps"]}}
 
 
 def test_a_method_that_needs_calibration_refuses_a_recipe_without_it():

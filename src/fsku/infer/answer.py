@@ -94,6 +94,7 @@ class Answer:
     gate_score: Optional[float] = None  # the best retrieved passage on the gate's scale (None: no retrieval)
     tokens_read: int = 0  # prompt tokens the model read for this question (every call: option orders, re-asks)
     tokens_generated: int = 0  # tokens it generated (0 for a multiple-choice answer scored, not written)
+    decode_steps: int = 0  # sequential decode steps (k samples of one call decode together: the longest counts)
 
     def to_record(self) -> dict:
         return dict(self.__dict__)

@@ -175,7 +175,7 @@ class Orchestrator:
                 return Answer.from_record({**cached, "ID": q.question_id, "inference_time": 0.0})
         t0 = self.clock()
         meter = self.answerer.llm if isinstance(self.answerer.llm, TokenMeter) else None
-        before = meter.snapshot() if meter else (0, 0)
+        before = meter.snapshot() if meter else (0, 0, 0)
         a: Optional[Answer] = None
         errors: list[str] = []
         if not fast and self.breaker.allow_primary():
@@ -210,7 +210,7 @@ class Orchestrator:
             self.stats["truncated"] += 1
         a.inference_time = round(self.clock() - t0, 3)
         if meter:
-            a.tokens_read, a.tokens_generated = (now - then for now, then in zip(meter.snapshot(), before))
+            a.tokens_read, a.tokens_generated, a.decode_steps = (now - then for now, then in zip(meter.snapshot(), before))
         # a cut question's answer depends on max_model_len, which is not in the key: not cached
         if not a.used_fallback and not a.truncated:
             self.cache.set(key, a.to_record())
@@ -270,11 +270,11 @@ class Orchestrator:
         meter = self.answerer.llm if isinstance(self.answerer.llm, TokenMeter) else None
         for b in range(0, len(ask), bs):
             batch = ask[b:b + bs]
-            before = meter.snapshot() if meter else (0, 0)
+            before = meter.snapshot() if meter else (0, 0, 0)
             retrieved = self._retrieve_safely(batch)
             # an llm reranker reads with the answering model during the batch's retrieval: its tokens are
             # shared out over the batch's questions (the first ones take the remainder)
-            shares = [(0, 0)] * len(batch)
+            shares = [(0, 0, 0)] * len(batch)
             if meter:
                 spent = [now - then for now, then in zip(meter.snapshot(), before)]
                 shares = [tuple(s // len(batch) + (i < s % len(batch)) for s in spent) for i in range(len(batch))]
@@ -286,9 +286,9 @@ class Orchestrator:
                 if fast:
                     self.stats["budget_fast"] += 1
                 record = self.answer_one(q, hits, terms, fast=fast).to_record()
-                if share != (0, 0):
-                    record["tokens_read"] = record.get("tokens_read", 0) + share[0]
-                    record["tokens_generated"] = record.get("tokens_generated", 0) + share[1]
+                for key, extra in zip(("tokens_read", "tokens_generated", "decode_steps"), share):
+                    if extra:
+                        record[key] = record.get(key, 0) + extra
                 results.append(record)
                 answered += 1
                 bar.update(1)

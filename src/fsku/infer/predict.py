@@ -156,16 +156,18 @@ def unanswered_problem(records: list[dict], counts: dict, max_share: float, wher
 
 
 def token_profile(records: Sequence[dict]) -> dict[str, dict[str, float]]:
-    """Mean tokens read and generated per question, by question type, over the records the model
-    answered (copies of an earlier answer and placeholders left out); types with no such record are
-    absent. {"multiple_choice": {"questions": n, "read": r, "generated": g}, "descriptive": {...}}."""
+    """Mean tokens read, generated and decode steps per question, by question type, over the records
+    the model answered (copies of an earlier answer and placeholders left out; re-asks and fallbacks are
+    part of what a question cost); types with no such record are absent.
+    {"multiple_choice": {"questions": n, "read": r, "generated": g, "decode_steps": d}, "descriptive": {...}}."""
     out: dict[str, dict[str, float]] = {}
     for kind in ("multiple_choice", "descriptive"):
         rows = [r for r in records if r.get("question_type") == kind and not r.get("duplicate_of")
                 and r.get("path") != "none" and r.get("tokens_read")]
         if rows:
             out[kind] = {"questions": len(rows), "read": sum(r["tokens_read"] for r in rows) / len(rows),
-                         "generated": sum(r.get("tokens_generated", 0) for r in rows) / len(rows)}
+                         "generated": sum(r.get("tokens_generated", 0) for r in rows) / len(rows),
+                         "decode_steps": sum(r.get("decode_steps", 0) for r in rows) / len(rows)}
     return out
 
 
@@ -217,7 +219,8 @@ def predict(cfg: InferConfig, input_csv: str | Path, out_csv: str | Path, restar
     counts = outcome_counts(records, questions)
     stats = {**orch.stats, **counts, "questions": len(questions), "load_s": load_s, "run_s": run_s,
              "breaker_state": orch.breaker.state.value, "cache_entries": len(cache),
-             "tokens_read": meter.tokens_read, "tokens_generated": meter.tokens_generated}
+             "tokens_read": meter.tokens_read, "tokens_generated": meter.tokens_generated,
+             "decode_steps": meter.decode_steps}
     for kind, profile in token_profile(records).items():
         stats.update({f"tokens_{key}_per_{kind}": value for key, value in profile.items()})
     if counts["unanswered"] or counts["empty_questions"] or counts["truncated"]:

@@ -127,22 +127,31 @@ def scores_continuations(llm) -> bool:
 
 
 class TokenMeter:
-    """An LLM backend that counts the tokens it reads and generates (for the time projection of a
-    test set on other hardware: seconds per question do not carry over, tokens do). Every other
-    attribute is the wrapped backend's. The prompt is counted before the call (a call that times out
-    has still read it); counting never fails a call: a backend that cannot count is logged once."""
+    """An LLM backend that counts what it reads and generates, for projecting a test set's time on other
+    hardware (seconds per question do not carry over, tokens do). Every other attribute is the wrapped
+    backend's.
+
+    - tokens_read: prompt tokens, the shared prefix of option scoring once and identical prompts of one
+      generate call (k samples) once: what a serving backend with a prefix cache (vLLM) prefills;
+    - tokens_generated: every sample's tokens, re-asks included;
+    - decode_steps: the longest sample of each generate call: the sequential decode steps of a batched call;
+    - calls: model calls.
+    The prompt is counted before the call (a call that times out has read it); counting never fails a
+    call: a backend that cannot count is logged once."""
 
     def __init__(self, inner: LLMBackend):
         self.inner = inner
-        self.tokens_read = 0
-        self.tokens_generated = 0
         self._warned = False
+        self.reset()
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def snapshot(self) -> tuple[int, int]:
-        return self.tokens_read, self.tokens_generated
+    def reset(self) -> None:
+        self.tokens_read = self.tokens_generated = self.decode_steps = self.calls = 0
+
+    def snapshot(self) -> tuple[int, int, int]:
+        return self.tokens_read, self.tokens_generated, self.decode_steps
 
     def _count(self, texts: Sequence[str]) -> int:
         try:
@@ -155,16 +164,19 @@ class TokenMeter:
             return 0
 
     def option_logprobs(self, request: OptionRequest, deadline: Optional[float] = None) -> np.ndarray:
-        # the shared prefix is read once, each option order after it
         self.tokens_read += self._count([request.prefix, *request.suffixes])
+        self.calls += 1
         return self.inner.option_logprobs(request, deadline=deadline)
 
     def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[np.ndarray]:
         self.tokens_read += self._count([*prompts, *continuations])
+        self.calls += 1
         return self.inner.continuation_logprobs(prompts, continuations)
 
     def generate(self, prompts: Sequence[str], *args, **kwargs) -> list[Generation]:
-        self.tokens_read += self._count(prompts)
+        self.tokens_read += self._count(list(dict.fromkeys(prompts)))
+        self.calls += 1
         out = self.inner.generate(prompts, *args, **kwargs)
         self.tokens_generated += sum(g.n_tokens for g in out)
+        self.decode_steps += max((g.n_tokens for g in out), default=0)
         return out

@@ -3,7 +3,7 @@
 Memory: weights (parameters × bytes per parameter of the precision) + KV cache (2 × layers × KV heads ×
 head dim × bytes per value × max_model_len × sequences in flight) + a fixed overhead (CUDA context,
 activations, logits), against the GPU's memory. Time: for each question type, questions × (tokens read
-/ prefill tokens/s + tokens generated / decode tokens/s), the speeds from a documented throughput row
+/ prefill tokens/s + decode steps / decode tokens/s), the speeds from a documented throughput row
 (fsku/package/contenders.yaml) of the same engine and precision, scaled from the row's parameter count
 to the model's; plus the load time. Both are estimates to refuse the impossible early, not a promise.
 """
@@ -109,8 +109,8 @@ class TimeProjection:
 
 def time_projection(profile: dict, counts: dict, row: ThroughputRow, factor: float, load_s: float,
                     budget_s: float, gpu: str = "the GPU") -> TimeProjection:
-    """`profile`: question type -> {"read": tokens read per question, "generated": tokens generated per
-    question} (measured); `counts`: question type -> questions in the test set."""
+    """`profile`: question type -> {"read": tokens read per question, "decoded": sequential decode steps
+    per question} (measured); `counts`: question type -> questions in the test set."""
     prefill, decode = row.prefill_tps * factor, row.decode_tps * factor
     kinds = row.kind if not row.prefill_kind or row.prefill_kind == row.kind else \
         f"decode {row.kind}, prefill {row.prefill_kind}"
@@ -124,14 +124,14 @@ def time_projection(profile: dict, counts: dict, row: ThroughputRow, factor: flo
         if kind not in profile:  # priced like the most expensive measured type, said so
             if not profile:
                 raise ValueError("no measured tokens for any question type: nothing to project from")
-            stand_in = max(profile, key=lambda k: float(profile[k]["read"]) / prefill + float(profile[k]["generated"]) / decode)
+            stand_in = max(profile, key=lambda k: float(profile[k]["read"]) / prefill + float(profile[k]["decoded"]) / decode)
             lines.append(f"{kind}: none in the measured sample; priced as {stand_in}")
-            read, generated = float(profile[stand_in]["read"]), float(profile[stand_in]["generated"])
+            read, decoded = float(profile[stand_in]["read"]), float(profile[stand_in]["decoded"])
         else:
-            read, generated = float(profile[kind]["read"]), float(profile[kind]["generated"])
-        seconds = n * (read / prefill + generated / decode)
+            read, decoded = float(profile[kind]["read"]), float(profile[kind]["decoded"])
+        seconds = n * (read / prefill + decoded / decode)
         total += seconds
-        lines.append(f"{kind}: {n} x ({read:,.0f} read / {prefill:,.0f} + {generated:,.1f} generated / {decode:,.1f}) "
+        lines.append(f"{kind}: {n} x ({read:,.0f} read / {prefill:,.0f} + {decoded:,.1f} decoded / {decode:,.1f}) "
                      f"= {seconds:,.0f} s")
     lines.append(f"load {load_s:,.0f} s; total {total / 60:,.1f} min vs budget {budget_s / 60:g} min: "
                  + ("fits" if total <= budget_s else f"over by {(total - budget_s) / 60:,.1f} min"))

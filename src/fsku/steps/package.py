@@ -698,12 +698,13 @@ def _assemble_and_check(cfg: PackageConfig, bundle: Path, out: Path, model_dir: 
 
 
 def measured_profile(verification: dict) -> dict:
-    """Tokens read / generated per question by type, as the bundle's own run measured them."""
+    """Tokens read and decode steps per question by type, as the bundle's own run measured them (the
+    decode steps, not every sample's tokens: k samples of one call decode together)."""
     out = {}
     for kind in ("multiple_choice", "descriptive"):
         read = verification.get(f"tokens_read_per_{kind}")
         if read:
-            out[kind] = {"read": read, "generated": verification.get(f"tokens_generated_per_{kind}", 0.0)}
+            out[kind] = {"read": read, "decoded": verification.get(f"tokens_decode_steps_per_{kind}", 0.0)}
     return out
 
 
