@@ -648,8 +648,8 @@ def test_label_responses_are_scored_not_generated_and_resume(tmp_path):
     assert again.scored == [] and again.calls == 0
     pairs, _ = D.make_pairs(rows, got, {k: {**v, "text": "1"} for k, v in got.items()})
     mc = next(p for p in pairs if p["prompt_id"] == "mc0")
-    assert (mc["prefill"], mc["eos"], mc["chosen"][0]["content"], mc["rejected"][0]["content"]) == ("정답: ", False, "3", "1")
-    assert "eos" not in next(p for p in pairs if p["kind"] == "descriptive")
+    assert (mc["prefill"], mc["chosen"][0]["content"], mc["rejected"][0]["content"]) == ("정답: ", "3", "1")
+    assert "split_at" in mc and "split_at" not in next(p for p in pairs if p["kind"] == "descriptive")
 
 
 def math_log(x):

@@ -172,14 +172,22 @@ def recipes_from_params(study: str, params: dict, build: Optional[BuildKBConfig]
     if study == "distill":
         distill = distill or DistillConfig()
         fields = {f.name for f in dataclasses.fields(DistillConfig)}
-        values = {k: v for k, v in params.items() if k in fields}
-        if "lora_r" in values:
-            values["lora_alpha"] = 2 * int(values["lora_r"])
-        if "beta" in values and distill.gradual_beta:  # as its trials ran
-            values["gradual_beta"] = False
-        cfg = dataclasses.replace(distill, **values)
+        cfg = dataclasses.replace(distill, **distill_trial_values({k: v for k, v in params.items() if k in fields},
+                                                                  distill))  # as its trials ran
         return {"distill": recipe_values(cfg, exclude=("restart", "register_as"))}
     raise ValueError(f"unknown study {study!r}; expected one of {STUDIES}")
+
+
+def distill_trial_values(params: dict, base: DistillConfig) -> dict:
+    """The DistillConfig values of a distill-study trial: the sampled ones, lora_alpha tied to 2 x
+    lora_r, and gradual_beta off when beta itself is sampled (a fixed beta is what the trial measures).
+    Shared by the trials and the recipe written from the best one, so the recipe is what ran."""
+    values = dict(params)
+    if "lora_r" in values:
+        values["lora_alpha"] = 2 * int(values["lora_r"])
+    if "beta" in values and base.gradual_beta:
+        values["gradual_beta"] = False
+    return values
 
 
 def write_recipes(folder: str | Path, recipes: dict[str, dict], header: str) -> list[Path]:
@@ -360,12 +368,9 @@ class DistillObjective:
         return features, vocab
 
     def config_for(self, trial_number: int, params: dict) -> DistillConfig:
-        values = dict(params)
-        if "lora_r" in values:
-            values["lora_alpha"] = 2 * int(values["lora_r"])
-        if "beta" in values and self.base.gradual_beta:
+        if "beta" in params and self.base.gradual_beta:
             log.warning("the study samples beta: the base recipe's gradual_beta is turned off in its trials")
-            values["gradual_beta"] = False
+        values = distill_trial_values(params, self.base)
         # eval_prompts 0: the trial's own callback measures the held-out KL (on the study's shared features)
         return dataclasses.replace(self.base, out=str(self.work / f"trial_{trial_number:04d}"), register_as=None,
                                    restart=True, eval_prompts=0, **values)

@@ -14,7 +14,8 @@ Files (JSONL, one object per line, validated on read by `read_pairs`):
     pairs_r<R>.jsonl              {"prompt_id", "kind", "prompt": messages,
                                    "chosen": [{"role": "assistant", "content": teacher text}],
                                    "rejected": [{"role": "assistant", "content": student text}]}
-                                  (+ "prefill" and "eos": false for a label target)
+                                  (+ "prefill" and "split_at" for a label target: scored at the label position,
+                                  no end of turn)
 
 Multiple-choice targets (`mc_target`): `generated` trains on a generated response and the end of turn;
 `label` on the option number right after the inference prompt's prefill — the one position inference
@@ -265,7 +266,7 @@ def make_pairs(prompt_rows: Sequence[dict], teacher: dict[str, dict], student: d
                 "rejected": [{"role": "assistant", "content": s["text"].strip()}]}
         if row.get("target") == "label":
             # the prompt text ends with the prefill and the response is the label alone, without end of turn
-            pair.update(prefill=row.get("prefill", ""), eos=False, split_at=row["split_at"])
+            pair.update(prefill=row.get("prefill", ""), split_at=row["split_at"])
         pairs.append(pair)
     counts.pairs = len(pairs)
     return pairs, counts
