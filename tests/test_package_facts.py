@@ -459,3 +459,41 @@ def test_a_method_that_needs_calibration_refuses_a_recipe_without_it():
     with pytest.raises(ValueError, match="method gptq needs calibration texts"):
         QuantizeConfig(method="gptq")
     assert load_recipe(ROOT / "experiments/gpu-midm/quantize.yaml").calibration == "outputs/lawkb"
+
+
+def test_a_reranker_is_bundled_from_a_folder_and_a_second_llm_is_refused(tiny_models, tmp_path):
+    from fsku.steps.package import copy_reranker, reranker_problems
+
+    assert reranker_problems({"reranker": "none"}) == [] and reranker_problems({"reranker": "llm"}) == []
+    assert "is a second LLM" in reranker_problems({"reranker": "llm", "reranker_model": "Qwen/Qwen2.5-7B-Instruct"})[0]
+    assert "not a local model folder" in reranker_problems({"reranker": "cross-encoder",
+                                                             "reranker_model": "BAAI/bge-reranker-v2-m3"})[0]
+    folder = str(tiny_models["student"])  # any folder with a config.json stands in for a cross-encoder here
+    settings = {"reranker": "cross-encoder", "reranker_model": folder}
+    assert reranker_problems(settings) == []
+    bundled = copy_reranker(settings, tmp_path)
+    assert bundled["reranker_model"] == f"models/reranker-{Path(folder).name}"
+    assert (tmp_path / bundled["reranker_model"] / "config.json").is_file() and settings["reranker_model"] == folder
+
+
+def test_decode_steps_follow_the_backend_batches():
+    from fsku.llm.base import Generation, TokenMeter
+
+    class Scripted:
+        name, batch_size = "transformers", 2
+
+        def count_tokens(self, text):
+            return len(text)
+
+        def generate(self, prompts, *args, **kwargs):
+            return [Generation("x" * n, n, 0.0, False) for n in (5, 3, 4, 1, 2)[:len(prompts)]]
+
+    meter = TokenMeter(Scripted())
+    meter.generate(["ab"] * 5)
+    # batches of 2 decode one after another: max(5, 3) + max(4, 1) + 2; the five identical prompts read once
+    assert (meter.tokens_read, meter.tokens_generated, meter.decode_steps) == (2, 15, 11)
+    Scripted.name = "vllm"  # vLLM schedules the whole call together
+    meter.reset()
+    meter.generate(["ab", "cd", "ef", "gh", "ij"])
+    assert (meter.tokens_read, meter.decode_steps) == (10, 5)
+    assert model_key("C:\\models\\x") == "x" and model_key("C:/x") == "x"  # Windows paths are paths

@@ -134,7 +134,7 @@ class TokenMeter:
     - tokens_read: prompt tokens, the shared prefix of option scoring once and identical prompts of one
       generate call (k samples) once: what a serving backend with a prefix cache (vLLM) prefills;
     - tokens_generated: every sample's tokens, re-asks included;
-    - decode_steps: the longest sample of each generate call: the sequential decode steps of a batched call;
+    - decode_steps: the longest sample of each batch of a generate call: the sequential decode steps;
     - calls: model calls.
     The prompt is counted before the call (a call that times out has read it); counting never fails a
     call: a backend that cannot count is logged once."""
@@ -178,5 +178,9 @@ class TokenMeter:
         self.calls += 1
         out = self.inner.generate(prompts, *args, **kwargs)
         self.tokens_generated += sum(g.n_tokens for g in out)
-        self.decode_steps += max((g.n_tokens for g in out), default=0)
+        # sequences decode together within a batch; the batches of one call (batch_size) one after another
+        # (vLLM schedules the whole call at once)
+        size = len(out) if getattr(self.inner, "name", "") == "vllm" else max(1, int(getattr(self.inner, "batch_size", 0)
+                                                                                      or len(out) or 1))
+        self.decode_steps += sum(max(g.n_tokens for g in out[i:i + size]) for i in range(0, len(out), size))
         return out

@@ -120,7 +120,7 @@ def model_key(name: str) -> str:
             name = name[len(prefix):]
     parts = [p for p in name.split("/") if p]
     is_path = (bare_prefix or name.endswith(("/", ".gguf")) or name.startswith((".", "/", "~")) or len(parts) != 2
-               or Path(name).exists())
+               or re.match(r"^[A-Za-z]:/", name) is not None or Path(name).exists())
     if not is_path:
         return "/".join(parts).lower()
     key = PurePosixPath(name.rstrip("/")).name.lower()

@@ -121,14 +121,21 @@ def pep701_findings(source: str, filename: str) -> list[CompatFinding]:
                 stack.pop()
             elif not stack:
                 continue
+            elif tok.type == tokenize.FSTRING_MIDDLE and len(stack) > 1:  # a nested f-string's literal part
+                if "\\" in tok.string:
+                    add(tok, "with a backslash inside a replacement field")
+                if "\n" in tok.string and any(len(q) == 1 for q in stack[:-1]):
+                    add(tok, "spanning lines inside single quotes")
             elif tok.type == tokenize.STRING:
                 if any(_quote(tok.string).startswith(outer) for outer in stack):
                     add(tok, "with a string in its own quotes inside a replacement field")
                 if "\\" in tok.string:
                     add(tok, "with a backslash inside a replacement field")
+                if "\n" in tok.string and any(len(q) == 1 for q in stack):
+                    add(tok, "spanning lines inside single quotes")
             elif tok.type == tokenize.COMMENT:
                 add(tok, "with a comment inside a replacement field")
-            elif tok.type == tokenize.NL and len(stack[-1]) == 1:
+            elif tok.type == tokenize.NL and any(len(q) == 1 for q in stack):
                 add(tok, "spanning lines inside single quotes")
     except (tokenize.TokenError, SyntaxError):
         pass

@@ -284,6 +284,9 @@ def verify_bundle(bundle: Path, mode: str, work: Path, wheelhouse: Path | None =
     if proc.returncode:
         raise RuntimeError(f"the bundle's inference.py failed on its sample test:\n{(proc.stdout + proc.stderr)[-4000:]}")
     timings.update(json.loads((work / "timing.json").read_text()))
+    if timings.get("retrieval_errors"):  # answered without context: a bundle that lost its KB or reranker
+        raise RuntimeError(f"the bundle's inference.py could not retrieve for {timings['retrieval_errors']:g} sample "
+                           "questions (answered without context): its KB or reranker does not load from the bundle")
     timings["valid"] = True
     return timings
 
@@ -315,6 +318,30 @@ def provenance(cfg: PackageConfig, student: dict, tables: FactTables, model_dir:
         seen.add((role, name))
         out.append((role, model_facts(name, tables, model_dir if role == "base model" else None)))
     return out
+
+
+def reranker_problems(settings: dict) -> list[str]:
+    """A reranker the bundle cannot carry: a second LLM (reranker llm with its own model) or a
+    cross-encoder named by hub id (the bundle is offline: package a local folder)."""
+    model = settings.get("reranker_model") or ""
+    if settings.get("reranker") == "llm" and model:
+        return [f"reranker llm with reranker_model {model!r} is a second LLM: the competition allows one; leave "
+                "reranker_model empty (the answering model judges) or use a cross-encoder"]
+    if settings.get("reranker") == "cross-encoder" and not (Path(model) / "config.json").is_file():
+        return [f"reranker_model {model!r} is not a local model folder: the bundle answers offline, so package a "
+                "downloaded folder (it is copied into the bundle)"]
+    return []
+
+
+def copy_reranker(settings: dict, bundle: Path) -> dict:
+    """A cross-encoder folder copied into bundle/models/, the settings pointing at it (bundle-relative:
+    inference.py runs in the bundle)."""
+    if settings.get("reranker") != "cross-encoder" or not (Path(settings.get("reranker_model") or "") / "config.json").is_file():
+        return settings
+    src = Path(settings["reranker_model"])
+    dest = bundle / "models" / f"reranker-{src.name}"
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    return {**settings, "reranker_model": f"models/{dest.name}"}
 
 
 def helper_models(settings: dict, kb_info: dict) -> tuple[tuple[str, str], ...]:
@@ -491,15 +518,16 @@ def runtime_needs(requirements: list[str], target_python: str, target_torch: str
 
 def dry_run(cfg: PackageConfig) -> dict:
     """The rules on facts alone: the model named by --model (hub id or folder), its provenance, the
-    bundled code, the memory projection; no weights, registry or KB are read and nothing is written."""
+    bundled code, the memory projection; no weights or registry are read (of the KB only its manifest,
+    when it is built: the embedder and the corpus) and nothing is written."""
     tables = load_facts(cfg.listed("contenders"))
     policy = policy_for(cfg, tables)
     settings = inference_settings(cfg)
     model_dir = Path(cfg.model) if Path(cfg.model).is_dir() else None
     kb_dir = Path(cfg.kb) if cfg.kb and (Path(cfg.kb) / "manifest.json").is_file() else None
     manifest = json.loads((kb_dir / "manifest.json").read_text(encoding="utf-8")) if kb_dir else {}
-    kb_info = {"documents": manifest.get("stats", {}).get("documents", "?"),
-               "corpus_sha256": manifest.get("corpus_sha256", "? (the KB is not built yet)"),
+    kb_info = {"documents": manifest.get("stats", {}).get("documents", "? (KB not built yet)"),
+               "corpus_sha256": manifest.get("corpus_sha256", "?"),
                "embedding_model": (manifest.get("embedding") or {}).get("model")} if cfg.kb else {}
     models = provenance(cfg, {}, tables, model_dir, helper_models(settings, kb_info))
     base = models[0][1]
@@ -507,11 +535,13 @@ def dry_run(cfg: PackageConfig) -> dict:
     network, compat = code_findings(runtime_code(), cfg.target_version)
     facts = BundleFacts(llms=[cfg.model], models=models, network=network, compat=compat, memory=memory, time=time)
     data = data_sources(cfg, {}, kb_info)
-    problems = check_rules(facts, policy) + data_problems(data, policy)
+    problems = check_rules(facts, policy) + data_problems(data, policy) + reranker_problems(settings)
     needs = runtime_needs(runtime_requirements_pins(settings), cfg.target_python, cfg.target_torch, tables.torch_cuda)
     return {"dry_run": True, "problems": problems, "models": [(role, m.to_dict()) for role, m in models], "data": data,
             "resources": lines, "memory": memory.to_dict() if memory else None, "runtime": needs,
-            "warnings": lineage_gaps(cfg, {}, models)[1] + runtime_warnings(needs, memory),
+            "warnings": lineage_gaps(cfg, {}, models)[1] + runtime_warnings(needs, memory)
+            + ([] if kb_info.get("embedding_model") or not cfg.kb else
+               [f"{cfg.kb}: no KB manifest yet, so its embedder is not checked; dry-run again once it is built"]),
             "policy": dataclasses.asdict(policy), "facts_files": tables.files}
 
 
@@ -621,6 +651,9 @@ def _assemble_and_check(cfg: PackageConfig, bundle: Path, out: Path, model_dir: 
         kb_info["registered"] = f"models:/{kb_prov['registered_model']}/{kb_prov['version']}"
     copy_code(bundle / "code")
     settings = inference_settings(cfg)
+    models = provenance(cfg, student, tables, model_dir, helper_models(settings, kb_info))  # the reranker as named
+    rerank_problems = reranker_problems(settings)
+    settings = copy_reranker(settings, bundle)
     (bundle / "settings.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     shutil.copyfile(bundle_inference.__file__, bundle / "inference.py")
     requirements = runtime_requirements(bundle / "model", extra=("vllm",) if settings.get("backend") == "vllm" else ())
@@ -636,8 +669,8 @@ def _assemble_and_check(cfg: PackageConfig, bundle: Path, out: Path, model_dir: 
         "MODEL_CARD.md lists every model and data source behind it and the resource arithmetic; MANIFEST.json holds "
         "the sha256 of every file and the Python/torch the pins need (`runtime`).\n", encoding="utf-8")
 
-    models = provenance(cfg, student, tables, model_dir, helper_models(settings, kb_info))
     gap_problems, gap_warnings = lineage_gaps(cfg, student, models)
+    gap_problems += rerank_problems
     sources = {py.relative_to(bundle).as_posix(): py.read_text(encoding="utf-8") for py in sorted(bundle.rglob("*.py"))}
     network, compat = code_findings(sources, cfg.target_version)
     data = data_sources(cfg, student, kb_info)
