@@ -312,10 +312,11 @@ def test_a_bundle_over_the_disk_limit_and_a_bad_corpus_licence_are_refused(tiny_
                         disk_gb=1e-6)
     with pytest.raises(PackageRefused, match=r"bundle of 0\.\d+ GB exceeds the 1e-06 GB disk"):
         run_step(cfg, progress=False)
-    from fsku.steps.package import data_problems, data_sources
+    from fsku.steps.package import data_sources
 
     sources = data_sources(dataclasses.replace(cfg, corpus_license="proprietary"), {}, {"documents": 3, "corpus_sha256": "ab"})
-    assert "licence 'proprietary' is not permitted" in data_problems(sources, RulePolicy(permitted_licenses=PERMITTED))[0]
+    problems = check_rules(BundleFacts(llms=["model"], data=sources), RulePolicy(permitted_licenses=PERMITTED))
+    assert len(problems) == 1 and "licence 'proprietary' is not permitted" in problems[0]
 
 
 def test_over_24_gib_of_weights_and_kv_is_refused_in_a_dry_run(tmp_path):

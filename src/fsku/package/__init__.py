@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Optional, Sequence
 
 from ..llm.resolve import sha256_file
-from .facts import ModelFacts, eligibility_problems
+from .facts import ModelFacts, eligibility_problems, licence_permitted
 from .pycompat import CompatFinding
 from .resources import MemoryProjection, TimeProjection
 
@@ -91,6 +91,7 @@ class BundleFacts:
 
     llms: Sequence[str]
     models: Sequence[tuple[str, ModelFacts]] = ()
+    data: Sequence[dict] = ()  # {"role", "name", "license"}: the KB corpus, the training data written from it
     network: Sequence[NetworkFinding] = ()
     compat: Sequence[CompatFinding] = ()
     memory: Optional[MemoryProjection] = None
@@ -118,6 +119,10 @@ def check_rules(facts: BundleFacts, policy: RulePolicy) -> list[str]:
         problems.append(f"{len(facts.llms)} LLMs bundled ({', '.join(facts.llms) or 'none'}): the competition allows exactly one")
     for role, model in facts.models:
         problems += eligibility_problems(model, role, policy.permitted_licenses, policy.cutoff)
+    for d in facts.data:
+        if not licence_permitted(d.get("license"), policy.permitted_licenses):
+            problems.append(f"{d['role']}: licence {d.get('license')!r} is not permitted (permitted: "
+                            f"{', '.join(policy.permitted_licenses)}); set --corpus-license to the corpus's licence id")
     for finding in facts.network:
         if not finding.guarded:
             problems.append(f"network access in bundled code: {finding}")

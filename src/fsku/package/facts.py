@@ -298,6 +298,11 @@ def model_facts(name: str, tables: FactTables, folder: Optional[Path] = None) ->
                       unverified=list(entry.get("unverified") or []), note=str(entry.get("note") or ""))
 
 
+def licence_permitted(licence: Optional[str], permitted: Sequence[str]) -> bool:
+    """Whether a licence id is among the permitted ones (case and surrounding spaces ignored)."""
+    return (licence or "").strip().lower() in [p.strip().lower() for p in permitted]
+
+
 def eligibility_problems(facts: ModelFacts, role: str, permitted: Sequence[str], cutoff: str) -> list[str]:
     """Why one model may not have touched the submission (empty: it may): release date on or before
     `cutoff`, licence in `permitted`. A model trained from scratch here has no release date."""
@@ -323,7 +328,7 @@ def eligibility_problems(facts: ModelFacts, role: str, permitted: Sequence[str],
     licence = (facts.license or "").strip().lower()
     if not licence:
         problems.append(f"{who}: licence unknown: {hint}")
-    elif licence not in [p.lower() for p in permitted]:
+    elif not licence_permitted(licence, permitted):
         problems.append(f"{who}: licence {licence!r} is not permitted (permitted: {', '.join(permitted)})")
     return problems
 

@@ -320,6 +320,12 @@ def provenance(cfg: PackageConfig, student: dict, tables: FactTables, model_dir:
     return out
 
 
+def local_cross_encoder(settings: dict) -> Path | None:
+    """The settings' cross-encoder reranker as a local model folder (None: no cross-encoder, or not a folder)."""
+    folder = Path(settings.get("reranker_model") or "")
+    return folder if settings.get("reranker") == "cross-encoder" and (folder / "config.json").is_file() else None
+
+
 def reranker_problems(settings: dict) -> list[str]:
     """A reranker the bundle cannot carry: a second LLM (reranker llm with its own model) or a
     cross-encoder named by hub id (the bundle is offline: package a local folder)."""
@@ -327,7 +333,7 @@ def reranker_problems(settings: dict) -> list[str]:
     if settings.get("reranker") == "llm" and model:
         return [f"reranker llm with reranker_model {model!r} is a second LLM: the competition allows one; leave "
                 "reranker_model empty (the answering model judges) or use a cross-encoder"]
-    if settings.get("reranker") == "cross-encoder" and not (Path(model) / "config.json").is_file():
+    if settings.get("reranker") == "cross-encoder" and local_cross_encoder(settings) is None:
         return [f"reranker_model {model!r} is not a local model folder: the bundle answers offline, so package a "
                 "downloaded folder (it is copied into the bundle)"]
     return []
@@ -336,9 +342,9 @@ def reranker_problems(settings: dict) -> list[str]:
 def copy_reranker(settings: dict, bundle: Path) -> dict:
     """A cross-encoder folder copied into bundle/models/, the settings pointing at it (bundle-relative:
     inference.py runs in the bundle)."""
-    if settings.get("reranker") != "cross-encoder" or not (Path(settings.get("reranker_model") or "") / "config.json").is_file():
+    src = local_cross_encoder(settings)
+    if src is None:
         return settings
-    src = Path(settings["reranker_model"])
     dest = bundle / "models" / f"reranker-{src.name}"
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
     return {**settings, "reranker_model": f"models/{dest.name}"}
@@ -385,12 +391,6 @@ def data_sources(cfg: PackageConfig, student: dict, kb_info: dict) -> list[dict]
                     "name": f"{student['data']} ({student.get('training_dataset') or student.get('data_version', '')})",
                     "note": f"written from the corpus {student.get('synth_kb_corpus_sha256') or '?'} by {writer}{judge}"})
     return out
-
-
-def data_problems(sources: list[dict], policy: RulePolicy) -> list[str]:
-    return [f"{d['role']}: licence {d['license']!r} is not permitted (permitted: {', '.join(policy.permitted_licenses)}); "
-            "set --corpus-license to the corpus's licence id" for d in sources
-            if (d.get("license") or "").lower() not in [x.lower() for x in policy.permitted_licenses]]
 
 
 def precision_of(model_dir: Path | None, settings: dict, assumed: str = "auto") -> str:
@@ -533,10 +533,11 @@ def dry_run(cfg: PackageConfig) -> dict:
     base = models[0][1]
     memory, time, lines = project_resources(cfg, settings, tables, base, model_dir, None)
     network, compat = code_findings(runtime_code(), cfg.target_version)
-    facts = BundleFacts(llms=[cfg.model], models=models, network=network, compat=compat, memory=memory, time=time)
     data = data_sources(cfg, {}, kb_info)
-    problems = check_rules(facts, policy) + data_problems(data, policy) + reranker_problems(settings)
-    needs = runtime_needs(runtime_requirements_pins(settings), cfg.target_python, cfg.target_torch, tables.torch_cuda)
+    facts = BundleFacts(llms=[cfg.model], models=models, data=data, network=network, compat=compat, memory=memory,
+                        time=time)
+    problems = check_rules(facts, policy) + reranker_problems(settings)
+    needs = runtime_needs(bundle_requirements(settings, None), cfg.target_python, cfg.target_torch, tables.torch_cuda)
     return {"dry_run": True, "problems": problems, "models": [(role, m.to_dict()) for role, m in models], "data": data,
             "resources": lines, "memory": memory.to_dict() if memory else None, "runtime": needs,
             "warnings": lineage_gaps(cfg, {}, models)[1] + runtime_warnings(needs, memory)
@@ -567,9 +568,10 @@ def runtime_warnings(needs: dict, memory=None) -> list[str]:
     return out
 
 
-def runtime_requirements_pins(settings: dict) -> list[str]:
-    """The pins a bundle would carry for these settings (without a model folder: no quantization extra)."""
-    return runtime_requirements(None, extra=("vllm",) if settings.get("backend") == "vllm" else ())
+def bundle_requirements(settings: dict, model_dir: Path | None) -> list[str]:
+    """The pins a bundle carries for these settings and model folder (vllm for backend vllm; without a
+    folder, a dry run, no quantization backend)."""
+    return runtime_requirements(model_dir, extra=("vllm",) if settings.get("backend") == "vllm" else ())
 
 
 def run_step(cfg: PackageConfig, progress: bool = True) -> dict:
@@ -599,8 +601,8 @@ def run_step(cfg: PackageConfig, progress: bool = True) -> dict:
     model_dir, student = resolve_folder(cfg.model, "config.json")
     kb_dir, kb_prov = resolve_folder(cfg.kb, "manifest.json") if cfg.kb else (None, {})
 
-    # facts first: every model of the lineage is looked up before gigabytes are copied (refused after assembly,
-    # with the bundle kept aside as bundle.refused, so the reasons can be read next to what was built)
+    # the facts tables first: a bad contenders file fails before gigabytes are copied; the rules themselves are
+    # checked after assembly (a refused bundle is kept aside as bundle.refused, the reasons next to what was built)
     tables = load_facts(cfg.listed("contenders"))
     policy = policy_for(cfg, tables)
 
@@ -656,7 +658,7 @@ def _assemble_and_check(cfg: PackageConfig, bundle: Path, out: Path, model_dir: 
     settings = copy_reranker(settings, bundle)
     (bundle / "settings.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     shutil.copyfile(bundle_inference.__file__, bundle / "inference.py")
-    requirements = runtime_requirements(bundle / "model", extra=("vllm",) if settings.get("backend") == "vllm" else ())
+    requirements = bundle_requirements(settings, bundle / "model")
     (bundle / "requirements.txt").write_text("\n".join(requirements) + "\n", encoding="utf-8")
     (bundle / "sample").mkdir()
     shutil.copyfile(cfg.sample_test, bundle / "sample" / "test.csv")
@@ -676,9 +678,9 @@ def _assemble_and_check(cfg: PackageConfig, bundle: Path, out: Path, model_dir: 
     data = data_sources(cfg, student, kb_info)
     base = models[0][1]
     memory, _, resource_lines = project_resources(cfg, settings, tables, base, bundle / "model", None)
-    bundle_facts = BundleFacts(llms=count_llms(bundle), models=models, network=network, compat=compat, memory=memory,
-                               bundle_bytes=sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()))
-    problems = check_rules(bundle_facts, policy) + data_problems(data, policy) + gap_problems
+    bundle_facts = BundleFacts(llms=count_llms(bundle), models=models, data=data, network=network, compat=compat,
+                               memory=memory, bundle_bytes=sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()))
+    problems = check_rules(bundle_facts, policy) + gap_problems
     log.info("package: rule checks %s", "passed" if not problems else f"failed ({len(problems)} problems)")
     verification: dict = {}
     if not problems and cfg.verify != "none":
@@ -692,7 +694,7 @@ def _assemble_and_check(cfg: PackageConfig, bundle: Path, out: Path, model_dir: 
                                    f"{verification.get('load_s', 0.0):.1f} s load, speed factor {cfg.speed_factor:g}")
         memory, bundle_facts.time, resource_lines = project_resources(cfg, settings, tables, base, bundle / "model",
                                                                       measured_profile(verification))
-        problems = check_rules(bundle_facts, policy) + data_problems(data, policy) + gap_problems
+        problems = check_rules(bundle_facts, policy) + gap_problems
         created = sorted((p for p in bundle.rglob("*") if p not in before), key=lambda p: len(p.parts))
         for path in created:  # the bundle is zipped as built, not as the verification run left it
             if path.exists():
