@@ -108,6 +108,8 @@ class Orchestrator:
         self.breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_cooldown)
         self.clock = clock
         self.kb_version = kb_version(answerer.kb if cfg.use_context else None)
+        # tokens per question (the package's time projection) when the answering model is metered
+        self.meter = answerer.llm if isinstance(answerer.llm, TokenMeter) else None
         self.model_tag = digest(answerer.llm.fingerprint(), 12)
         self.cfg_hash = answer_config_hash(cfg)
         self.stats = {"fallback": 0, "timeouts": 0, "errors": 0, "breaker_opened": 0, "cache_hits": 0, "budget_fast": 0,
@@ -174,7 +176,7 @@ class Orchestrator:
                 # keyed by the question's text: the same text under another ID gets the answer, not the ID
                 return Answer.from_record({**cached, "ID": q.question_id, "inference_time": 0.0})
         t0 = self.clock()
-        meter = self.answerer.llm if isinstance(self.answerer.llm, TokenMeter) else None
+        meter = self.meter
         before = meter.snapshot() if meter else (0, 0, 0)
         a: Optional[Answer] = None
         errors: list[str] = []
@@ -267,7 +269,7 @@ class Orchestrator:
         start = self.clock()
         answered = 0
         bs = max(1, self.cfg.batch_size)
-        meter = self.answerer.llm if isinstance(self.answerer.llm, TokenMeter) else None
+        meter = self.meter
         for b in range(0, len(ask), bs):
             batch = ask[b:b + bs]
             before = meter.snapshot() if meter else (0, 0, 0)

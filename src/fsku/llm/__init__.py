@@ -23,11 +23,11 @@ __all__ = ["BACKENDS", "DeadlineExceeded", "Generation", "LLMBackend", "OptionRe
 # once), llama.cpp loads the GGUF file as it is. `threads` and `token_batch` are llama.cpp settings,
 # `gpu_memory_utilization` vLLM's.
 
-def _transformers(model: str, threads: int = 0, token_batch: int = 512, gpu_memory_utilization: float = 0.85,
-                  **kw) -> LLMBackend:
+def _transformers(model: str, threads: int = 0, token_batch: int = 512, **kw) -> LLMBackend:
     from .hf import TransformersBackend
     from .resolve import resolve_model
 
+    kw.pop("gpu_memory_utilization", None)  # vLLM's
     return TransformersBackend(resolve_model(model), threads=threads, **kw)
 
 
@@ -41,10 +41,11 @@ def _vllm(model: str, threads: int = 0, token_batch: int = 512, **kw) -> LLMBack
     return VLLMBackend(resolve_model(model), **kw)
 
 
-def _llamacpp(model: str, gpu_memory_utilization: float = 0.85, **kw) -> LLMBackend:
+def _llamacpp(model: str, **kw) -> LLMBackend:
     from .llamacpp import INSTALL_HINT, LlamaCppBackend
     from .resolve import resolve_gguf
 
+    kw.pop("gpu_memory_utilization", None)  # vLLM's
     if importlib.util.find_spec("llama_cpp") is None:
         raise ImportError(INSTALL_HINT)
     return LlamaCppBackend(resolve_gguf(model), **kw)

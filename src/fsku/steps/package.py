@@ -426,7 +426,7 @@ def project_resources(cfg: PackageConfig, settings: dict, tables: FactTables, ba
     precision = precision_of(model_dir, settings, cfg.dry_run_precision)
     limit, where = cfg.gpu_memory_gib, gpu
     if settings.get("backend") == "vllm":  # vLLM takes its share of the memory up front and must fit in it
-        share = float(settings.get("gpu_memory_utilization", 0.85))
+        share = float(settings["gpu_memory_utilization"])  # an InferConfig field: always in the settings
         limit = share * cfg.gpu_memory_gib
         where = f"{gpu} (vLLM's gpu_memory_utilization {share:g} of {cfg.gpu_memory_gib:g} GiB)"
     arch = (folder_architecture(model_dir) if model_dir else None) or base.architecture
